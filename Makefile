@@ -1,0 +1,40 @@
+# Quick start:  make repro   (install + run the default pipeline)
+#               make test    (install + run the test suite)
+PYTHON ?= python3.11
+VENV ?= .venv
+BIN := $(VENV)/bin
+export DVC_NO_ANALYTICS := 1
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+
+.PHONY: setup system-deps repro test test-all bench clean-venv
+
+setup: $(VENV)/.installed
+
+# Open3D needs the system library libusb-1.0. Installed when we are root and it is missing;
+# otherwise the exact command is printed.
+system-deps:
+	@if ! ldconfig -p 2>/dev/null | grep -q libusb-1.0.so.0; then \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq libusb-1.0-0; \
+	  else echo "Open3D needs libusb-1.0: run  sudo apt-get install -y libusb-1.0-0"; exit 1; fi; \
+	fi
+
+$(VENV)/.installed: pyproject.toml | system-deps
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e ".[dev]"
+	@touch $@
+
+repro: setup
+	$(BIN)/dvc repro
+
+test: setup
+	$(BIN)/python -m pytest
+
+test-all: setup
+	$(BIN)/python -m pytest -m ""
+
+bench: setup
+	$(BIN)/python benchmarks/run_all.py
+
+clean-venv:
+	rm -rf $(VENV)

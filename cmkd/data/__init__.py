@@ -1,0 +1,1 @@
+"""Dataset readers, generators and the prepared-data (HDF5) format."""

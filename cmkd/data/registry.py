@@ -1,0 +1,28 @@
+"""Dataset registry: name -> module implementing the dataset's stages.
+
+Each module provides
+    download(cfg: dict, raw_dir: Path, progress: bool = True) -> None
+        fill `raw_dir` (the stage renames it into place, so a failure leaves nothing);
+    prepare(cfg: dict, raw_dir: Path, out_path: Path, progress: bool = True) -> None
+        write the prepared HDF5 file (cmkd.data.h5.PreparedWriter);
+and optionally validate(cfg: dict, key: str) -> None, raising ConfigError.
+`cfg` is the dataset's `data.<name>` entry of params.yaml.
+"""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+from cmkd.errors import ConfigError
+
+DATASETS: dict[str, str] = {
+    "synthetic": "cmkd.data.synthetic",
+    "digits": "cmkd.data.digits",
+}
+
+
+def dataset_module(name: str, key: str = "datasets") -> ModuleType:
+    if name not in DATASETS:
+        raise ConfigError(key, f"unknown dataset {name!r}; known: {sorted(DATASETS)}")
+    return importlib.import_module(DATASETS[name])

@@ -1,0 +1,88 @@
+"""The `Distiller` base class every method derives from."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, Mapping
+
+import torch
+from torch import nn
+
+from cmkd.errors import ConfigError
+
+# Batch keys (a batch is a dict of tensors):
+#   student_input  [N, ...]  the student modality
+#   teacher_input  [N, ...]  the teacher modality
+#   target         [N] int64 or [N, H, W] (segmentation; -1 = ignore)
+#   teacher_logits [N, C(, H, W)] cached outputs of the frozen teacher, when valid
+#   index          [N] row indices in the split
+Batch = Mapping[str, torch.Tensor]
+
+
+class Distiller(nn.Module):
+    """One training recipe.
+
+    Subclasses set the class attributes, implement `forward(batch) -> {name: loss}`, and
+    may override `on_epoch_start` (warm-ups, ramps) and `deployables`.
+    """
+
+    method_name: ClassVar[str] = ""
+    #: which modality the trained network sees ("student" or "teacher").
+    input_key: ClassVar[str] = "student_input"
+    #: the method needs a pre-trained teacher.
+    needs_teacher: ClassVar[bool] = True
+    #: the teacher's parameters are trained too (C2KD); disables teacher-output caching.
+    trains_teacher: ClassVar[bool] = False
+    #: the method reads only the frozen teacher's logits, so cached logits are valid.
+    uses_teacher_logits_only: ClassVar[bool] = True
+    #: hyper-parameters with their defaults; anything else in the config is an error.
+    defaults: ClassVar[dict[str, Any]] = {}
+
+    def __init__(self, student: nn.Module, teacher: nn.Module | None, cfg: Mapping[str, Any], num_classes: int):
+        super().__init__()
+        self.cfg = {**self.defaults, **cfg}
+        self.num_classes = num_classes
+        self.student = student
+        self.teacher = teacher
+        if teacher is not None and not self.trains_teacher:
+            teacher.requires_grad_(False)
+        self.epoch = 0
+        self.total_epochs = 1
+
+    @classmethod
+    def validate(cls, cfg: Mapping[str, Any], key: str) -> None:
+        unknown = sorted(set(cfg) - set(cls.defaults))
+        if unknown:
+            raise ConfigError(f"{key}.{unknown[0]}", f"not a parameter of method {cls.method_name!r}; known: {sorted(cls.defaults)}")
+        merged = {**cls.defaults, **cfg}
+        if "temperature" in merged and not float(merged["temperature"]) > 0:
+            raise ConfigError(f"{key}.temperature", f"must be > 0, got {merged['temperature']}")
+        for name, value in merged.items():
+            if name.endswith("_weight") and float(value) < 0:
+                raise ConfigError(f"{key}.{name}", f"must be >= 0, got {value}")
+
+    def train(self, mode: bool = True) -> "Distiller":
+        super().train(mode)
+        if self.teacher is not None and not self.trains_teacher:
+            self.teacher.eval()  # a frozen teacher keeps its BatchNorm statistics
+        return self
+
+    def on_epoch_start(self, epoch: int, total_epochs: int) -> None:
+        self.epoch = epoch
+        self.total_epochs = total_epochs
+
+    def teacher_logits(self, batch: Batch) -> torch.Tensor:
+        """The teacher's logits: cached ones when present, else computed (without grad if frozen)."""
+        if "teacher_logits" in batch and not self.trains_teacher:
+            return batch["teacher_logits"]
+        assert self.teacher is not None
+        if self.trains_teacher:
+            return self.teacher(batch["teacher_input"])
+        with torch.no_grad():
+            return self.teacher(batch["teacher_input"])
+
+    def deployables(self) -> dict[str, tuple[nn.Module, str]]:
+        """Networks to evaluate after training: name -> (network, batch input key)."""
+        return {"student": (self.student, self.input_key)}
+
+    def forward(self, batch: Batch) -> dict[str, torch.Tensor]:  # pragma: no cover - abstract
+        raise NotImplementedError

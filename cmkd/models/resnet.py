@@ -1,0 +1,68 @@
+"""ResNet-18 (He et al. 2016) with its first convolution adapted to any channel count.
+
+Written here rather than taken from torchvision: torchvision's wheels do not import beside the
+CPU build of torch this project pins (see README, "Why torch 2.13 CPU").
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from cmkd.models import register_arch
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, in_planes: int, planes: int, stride: int = 1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or in_planes != planes:
+            self.shortcut = nn.Sequential(nn.Conv2d(in_planes, planes, 1, stride, bias=False), nn.BatchNorm2d(planes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return torch.relu(out + self.shortcut(x))
+
+
+class ResNet18(nn.Module):
+    """ResNet-18. `width` scales every stage (64 is the standard network); `small_input`
+    replaces the 7x7/2 stem and max-pool by a 3x3/1 stem for images of 32 px or less."""
+
+    def __init__(self, in_channels: int, num_classes: int, width: int = 64, small_input: bool = False):
+        super().__init__()
+        if small_input:
+            self.stem = nn.Sequential(nn.Conv2d(in_channels, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU())
+        else:
+            self.stem = nn.Sequential(
+                nn.Conv2d(in_channels, width, 7, 2, 3, bias=False), nn.BatchNorm2d(width), nn.ReLU(),
+                nn.MaxPool2d(3, 2, 1),
+            )
+        stages = []
+        in_planes = width
+        for i, planes in enumerate([width, 2 * width, 4 * width, 8 * width]):
+            stride = 1 if i == 0 else 2
+            stages.append(nn.Sequential(BasicBlock(in_planes, planes, stride), BasicBlock(planes, planes, 1)))
+            in_planes = planes
+        self.stages = nn.Sequential(*stages)
+        self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.feature_dim = in_planes
+        self.head = nn.Linear(in_planes, num_classes)
+
+    def feature_maps(self, x: torch.Tensor) -> torch.Tensor:
+        return self.stages(self.stem(x))
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pool(self.feature_maps(x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+@register_arch("resnet18")
+def build_resnet18(in_shape: tuple[int, ...], num_classes: int, width: int = 64, small_input: bool = False) -> ResNet18:
+    return ResNet18(in_shape[0], num_classes, width, small_input)
