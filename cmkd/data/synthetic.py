@@ -118,6 +118,8 @@ def mfh_layout(
     n_decisive: int | None = None,
     alpha: float = 0.0,
     n_latent: int | None = None,
+    n_extra: int | None = None,
+    student_features: int | None = None,
 ) -> MFHLayout:
     """The feature layout of `mfh_gaussian` (no data drawn), so callers can know the truth.
 
@@ -129,6 +131,10 @@ def mfh_layout(
         teacher's decisive features is modality-specific; alpha = 0 adds none.
     n_latent: latent features the label depends on (default: every latent either modality
         sees). Latents nobody sees act as label noise, as in MFH; keep it fixed across a sweep.
+    n_extra: the number of extra teacher-specific decisive features, given directly instead of
+        through alpha (MFH's Table 2 keeps it at 10 while the shared part grows).
+    student_features: the student modality's width (default n_features); MFH's Fig. 2 uses 25
+        teacher and 50 student channels.
     """
     if not 0.0 <= gamma <= 1.0:
         raise ConfigError("gamma", f"must be in [0, 1], got {gamma}")
@@ -138,7 +144,12 @@ def mfh_layout(
     if d < 1:
         raise ConfigError("n_decisive", f"must be >= 1, got {d}")
     k = n_shared(d, gamma)
-    extra = int(round(alpha / (1.0 - alpha) * d))
+    if n_extra is not None and alpha:
+        raise ConfigError("n_extra", "give alpha or n_extra, not both")
+    extra = int(n_extra) if n_extra is not None else int(round(alpha / (1.0 - alpha) * d))
+    if extra < 0:
+        raise ConfigError("n_extra", f"must be >= 0, got {extra}")
+    width_b = n_features if student_features is None else int(student_features)
     teacher_d = d + extra
     used = d + teacher_d - k  # latents seen by at least one modality
     latent = used if n_latent is None else int(n_latent)
@@ -146,7 +157,9 @@ def mfh_layout(
         raise ConfigError("n_latent", f"must be >= {used} (latents seen by teacher or student) for gamma={gamma}, alpha={alpha}; got {latent}")
     if n_features < teacher_d:
         raise ConfigError("n_features", f"must be >= {teacher_d} (the teacher's decisive features); got {n_features}")
-    student_latent = np.full(n_features, -1, np.int64)
+    if width_b < d:
+        raise ConfigError("student_features", f"must be >= {d} (the student's decisive features); got {width_b}")
+    student_latent = np.full(width_b, -1, np.int64)
     student_latent[:d] = np.arange(d)
     teacher_latent = np.full(n_features, -1, np.int64)
     teacher_latent[:teacher_d] = np.arange(d - k, d - k + teacher_d)
@@ -162,7 +175,10 @@ def mfh_general_channels(n_features: int, gamma: float, seed: int, **params: Any
 
 
 def _layout_params(params: Mapping[str, Any]) -> dict[str, Any]:
-    return {k: params[k] for k in ("n_decisive", "alpha", "n_latent") if k in params}
+    return {k: params[k] for k in _MFH_PARAMS if k in params}
+
+
+_MFH_PARAMS = ("n_decisive", "alpha", "n_latent", "n_extra", "student_features")
 
 
 @register_generator("mfh")
@@ -175,6 +191,8 @@ def mfh_gaussian(
     n_decisive: int | None = None,
     alpha: float = 0.0,
     n_latent: int | None = None,
+    n_extra: int | None = None,
+    student_features: int | None = None,
     **_: Any,
 ) -> Generated:
     """MFH's synthetic Gaussian data (Xue et al., ICLR 2023, Sec. 4 and Appendix).
@@ -183,18 +201,19 @@ def mfh_gaussian(
     y = argmax_c (z @ W)_c with W ~ N(0, 1) [n_latent, n_classes]; for two classes that is
     MFH's y = 1[delta^T z > 0] with a random Gaussian hyperplane delta. Each modality copies its
     decisive latents into some channels (see `mfh_layout`) and fills every other channel with
-    N(0, 1) noise. Returns (teacher [N, n_features], student [N, n_features], labels [N]).
+    N(0, 1) noise. Returns (teacher [N, n_features], student [N, student_features], labels [N]).
     """
     if n_classes < 2:
         raise ConfigError("n_classes", f"must be >= 2, got {n_classes}")
-    layout = mfh_layout(n_features, gamma, seed, n_decisive=n_decisive, alpha=alpha, n_latent=n_latent)
+    layout = mfh_layout(n_features, gamma, seed, n_decisive=n_decisive, alpha=alpha, n_latent=n_latent,
+                        n_extra=n_extra, student_features=student_features)
     rng = np.random.default_rng([seed, 0])
     z = rng.standard_normal((n_samples, layout.n_latent))
     weights = rng.standard_normal((layout.n_latent, n_classes))
     labels = np.argmax(z @ weights, axis=1)
 
     def modality(channel_latent: np.ndarray) -> np.ndarray:
-        x = rng.standard_normal((n_samples, n_features))
+        x = rng.standard_normal((n_samples, len(channel_latent)))
         decisive = channel_latent >= 0
         x[:, decisive] = z[:, channel_latent[decisive]]
         return x.astype(np.float32)
@@ -215,9 +234,9 @@ def validate(cfg: Mapping[str, Any], key: str) -> None:
     if not isinstance(extra, Mapping):
         raise ConfigError(f"{key}.generator_params", "must be a mapping of generator keyword arguments")
     if cfg.get("generator", "ntdh") == "mfh":
-        unknown = sorted(set(extra) - {"n_decisive", "alpha", "n_latent"})
+        unknown = sorted(set(extra) - set(_MFH_PARAMS))
         if unknown:
-            raise ConfigError(f"{key}.generator_params.{unknown[0]}", "not a parameter of the mfh generator (n_decisive, alpha, n_latent)")
+            raise ConfigError(f"{key}.generator_params.{unknown[0]}", f"not a parameter of the mfh generator {_MFH_PARAMS}")
         for g in list(gammas) + [cfg.get("gamma", 0.0)]:
             try:
                 mfh_layout(int(cfg["n_features"]), float(g), 0, **extra)

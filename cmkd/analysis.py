@@ -1,0 +1,568 @@
+"""The papers' synthetic experiments as pure functions: each sweep takes its configuration (an
+`experiments.<name>` entry of params.yaml) and returns a JSON-ready result dict.
+
+- `mfh_sweep`: MFH's Gaussian data (`cmkd.data.synthetic.mfh_gaussian`): a teacher, a no-KD
+  student and a KD student at every sweep point and seed (MFH Fig. 2 when gamma moves, Fig. 3
+  when alpha moves).
+- `mfh_algorithm1_sweep`: MFH Table 2: Algorithm 1 ranks the teacher's channels, a
+  modality-general teacher is trained on the top ones, and MG-KD is compared with KD.
+- `ntdh_gap_sweep`: NTDH Fig. 3 on the sklearn generator: KD gain, target and non-target
+  divergence across gamma, and KD with the NTDH masks.
+- `digits_noise_sweep`: the MNIST / MNIST-M noise test on digits -> digits-M.
+
+How runs are made: every (sweep point, seed) pair is a "slice" with its own data (the generator
+called with that seed) and its own networks, initialised as `build_model` does after
+`torch.manual_seed(seed)`; the no-KD and KD students of a slice start from the same weights, so
+the KD gain is a paired difference. All slices of a sweep train together as one
+`cmkd.batched.BatchedMLP` (each slice gets exactly the gradient it would get alone), with the
+project's distillers and losses. As in the papers' synthetic code, networks train for a fixed
+number of full-batch epochs and are evaluated once, on a held-out test split.
+
+Result layout (what claims.yaml reads): ``points`` (one entry per sweep point, each metric as
+``{"mean", "std", "sem", "n", "values"}`` over seeds), ``series`` (per metric, the means over the
+points in sweep order, and ``<metric>_sem``), and ``derived`` (the scalars the claims test).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+import torch
+
+from cmkd.batched import BatchedMLP, slice_accuracy, train_batched
+from cmkd.data.synthetic import GENERATORS, mfh_layout
+from cmkd.errors import ConfigError
+from cmkd.losses import non_target_divergence, target_divergence, to_rows
+from cmkd.methods import build_distiller
+from cmkd.models import build_model
+
+TEACHER_RUN = {"method": "teacher"}
+STUDENT_RUN = {"method": "supervised"}
+MFH_LAYOUT_KEYS = ("n_decisive", "alpha", "n_latent", "n_extra", "student_features")
+_TRAIN_KEYS = {"epochs", "lr", "optimizer", "momentum", "weight_decay", "batch_size"}
+
+
+# --------------------------------------------------------------------------- statistics
+
+def summarize(values: Sequence[float]) -> dict[str, Any]:
+    """Mean, sample std, standard error of the mean, n and the values themselves."""
+    v = np.asarray(values, dtype=np.float64)
+    n = len(v)
+    std = float(v.std(ddof=1)) if n > 1 else 0.0
+    return {"mean": float(v.mean()), "std": std, "sem": std / math.sqrt(n) if n else float("nan"), "n": n,
+            "values": [float(x) for x in v]}
+
+
+def seeds_needed(pilot_std: float, target_sem: float, minimum: int = 3) -> int:
+    """Seeds so that the standard error pilot_std / sqrt(n) is at most `target_sem`."""
+    if target_sem <= 0:
+        raise ValueError("target_sem must be > 0")
+    return max(minimum, int(math.ceil((pilot_std / target_sem) ** 2)))
+
+
+# --------------------------------------------------------------------------- stacked data
+
+@dataclass
+class Slices:
+    """One split of S slices: teacher [N, S, Dt], student [N, S, Ds], target [N, S, 1]."""
+
+    teacher: torch.Tensor
+    student: torch.Tensor
+    target: torch.Tensor
+    teacher_logits: torch.Tensor | None = None
+
+    @property
+    def n_slices(self) -> int:
+        return self.target.shape[1]
+
+    def batch(self) -> dict[str, torch.Tensor]:
+        out = {"teacher_input": self.teacher, "student_input": self.student, "target": self.target}
+        if self.teacher_logits is not None:
+            out["teacher_logits"] = self.teacher_logits
+        return out
+
+    def with_teacher(self, teacher: torch.nn.Module) -> "Slices":
+        """The split with the frozen teacher's logits cached (they never change during KD)."""
+        with torch.no_grad():
+            logits = teacher(self.teacher)
+        return Slices(self.teacher, self.student, self.target, logits)
+
+    def with_teacher_channels(self, channels: torch.Tensor) -> "Slices":
+        """The teacher modality reduced to per-slice channels [S, k] (MFH's MG teacher input)."""
+        idx = channels.unsqueeze(0).expand(self.teacher.shape[0], -1, -1)
+        return Slices(torch.gather(self.teacher, 2, idx), self.student, self.target)
+
+    def slice(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Slice i as plain arrays: teacher [N, Dt], student [N, Ds], target [N]."""
+        return self.teacher[:, i], self.student[:, i], self.target[:, i, 0]
+
+
+def split_indices(n: int, counts: Mapping[str, int], seed: int) -> dict[str, np.ndarray]:
+    """A seeded random split of n rows into `counts` ({"train": .., "test": ..})."""
+    names = [name for name in ("train", "val", "test") if name in counts]
+    sizes = [int(counts[name]) for name in names]
+    if sum(sizes) > n or min(sizes) < 1:
+        raise ConfigError("split", f"split sizes {dict(counts)} must be >= 1 and fit the {n} samples")
+    order = np.random.default_rng([seed, 7]).permutation(n)
+    bounds = np.cumsum([0] + sizes)
+    return {name: np.sort(order[bounds[i]:bounds[i + 1]]) for i, name in enumerate(names)}
+
+
+def stack(datasets: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]], indices: Sequence[Mapping[str, np.ndarray]]) -> dict[str, Slices]:
+    """Stack per-slice (teacher, student, labels) arrays, split by per-slice indices."""
+    out = {}
+    for split in indices[0]:
+        parts = [(t[idx[split]], s[idx[split]], y[idx[split]]) for (t, s, y), idx in zip(datasets, indices)]
+        out[split] = Slices(
+            teacher=torch.from_numpy(np.stack([p[0] for p in parts], axis=1).astype(np.float32)),
+            student=torch.from_numpy(np.stack([p[1] for p in parts], axis=1).astype(np.float32)),
+            target=torch.from_numpy(np.stack([p[2] for p in parts], axis=1).astype(np.int64)[..., None]),
+        )
+    return out
+
+
+# --------------------------------------------------------------------------- training blocks
+
+def fit_slices(run_cfg: Mapping[str, Any], net: Mapping[str, Any], data: Slices, seeds: Sequence[int], num_classes: int,
+               teacher: torch.nn.Module | None = None, key: str = "experiments") -> BatchedMLP:
+    """Train one network per slice with the method `run_cfg` describes.
+
+    net: {"model": an `mlp` models entry, "train": {epochs, lr, optimizer, [momentum,
+    weight_decay, batch_size]}}; seeds: the init seed of each slice.
+    """
+    run = dict(run_cfg)
+    x = data.teacher if run.get("method") == "teacher" else data.student
+    model = BatchedMLP.build(net["model"], int(np.prod(x.shape[2:])), num_classes, seeds)
+    distiller = build_distiller(run, model, teacher, num_classes, key=f"{key}.kd")
+    train_batched(distiller, data.batch(), data.n_slices, seed=int(seeds[0]), **_train_options(net, key))
+    return model
+
+
+def fit_single(run_cfg: Mapping[str, Any], net: Mapping[str, Any], teacher_x: torch.Tensor, student_x: torch.Tensor,
+               target: torch.Tensor, seed: int, num_classes: int, teacher: torch.nn.Module | None = None,
+               key: str = "experiments") -> torch.nn.Module:
+    """Train one network alone ([N, D] inputs, [N] targets), as `fit_slices` trains each slice;
+    for methods whose losses couple the rows of a batch (the NTDH sample mask ranks a batch's
+    samples), which must not see other slices' rows. Methods with an `on_train_start(train)`
+    hook (the NTDH feature mask) get the training split first, as the engine gives it."""
+    from cmkd.engine import SplitData
+
+    run = dict(run_cfg)
+    x = teacher_x if run.get("method") == "teacher" else student_x
+    torch.manual_seed(int(seed))
+    model = build_model(net["model"], tuple(x.shape[1:]), num_classes, key=f"{key}.nets.model")
+    distiller = build_distiller(run, model, teacher, num_classes, key=key)
+    batch = {"teacher_input": teacher_x, "student_input": student_x, "target": target}
+    if hasattr(distiller, "on_train_start"):
+        distiller.on_train_start(SplitData.from_arrays(teacher_input=teacher_x, student_input=student_x, target=target))
+    train_batched(distiller, batch, 1, seed=int(seed), **_train_options(net, key))
+    return model.eval()
+
+
+def _train_options(net: Mapping[str, Any], key: str) -> dict[str, Any]:
+    train = dict(net["train"])
+    unknown = sorted(set(train) - _TRAIN_KEYS)
+    if unknown:
+        raise ConfigError(f"{key}.nets.train.{unknown[0]}", f"unknown training option; known: {sorted(_TRAIN_KEYS)}")
+    return train
+
+
+@torch.no_grad()
+def slice_divergences(teacher_logits: torch.Tensor, student_logits: torch.Tensor, target: torch.Tensor, temperature: float = 1.0) -> dict[str, np.ndarray]:
+    """Per-slice mean target / non-target JS divergence (NTDH) of logits [N, C, S, 1]."""
+    n, s = target.shape[0], target.shape[1]
+    zt, zs, y = to_rows(teacher_logits), to_rows(student_logits), target.reshape(-1).long()
+    return {
+        "target_div": target_divergence(zs, zt, y, temperature).reshape(n, s).mean(0).numpy(),
+        "non_target_div": non_target_divergence(zs, zt, y, temperature).reshape(n, s).mean(0).numpy(),
+    }
+
+
+def teacher_student_kd(splits: Mapping[str, Slices], nets: Mapping[str, Any], kd: Mapping[str, Any], num_classes: int,
+                       seeds: Sequence[int], key: str) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """Teacher, no-KD student and KD student of every slice; per-slice test accuracies."""
+    train, test = splits["train"], splits["test"]
+    teacher = fit_slices(TEACHER_RUN, nets["teacher"], train, seeds, num_classes, key=key)
+    cached = train.with_teacher(teacher)
+    nokd = fit_slices(STUDENT_RUN, nets["student"], train, seeds, num_classes, key=key)
+    kd_student = fit_slices(kd, nets["student"], cached, seeds, num_classes, teacher=teacher, key=key)
+    with torch.no_grad():
+        logits = {"teacher": teacher(test.teacher), "nokd": nokd(test.student), "kd": kd_student(test.student)}
+    acc = {f"{name}_acc": slice_accuracy(z, test.target).numpy() for name, z in logits.items()}
+    acc["kd_gain"] = acc["kd_acc"] - acc["nokd_acc"]
+    return acc, {"teacher": teacher, "nokd": nokd, "kd": kd_student, "cached": cached, "test_logits": logits}
+
+
+# --------------------------------------------------------------------------- sweeps: plumbing
+
+def sweep_points(sweep: Mapping[str, Sequence[Any]], key: str) -> list[dict[str, Any]]:
+    """Zip the per-parameter lists of a sweep into one dict per point."""
+    if not isinstance(sweep, Mapping) or not sweep:
+        raise ConfigError(key, "must map generator parameters to equally long lists")
+    lengths = {name: len(values) for name, values in sweep.items() if isinstance(values, (list, tuple))}
+    if len(lengths) != len(sweep) or len(set(lengths.values())) != 1 or not next(iter(lengths.values())):
+        raise ConfigError(key, f"every entry must be a non-empty list, all of one length; got {dict(sweep)}")
+    n = next(iter(lengths.values()))
+    return [{name: sweep[name][i] for name in sweep} for i in range(n)]
+
+
+def _check_common(cfg: Mapping[str, Any], key: str) -> list[int]:
+    seeds = cfg.get("seeds")
+    if isinstance(seeds, int) and seeds > 0:
+        seeds = list(range(seeds))
+    if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) for s in seeds):
+        raise ConfigError(f"{key}.seeds", "must be a positive count or a non-empty list of integers")
+    for name in ("teacher", "student"):
+        net = (cfg.get("nets") or {}).get(name)
+        if not isinstance(net, Mapping) or "model" not in net or "train" not in net:
+            raise ConfigError(f"{key}.nets.{name}", "must have `model` and `train` entries")
+    if not isinstance(cfg.get("kd"), Mapping) or "method" not in cfg["kd"]:
+        raise ConfigError(f"{key}.kd", "must be a run config with a `method`")
+    return seeds
+
+
+def _aggregate(points: list[dict[str, Any]], per_slice: Mapping[str, np.ndarray], n_seeds: int) -> dict[str, Any]:
+    """Per-point summaries over seeds (slice i = point i // n_seeds, seed i % n_seeds) and `series`."""
+    for i, point in enumerate(points):
+        for metric, values in per_slice.items():
+            point[metric] = summarize(np.asarray(values)[i * n_seeds:(i + 1) * n_seeds])
+    series: dict[str, list] = {m: [p[m]["mean"] for p in points] for m in per_slice}
+    series.update({f"{m}_sem": [p[m]["sem"] for p in points] for m in per_slice})
+    for name, value in points[0].items():  # the sweep's own coordinates (gamma, shares, ...)
+        if name not in per_slice and isinstance(value, (int, float)) and not isinstance(value, bool):
+            series[name] = [p[name] for p in points]
+    return {"points": points, "series": series}
+
+
+def _layout(params: Mapping[str, Any], seed: int):
+    return mfh_layout(int(params["n_features"]), float(params.get("gamma", 0.0)), seed,
+                      **{k: params[k] for k in MFH_LAYOUT_KEYS if k in params})
+
+
+def _layout_info(params: Mapping[str, Any]) -> dict[str, Any]:
+    layout = _layout(params, 0)
+    return {
+        "n_general": layout.n_general,
+        "n_teacher_decisive": layout.n_teacher_decisive,
+        "general_share": layout.n_general / layout.n_teacher_decisive,
+        "teacher_specific_share": layout.teacher_specific_share,
+        "mfh_gamma": layout.mfh_gamma,
+    }
+
+
+def _mfh_points(cfg: Mapping[str, Any], key: str) -> tuple[dict[str, Any], list[dict[str, Any]], list[dict[str, Any]]]:
+    generator = dict(cfg["generator"])
+    settings = sweep_points(cfg["sweep"], f"{key}.sweep")
+    points = []
+    for setting in settings:  # a bad layout fails here, before any training
+        try:
+            points.append({**setting, **_layout_info({**generator, **setting})})
+        except ConfigError as err:
+            raise ConfigError(f"{key}.sweep.{err.key}", err.problem) from None
+    return generator, settings, points
+
+
+def _generate(name: str, generator: Mapping[str, Any], settings: Sequence[Mapping[str, Any]], seeds: Sequence[int],
+              split: Mapping[str, int]) -> tuple[dict[str, Slices], list[int]]:
+    """Data of every (setting, seed) slice, split and stacked; returns the slices and their seeds."""
+    n = sum(int(v) for v in split.values())
+    datasets, indices, slice_seeds = [], [], []
+    for setting in settings:
+        for seed in seeds:
+            datasets.append(GENERATORS[name](n_samples=n, seed=seed, **{**generator, **setting}))
+            indices.append(split_indices(n, split, seed))
+            slice_seeds.append(seed)
+    return stack(datasets, indices), slice_seeds
+
+
+# --------------------------------------------------------------------------- MFH: gamma and alpha sweeps
+
+def mfh_sweep(cfg: Mapping[str, Any], key: str = "experiments.mfh") -> dict[str, Any]:
+    """Teacher, no-KD and KD student accuracy at every point of an MFH sweep.
+
+    cfg: generator (fixed mfh_gaussian kwargs incl. n_features, n_classes), sweep (kwargs ->
+    lists, zipped into points), split (train / test counts), nets (teacher / student: model +
+    train), kd (the KD run config), seeds (count or list).
+    """
+    seeds = _check_common(cfg, key)
+    generator, settings, points = _mfh_points(cfg, key)
+    splits, slice_seeds = _generate("mfh", generator, settings, seeds, cfg["split"])
+    acc, _ = teacher_student_kd(splits, cfg["nets"], cfg["kd"], int(generator["n_classes"]), slice_seeds, key)
+    result = _aggregate(points, acc, len(seeds))
+    result["seeds"] = seeds
+    return result
+
+
+def derive_mfh_gamma(result: Mapping[str, Any]) -> dict[str, Any]:
+    """The gamma sweep seen by the claims: KD gain ordered by the share of modality-general
+    decisive features in the teacher, and the gain where that share is 0."""
+    s = result["series"]
+    order = [int(i) for i in np.argsort(s["general_share"], kind="stable")]
+    by_share = {name: [s[name][i] for i in order]
+                for name in ("general_share", "kd_gain", "kd_gain_sem", "teacher_acc", "nokd_acc", "kd_acc")}
+    no_general = [i for i in order if s["general_share"][i] == 0.0]
+    return {
+        "by_general_share": by_share,
+        "kd_gain_all_specific": s["kd_gain"][no_general[0]] if no_general else None,
+        "kd_gain_all_general": by_share["kd_gain"][-1],
+    }
+
+
+def derive_mfh_alpha(result: Mapping[str, Any]) -> dict[str, Any]:
+    """The alpha sweep seen by the claims: the teacher's gain from the first to the last point,
+    and the band (max - min over points) of the KD student's accuracy and of its KD gain."""
+    s = result["series"]
+    teacher_gain = s["teacher_acc"][-1] - s["teacher_acc"][0]
+    gain_band = max(s["kd_gain"]) - min(s["kd_gain"])
+    return {
+        "teacher_gain": teacher_gain,
+        "kd_student_gain": s["kd_acc"][-1] - s["kd_acc"][0],
+        "kd_student_band": max(s["kd_acc"]) - min(s["kd_acc"]),
+        "kd_gain_band": gain_band,
+        "kd_gain_band_over_teacher_gain": gain_band / teacher_gain if teacher_gain > 0 else None,
+    }
+
+
+# --------------------------------------------------------------------------- MFH: Algorithm 1 (Table 2)
+
+Algorithm1 = Callable[..., tuple[np.ndarray, np.ndarray]]
+
+
+def mfh_algorithm1_sweep(cfg: Mapping[str, Any], key: str = "experiments.mfh_alg1", algorithm1: Algorithm1 | None = None) -> dict[str, Any]:
+    """MFH Table 2: at every sweep point, the regular teacher and KD student, Algorithm 1's
+    channel choice (as many channels as there are truly modality-general ones, as MFH does),
+    the fraction of true modality-general channels it recovers, the modality-general (MG)
+    teacher trained on the chosen channels, and the MG-KD student."""
+    if algorithm1 is None:
+        from cmkd.methods.mfh import algorithm1
+    seeds = _check_common(cfg, key)
+    generator, settings, points = _mfh_points(cfg, key)
+    num_classes = int(generator["n_classes"])
+    alg_cfg = dict(cfg.get("algorithm1") or {})
+    per_point: list[dict[str, np.ndarray]] = []
+    for setting, point in zip(settings, points):
+        if point["n_general"] == 0:
+            raise ConfigError(f"{key}.sweep", f"point {setting} has no modality-general channel for Algorithm 1 to find")
+        splits, slice_seeds = _generate("mfh", generator, [setting], seeds, cfg["split"])
+        acc, _ = teacher_student_kd(splits, cfg["nets"], cfg["kd"], num_classes, slice_seeds, key)
+        truth = [np.flatnonzero(_layout({**generator, **setting}, s).teacher_general_mask) for s in seeds]
+        k = point["n_general"]
+        train = splits["train"]
+        chosen, recovered = [], []
+        for i, seed in enumerate(seeds):
+            x_t, x_s, y = train.slice(i)
+            torch.manual_seed(seed)  # fresh networks for the jointly trained pair, as MFH does
+            pair_t = build_model(cfg["nets"]["teacher"]["model"], tuple(x_t.shape[1:]), num_classes)
+            pair_s = build_model(cfg["nets"]["student"]["model"], tuple(x_s.shape[1:]), num_classes)
+            channels, _ = algorithm1(pair_t, pair_s, x_t, x_s, y, k, generator=torch.Generator().manual_seed(seed), **alg_cfg)
+            channels = np.asarray(channels, dtype=np.int64)
+            chosen.append(channels)
+            recovered.append(len(np.intersect1d(channels, truth[i])) / k)
+        channels = torch.from_numpy(np.stack(chosen))
+        mg = {name: split.with_teacher_channels(channels) for name, split in splits.items()}
+        mg_acc, _ = teacher_student_kd(mg, cfg["nets"], cfg["kd"], num_classes, slice_seeds, key)
+        acc.update(recovered_fraction=np.asarray(recovered), mg_teacher_acc=mg_acc["teacher_acc"], mgkd_acc=mg_acc["kd_acc"])
+        acc["mgkd_minus_kd"] = acc["mgkd_acc"] - acc["kd_acc"]
+        per_point.append(acc)
+    per_slice = {m: np.concatenate([a[m] for a in per_point]) for m in per_point[0]}
+    result = _aggregate(points, per_slice, len(seeds))
+    result["seeds"] = seeds
+    return result
+
+
+def derive_mfh_alg1(result: Mapping[str, Any]) -> dict[str, Any]:
+    s = result["series"]
+    every_run = [v for p in result["points"] for v in p["recovered_fraction"]["values"]]
+    return {
+        "recovered_fraction_mean": float(np.mean(every_run)),
+        "recovered_fraction_worst_point": min(s["recovered_fraction"]),
+        "teacher_drop": [a - b for a, b in zip(s["teacher_acc"], s["mg_teacher_acc"])],
+    }
+
+
+# --------------------------------------------------------------------------- NTDH gap sweep
+
+def ntdh_gap_sweep(cfg: Mapping[str, Any], key: str = "experiments.ntdh_gap") -> dict[str, Any]:
+    """NTDH Fig. 3: at every gamma, teacher / no-KD / KD accuracy, the KD gain, the teacher-KD
+    student target and non-target divergences on the test split (and teacher-no-KD student's),
+    and KD with each NTDH mask (cfg `masks`: name -> run config, trained like the KD student)."""
+    seeds = _check_common(cfg, key)
+    generator = dict(cfg["generator"])
+    name = generator.pop("name", "ntdh")
+    settings = sweep_points(cfg["sweep"], f"{key}.sweep")
+    num_classes = int(generator["n_classes"])
+    splits, slice_seeds = _generate(name, generator, settings, seeds, cfg["split"])
+    acc, out = teacher_student_kd(splits, cfg["nets"], cfg["kd"], num_classes, slice_seeds, key)
+    test, temperature = splits["test"], float(cfg.get("divergence_temperature", 1.0))
+    z = out["test_logits"]
+    acc.update(slice_divergences(z["teacher"], z["kd"], test.target, temperature))
+    acc.update({f"{k}_nokd": v for k, v in slice_divergences(z["teacher"], z["nokd"], test.target, temperature).items()})
+    result = _aggregate([dict(s) for s in settings], acc, len(seeds))
+    result["seeds"] = seeds
+
+    # The masks, trained slice by slice (see fit_single) at the largest `mask_points` gammas.
+    masks = dict(cfg.get("masks") or {})
+    n_mask_points = int(cfg.get("mask_points", 2))
+    if not 1 <= n_mask_points <= len(settings):
+        raise ConfigError(f"{key}.mask_points", f"must be in [1, {len(settings)}], got {n_mask_points}")
+    first = (len(settings) - n_mask_points) * len(seeds)
+    train = splits["train"]
+    mask_acc: dict[str, np.ndarray] = {}
+    for mask_name, mask_run in masks.items():
+        values = []
+        for i in range(first, len(slice_seeds)):
+            x_t, x_s, y = train.slice(i)
+            student = fit_single(mask_run, cfg["nets"]["student"], x_t, x_s, y, slice_seeds[i], num_classes,
+                                 teacher=out["teacher"].unstack(i), key=f"{key}.masks.{mask_name}")
+            with torch.no_grad():
+                values.append(float((student(test.student[:, i]).argmax(1) == test.target[:, i, 0]).float().mean()))
+        mask_acc[f"{mask_name}_acc"] = np.asarray(values)
+        mask_acc[f"{mask_name}_minus_kd"] = mask_acc[f"{mask_name}_acc"] - acc["kd_acc"][first:]
+    mask_points = _aggregate([dict(s) for s in settings[len(settings) - n_mask_points:]], {**{m: acc[m][first:] for m in ("kd_acc", "nokd_acc")}, **mask_acc}, len(seeds))
+    result["masks"] = {"names": sorted(masks), **mask_points}
+    return result
+
+
+def derive_ntdh_gap(result: Mapping[str, Any]) -> dict[str, Any]:
+    """Each divergence's growth from the first to the last gamma (in divergence per unit of
+    gamma when the sweep has `gamma`), and KD with and without the masks at the largest gaps."""
+    s = result["series"]
+    span = 1.0
+    if "gamma" in result["points"][0]:
+        span = float(result["points"][-1]["gamma"]) - float(result["points"][0]["gamma"]) or 1.0
+    masks = result.get("masks") or {}
+    return {
+        "target_div_growth": (s["target_div"][-1] - s["target_div"][0]) / span,
+        "non_target_div_growth": (s["non_target_div"][-1] - s["non_target_div"][0]) / span,
+        "large_gap": dict(masks.get("series", {})),
+    }
+
+
+# --------------------------------------------------------------------------- digits -> digits-M with noise
+
+def digits_arrays(cfg: Mapping[str, Any], noise_std: float, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+    """Gray digits [N, 1, S, S] and digits-M [N, 3, S, S] at one noise level, standardised with
+    training statistics as `cmkd.data.digits.prepare` builds them, but in memory; plus labels
+    and the stratified split."""
+    from cmkd.data.digits import gray_digits, make_digits_m, random_patches
+    from cmkd.data.splits import stratified_split
+
+    rng = np.random.default_rng(seed)
+    size = int(cfg.get("image_size", 16))
+    gray, labels = gray_digits(size)
+    colour = make_digits_m(gray, random_patches(len(gray), size, rng), float(cfg.get("blend", 0.5)))
+    if noise_std:
+        gray = gray + rng.normal(0, noise_std, gray.shape).astype(np.float32)
+        colour = colour + rng.normal(0, noise_std, colour.shape).astype(np.float32)
+    split = stratified_split(labels, cfg.get("split", [0.6, 0.2, 0.2]), seed)
+    tr = split["train"]
+    gray = (gray - gray[tr].mean()) / gray[tr].std()
+    colour = (colour - colour[tr].mean(axis=(0, 2, 3), keepdims=True)) / colour[tr].std(axis=(0, 2, 3), keepdims=True)
+    return gray.astype(np.float32), colour.astype(np.float32), labels, split
+
+
+def digits_noise_sweep(cfg: Mapping[str, Any], key: str = "experiments.digits_noise") -> dict[str, Any]:
+    """Teacher (gray digits), no-KD and KD student (digits-M) accuracy and the teacher-KD
+    student divergences at every noise level (networks: MLPs on the flattened images)."""
+    seeds = _check_common(cfg, key)
+    levels = cfg.get("noise_std")
+    if not isinstance(levels, list) or not levels or any(not isinstance(x, (int, float)) or x < 0 for x in levels):
+        raise ConfigError(f"{key}.noise_std", "must be a non-empty list of numbers >= 0")
+    data_cfg = dict(cfg.get("data") or {})
+    datasets, indices, slice_seeds = [], [], []
+    for noise in levels:
+        for seed in seeds:
+            gray, colour, labels, split = digits_arrays(data_cfg, float(noise), seed)
+            datasets.append((gray.reshape(len(gray), -1), colour.reshape(len(colour), -1), labels))
+            indices.append({"train": split["train"], "test": split["test"]})
+            slice_seeds.append(seed)
+    splits = stack(datasets, indices)
+    acc, out = teacher_student_kd(splits, cfg["nets"], cfg["kd"], 10, slice_seeds, key)
+    z = out["test_logits"]
+    acc.update(slice_divergences(z["teacher"], z["kd"], splits["test"].target, float(cfg.get("divergence_temperature", 1.0))))
+    result = _aggregate([{"noise_std": float(x)} for x in levels], acc, len(seeds))
+    result["seeds"] = seeds
+    return result
+
+
+# --------------------------------------------------------------------------- the experiment registry
+
+@dataclass(frozen=True)
+class Experiment:
+    """One synthetic experiment: how to run it, what the claims read, and what to plot."""
+
+    run: Callable[..., dict[str, Any]]
+    derive: Callable[[Mapping[str, Any]], dict[str, Any]] | None
+    x: str  # the series plotted on the x axis
+    x_label: str
+    title: str
+    #: (panel title, y label, [(series key, legend label)], draw y = 0)
+    panels: tuple[tuple[str, str, tuple[tuple[str, str], ...], bool], ...]
+
+
+_ACC = ("teacher_acc", "teacher"), ("nokd_acc", "student, no KD"), ("kd_acc", "student, KD")
+
+EXPERIMENTS: dict[str, Experiment] = {
+    "mfh_gamma": Experiment(
+        mfh_sweep, derive_mfh_gamma, "general_share", "share of the teacher's decisive features that are modality-general",
+        "MFH Fig. 2: KD vs. modality-general share",
+        (("test accuracy", "accuracy", _ACC, False), ("KD gain over no-KD", "accuracy difference", (("kd_gain", "KD - no KD"),), True)),
+    ),
+    "mfh_alpha": Experiment(
+        mfh_sweep, derive_mfh_alpha, "teacher_specific_share", "alpha: share of the teacher's decisive features that are modality-specific",
+        "MFH Fig. 3: a better teacher, not a better student",
+        (("test accuracy", "accuracy", _ACC, False), ("KD gain over no-KD", "accuracy difference", (("kd_gain", "KD - no KD"),), True)),
+    ),
+    "mfh_alg1": Experiment(
+        mfh_algorithm1_sweep, derive_mfh_alg1, "general_share", "share of the teacher's decisive features that are modality-general",
+        "MFH Table 2: Algorithm 1 and MG-KD",
+        (("teachers", "accuracy", (("teacher_acc", "regular teacher"), ("mg_teacher_acc", "modality-general teacher")), False),
+         ("students", "accuracy", (("nokd_acc", "no KD"), ("kd_acc", "KD"), ("mgkd_acc", "MG-KD")), False),
+         ("Algorithm 1", "fraction", (("recovered_fraction", "true MG channels recovered"),), False)),
+    ),
+    "ntdh_gap": Experiment(
+        ntdh_gap_sweep, derive_ntdh_gap, "gamma", "gamma (domain gap)", "NTDH Fig. 3: KD and divergences vs. the gap",
+        (("test accuracy", "accuracy", _ACC, False), ("KD gain over no-KD", "accuracy difference", (("kd_gain", "KD - no KD"),), True),
+         ("teacher vs. KD student", "JS divergence", (("target_div", "target"), ("non_target_div", "non-target")), False)),
+    ),
+    "digits_noise": Experiment(
+        digits_noise_sweep, None, "noise_std", "noise std added to both modalities", "digits -> digits-M with noise (NTDH's MNIST / MNIST-M test)",
+        (("test accuracy", "accuracy", _ACC, False), ("KD gain over no-KD", "accuracy difference", (("kd_gain", "KD - no KD"),), True),
+         ("teacher vs. KD student", "JS divergence", (("target_div", "target"), ("non_target_div", "non-target")), False)),
+    ),
+}
+
+
+def run_experiment(name: str, cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """Run experiment `name` with its params entry; the result carries its config and `derived`."""
+    if name not in EXPERIMENTS:
+        raise ConfigError("experiments", f"unknown experiment {name!r}; known: {sorted(EXPERIMENTS)}")
+    spec = EXPERIMENTS[name]
+    result = spec.run(cfg, key=f"experiments.{name}")
+    result["derived"] = spec.derive(result) if spec.derive else {}
+    result["experiment"] = name
+    result["config"] = _jsonable(cfg)
+    return result
+
+
+def plot_rows(name: str, result: Mapping[str, Any]) -> list[dict[str, float]]:
+    """One row per sweep point (sorted by the x axis) with every plotted series' mean: the
+    data of the `dvc plots` definitions."""
+    spec = EXPERIMENTS[name]
+    series = result["series"]
+    keys = [k for _, _, lines, _ in spec.panels for k, _ in lines if k in series]
+    rows = [{spec.x: series[spec.x][i], **{k: series[k][i] for k in keys}} for i in range(len(series[spec.x]))]
+    return sorted(rows, key=lambda r: r[spec.x])
+
+
+def _jsonable(x: Any) -> Any:
+    if isinstance(x, Mapping):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, np.generic):
+        return x.item()
+    return x

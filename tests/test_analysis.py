@@ -1,0 +1,278 @@
+"""The MFH generator's structure, the batched trainer's equivalence with training alone, and the
+synthetic experiments on tiny configurations."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from sklearn.linear_model import LogisticRegression
+
+from cmkd.analysis import (
+    EXPERIMENTS,
+    Slices,
+    derive_mfh_alpha,
+    derive_mfh_gamma,
+    mfh_sweep,
+    plot_rows,
+    run_experiment,
+    seeds_needed,
+    slice_divergences,
+    split_indices,
+    summarize,
+)
+from cmkd.batched import BatchedMLP, slice_accuracy, train_batched
+from cmkd.data.synthetic import GENERATORS, mfh_general_channels, mfh_layout, n_shared, ntdh_sklearn
+from cmkd.errors import ConfigError
+from cmkd.losses import kd_loss
+from cmkd.methods import build_distiller
+from cmkd.models import build_model
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# --------------------------------------------------------------------------- the MFH generator
+
+def shared_columns(teacher: np.ndarray, student: np.ndarray) -> list[tuple[int, int]]:
+    """(teacher channel, student channel) pairs holding identical values."""
+    return [(i, j) for i in range(teacher.shape[1]) for j in range(student.shape[1]) if np.array_equal(teacher[:, i], student[:, j])]
+
+
+@pytest.mark.parametrize("gamma", [0.0, 0.3, 0.5, 1.0])
+def test_mfh_shares_exactly_the_modality_general_features(gamma):
+    d, width = 8, 24
+    teacher, student, y = GENERATORS["mfh"](n_samples=300, n_features=width, n_classes=3, gamma=gamma, seed=4, n_decisive=d)
+    assert teacher.shape == (300, width) and student.shape == (300, width) and y.shape == (300,)
+    assert teacher.dtype == np.float32 and y.dtype == np.int64
+    k = int(round((1 - gamma) * d))
+    pairs = shared_columns(teacher, student)
+    assert len(pairs) == k == n_shared(d, gamma)
+    mask = mfh_general_channels(width, gamma, 4, n_decisive=d)
+    assert sorted(i for i, _ in pairs) == list(np.flatnonzero(mask))
+    assert all(j < d for _, j in pairs)  # shared features sit among the student's decisive channels
+    layout = mfh_layout(width, gamma, 4, n_decisive=d)
+    assert layout.teacher_specific_share == pytest.approx(1 - k / d)
+
+
+def test_mfh_label_is_a_linear_function_of_the_decisive_features_only():
+    d, width = 6, 20
+    teacher, student, y = GENERATORS["mfh"](n_samples=2000, n_features=width, n_classes=2, gamma=0.5, seed=1, n_decisive=d)
+    layout = mfh_layout(width, 0.5, 1, n_decisive=d)
+    decisive = np.concatenate([student[:, layout.student_latent >= 0], teacher[:, (layout.teacher_latent >= 0) & ~layout.teacher_general_mask]], axis=1)
+    assert decisive.shape[1] == layout.n_latent  # every latent is seen by one modality here
+    fit = LogisticRegression(C=1e6, max_iter=5000).fit(decisive, y)
+    assert fit.score(decisive, y) == 1.0  # y = 1[delta^T z > 0]: linearly separable
+    noise = np.concatenate([student[:, layout.student_latent < 0], teacher[:, layout.teacher_latent < 0]], axis=1)
+    assert LogisticRegression(max_iter=2000).fit(noise[:1000], y[:1000]).score(noise[1000:], y[1000:]) < 0.6
+    assert 0.35 < y.mean() < 0.65
+
+
+def test_mfh_alpha_adds_teacher_specific_features():
+    d = 10
+    for alpha, extra in [(0.0, 0), (0.5, 10), (0.75, 30)]:
+        layout = mfh_layout(50, 0.0, 0, n_decisive=d, alpha=alpha, n_latent=50)
+        assert layout.n_extra == extra and layout.n_general == d
+        assert layout.teacher_specific_share == pytest.approx(alpha)
+        assert int((layout.teacher_latent >= 0).sum()) == d + extra
+    assert mfh_layout(50, 0.0, 0, n_decisive=20, n_extra=10).teacher_specific_share == pytest.approx(1 / 3)
+    # MFH's own gamma for Fig. 2's layout: o / (2d - o)
+    assert mfh_layout(25, 0.4, 0, n_decisive=10, student_features=50).mfh_gamma == pytest.approx(6 / 14)
+
+
+def test_mfh_is_deterministic_and_validates():
+    a = GENERATORS["mfh"](n_samples=50, n_features=12, n_classes=2, gamma=0.5, seed=3)
+    b = GENERATORS["mfh"](n_samples=50, n_features=12, n_classes=2, gamma=0.5, seed=3)
+    assert all(np.array_equal(x, z) for x, z in zip(a, b))
+    with pytest.raises(ConfigError, match="gamma"):
+        mfh_layout(12, 1.5, 0)
+    with pytest.raises(ConfigError, match="n_features"):
+        mfh_layout(12, 0.0, 0, n_decisive=8, alpha=0.5)
+    with pytest.raises(ConfigError, match="n_latent"):
+        mfh_layout(12, 0.5, 0, n_decisive=4, n_latent=3)
+
+
+def test_ntdh_generator_unchanged():
+    t, s, y = ntdh_sklearn(n_samples=40, n_features=6, n_classes=2, gamma=0.5, seed=0)
+    assert t.shape == s.shape == (40, 6)
+    assert len(shared_columns(t, s)) == n_shared(6, 0.5)
+
+
+# --------------------------------------------------------------------------- the batched trainer
+
+@pytest.mark.parametrize("optimizer, lr", [("adam", 0.01), ("sgd", 0.1)])
+def test_batched_slice_trains_exactly_as_alone(optimizer, lr):
+    torch.manual_seed(0)
+    n, s, d, c = 40, 3, 5, 3
+    x_t, x_s = torch.randn(n, s, d), torch.randn(n, s, d)
+    y = torch.randint(0, c, (n, s, 1))
+    cfg = {"arch": "mlp", "hidden": [7]}
+    seeds = [11, 12, 13]
+    teacher = BatchedMLP.build(cfg, d, c, seeds)
+    student = BatchedMLP.build(cfg, d, c, seeds)
+    run = {"method": "kd", "ce_weight": 1.0, "kd_weight": 0.5, "temperature": 2.0}
+    distiller = build_distiller(run, student, teacher, c)
+    train_batched(distiller, {"teacher_input": x_t, "student_input": x_s, "target": y}, s, epochs=15, lr=lr, optimizer=optimizer)
+
+    # slice 1 alone, written out by hand: same init, same loss, same optimizer
+    torch.manual_seed(12)
+    t_alone = build_model(cfg, (d,), c)
+    torch.manual_seed(12)
+    s_alone = build_model(cfg, (d,), c)
+    opt = torch.optim.Adam(s_alone.parameters(), lr=lr) if optimizer == "adam" else torch.optim.SGD(s_alone.parameters(), lr=lr)
+    with torch.no_grad():
+        zt = t_alone(x_t[:, 1])
+    for _ in range(15):
+        zs = s_alone(x_s[:, 1])
+        loss = torch.nn.functional.cross_entropy(zs, y[:, 1, 0]) + 0.5 * kd_loss(zs, zt, 2.0)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        assert torch.allclose(student(x_s)[:, :, 1, 0], s_alone(x_s[:, 1]), atol=1e-5)
+        assert torch.allclose(student.unstack(1)(x_s[:, 1]), s_alone(x_s[:, 1]), atol=1e-5)
+
+
+def test_slice_metrics_match_per_slice_computation():
+    torch.manual_seed(1)
+    n, s, c = 30, 4, 5
+    zt, zs = torch.randn(n, c, s, 1), torch.randn(n, c, s, 1)
+    y = torch.randint(0, c, (n, s, 1))
+    acc = slice_accuracy(zs, y)
+    for i in range(s):
+        assert acc[i] == pytest.approx(float((zs[:, :, i, 0].argmax(1) == y[:, i, 0]).float().mean()))
+    div = slice_divergences(zt, zs, y)
+    for i in range(s):
+        pt, ps = torch.softmax(zt[:, :, i, 0], 1).numpy(), torch.softmax(zs[:, :, i, 0], 1).numpy()
+        t = y[:, i, 0].numpy()
+        js_target, js_non = [], []
+        for r in range(n):  # plain NumPy reference, one sample at a time
+            bt = np.array([pt[r, t[r]], 1 - pt[r, t[r]]])
+            bs = np.array([ps[r, t[r]], 1 - ps[r, t[r]]])
+            js_target.append(js(bt, bs))
+            keep = np.arange(c) != t[r]
+            js_non.append(js(pt[r, keep] / pt[r, keep].sum(), ps[r, keep] / ps[r, keep].sum()))
+        assert div["target_div"][i] == pytest.approx(np.mean(js_target), rel=1e-4, abs=1e-6)
+        assert div["non_target_div"][i] == pytest.approx(np.mean(js_non), rel=1e-4, abs=1e-6)
+
+
+def js(p, q):
+    m = 0.5 * (p + q)
+    return 0.5 * float(np.sum(p * np.log(p / m))) + 0.5 * float(np.sum(q * np.log(q / m)))
+
+
+# --------------------------------------------------------------------------- statistics and plumbing
+
+def test_summarize_and_seed_count():
+    s = summarize([1.0, 2.0, 3.0, 6.0])
+    assert s["mean"] == 3.0 and s["n"] == 4
+    assert s["std"] == pytest.approx(math.sqrt(((2 * 2) + 1 + 0 + 9) / 3))
+    assert s["sem"] == pytest.approx(s["std"] / 2)
+    assert seeds_needed(0.01, 0.005) == 4
+    assert seeds_needed(0.0101, 0.005) == 5
+    assert seeds_needed(0.001, 0.005) == 3  # the minimum
+    idx = split_indices(10, {"train": 4, "test": 5}, seed=0)
+    assert len(idx["train"]) == 4 and len(idx["test"]) == 5 and not set(idx["train"]) & set(idx["test"])
+
+
+TINY_NET = {"model": {"arch": "mlp", "hidden": []}, "train": {"epochs": 30, "lr": 0.1, "optimizer": "sgd"}}
+
+
+def tiny_mfh(sweep):
+    return {
+        "generator": {"n_features": 10, "student_features": 12, "n_classes": 2, "n_decisive": 4, "n_latent": 8},
+        "sweep": sweep, "split": {"train": 60, "test": 80},
+        "nets": {"teacher": TINY_NET, "student": TINY_NET},
+        "kd": {"method": "kd", "ce_weight": 1.0, "kd_weight": 0.5, "temperature": 1.0},
+        "seeds": 2,
+    }
+
+
+def test_mfh_sweep_tiny_is_well_formed_and_deterministic():
+    cfg = tiny_mfh({"gamma": [1.0, 0.5, 0.0]})
+    result = mfh_sweep(cfg)
+    again = mfh_sweep(copy.deepcopy(cfg))
+    assert result["series"] == again["series"]
+    assert result["seeds"] == [0, 1]
+    assert len(result["points"]) == 3
+    for p in result["points"]:
+        for m in ("teacher_acc", "nokd_acc", "kd_acc", "kd_gain"):
+            assert p[m]["n"] == 2 and len(p[m]["values"]) == 2
+        assert all(0.0 <= v <= 1.0 for v in p["kd_acc"]["values"])
+        assert p["kd_gain"]["values"] == pytest.approx(np.subtract(p["kd_acc"]["values"], p["nokd_acc"]["values"]).tolist())
+    assert result["series"]["general_share"] == [0.0, 0.5, 1.0]
+    # the no-KD student never sees the teacher: identical at every gamma of one seed
+    assert len({tuple(p["nokd_acc"]["values"]) for p in result["points"]}) == 1
+    derived = derive_mfh_gamma(result)
+    assert derived["by_general_share"]["general_share"] == [0.0, 0.5, 1.0]
+    assert derived["kd_gain_all_specific"] == result["points"][0]["kd_gain"]["mean"]
+    json.dumps(result)  # JSON-ready
+
+
+def test_mfh_alpha_tiny_and_derived():
+    cfg = tiny_mfh({"n_extra": [0, 4]})
+    cfg["generator"].update(gamma=0.0)
+    result = mfh_sweep(cfg)
+    assert result["series"]["teacher_specific_share"] == [0.0, 0.5]
+    d = derive_mfh_alpha(result)
+    s = result["series"]
+    assert d["teacher_gain"] == pytest.approx(s["teacher_acc"][1] - s["teacher_acc"][0])
+    assert d["kd_gain_band"] == pytest.approx(abs(s["kd_gain"][1] - s["kd_gain"][0]))
+
+
+def test_bad_sweeps_name_the_key():
+    cfg = tiny_mfh({"gamma": [0.0, 0.5], "n_decisive": [4]})
+    with pytest.raises(ConfigError, match="experiments.mfh.sweep"):
+        mfh_sweep(cfg)
+    cfg = tiny_mfh({"gamma": [0.0]})
+    cfg["generator"].update(n_decisive=30, n_latent=60)
+    with pytest.raises(ConfigError, match="experiments.mfh.sweep.n_features"):
+        mfh_sweep(cfg)
+    cfg = tiny_mfh({"gamma": [0.0]})
+    cfg["seeds"] = []
+    with pytest.raises(ConfigError, match="seeds"):
+        mfh_sweep(cfg)
+
+
+def test_stacked_slices_keep_each_slice_data():
+    data = [GENERATORS["mfh"](n_samples=20, n_features=6, n_classes=2, gamma=g, seed=s) for g in (0.0, 1.0) for s in (0, 1)]
+    from cmkd.analysis import stack
+    idx = [split_indices(20, {"train": 8, "test": 12}, s) for s in (0, 1, 0, 1)]
+    splits = stack(data, idx)
+    assert isinstance(splits["train"], Slices) and splits["train"].teacher.shape == (8, 4, 6)
+    assert splits["test"].target.shape == (12, 4, 1)
+    t, st, y = splits["train"].slice(3)
+    assert np.array_equal(t.numpy(), data[3][0][idx[3]["train"]])
+    assert np.array_equal(y.numpy(), data[3][2][idx[3]["train"]])
+
+
+# --------------------------------------------------------------------------- the stage
+
+def test_experiment_stage_writes_json_csv_and_figure(tmp_path):
+    params = {"experiments": {"threads": 1, "mfh_gamma": tiny_mfh({"gamma": [1.0, 0.0]})}}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    out = subprocess.run([sys.executable, "-m", "stages.experiment", "mfh_gamma", "--params", str(tmp_path / "params.yaml"),
+                          "--out-dir", str(tmp_path / "exp")], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    result = json.loads((tmp_path / "exp" / "mfh_gamma.json").read_text())
+    assert result["experiment"] == "mfh_gamma" and "derived" in result
+    assert result["config"]["sweep"] == {"gamma": [1.0, 0.0]}
+    csv_lines = (tmp_path / "exp" / "mfh_gamma.csv").read_text().splitlines()
+    assert csv_lines[0].split(",")[0] == "general_share" and len(csv_lines) == 3
+    assert (tmp_path / "exp" / "mfh_gamma.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert plot_rows("mfh_gamma", result)[0]["general_share"] == 0.0
+
+
+def test_every_configured_experiment_is_known():
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    names = [k for k in params["experiments"] if k != "threads"]
+    assert set(names) == set(EXPERIMENTS)
+    with pytest.raises(ConfigError, match="unknown experiment"):
+        run_experiment("nope", {})
