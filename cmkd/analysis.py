@@ -35,7 +35,7 @@ import torch
 from cmkd.batched import BatchedMLP, slice_accuracy, train_batched
 from cmkd.data.synthetic import GENERATORS, mfh_layout
 from cmkd.errors import ConfigError
-from cmkd.losses import non_target_divergence, target_divergence, to_rows
+from cmkd.losses import to_rows
 from cmkd.methods import build_distiller
 from cmkd.models import build_model
 
@@ -173,6 +173,8 @@ def _train_options(net: Mapping[str, Any], key: str) -> dict[str, Any]:
 @torch.no_grad()
 def slice_divergences(teacher_logits: torch.Tensor, student_logits: torch.Tensor, target: torch.Tensor, temperature: float = 1.0) -> dict[str, np.ndarray]:
     """Per-slice mean target / non-target JS divergence (NTDH) of logits [N, C, S, 1]."""
+    from cmkd.losses import non_target_divergence, target_divergence
+
     n, s = target.shape[0], target.shape[1]
     zt, zs, y = to_rows(teacher_logits), to_rows(student_logits), target.reshape(-1).long()
     return {

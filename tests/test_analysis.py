@@ -256,7 +256,8 @@ def test_stacked_slices_keep_each_slice_data():
 # --------------------------------------------------------------------------- the stage
 
 def test_experiment_stage_writes_json_csv_and_figure(tmp_path):
-    params = {"experiments": {"threads": 1, "mfh_gamma": tiny_mfh({"gamma": [1.0, 0.0]})}}
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["experiments"]["mfh_gamma"] = tiny_mfh({"gamma": [1.0, 0.0]})
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     out = subprocess.run([sys.executable, "-m", "stages.experiment", "mfh_gamma", "--params", str(tmp_path / "params.yaml"),
                           "--out-dir", str(tmp_path / "exp")], cwd=REPO, capture_output=True, text=True, timeout=120)

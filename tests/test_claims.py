@@ -221,7 +221,9 @@ def test_repository_claims_file_is_valid():
 
 def run_check(tmp_path: Path, claims_doc, results, *extra, fail_on_mismatch=True):
     (tmp_path / "claims.yaml").write_text(yaml.safe_dump(claims_doc))
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"check": {"claims": "claims.yaml", "fail_on_mismatch": fail_on_mismatch}}))
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["check"] = {"claims": "claims.yaml", "fail_on_mismatch": fail_on_mismatch}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     for name, doc in results.items():
         path = tmp_path / name
         path.parent.mkdir(parents=True, exist_ok=True)
