@@ -219,7 +219,7 @@ def test_repository_claims_file_is_valid():
 
 # --------------------------------------------------------------------------- the check stage
 
-def run_check(tmp_path: Path, claims_doc, results, *extra, fail_on_mismatch=True):
+def write_inputs(tmp_path: Path, claims_doc, results, fail_on_mismatch=True) -> list[str]:
     (tmp_path / "claims.yaml").write_text(yaml.safe_dump(claims_doc))
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["check"] = {"claims": "claims.yaml", "fail_on_mismatch": fail_on_mismatch}
@@ -228,11 +228,24 @@ def run_check(tmp_path: Path, claims_doc, results, *extra, fail_on_mismatch=True
         path = tmp_path / name
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(doc))
-    return subprocess.run(
-        [sys.executable, "-m", "stages.check", "--params", str(tmp_path / "params.yaml"),
-         "--claims", str(tmp_path / "claims.yaml"), "--root", str(tmp_path), "--out-dir", str(tmp_path / "reports"), *extra],
-        cwd=REPO, capture_output=True, text=True, timeout=60,
-    )
+    return ["--params", str(tmp_path / "params.yaml"), "--claims", str(tmp_path / "claims.yaml"),
+            "--root", str(tmp_path), "--out-dir", str(tmp_path / "reports")]
+
+
+def run_check(tmp_path: Path, claims_doc, results, *extra, fail_on_mismatch=True) -> int:
+    """The check stage's exit status, run in this process (as `python -m stages.check` would)."""
+    from stages import check
+
+    argv = write_inputs(tmp_path, claims_doc, results, fail_on_mismatch) + list(extra)
+    old = sys.argv
+    sys.argv = ["stages/check.py", *argv]
+    try:
+        check.main(check.run)
+    except SystemExit as stop:
+        return int(stop.code or 0)
+    finally:
+        sys.argv = old
+    return 0
 
 
 def test_check_stage_fails_when_an_expectation_is_flipped(tmp_path):
@@ -242,25 +255,39 @@ def test_check_stage_fails_when_an_expectation_is_flipped(tmp_path):
         claim(id="rises", source=src, comparison="increasing", value=None),
         claim(id="rho", source={"file": src["file"], "path": "rho"}, comparison="<", value=-0.7),
     ]}
-    good = run_check(tmp_path, doc, results)
-    assert good.returncode == 0, good.stderr
+    assert run_check(tmp_path, doc, results) == 0
     report = json.loads((tmp_path / "reports" / "claims.json").read_text())
     assert [(c["id"], c["passed"], c["measured"]) for c in report["claims"]] == [
         ("rises", True, [0.01, 0.02, 0.05]), ("rho", True, -0.9)]
     assert {"id", "expected", "measured", "passed"} <= set(report["claims"][0])
 
     doc["claims"][0]["comparison"] = "decreasing"  # flip one expectation
-    bad = run_check(tmp_path, doc, results)
-    assert bad.returncode == 1
+    assert run_check(tmp_path, doc, results) == 1
     report = json.loads((tmp_path / "reports" / "claims.json").read_text())
     assert [c["passed"] for c in report["claims"]] == [False, True]
     assert "FAIL" in (tmp_path / "reports" / "claims.md").read_text()
 
-    assert run_check(tmp_path, doc, results, "--report-only").returncode == 0
-    assert run_check(tmp_path, doc, results, fail_on_mismatch=False).returncode == 0
+    assert run_check(tmp_path, doc, results, "--report-only") == 0
+    assert run_check(tmp_path, doc, results, fail_on_mismatch=False) == 0
 
 
 def test_check_stage_reports_a_broken_claims_file(tmp_path):
-    out = run_check(tmp_path, {"claims": [claim(comparison="≈")]}, {})
-    assert out.returncode == 2
-    assert "claims.yaml" in out.stderr and "unknown comparison" in out.stderr
+    assert run_check(tmp_path, {"claims": [claim(comparison="≈")]}, {}) == 2
+
+
+def test_check_cli_flipping_a_repository_claim_fails(tmp_path):
+    """The real command on the repository's claims file with one expectation flipped, against
+    results that satisfy the original: exit status 1, and 0 for the original file."""
+    claims_doc = yaml.safe_load((REPO / "claims.yaml").read_text())
+    target = next(c for c in claims_doc["claims"] if c["id"] == "mfh-gamma-kd-gain-rises")
+    claims_doc["claims"] = [target]
+    results = {target["source"]["file"]: {"derived": {"by_general_share": {"kd_gain": [-0.02, 0.0, 0.03]}}}}
+    argv = write_inputs(tmp_path, claims_doc, results)
+    cmd = [sys.executable, "-m", "stages.check", *argv]
+    ok = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert ok.returncode == 0, ok.stderr
+    target["comparison"] = "decreasing"
+    write_inputs(tmp_path, claims_doc, results)
+    flipped = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert flipped.returncode == 1
+    assert "mfh-gamma-kd-gain-rises" in flipped.stderr
