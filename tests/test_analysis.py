@@ -277,3 +277,14 @@ def test_every_configured_experiment_is_known():
     assert set(names) == set(EXPERIMENTS)
     with pytest.raises(ConfigError, match="unknown experiment"):
         run_experiment("nope", {})
+
+
+def test_mfh_equal_label_weights_follow_the_sum_of_decisive_features():
+    d, width = 5, 20
+    teacher, student, y = GENERATORS["mfh"](n_samples=500, n_features=width, n_classes=2, gamma=0.0, seed=2,
+                                            n_decisive=d, n_extra=3, label_weights="ones")
+    layout = mfh_layout(width, 0.0, 2, n_decisive=d, n_extra=3)
+    total = student[:, :d].sum(1) + teacher[:, (layout.teacher_latent >= 0) & ~layout.teacher_general_mask].sum(1)
+    assert np.array_equal(y, (total > 0).astype(np.int64))
+    with pytest.raises(ConfigError, match="label_weights"):
+        GENERATORS["mfh"](n_samples=5, n_features=width, n_classes=3, gamma=0.0, seed=0, label_weights="ones")

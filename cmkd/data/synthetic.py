@@ -175,10 +175,10 @@ def mfh_general_channels(n_features: int, gamma: float, seed: int, **params: Any
 
 
 def _layout_params(params: Mapping[str, Any]) -> dict[str, Any]:
-    return {k: params[k] for k in _MFH_PARAMS if k in params}
+    return {k: params[k] for k in _MFH_PARAMS if k in params and k != "label_weights"}
 
 
-_MFH_PARAMS = ("n_decisive", "alpha", "n_latent", "n_extra", "student_features")
+_MFH_PARAMS = ("n_decisive", "alpha", "n_latent", "n_extra", "student_features", "label_weights")
 
 
 @register_generator("mfh")
@@ -193,6 +193,7 @@ def mfh_gaussian(
     n_latent: int | None = None,
     n_extra: int | None = None,
     student_features: int | None = None,
+    label_weights: str = "gaussian",
     **_: Any,
 ) -> Generated:
     """MFH's synthetic Gaussian data (Xue et al., ICLR 2023, Sec. 4 and Appendix).
@@ -202,14 +203,24 @@ def mfh_gaussian(
     MFH's y = 1[delta^T z > 0] with a random Gaussian hyperplane delta. Each modality copies its
     decisive latents into some channels (see `mfh_layout`) and fills every other channel with
     N(0, 1) noise. Returns (teacher [N, n_features], student [N, student_features], labels [N]).
+
+    label_weights: "gaussian" (the random hyperplane of MFH's Figs. 2 and 3) or "ones" (two
+    classes only: y = 1[sum of the decisive latents > 0], every decisive feature weighted
+    equally, as MFH's Table 2 code does with delta = (1, ..., 1)).
     """
     if n_classes < 2:
         raise ConfigError("n_classes", f"must be >= 2, got {n_classes}")
+    if label_weights not in ("gaussian", "ones"):
+        raise ConfigError("label_weights", f"must be gaussian or ones, got {label_weights!r}")
+    if label_weights == "ones" and n_classes != 2:
+        raise ConfigError("label_weights", "ones (MFH's equal-weight hyperplane) needs n_classes = 2")
     layout = mfh_layout(n_features, gamma, seed, n_decisive=n_decisive, alpha=alpha, n_latent=n_latent,
                         n_extra=n_extra, student_features=student_features)
     rng = np.random.default_rng([seed, 0])
     z = rng.standard_normal((n_samples, layout.n_latent))
     weights = rng.standard_normal((layout.n_latent, n_classes))
+    if label_weights == "ones":
+        weights = np.tile([-1.0, 1.0], (layout.n_latent, 1))  # class 1 iff sum(z) > 0
     labels = np.argmax(z @ weights, axis=1)
 
     def modality(channel_latent: np.ndarray) -> np.ndarray:
@@ -239,7 +250,7 @@ def validate(cfg: Mapping[str, Any], key: str) -> None:
             raise ConfigError(f"{key}.generator_params.{unknown[0]}", f"not a parameter of the mfh generator {_MFH_PARAMS}")
         for g in list(gammas) + [cfg.get("gamma", 0.0)]:
             try:
-                mfh_layout(int(cfg["n_features"]), float(g), 0, **extra)
+                mfh_layout(int(cfg["n_features"]), float(g), 0, **_layout_params(extra))
             except ConfigError as err:
                 raise ConfigError(f"{key}.generator_params.{err.key}", err.problem) from None
     split = cfg.get("split", [0.6, 0.2, 0.2])
