@@ -347,9 +347,19 @@ def _optimizer(params, cfg: TrainConfig) -> torch.optim.Optimizer:
     return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
 
+def code_fingerprint() -> str:
+    """Hash of the library's source, so a checkpoint made by other code is never resumed."""
+    digest = hashlib.sha256()
+    for path in sorted(Path(__file__).parent.rglob("*.py")):
+        digest.update(path.relative_to(Path(__file__).parent).as_posix().encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
 def run_fingerprint(*parts: Any) -> str:
-    """A hash of everything that defines a run; a checkpoint is resumed only when it matches."""
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    """A hash of everything that defines a run (and of the code); a checkpoint is resumed only
+    when it matches."""
+    return hashlib.sha256(json.dumps([code_fingerprint(), *parts], sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def _cpu_state(module: nn.Module) -> dict[str, torch.Tensor]:
