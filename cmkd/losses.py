@@ -93,13 +93,22 @@ def non_target_logits(rows: torch.Tensor, target_rows: torch.Tensor) -> torch.Te
     return rows.gather(1, index)
 
 
+def decoupled_log_probs(rows: torch.Tensor, target_rows: torch.Tensor, temperature=1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both DKD / NTDH distributions of p = softmax(z / T), from one pass over the logits:
+    [R, 2] log [p_gt, 1 - p_gt] (stable via logsumexp) and [R, C-1] log-softmax over the
+    non-target classes only (the target class removed)."""
+    z = rows / temperature
+    rest = non_target_logits(z, target_rows)
+    log_total = torch.logsumexp(z, dim=1)
+    log_rest_total = torch.logsumexp(rest, dim=1)
+    log_gt = z.gather(1, target_rows.unsqueeze(1)).squeeze(1) - log_total
+    binary = torch.stack([log_gt, log_rest_total - log_total], dim=1)
+    return binary, rest - log_rest_total.unsqueeze(1)
+
+
 def binary_target_log_probs(rows: torch.Tensor, target_rows: torch.Tensor, temperature=1.0) -> torch.Tensor:
     """[R, 2] log [p_gt, 1 - p_gt] with p = softmax(z / T), computed stably with logsumexp."""
-    z = rows / temperature
-    log_total = torch.logsumexp(z, dim=1)
-    log_gt = z.gather(1, target_rows.unsqueeze(1)).squeeze(1) - log_total
-    log_rest = torch.logsumexp(non_target_logits(z, target_rows), dim=1) - log_total
-    return torch.stack([log_gt, log_rest], dim=1)
+    return decoupled_log_probs(rows, target_rows, temperature)[0]
 
 
 def non_target_log_probs(rows: torch.Tensor, target_rows: torch.Tensor, temperature=1.0) -> torch.Tensor:
@@ -171,8 +180,10 @@ def dkd_terms(student_logits: torch.Tensor, teacher_logits: torch.Tensor, target
     s, t = to_rows(student_logits), to_rows(teacher_logits)
     tgt, valid = _target_rows(target, s.shape[0])
     weights = valid.float() * mask_rows(mask, s.shape[0], s.device)
-    tckd = kl_from_log_probs(binary_target_log_probs(t, tgt, temperature), binary_target_log_probs(s, tgt, temperature))
-    nckd = kl_from_log_probs(non_target_log_probs(t, tgt, temperature), non_target_log_probs(s, tgt, temperature))
+    binary_t, rest_t = decoupled_log_probs(t, tgt, temperature)
+    binary_s, rest_s = decoupled_log_probs(s, tgt, temperature)
+    tckd = kl_from_log_probs(binary_t, binary_s)
+    nckd = kl_from_log_probs(rest_t, rest_s)
     scale = temperature**2
     return masked_mean(tckd, weights) * scale, masked_mean(nckd, weights) * scale
 

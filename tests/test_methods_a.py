@@ -376,8 +376,11 @@ def test_feature_mask_keeps_salient_channels_and_ignores_cached_logits():
     assert get_method("ntdh_mask").cfg_uses_teacher_logits_only({"mode": "feature"}) is False
     assert get_method("ntdh_mask").cfg_uses_teacher_logits_only({"mode": "sample"}) is True
 
-    class Split:
-        teacher_input, target = x, y
+    class Split:  # the SplitData interface the engine passes
+        def batches(self, batch_size, shuffle=False, seed=0):
+            order = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed)) if shuffle else torch.arange(len(y))
+            for i in range(0, len(y), batch_size):
+                yield {"teacher_input": x[order[i:i + batch_size]], "target": y[order[i:i + batch_size]]}
 
     d.on_train_start(Split())
     mask = d.masked_teacher.channel_mask
@@ -388,6 +391,14 @@ def test_feature_mask_keeps_salient_channels_and_ignores_cached_logits():
     clean = d(batch)["kd"]
     poisoned = d({**batch, "teacher_logits": torch.full((16, 3), 100.0)})["kd"]
     assert float(clean) == pytest.approx(float(poisoned))
+    capped = build_distiller({"method": "ntdh_mask", "mode": "feature", "saliency_samples": 150, "saliency_batch_size": 64},
+                             build_model({"arch": "mlp", "hidden": [8]}, (8,), 3), ToyTeacher(), 3)
+    assert [len(b[1]) for b in capped._first_rows(Split())] == [64, 64, 22]
+    # without on_train_start the first batch estimates the mask (with a warning)
+    lazy = build_distiller({"method": "ntdh_mask", "mode": "feature", "keep_ratio": 0.125},
+                           build_model({"arch": "mlp", "hidden": [8]}, (8,), 3), ToyTeacher(), 3)
+    lazy({"student_input": x[:100], "teacher_input": x[:100], "target": y[:100]})
+    assert bool(lazy.masked_teacher.fitted) and lazy.masked_teacher.channel_mask.tolist() == [0, 0, 0, 0, 0, 1, 0, 0]
     # a checkpoint restores the mask and does not re-estimate it
     fresh = build_distiller({"method": "ntdh_mask", "base": {"method": "kd"}, "mode": "feature", "keep_ratio": 0.25},
                             build_model({"arch": "mlp", "hidden": [8]}, (8,), 3), ToyTeacher(), 3)

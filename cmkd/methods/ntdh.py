@@ -20,16 +20,18 @@ The wrapped method is built from `base: {method: ..., its params}` and receives 
 its plug-in points (`LogitDistiller.sample_weight_hook` and its teacher module), so its own
 loss is unchanged otherwise and its loss names pass through.
 
-Where the feature mask is estimated: `on_train_start(train)` (rows of the training split, at
-most `saliency_samples`, drawn with `saliency_seed`); if training starts without it, the first
-training batch is used and a warning is logged.
+Where the feature mask is estimated: `on_train_start(train)` (the engine calls it before the
+first epoch) on at most `saliency_samples` shuffled rows of the training split, in batches of
+`saliency_batch_size` (the permutation is within a batch; keep it no larger than a training batch
+for big inputs), with `saliency_seed`. If training starts without it, the first training batch
+is used and a warning is logged.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from typing import Any, Mapping
+from typing import Any, Iterable, Iterator, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -77,24 +79,25 @@ class NonTargetSampleMask:
 
 
 @torch.no_grad()
-def permutation_saliency(teacher: nn.Module, inputs: torch.Tensor, target: torch.Tensor, *, batch_size: int = 256,
-                         generator: torch.Generator | None = None, max_elements: int = 1 << 24) -> torch.Tensor:
+def permutation_saliency_batches(teacher: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], *,
+                                 generator: torch.Generator | None = None, max_elements: int = 1 << 24) -> torch.Tensor:
     """Per-channel permutation saliency of `teacher.features` for `teacher.head`: the mean rise
     of the teacher's CE (per valid sample / pixel) when one channel is permuted across samples.
 
-    Within each batch one random cyclic permutation (no fixed points) moves every sample's channel
-    value to another sample. Channels are evaluated in chunks: [k, B, F, ...] feature copies, each
-    with one channel permuted, go through the head at once (no per-sample loops).
-    Returns a float tensor [F] on the CPU.
+    `batches` yields (teacher_input, target) pairs; memory is bounded by one batch. Within each
+    batch one random cyclic permutation (no fixed points) moves every sample's channel value to
+    another sample. Channels go through the head in chunks: [k, B, F, ...] feature copies, each
+    with one channel permuted, at once (no per-sample loops; k * B * F * H * W <= max_elements
+    unless a single channel needs more). Returns a float tensor [F] on the CPU.
     """
     was_training = teacher.training
     teacher.eval()
     device = next(teacher.parameters()).device
     rise: torch.Tensor | None = None
     rows = 0
-    for start in range(0, inputs.shape[0], batch_size):
-        x = torch.as_tensor(inputs[start:start + batch_size]).to(device)
-        y = torch.as_tensor(target[start:start + batch_size]).to(device).long()
+    for x, y in batches:
+        x = torch.as_tensor(x).to(device)
+        y = torch.as_tensor(y).to(device).long()
         n = x.shape[0]
         valid = (y >= 0).reshape(n, -1).float()
         if n < 2 or valid.sum() == 0:
@@ -111,18 +114,26 @@ def permutation_saliency(teacher: nn.Module, inputs: torch.Tensor, target: torch
         base_total = (base_ce * valid).sum().double()
         chunk = max(1, min(n_channels, max_elements // max(1, feats.numel())))
         spatial = [1] * (feats.dim() - 2)
+        y_rep = y.clamp_min(0)
         for c0 in range(0, n_channels, chunk):
             k = min(chunk, n_channels - c0)
             one_channel = F.one_hot(torch.arange(c0, c0 + k, device=device), n_channels).bool().view(k, 1, n_channels, *spatial)
             permuted = torch.where(one_channel, shuffled.unsqueeze(0), feats.unsqueeze(0)).reshape(k * n, *feats.shape[1:])
             logits = teacher.head(permuted)
-            ce = F.cross_entropy(logits, y.clamp_min(0).repeat(k, *[1] * (y.dim() - 1)), reduction="none").reshape(k, n, -1)
+            ce = F.cross_entropy(logits, y_rep.repeat(k, *[1] * (y.dim() - 1)), reduction="none").reshape(k, n, -1)
             rise[c0:c0 + k] += (ce * valid.unsqueeze(0)).sum(dim=(1, 2)).double() - base_total
         rows += int(valid.sum())
     teacher.train(was_training)
     if rise is None:
         raise ValueError("permutation saliency needs a batch of at least 2 samples with valid targets")
     return (rise / rows).float().cpu()
+
+
+def permutation_saliency(teacher: nn.Module, inputs: torch.Tensor, target: torch.Tensor, *, batch_size: int = 256,
+                         generator: torch.Generator | None = None, max_elements: int = 1 << 24) -> torch.Tensor:
+    """`permutation_saliency_batches` over in-memory rows, `batch_size` at a time."""
+    batches = ((inputs[i:i + batch_size], target[i:i + batch_size]) for i in range(0, len(inputs), batch_size))
+    return permutation_saliency_batches(teacher, batches, generator=generator, max_elements=max_elements)
 
 
 def top_fraction_mask(scores: torch.Tensor, keep_ratio: float) -> torch.Tensor:
@@ -166,7 +177,7 @@ class NTDHMask(Distiller):
         "divergence_temperature": 1.0,
         "keep_ratio": 0.5,
         "saliency_samples": 2048,
-        "saliency_batch_size": 256,
+        "saliency_batch_size": 64,
         "saliency_seed": 0,
     }
 
@@ -217,12 +228,12 @@ class NTDHMask(Distiller):
         super().on_epoch_start(epoch, total_epochs)
         self.inner.on_epoch_start(epoch, total_epochs)
 
-    def fit_feature_mask(self, teacher_input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """Estimate the channel saliency on these rows and set the mask; returns the saliency."""
+    def fit_feature_mask(self, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        """Estimate the channel saliency on (teacher_input, target) batches and set the mask;
+        returns the saliency."""
         assert self.masked_teacher is not None
         generator = torch.Generator().manual_seed(int(self.cfg["saliency_seed"]))
-        saliency = permutation_saliency(self.teacher, teacher_input, target,
-                                        batch_size=int(self.cfg["saliency_batch_size"]), generator=generator)
+        saliency = permutation_saliency_batches(self.teacher, batches, generator=generator)
         mt = self.masked_teacher
         mt.saliency.copy_(saliency)
         mt.channel_mask.copy_(top_fraction_mask(saliency, float(self.cfg["keep_ratio"])))
@@ -230,20 +241,28 @@ class NTDHMask(Distiller):
         log.info("NTDH feature mask: kept %d of %d teacher channels", int(mt.channel_mask.sum()), mt.channel_mask.numel())
         return saliency
 
+    def _first_rows(self, train) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """(teacher_input, target) batches of the shuffled split, `saliency_samples` rows in all."""
+        left = int(self.cfg["saliency_samples"])
+        for batch in train.batches(int(self.cfg["saliency_batch_size"]), shuffle=True, seed=int(self.cfg["saliency_seed"])):
+            if left <= 0:
+                return
+            yield batch["teacher_input"][:left], batch["target"][:left]
+            left -= len(batch["target"])
+
     def on_train_start(self, train) -> None:
-        """Estimate the feature mask from the training split (anything with `teacher_input` and
-        `target` indexable by a sorted index array: tensors, arrays, h5py datasets)."""
+        """Estimate the feature mask from the training split (a `cmkd.engine.SplitData`, or
+        anything with `batches(batch_size, shuffle, seed)` yielding dicts of tensors). Every call
+        with the same split and seed gives the same mask (so every DDP rank agrees); a mask
+        restored from a checkpoint is kept."""
         if self.masked_teacher is None or bool(self.masked_teacher.fitted):
-            return  # nothing to estimate, or restored from a checkpoint
-        n = len(train.target)
-        generator = torch.Generator().manual_seed(int(self.cfg["saliency_seed"]))
-        rows = torch.randperm(n, generator=generator)[: int(self.cfg["saliency_samples"])].sort().values.numpy()
-        self.fit_feature_mask(torch.as_tensor(train.teacher_input[rows]), torch.as_tensor(train.target[rows]))
+            return
+        self.fit_feature_mask(self._first_rows(train))
 
     def forward(self, batch):
         if self.masked_teacher is not None:
             if not bool(self.masked_teacher.fitted):
                 log.warning("NTDH feature mask estimated on the first batch: on_train_start(train) was not called")
-                self.fit_feature_mask(batch["teacher_input"], batch["target"])
+                self.fit_feature_mask([(batch["teacher_input"], batch["target"])])
             batch = {k: v for k, v in batch.items() if k != "teacher_logits"}
         return self.inner(batch)
