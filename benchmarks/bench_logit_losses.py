@@ -1,6 +1,7 @@
 """Benchmark the logit-KD losses (forward + backward) at classification and segmentation sizes.
 
-    python benchmarks/bench_logit_losses.py [--device cpu|cuda] [--repeats 5] [--out benchmarks/results/logit_losses.json]
+    PYTHONPATH=. python benchmarks/bench_logit_losses.py [--device cpu|cuda] [--repeats 5] [--threads 1]
+        [--out benchmarks/results/logit_losses.json]
 
 Reports the median wall time per call (ms) and, for the MLKD batch term, the C x C identity
 against the direct N x N computation where the latter fits (classification only).
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import time
@@ -60,13 +62,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: steadier on a shared machine)")
     parser.add_argument("--out", default="benchmarks/results/logit_losses.json")
     args = parser.parse_args()
     device = torch.device(args.device)
+    torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     shapes = {"classification": (256, 100), "segmentation": (4, 20, 64, 512)}
     results = {"device": str(device), "torch": torch.__version__, "machine": platform.processor() or platform.machine(),
-               "threads": torch.get_num_threads(), "repeats": args.repeats, "ms_per_call_forward_backward": {}}
+               "threads": torch.get_num_threads(), "repeats": args.repeats,
+               "load_average_1min_at_start": round(os.getloadavg()[0], 2), "ms_per_call_forward_backward": {}}
     for task, shape in shapes.items():
         s = torch.randn(shape, device=device, requires_grad=True)
         t = torch.randn(shape, device=device)

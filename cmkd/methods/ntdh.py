@@ -216,9 +216,10 @@ class NTDHMask(Distiller):
         # The feature mask changes the teacher's logits, so cached (unmasked) ones are not valid.
         self.uses_teacher_logits_only = not self.uses_feature_mask
         self.masked_teacher = MaskedTeacher(teacher) if self.uses_feature_mask else None
-        inner: LogitDistiller = build_distiller(self.cfg["base"], student, self.masked_teacher or teacher, num_classes, key="runs.base")
+        inner_teacher = self.masked_teacher if self.masked_teacher is not None else teacher
+        inner = build_distiller(self.cfg["base"], student, inner_teacher, num_classes, key="ntdh_mask.base")
         if not isinstance(inner, LogitDistiller):
-            raise ConfigError("runs.base.method", f"{type(inner).__name__} is not a logit KD method")
+            raise ConfigError("ntdh_mask.base.method", f"{type(inner).__name__} is not a logit KD method")
         if mode in ("sample", "both"):
             inner.sample_weight_hook = NonTargetSampleMask(
                 self.cfg["drop_ratio"], self.cfg["drop_wrong"], self.cfg["down_weight"], self.cfg["divergence_temperature"])
@@ -245,10 +246,10 @@ class NTDHMask(Distiller):
         """(teacher_input, target) batches of the shuffled split, `saliency_samples` rows in all."""
         left = int(self.cfg["saliency_samples"])
         for batch in train.batches(int(self.cfg["saliency_batch_size"]), shuffle=True, seed=int(self.cfg["saliency_seed"])):
-            if left <= 0:
-                return
             yield batch["teacher_input"][:left], batch["target"][:left]
             left -= len(batch["target"])
+            if left <= 0:
+                return
 
     def on_train_start(self, train) -> None:
         """Estimate the feature mask from the training split (a `cmkd.engine.SplitData`, or
