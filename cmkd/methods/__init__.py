@@ -18,6 +18,10 @@ _REGISTRY: dict[str, type[Distiller]] = {}
 _METHOD_MODULES = (
     "cmkd.methods.supervised",
     "cmkd.methods.kd",
+    "cmkd.methods.dkd",
+    "cmkd.methods.ctkd",
+    "cmkd.methods.mlkd",
+    "cmkd.methods.ntdh",
 )
 
 
