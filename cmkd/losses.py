@@ -69,3 +69,35 @@ def standardize_logits(logits: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
     mean = logits.mean(dim=1, keepdim=True)
     std = logits.std(dim=1, keepdim=True)
     return (logits - mean) / (std + eps)
+
+
+def kendall_tau(a: torch.Tensor, b: torch.Tensor, chunk_elements: int = 1 << 24) -> torch.Tensor:
+    """Per-row Kendall rank correlation (tau-b, ties handled) of two [N, C] tensors -> [N].
+
+    tau_b = sum_{i<j} s_a s_b / sqrt((n0 - t_a)(n0 - t_b)) with s = sign(x_i - x_j), n0 the
+    number of pairs and t the pairs tied in a (resp. b); computed from [N, C, C] sign matrices
+    on the tensors' device, in row chunks of at most `chunk_elements` entries. A row that is
+    constant in `a` or `b` has no ranking: its tau is NaN (as scipy.stats.kendalltau), and
+    NaN compares False with any threshold. No gradient flows (ranks are piecewise constant).
+    """
+    if a.shape != b.shape or a.dim() != 2:
+        raise ValueError(f"kendall_tau needs two [N, C] tensors of one shape, got {tuple(a.shape)} and {tuple(b.shape)}")
+    a, b = a.detach(), b.detach()
+    n, c = a.shape
+    rows = max(1, chunk_elements // max(1, c * c))
+    out = torch.empty(n, dtype=torch.float32 if not a.is_floating_point() else a.dtype, device=a.device)
+    for start in range(0, n, rows):
+        sa = _pairwise_signs(a[start:start + rows])
+        sb = _pairwise_signs(b[start:start + rows])
+        # Over ordered pairs every quantity counts twice; the ratio is unchanged.
+        concordance = (sa * sb).sum(dim=(1, 2), dtype=torch.int64)
+        untied_a = sa.abs().sum(dim=(1, 2), dtype=torch.int64)
+        untied_b = sb.abs().sum(dim=(1, 2), dtype=torch.int64)
+        denom = (untied_a.double() * untied_b.double()).sqrt()
+        out[start:start + rows] = (concordance.double() / denom).to(out.dtype)  # 0/0 -> NaN
+    return out
+
+
+def _pairwise_signs(x: torch.Tensor) -> torch.Tensor:
+    """[n, C] -> [n, C, C] int8 matrix of sign(x_i - x_j)."""
+    return torch.sign(x.unsqueeze(2) - x.unsqueeze(1)).to(torch.int8)

@@ -18,6 +18,9 @@ _REGISTRY: dict[str, type[Distiller]] = {}
 _METHOD_MODULES = (
     "cmkd.methods.supervised",
     "cmkd.methods.kd",
+    "cmkd.methods.c2kd",
+    "cmkd.methods.discom",
+    "cmkd.methods.mfh",
 )
 
 
