@@ -20,6 +20,10 @@ from cmkd.models import build_model
 C = 5
 
 
+def _f(t: torch.Tensor) -> float:
+    return float(t.detach())
+
+
 def _mlp(in_dim: int, hidden=(16, 16)):
     return build_model({"arch": "mlp", "hidden": list(hidden)}, (in_dim,), C)
 
@@ -120,8 +124,8 @@ def test_c2kd_ofsd_loss_matches_reference_on_the_proxies():
     assert 0 < keep.sum() < len(y), "the batch should exercise the selection"
     kl = _np_nontarget_kl(ps, pt, y, 2.0)[keep].mean() * 4.0 * 0.7
     kl_back = _np_nontarget_kl(pt, ps, y, 2.0)[keep].mean() * 4.0 * 0.7
-    assert float(losses["ofsd_student"]) == pytest.approx(kl, rel=1e-4)
-    assert float(losses["ofsd_teacher"]) == pytest.approx(kl_back, rel=1e-4)
+    assert _f(losses["ofsd_student"]) == pytest.approx(kl, rel=1e-4)
+    assert _f(losses["ofsd_teacher"]) == pytest.approx(kl_back, rel=1e-4)
     assert d.last_kept_fraction == pytest.approx(keep.mean())
 
 
@@ -225,8 +229,8 @@ def test_discom_modality_targets_are_branch_indices():
         return float(F.cross_entropy(d.adversary(z0["inv"]), torch.full((n,), t0)) + F.cross_entropy(d.adversary(z1["inv"]), torch.full((n,), t1)))
 
     with torch.no_grad():
-        assert float(losses["mod"]) == pytest.approx(mod_loss(0, 1), rel=1e-5)
-        assert float(losses["adv"]) == pytest.approx(adv_loss(0, 1), rel=1e-5)
+        assert _f(losses["mod"]) == pytest.approx(mod_loss(0, 1), rel=1e-5)
+        assert _f(losses["adv"]) == pytest.approx(adv_loss(0, 1), rel=1e-5)
         assert abs(mod_loss(0, 1) - mod_loss(1, 0)) > 1e-4  # the check can tell swapped targets apart
         assert abs(adv_loss(0, 1) - adv_loss(1, 0)) > 1e-4
 
@@ -254,7 +258,7 @@ def test_discom_ablation_switch_removes_exactly_its_term(switch, key):
     assert set(full) == {"cl", "adv", "mod", "aux", "orth"}
     assert set(ablated) == set(full) - {key}
     for k in ablated:  # same initialisation: the other terms are unchanged
-        assert float(ablated[k]) == pytest.approx(float(full[k]), rel=1e-6)
+        assert _f(ablated[k]) == pytest.approx(_f(full[k]), rel=1e-6)
 
 
 @pytest.mark.parametrize("representation,part", [("inv_only", "inv"), ("inf_only", "inf")])
@@ -267,7 +271,7 @@ def test_discom_representation_ablation_feeds_one_embedding(representation, part
         for _, branch, z in d.embeddings(batch):
             assert branch.head.in_features == z[part].shape[1]
             cl += float(F.cross_entropy(branch.head(z[part]), batch["target"]))
-    assert float(losses["cl"]) == pytest.approx(cl, rel=1e-5)
+    assert _f(losses["cl"]) == pytest.approx(cl, rel=1e-5)
 
 
 def test_discom_signed_orthogonality_is_the_printed_sum():
@@ -278,7 +282,7 @@ def test_discom_signed_orthogonality_is_the_printed_sum():
         expected = 0.0
         for _, _, z in d.embeddings(batch):
             expected += float(F.cosine_similarity(z["inv"], z["inf"]).mean() + F.cosine_similarity(z["inf"], z["irr"]).mean())
-    assert float(losses["orth"]) == pytest.approx(expected, rel=1e-5, abs=1e-7)
+    assert _f(losses["orth"]) == pytest.approx(expected, rel=1e-5, abs=1e-7)
 
 
 def test_discom_deployables_run_alone_on_their_modality():
@@ -407,7 +411,7 @@ def test_mgkd_distils_from_the_installed_teacher_only():
     with torch.no_grad():
         t = teacher(batch["teacher_input"])
     expected = 4.0 * F.kl_div(F.log_softmax(s / 2, 1), F.softmax(t / 2, 1), reduction="batchmean")
-    assert float(losses["kd"]) == pytest.approx(float(expected), rel=1e-5)
+    assert _f(losses["kd"]) == pytest.approx(_f(expected), rel=1e-5)
     assert not any(p.requires_grad for p in teacher.parameters())
 
 

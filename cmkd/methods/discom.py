@@ -220,19 +220,23 @@ class DisComKD(Distiller):
         if target.dim() != 1:
             raise ConfigError("runs", "discom_kd supports classification only (the paper leaves dense tasks open); got segmentation targets")
         cfg = self.cfg
-        terms: dict[str, list[torch.Tensor]] = {k: [] for k in ("cl", "adv", "mod", "aux", "orth")}
+        enabled = [name for name, on in (("cl", True), ("adv", cfg["use_adv"]), ("mod", cfg["use_mod"]),
+                                         ("aux", cfg["use_aux"]), ("orth", cfg["use_orth"])) if on]
+        terms: dict[str, list[torch.Tensor]] = {name: [] for name in enabled}
+        n = target.shape[0]
         for modality, branch, z in self.embeddings(batch):
-            n = target.shape[0]
             m = modality_targets(n, modality, target.device)
             terms["cl"].append(cross_entropy(branch.head(branch.classifier_input(z)), target))
-            terms["adv"].append(F.cross_entropy(self.adversary(grad_reverse(z["inv"], cfg["grl_strength"])), m))
-            terms["mod"].append(F.cross_entropy(self.inf_modality(z["inf"]), m) + F.cross_entropy(self.irr_modality(z["irr"]), m))
-            terms["aux"].append(cross_entropy(self.aux_classifier(z["inv"]), target) + cross_entropy(self.aux_classifier(z["inf"]), target))
-            terms["orth"].append(
-                orthogonality_loss(z["inv"], z["inf"], cfg["orthogonality"]) + orthogonality_loss(z["inf"], z["irr"], cfg["orthogonality"])
-            )
-        enabled = {"cl": True, "adv": cfg["use_adv"], "mod": cfg["use_mod"], "aux": cfg["use_aux"], "orth": cfg["use_orth"]}
-        return {name: cfg[f"{name}_weight"] * torch.stack(vals).sum() for name, vals in terms.items() if enabled[name]}
+            if "adv" in terms:
+                terms["adv"].append(F.cross_entropy(self.adversary(grad_reverse(z["inv"], cfg["grl_strength"])), m))
+            if "mod" in terms:
+                terms["mod"].append(F.cross_entropy(self.inf_modality(z["inf"]), m) + F.cross_entropy(self.irr_modality(z["irr"]), m))
+            if "aux" in terms:
+                terms["aux"].append(cross_entropy(self.aux_classifier(z["inv"]), target) + cross_entropy(self.aux_classifier(z["inf"]), target))
+            if "orth" in terms:
+                mode = cfg["orthogonality"]
+                terms["orth"].append(orthogonality_loss(z["inv"], z["inf"], mode) + orthogonality_loss(z["inf"], z["irr"], mode))
+        return {name: cfg[f"{name}_weight"] * torch.stack(vals).sum() for name, vals in terms.items()}
 
     def deployables(self):
         return {

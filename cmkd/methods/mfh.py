@@ -376,8 +376,10 @@ class MGKD(Distiller):
         selected channels (engine TrainConfig `train_cfg`, normally the teacher's). Returns the
         selection {"channels", "saliency", "teacher_val"}."""
         cfg = self.cfg
+        from cmkd.engine import resolve_device
+
         rows = _leading_rows(train, int(cfg["saliency_samples"]), seed=int(train_cfg.seed))
-        device = next(self.student.parameters()).device
+        device = resolve_device(train_cfg.device)
         x_t, x_s, y = (rows[k].to(device) for k in ("teacher_input", "student_input", "target"))
         num_channels = x_t.shape[1]
         saliency = None
