@@ -149,6 +149,13 @@ def test_c2kd_backward_reaches_student_teacher_and_proxies():
     assert student.body[0].weight.grad is None or student.body[0].weight.grad.abs().sum() == 0
 
 
+def test_c2kd_trains_on_a_batch_of_one():
+    torch.manual_seed(0)
+    d = build_distiller({"method": "c2kd"}, _mlp(6), _mlp(7), C).train()
+    losses = d(_batch(n=1))
+    assert all(torch.isfinite(v) for v in losses.values())
+
+
 class _TinySeg(nn.Module):
     """Dense toy network: features at half resolution, 1x1-conv head."""
 
@@ -377,12 +384,25 @@ def test_algorithm1_recovers_modality_general_channels():
     x_t, x_s = torch.tensor(x_t, dtype=torch.float32), torch.tensor(x_s, dtype=torch.float32)
     torch.manual_seed(0)
     channels, saliency = algorithm1(nn.Linear(20, 2), nn.Linear(20, 2), x_t, x_s, y, k=shared, n_repeats=10,
-                                    pair_epochs=300, generator=torch.Generator().manual_seed(0))
+                                    pair_epochs=100, pair_lr=0.03, generator=torch.Generator().manual_seed(0))
     assert channels.shape == (shared,) and saliency.shape == (20,)
     assert float(saliency.max()) == 1.0 and float(saliency.min()) == 0.0
     assert set(channels.tolist()) == set(range(shared))
     with pytest.raises(ValueError):
         algorithm1(nn.Linear(20, 2), nn.Linear(20, 2), x_t, x_s, y, k=21, train_pair=False)
+
+
+def test_algorithm1_feature_level_ranks_feature_channels():
+    torch.manual_seed(0)
+    teacher, student = _mlp(7, hidden=(12,)), _mlp(6)
+    x_t, x_s, y = torch.randn(40, 7), torch.randn(40, 6), torch.randint(0, C, (40,))
+    channels, saliency = algorithm1(teacher, student, x_t, x_s, y, k=4, level="feature", n_repeats=2, train_pair=False,
+                                    generator=torch.Generator().manual_seed(0))
+    assert saliency.shape == (12,) and channels.shape == (4,)
+    # the same as permuting the features in front of the head, by hand
+    with torch.no_grad():
+        ref = permutation_saliency(teacher.head, teacher.features(x_t), student(x_s), 2, torch.Generator().manual_seed(0), loss="mse")
+    assert channels.tolist() == torch.argsort(ref, descending=True, stable=True)[:4].tolist()
 
 
 def test_channel_masked_model_ignores_other_channels():
@@ -395,6 +415,10 @@ def test_channel_masked_model_ignores_other_channels():
     torch.testing.assert_close(net(x), net.head(net.features(x)))
     with pytest.raises(ValueError):
         channel_mask([6], 6)
+    feat = ChannelMasked(_mlp(6, hidden=(8,)), channel_mask([1, 2], 8), level="feature")
+    f = feat.features(x)
+    assert torch.all(f[:, [0, 3, 4, 5, 6, 7]] == 0)
+    torch.testing.assert_close(f[:, [1, 2]], feat.model.features(x)[:, [1, 2]])
 
 
 def test_mgkd_distils_from_the_installed_teacher_only():

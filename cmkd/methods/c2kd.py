@@ -39,6 +39,16 @@ from cmkd.methods import register
 from cmkd.methods.base import Distiller
 
 
+class _BatchNorm(nn.BatchNorm1d):
+    """BatchNorm1d that normalises a training batch holding a single value per channel (the
+    last batch of an epoch can have one sample) with the running statistics instead of failing."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and x.numel() // x.shape[1] == 1:
+            return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
+        return super().forward(x)
+
+
 class ProxyHead(nn.Module):
     """A small classifier on a network's features: 1x1 conv (= linear), BN, LeakyReLU, 1x1 conv.
 
@@ -49,7 +59,7 @@ class ProxyHead(nn.Module):
         super().__init__()
         hidden = hidden or feature_dim
         self.net = nn.Sequential(
-            nn.Conv1d(feature_dim, hidden, 1), nn.BatchNorm1d(hidden), nn.LeakyReLU(0.1),
+            nn.Conv1d(feature_dim, hidden, 1), _BatchNorm(hidden), nn.LeakyReLU(0.1),
             nn.Conv1d(hidden, num_classes, 1),
         )
 

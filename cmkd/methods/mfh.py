@@ -189,6 +189,9 @@ def train_modality_pair(
     return history
 
 
+LEVELS = ("input", "feature")
+
+
 def algorithm1(
     teacher: nn.Module,
     student: nn.Module,
@@ -197,6 +200,7 @@ def algorithm1(
     targets: torch.Tensor,
     k: int,
     *,
+    level: str = "input",
     n_repeats: int = 10,
     train_pair: bool = True,
     pair_epochs: int = 200,
@@ -207,27 +211,38 @@ def algorithm1(
     batch_size: int = 8192,
     progress: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """MFH Algorithm 1 -> (top-k teacher input channels [k] int64, saliency [C] in [0, 1]).
+    """MFH Algorithm 1 -> (top-k teacher channels [k] int64, saliency [C] in [0, 1]).
 
     `teacher` / `student` see `teacher_inputs` [N, C, ...] / `student_inputs`; with `train_pair`
     they are first trained jointly in place (`train_modality_pair`; pass fresh networks, as the
     paper does), otherwise used as they are. The salience of channel c is the mean
     dist(teacher(x_a with channel c permuted), student(x_b)) over `n_repeats` permutations,
     min-max normalised (the ranking is that of the raw values). Channels are returned by
-    decreasing salience.
+    decreasing salience. `level="input"` ranks the teacher's input channels (the paper's
+    synthetic experiments); `level="feature"` ranks the channels of `teacher.features(x_a)`,
+    permuted in front of `teacher.head` (the paper's real-data experiments, where the teacher's
+    penultimate features are permuted), and C is then the feature width.
     """
-    num_channels = teacher_inputs.shape[1]
-    if not 1 <= k <= num_channels:
-        raise ValueError(f"k must be in [1, {num_channels}] (the teacher's input channels), got {k}")
+    if level not in LEVELS:
+        raise ValueError(f"level must be one of {LEVELS}, got {level!r}")
     if train_pair:
         train_modality_pair(teacher, student, teacher_inputs, student_inputs, targets, epochs=pair_epochs, lr=pair_lr,
                             batch_size=pair_batch_size, distance=distance, generator=generator, progress=progress)
     was = teacher.training, student.training
+    teacher.eval()
     student.eval()
     with torch.no_grad():
         reference = _forward_rows(student, student_inputs, batch_size)
+        if level == "feature":
+            inputs, model = _forward_rows(teacher.features, teacher_inputs, batch_size), teacher.head
+        else:
+            inputs, model = teacher_inputs, teacher
+    teacher.train(was[0])
     student.train(was[1])
-    increase = permutation_saliency(teacher, teacher_inputs, reference, n_repeats, generator, loss=distance, batch_size=batch_size)
+    num_channels = inputs.shape[1]
+    if not 1 <= k <= num_channels:
+        raise ValueError(f"k must be in [1, {num_channels}] (the teacher's {level} channels), got {k}")
+    increase = permutation_saliency(model, inputs, reference, n_repeats, generator, loss=distance, batch_size=batch_size)
     span = increase.max() - increase.min()
     saliency = (increase - increase.min()) / span if span > 0 else torch.zeros_like(increase)
     channels = torch.argsort(increase, descending=True, stable=True)[:k]
@@ -245,14 +260,18 @@ def channel_mask(channels: Sequence[int] | torch.Tensor, num_channels: int) -> t
 
 
 class ChannelMasked(nn.Module):
-    """`model` fed with its input's channels (dim 1) outside `mask` set to zero.
+    """`model` with the channels (dim 1) outside `mask` set to zero: of its input
+    (`level="input"`) or of its `features()` (`level="feature"`, before the head).
 
-    Keeps the features()/head interface: features(x) = model.features(masked x).
+    Keeps the features()/head interface: forward(x) = head(features(x)).
     """
 
-    def __init__(self, model: nn.Module, mask: torch.Tensor):
+    def __init__(self, model: nn.Module, mask: torch.Tensor, level: str = "input"):
         super().__init__()
+        if level not in LEVELS:
+            raise ValueError(f"level must be one of {LEVELS}, got {level!r}")
         self.model = model
+        self.level = level
         self.register_buffer("mask", mask.to(torch.bool).clone())
         self.feature_dim = getattr(model, "feature_dim", None)
 
@@ -260,17 +279,18 @@ class ChannelMasked(nn.Module):
     def head(self) -> nn.Module:
         return self.model.head
 
-    def mask_input(self, x: torch.Tensor) -> torch.Tensor:
+    def _apply_mask(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[1] != self.mask.numel():
-            raise ValueError(f"input has {x.shape[1]} channels, the mask {self.mask.numel()}")
-        m = self.mask.to(x.dtype).view(1, -1, *([1] * (x.dim() - 2)))
-        return x * m
+            raise ValueError(f"{self.level} has {x.shape[1]} channels, the mask {self.mask.numel()}")
+        return x * self.mask.to(x.dtype).view(1, -1, *([1] * (x.dim() - 2)))
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model.features(self.mask_input(x))
+        if self.level == "input":
+            return self.model.features(self._apply_mask(x))
+        return self._apply_mask(self.model.features(x))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(self.mask_input(x))
+        return self.model.head(self.features(x))
 
 
 def retrain_teacher_on_channels(
@@ -283,22 +303,29 @@ def retrain_teacher_on_channels(
     *,
     task: str,
     num_classes: int,
+    level: str = "input",
+    reinitialise: bool | None = None,
     ignore_index: int | None = -1,
-    reinitialise: bool = True,
     checkpoint_dir: Any = None,
     log_dir: Any = None,
     progress: bool = False,
     desc: str = "modality-general teacher",
 ) -> tuple[ChannelMasked, Any]:
-    """Train the modality-general teacher: `teacher`'s architecture (re-initialised unless
-    `reinitialise` is False) on the teacher input with only `channels` kept, by supervised CE
+    """Train the modality-general teacher on `channels` only (the others zeroed), by supervised CE
     with `cmkd.engine.fit` (`train` / `val`: engine SplitData; `cfg`: engine TrainConfig).
+
+    `level="input"`: `teacher`'s architecture re-initialised (the paper retrains a new teacher on
+    the kept input channels). `level="feature"`: feature channels are only meaningful for the
+    network they were measured on, so `teacher` (Algorithm 1's jointly trained one) is trained
+    further with its other feature channels masked. `reinitialise` overrides that default.
     Returns (the trained ChannelMasked teacher, the FitResult)."""
     from cmkd.engine import fit  # the engine imports the method registry; import it lazily
     from cmkd.methods.supervised import TeacherSupervised
 
-    net = reinitialised_copy(teacher) if reinitialise else teacher
-    masked = ChannelMasked(net, channel_mask(channels, num_channels))
+    if reinitialise is None:
+        reinitialise = level == "input"
+    net = reinitialised_copy(teacher) if reinitialise else teacher.requires_grad_(True)
+    masked = ChannelMasked(net, channel_mask(channels, num_channels), level)
     trainer = TeacherSupervised(student=masked, teacher=None, cfg={}, num_classes=num_classes)
     result = fit(trainer, train, val, cfg, task=task, num_classes=num_classes, ignore_index=ignore_index,
                  checkpoint_dir=checkpoint_dir, log_dir=log_dir, progress=progress, desc=desc)
@@ -316,21 +343,26 @@ class MGKD(Distiller):
     """MG-KD: Hinton KD from the modality-general teacher (MFH's implication, Table 2).
 
     The teacher is not the pipeline's pre-trained one: call `prepare(...)` before training. It
-    runs Algorithm 1 on fresh copies of the teacher and student architectures (or uses the
-    `channels` parameter), keeps the top `k_fraction` of the teacher's input channels, retrains
-    the teacher on them with `cmkd.engine.fit`, and installs it (frozen) as `self.teacher`.
+    runs Algorithm 1 on fresh copies of the teacher and student architectures (or takes the
+    `channels` parameter), keeps the top `k_fraction` of the teacher's channels, retrains the
+    teacher on them with `cmkd.engine.fit`, and installs it (frozen) as `self.teacher`.
     `set_teacher(masked_teacher)` installs an already retrained ChannelMasked teacher instead.
-    The teacher's logits are always computed (not cached): cached logits would be the full
-    teacher's.
+
+    `level`: "input" ranks the teacher's input channels (MFH's synthetic experiments),
+    "feature" the channels of its penultimate features (MFH's real-data experiments; input
+    channels of an image, one to three, are too few to separate), "auto" = input for vector
+    inputs [N, D], feature for images. The teacher's logits are always computed, never taken
+    from a cache: cached logits would be the full teacher's.
     """
 
-    needs_teacher = False  # the teacher is trained by prepare(); its architecture comes from `teacher`
+    needs_teacher = False  # the teacher is trained by prepare(); `teacher` only gives its architecture
     uses_teacher_logits_only = False
     defaults = {
         "ce_weight": 0.0,
         "kd_weight": 1.0,
         "temperature": 4.0,
         "lskd": False,
+        "level": "auto",
         "k_fraction": 0.5,
         "channels": None,
         "n_repeats": 10,
@@ -344,6 +376,8 @@ class MGKD(Distiller):
     def validate(cls, cfg, key):
         super().validate(cfg, key)
         merged = {**cls.defaults, **cfg}
+        if merged["level"] not in ("auto",) + LEVELS:
+            raise ConfigError(f"{key}.level", f"must be auto, input or feature, got {merged['level']!r}")
         if not 0.0 < float(merged["k_fraction"]) <= 1.0:
             raise ConfigError(f"{key}.k_fraction", f"must be in (0, 1], got {merged['k_fraction']}")
         ch = merged["channels"]
@@ -352,16 +386,19 @@ class MGKD(Distiller):
         for name in ("n_repeats", "pair_epochs", "saliency_samples"):
             if not isinstance(merged[name], int) or merged[name] < 1:
                 raise ConfigError(f"{key}.{name}", f"must be a positive integer, got {merged[name]!r}")
+        pbs = merged["pair_batch_size"]
+        if pbs is not None and (not isinstance(pbs, int) or pbs < 1):
+            raise ConfigError(f"{key}.pair_batch_size", f"must be null (full batch) or a positive integer, got {pbs!r}")
 
     def __init__(self, student, teacher, cfg, num_classes):
         if teacher is None:
             raise ConfigError("runs", "method 'mgkd' needs the teacher architecture (a teacher-modality network)")
         super().__init__(student, teacher, cfg, num_classes)
         self.prepared = False
-        #: Algorithm 1's result, set by prepare(): {"channels": [...], "saliency": [...]}
+        #: set by prepare(): {"level", "channels", "saliency", "teacher_val"}
         self.selection: dict[str, Any] = {}
 
-    def set_teacher(self, masked_teacher: ChannelMasked) -> None:
+    def set_teacher(self, masked_teacher: nn.Module) -> None:
         """Use an already trained modality-general teacher (frozen from here on)."""
         self.teacher = masked_teacher
         self.teacher.requires_grad_(False)
@@ -373,38 +410,48 @@ class MGKD(Distiller):
         checkpoint_dir: Any = None, progress: bool = False,
     ) -> dict[str, Any]:
         """Algorithm 1 on (up to `saliency_samples` rows of) `train`, then retrain the teacher on the
-        selected channels (engine TrainConfig `train_cfg`, normally the teacher's). Returns the
-        selection {"channels", "saliency", "teacher_val"}."""
-        cfg = self.cfg
+        selected channels (`train_cfg`: engine TrainConfig, normally the teacher's). Deterministic
+        given torch's global seed and `train_cfg.seed`. Returns `self.selection`."""
         from cmkd.engine import resolve_device
 
+        cfg = self.cfg
         rows = _leading_rows(train, int(cfg["saliency_samples"]), seed=int(train_cfg.seed))
         device = resolve_device(train_cfg.device)
         x_t, x_s, y = (rows[k].to(device) for k in ("teacher_input", "student_input", "target"))
-        num_channels = x_t.shape[1]
+        level = cfg["level"] if cfg["level"] != "auto" else ("input" if x_t.dim() == 2 else "feature")
+        pair_teacher = reinitialised_copy(self.teacher).to(device)
+        pair_student = reinitialised_copy(self.student).to(device)
         saliency = None
         if cfg["channels"] is not None:
             channels = torch.tensor(cfg["channels"], dtype=torch.long)
-            channel_mask(channels, num_channels)  # validates the indices
+            train_pair_now = level == "feature"  # feature channels need the network they index
+            if train_pair_now:
+                train_modality_pair(pair_teacher, pair_student, x_t, x_s, y, epochs=int(cfg["pair_epochs"]), lr=float(cfg["pair_lr"]),
+                                    batch_size=cfg["pair_batch_size"], generator=torch.Generator().manual_seed(int(train_cfg.seed)))
         else:
-            k = max(1, int(round(float(cfg["k_fraction"]) * num_channels)))
-            gen = torch.Generator().manual_seed(int(train_cfg.seed))
+            with torch.no_grad():
+                width = x_t.shape[1] if level == "input" else pair_teacher.eval().features(x_t[:2]).shape[1]
+            k = max(1, int(round(float(cfg["k_fraction"]) * width)))
             channels, saliency = algorithm1(
-                reinitialised_copy(self.teacher).to(device), reinitialised_copy(self.student).to(device), x_t, x_s, y, k,
+                pair_teacher, pair_student, x_t, x_s, y, k, level=level,
                 n_repeats=int(cfg["n_repeats"]), pair_epochs=int(cfg["pair_epochs"]), pair_lr=float(cfg["pair_lr"]),
-                pair_batch_size=cfg["pair_batch_size"], generator=gen, progress=progress,
+                pair_batch_size=cfg["pair_batch_size"], generator=torch.Generator().manual_seed(int(train_cfg.seed)),
+                progress=progress,
             )
+        with torch.no_grad():
+            num_channels = x_t.shape[1] if level == "input" else pair_teacher.eval().features(x_t[:2]).shape[1]
         masked, result = retrain_teacher_on_channels(
-            self.teacher, channels, num_channels, train, val, train_cfg, task=task, num_classes=num_classes,
+            pair_teacher, channels, num_channels, train, val, train_cfg, task=task, num_classes=num_classes, level=level,
             ignore_index=ignore_index, checkpoint_dir=checkpoint_dir, progress=progress,
         )
         self.set_teacher(masked)
         self.selection = {
+            "level": level,
             "channels": [int(c) for c in channels],
             "saliency": None if saliency is None else [float(s) for s in saliency],
             "teacher_val": result.best_val,
         }
-        log.info("mgkd: modality-general teacher channels %s, val %s", self.selection["channels"], result.best_val)
+        log.info("mgkd: modality-general teacher %s channels %s, val %s", level, self.selection["channels"], result.best_val)
         return self.selection
 
     def teacher_logits(self, batch):
