@@ -20,6 +20,16 @@ from cmkd.models import build_model
 C = 5
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Every tensor here is tiny: extra intra-op threads only spin, and on a loaded 2-core machine
+    # that makes the many small optimiser steps ten times slower.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _f(t: torch.Tensor) -> float:
     return float(t.detach())
 
@@ -446,3 +456,90 @@ def test_params_runs_validate():
     for name in ("c2kd", "discom_kd", "mgkd"):
         cfg = dict(params["runs"][name])
         get_method(cfg.pop("method"), f"runs.{name}").validate(cfg, f"runs.{name}")
+
+
+# ------------------------------------------------------------------ through cmkd.engine.fit
+
+
+def _engine_data(n_features=8, n_classes=3):
+    from cmkd.data.synthetic import ntdh_sklearn
+    from cmkd.engine import SplitData
+
+    t, s, y = ntdh_sklearn(n_samples=300, n_features=n_features, n_classes=n_classes, gamma=0.5, seed=0)
+    return (SplitData.from_arrays(teacher_input=t[:200], student_input=s[:200], target=y[:200]),
+            SplitData.from_arrays(teacher_input=t[200:], student_input=s[200:], target=y[200:]))
+
+
+def _params_of(net):
+    return torch.cat([p.detach().flatten().clone() for p in net.parameters()])
+
+
+def test_fit_c2kd_trains_student_and_teacher():
+    from cmkd.engine import TrainConfig, fit, seed_everything
+
+    train, val = _engine_data()
+    seed_everything(0)
+    student, teacher = build_model({"arch": "mlp", "hidden": [16]}, (8,), 3), build_model({"arch": "mlp", "hidden": [16]}, (8,), 3)
+    d = build_distiller({"method": "c2kd"}, student, teacher, 3)
+    before_t, before_s = _params_of(teacher), _params_of(student)
+    result = fit(d, train, val, TrainConfig(epochs=2, batch_size=64), task="classification", num_classes=3, ignore_index=None, progress=False)
+    assert {"train/ofsd_student", "train/ofsd_teacher", "train/ce_teacher"} <= set(result.history[-1])
+    assert not torch.equal(before_t, _params_of(teacher)) and not torch.equal(before_s, _params_of(student))
+
+
+def test_fit_discom_kd_selects_on_student_and_both_deployables_evaluate():
+    from cmkd.engine import TrainConfig, evaluate, fit, seed_everything
+
+    train, val = _engine_data()
+    seed_everything(0)
+    d = build_distiller({"method": "discom_kd"}, build_model({"arch": "mlp", "hidden": [16]}, (8,), 3),
+                        build_model({"arch": "mlp", "hidden": [16]}, (8,), 3), 3)
+    result = fit(d, train, val, TrainConfig(epochs=2, batch_size=64), task="classification", num_classes=3, ignore_index=None, progress=False)
+    assert {"train/cl", "train/adv", "train/mod", "train/aux", "train/orth"} <= set(result.history[-1])
+    student_val = evaluate(d.deployables()["student"][0], val, "student_input", task="classification", num_classes=3, ignore_index=None)
+    assert student_val["f1_weighted"] == pytest.approx(result.best_val["f1_weighted"])
+    other = evaluate(d.deployables()["teacher_modality"][0], val, "teacher_input", task="classification", num_classes=3, ignore_index=None)
+    assert 0.0 <= other["accuracy"] <= 1.0
+
+
+def test_mgkd_prepare_selects_retrains_and_freezes_the_teacher():
+    from cmkd.engine import TrainConfig, fit, seed_everything
+
+    train, val = _engine_data()
+    seed_everything(0)
+    d = build_distiller({"method": "mgkd", "pair_epochs": 20, "n_repeats": 2, "k_fraction": 0.25},
+                        build_model({"arch": "mlp", "hidden": [16]}, (8,), 3), build_model({"arch": "mlp", "hidden": [16]}, (8,), 3), 3)
+    cfg = TrainConfig(epochs=2, batch_size=64)
+    selection = d.prepare(train, val, cfg, task="classification", num_classes=3, ignore_index=None)
+    assert selection["level"] == "input" and len(selection["channels"]) == 2 and len(selection["saliency"]) == 8
+    assert isinstance(d.teacher, ChannelMasked) and d.teacher.mask.sum() == 2
+    assert set(torch.nonzero(d.teacher.mask).flatten().tolist()) == set(selection["channels"])
+    frozen = _params_of(d.teacher)
+    fit(d, train, val, cfg, task="classification", num_classes=3, ignore_index=None, progress=False)
+    assert torch.equal(frozen, _params_of(d.teacher.cpu()))
+
+
+def test_pipeline_train_run_c2kd_and_discom_deployables(tmp_path):
+    from cmkd.data.h5 import PreparedWriter
+    from cmkd.data.synthetic import ntdh_sklearn
+    from cmkd.engine import TrainConfig
+    from cmkd.pipeline import train_run
+
+    t, s, y = ntdh_sklearn(n_samples=300, n_features=8, n_classes=3, gamma=0.5, seed=0)
+    attrs = {"task": "classification", "class_names": ["a", "b", "c"], "modalities": ["teacher", "student"],
+             "teacher_modality": "teacher", "student_modality": "student", "ignore_index": None, "source_checksum": "t"}
+    with PreparedWriter(tmp_path / "d.h5", attrs) as w:
+        for split, sl in (("train", slice(0, 200)), ("val", slice(200, 250)), ("test", slice(250, 300))):
+            w.write(split, {"teacher": t[sl], "student": s[sl], "labels": y[sl]})
+    models = {"teacher": {"arch": "mlp", "hidden": [16]}, "student": {"arch": "mlp", "hidden": [16]}}
+    common = dict(dataset="synthetic", prepared=tmp_path / "d.h5", models=models, train_cfg=TrainConfig(epochs=1, batch_size=64),
+                  seeds=[0], checkpoint_root=None, progress=False)
+    # C2KD through the pipeline: the pre-trained teacher is loaded and trained further (no cached logits)
+    train_run(run_name="teacher", run_cfg={"method": "teacher"}, out_dir=tmp_path / "teacher", cache_train_logits=True, **common)
+    c2kd = train_run(run_name="c2kd", run_cfg={"method": "c2kd"}, out_dir=tmp_path / "c2kd", teacher_dir=tmp_path / "teacher", **common)
+    assert set(c2kd["seeds"]["0"]["test"]) == {"student"}
+    out = train_run(dataset="synthetic", prepared=tmp_path / "d.h5", run_name="discom_kd", run_cfg={"method": "discom_kd"},
+                    models=models, train_cfg=TrainConfig(epochs=1, batch_size=64), seeds=[0], out_dir=tmp_path / "out",
+                    checkpoint_root=None, progress=False)
+    assert set(out["seeds"]["0"]["test"]) == {"student", "teacher_modality"}
+    assert (tmp_path / "out" / "seed0" / "student.pt").exists() and (tmp_path / "out" / "seed0" / "teacher_modality.pt").exists()
