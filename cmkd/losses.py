@@ -82,22 +82,23 @@ def kendall_tau(a: torch.Tensor, b: torch.Tensor, chunk_elements: int = 1 << 24)
     """
     if a.shape != b.shape or a.dim() != 2:
         raise ValueError(f"kendall_tau needs two [N, C] tensors of one shape, got {tuple(a.shape)} and {tuple(b.shape)}")
-    a, b = a.detach(), b.detach()
+    # float64 stays float64; anything else is ranked in float32 (sums of +-1 are exact below 2^24)
+    dtype = torch.float64 if a.dtype == torch.float64 else torch.float32
+    a, b = a.detach().to(dtype), b.detach().to(dtype)
     n, c = a.shape
     rows = max(1, chunk_elements // max(1, c * c))
-    out = torch.empty(n, dtype=torch.float32 if not a.is_floating_point() else a.dtype, device=a.device)
+    out = torch.empty(n, dtype=dtype, device=a.device)
     for start in range(0, n, rows):
         sa = _pairwise_signs(a[start:start + rows])
         sb = _pairwise_signs(b[start:start + rows])
-        # Over ordered pairs every quantity counts twice; the ratio is unchanged.
-        concordance = (sa * sb).sum(dim=(1, 2), dtype=torch.int64)
-        untied_a = sa.abs().sum(dim=(1, 2), dtype=torch.int64)
-        untied_b = sb.abs().sum(dim=(1, 2), dtype=torch.int64)
-        denom = (untied_a.double() * untied_b.double()).sqrt()
-        out[start:start + rows] = (concordance.double() / denom).to(out.dtype)  # 0/0 -> NaN
+        # Over ordered pairs every count doubles; the ratio is unchanged.
+        untied_a = torch.count_nonzero(sa, dim=(1, 2)).to(dtype)
+        untied_b = torch.count_nonzero(sb, dim=(1, 2)).to(dtype)
+        concordance = sa.mul_(sb).sum(dim=(1, 2))
+        out[start:start + rows] = concordance / (untied_a * untied_b).sqrt()  # 0/0 -> NaN
     return out
 
 
 def _pairwise_signs(x: torch.Tensor) -> torch.Tensor:
-    """[n, C] -> [n, C, C] int8 matrix of sign(x_i - x_j)."""
-    return torch.sign(x.unsqueeze(2) - x.unsqueeze(1)).to(torch.int8)
+    """[n, C] -> [n, C, C] matrix of sign(x_i - x_j)."""
+    return (x.unsqueeze(2) - x.unsqueeze(1)).sign_()
