@@ -21,21 +21,23 @@ of [N, D] vectors or the channels of [N, C, H, W] images):
 
     permutation_saliency(model, inputs, targets, n_repeats, generator, loss=...)  -> [C]
     train_modality_pair(teacher, student, teacher_inputs, student_inputs, targets, ...)
-    algorithm1(teacher, student, teacher_inputs, student_inputs, targets, k, ...)
+    algorithm1(teacher, student, teacher_inputs, student_inputs, targets, k, level="input", ...)
         -> (channels [k] int64, saliency [C] float in [0, 1])
     channel_mask(channels, num_channels) -> [C] bool
-    ChannelMasked(model, mask)        a network that sees only the masked channels
-    retrain_teacher_on_channels(teacher, channels, num_channels, train, val, cfg, ...)
+    ChannelMasked(model, mask, level)  a network that sees only the masked input (or feature) channels
+    retrain_teacher_on_channels(teacher, channels, num_channels, train, val, cfg, ..., level)
         -> (ChannelMasked teacher, FitResult)    (uses cmkd.engine.fit)
 
-For feature-channel saliency (e.g. NTDH's feature mask) call permutation_saliency with the
-network's `head` as the model and its `features(x)` as the inputs.
+`level="feature"` applies the same procedure to the channels of `teacher.features(x)` (permuted
+in front of `teacher.head`), as the paper does on its real datasets; for any other feature-channel
+saliency (e.g. NTDH's feature mask) call permutation_saliency with the network's `head` as the
+model and its `features(x)` as the inputs.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
