@@ -417,6 +417,9 @@ def fit(
         else:
             log.info("%s: checkpoint %s is for another configuration; starting afresh", desc, ckpt_path)
 
+    if hasattr(distiller, "on_train_start"):
+        distiller.on_train_start(train)  # e.g. NTDH's feature mask, estimated once on train rows
+
     step_module: nn.Module = distiller
     if world > 1:
         step_module = nn.parallel.DistributedDataParallel(distiller, find_unused_parameters=True)
@@ -438,6 +441,8 @@ def fit(
         sums: dict[str, float] = {}
         n_steps = 0
         for batch in train.batches(cfg.batch_size, shuffle=True, seed=epoch_seed, rank=rank, world=world):
+            if len(batch["index"]) < 2:
+                continue  # a trailing batch of one row breaks BatchNorm's batch statistics
             batch = _to_device(augment_batch(batch, cfg.augment, aug_gen), device)
             losses = step_module(batch)
             loss = sum(losses.values())

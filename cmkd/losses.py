@@ -246,3 +246,36 @@ def standardize_logits(logits: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
     mean = logits.mean(dim=1, keepdim=True)
     std = logits.std(dim=1, keepdim=True)
     return (logits - mean) / (std + eps)
+
+
+def kendall_tau(a: torch.Tensor, b: torch.Tensor, chunk_elements: int = 1 << 24) -> torch.Tensor:
+    """Per-row Kendall rank correlation (tau-b, ties handled) of two [N, C] tensors -> [N].
+
+    tau_b = sum_{i<j} s_a s_b / sqrt((n0 - t_a)(n0 - t_b)) with s = sign(x_i - x_j), n0 the
+    number of pairs and t the pairs tied in a (resp. b); computed from [N, C, C] sign matrices
+    on the tensors' device, in row chunks of at most `chunk_elements` entries. A row that is
+    constant in `a` or `b` has no ranking: its tau is NaN (as scipy.stats.kendalltau), and
+    NaN compares False with any threshold. No gradient flows (ranks are piecewise constant).
+    """
+    if a.shape != b.shape or a.dim() != 2:
+        raise ValueError(f"kendall_tau needs two [N, C] tensors of one shape, got {tuple(a.shape)} and {tuple(b.shape)}")
+    # float64 stays float64; anything else is ranked in float32 (sums of +-1 are exact below 2^24)
+    dtype = torch.float64 if a.dtype == torch.float64 else torch.float32
+    a, b = a.detach().to(dtype), b.detach().to(dtype)
+    n, c = a.shape
+    rows = max(1, chunk_elements // max(1, c * c))
+    out = torch.empty(n, dtype=dtype, device=a.device)
+    for start in range(0, n, rows):
+        sa = _pairwise_signs(a[start:start + rows])
+        sb = _pairwise_signs(b[start:start + rows])
+        # Over ordered pairs every count doubles; the ratio is unchanged.
+        untied_a = torch.count_nonzero(sa, dim=(1, 2)).to(dtype)
+        untied_b = torch.count_nonzero(sb, dim=(1, 2)).to(dtype)
+        concordance = sa.mul_(sb).sum(dim=(1, 2))
+        out[start:start + rows] = concordance / (untied_a * untied_b).sqrt()  # 0/0 -> NaN
+    return out
+
+
+def _pairwise_signs(x: torch.Tensor) -> torch.Tensor:
+    """[n, C] -> [n, C, C] matrix of sign(x_i - x_j)."""
+    return (x.unsqueeze(2) - x.unsqueeze(1)).sign_()

@@ -33,6 +33,7 @@ def run() -> None:
     else:
         run_cfg, train_key = params["runs"][args.run], "student"
     train_cfg = TrainConfig.from_params(params["train"][ds][train_key], f"train.{ds}.{train_key}")
+    teacher_cfg = TrainConfig.from_params(params["train"][ds]["teacher"], f"train.{ds}.teacher")
     runs_dir = Path(DATA) / "runs" / ds
     checkpoints = Path(DATA) / "checkpoints" / ds / name
     rank, _ = distributed_info()
@@ -44,7 +45,7 @@ def run() -> None:
             dataset=ds, prepared=Path(DATA) / "prepared" / f"{ds}.h5", run_name=name, run_cfg=run_cfg,
             models=params["models"][ds], train_cfg=train_cfg, seeds=params["seeds"], out_dir=out,
             checkpoint_root=checkpoints,
-            teacher_dir=runs_dir / "teacher" if args.run else None,
+            teacher_dir=runs_dir / "teacher" if args.run else None, teacher_train_cfg=teacher_cfg,
             cache_train_logits=args.role == "teacher", progress=not args.no_progress,
         )
     # The outputs are in place; checkpoints only served to resume an interrupted run.

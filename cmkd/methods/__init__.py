@@ -22,6 +22,9 @@ _METHOD_MODULES = (
     "cmkd.methods.ctkd",
     "cmkd.methods.mlkd",
     "cmkd.methods.ntdh",
+    "cmkd.methods.c2kd",
+    "cmkd.methods.discom",
+    "cmkd.methods.mfh",
 )
 
 
