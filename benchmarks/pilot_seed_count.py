@@ -9,7 +9,8 @@ points of each metric a claim tests, and chooses
 so that the standard error of every point's mean is at most `target_sem` even if the pilot
 underestimated the spread by 25%. The target standard errors are fixed here, before any result:
 0.005 (half an accuracy point) for accuracy differences, 0.02 for Algorithm 1's recovered
-fraction. Only spreads are recorded, never means, so the pilot cannot steer a claim.
+fraction. Only spreads are recorded, never means, so the pilot cannot steer a claim. The NTDH
+masks run on their own seeds (`mask_seeds`), whose count comes from the masks' metrics.
 
     python benchmarks/pilot_seed_count.py [names...]   -> benchmarks/results/pilot_seed_count.json
 """
@@ -47,7 +48,7 @@ TARGETS = {
 def main() -> None:
     root = Path(__file__).resolve().parents[1]
     params = yaml.safe_load((root / "params.yaml").read_text())["experiments"]
-    torch.set_num_threads(int(params.get("threads", 1)))
+    torch.set_num_threads(1)  # as the stages run (stages/_common.py)
     out_path = root / "benchmarks" / "results" / "pilot_seed_count.json"
     report = json.loads(out_path.read_text()) if out_path.exists() else {}
     report.update({"pilot_seeds": PILOT_SEEDS, "safety_factor": SAFETY, "minimum": MINIMUM,
@@ -56,6 +57,8 @@ def main() -> None:
     for name in names:
         cfg = copy.deepcopy(params[name])
         cfg["seeds"] = PILOT_SEEDS
+        if "mask_seeds" in cfg:
+            cfg["mask_seeds"] = PILOT_SEEDS
         start = time.perf_counter()
         result = EXPERIMENTS[name].run(cfg, key=f"experiments.{name}")
         seconds = time.perf_counter() - start
@@ -71,8 +74,12 @@ def main() -> None:
                 "max_point_std": round(max_std, 5), "target_sem": target,
                 "seeds_needed": seeds_needed(SAFETY * max_std, target, MINIMUM),
             }
-        needed = [m["seeds_needed"] for m in entry["metrics"].values() if "seeds_needed" in m]
-        entry["seeds_needed"] = max(needed) if needed else None
+        # The masks run on their own seeds (`mask_seeds`), so their metrics set that count.
+        for prefix, field in (("", "seeds_needed"), ("masks.", "mask_seeds_needed")):
+            needed = [m["seeds_needed"] for k, m in entry["metrics"].items()
+                      if "seeds_needed" in m and k.startswith("masks.") == (prefix == "masks.")]
+            if needed:
+                entry[field] = max(needed)
         report[name] = entry
         print(name, json.dumps(entry), flush=True)
         write_json(out_path, report)

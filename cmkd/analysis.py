@@ -141,25 +141,63 @@ def fit_slices(run_cfg: Mapping[str, Any], net: Mapping[str, Any], data: Slices,
     return model
 
 
-def fit_single(run_cfg: Mapping[str, Any], net: Mapping[str, Any], teacher_x: torch.Tensor, student_x: torch.Tensor,
-               target: torch.Tensor, seed: int, num_classes: int, teacher: torch.nn.Module | None = None,
-               key: str = "experiments") -> torch.nn.Module:
-    """Train one network alone ([N, D] inputs, [N] targets), as `fit_slices` trains each slice;
-    for methods whose losses couple the rows of a batch (the NTDH sample mask ranks a batch's
-    samples), which must not see other slices' rows. Methods with an `on_train_start(train)`
-    hook (the NTDH feature mask) get the training split first, as the engine gives it."""
+class PerSliceWeights:
+    """A KD sample-weight hook (e.g. the NTDH sample mask) applied to each slice on its own.
+
+    The hook sees one slice at a time, so a mask that ranks a batch's samples (NTDH drops the
+    `drop_ratio` largest non-target divergences) ranks only that slice's rows. The weights are
+    then rescaled so that every slice's weights sum to N: the KD term's weighted mean over all
+    rows becomes the mean over slices of each slice's own weighted mean, i.e. each slice gets
+    exactly the loss it would get alone (a slice whose rows are all dropped gets 0 either way,
+    but then the other slices' share grows by S / (S - 1); NTDH's masks never drop every row).
+    """
+
+    def __init__(self, hook: Callable[..., torch.Tensor]):
+        self.hook = hook
+
+    def __call__(self, batch: Mapping[str, torch.Tensor], student_kd: torch.Tensor, teacher_kd: torch.Tensor) -> torch.Tensor:
+        target = batch["target"]  # [N, S, 1]
+        weights = torch.cat([self.hook({"target": target[:, i:i + 1]}, student_kd[:, :, i:i + 1], teacher_kd[:, :, i:i + 1])
+                             for i in range(target.shape[1])], dim=1)
+        total = (weights * (target >= 0)).sum(dim=(0, 2), keepdim=True)
+        return torch.where(total > 0, weights * target.shape[0] / total.clamp_min(1e-12), torch.zeros_like(weights))
+
+
+def fit_mask_slices(run_cfg: Mapping[str, Any], net: Mapping[str, Any], cached: Slices, seeds: Sequence[int], num_classes: int,
+                    teacher: BatchedMLP, key: str = "experiments") -> BatchedMLP:
+    """`fit_slices` for the NTDH masks (method `ntdh_mask`), each slice exactly as if alone.
+
+    Feature mask: per slice, the method itself (its `on_train_start`, on the slice's training
+    split, as the engine calls it) picks the teacher's channels; the masked teacher's logits are
+    then fixed, so KD from it is the base method with those logits cached (what `ntdh_mask` does
+    batch by batch). Sample mask: the method's own hook, applied slice by slice
+    (`PerSliceWeights`).
+    """
     from cmkd.engine import SplitData
+    from cmkd.methods.ntdh import NTDHMask
 
     run = dict(run_cfg)
-    x = teacher_x if run.get("method") == "teacher" else student_x
-    torch.manual_seed(int(seed))
-    model = build_model(net["model"], tuple(x.shape[1:]), num_classes, key=f"{key}.nets.model")
+    if run.get("method") != "ntdh_mask":
+        return fit_slices(run, net, cached, seeds, num_classes, teacher=teacher, key=key)
+    mode = {**NTDHMask.defaults, **run}["mode"]
+    data = cached
+    if mode in ("feature", "both"):
+        logits = []
+        for i, seed in enumerate(seeds):
+            x_t, x_s, y = cached.slice(i)
+            torch.manual_seed(int(seed))
+            probe = build_distiller(run, build_model(net["model"], tuple(x_s.shape[1:]), num_classes), teacher.unstack(i), num_classes, key=key)
+            probe.on_train_start(SplitData.from_arrays(teacher_input=x_t, student_input=x_s, target=y))
+            with torch.no_grad():
+                logits.append(probe.masked_teacher(x_t))
+        data = Slices(cached.teacher, cached.student, cached.target, torch.stack(logits, dim=2).unsqueeze(-1))
+        run = {**run, "mode": "sample"} if mode == "both" else dict({**NTDHMask.defaults, **run}["base"])
+    model = BatchedMLP.build(net["model"], int(np.prod(data.student.shape[2:])), num_classes, seeds)
     distiller = build_distiller(run, model, teacher, num_classes, key=key)
-    batch = {"teacher_input": teacher_x, "student_input": student_x, "target": target}
-    if hasattr(distiller, "on_train_start"):
-        distiller.on_train_start(SplitData.from_arrays(teacher_input=teacher_x, student_input=student_x, target=target))
-    train_batched(distiller, batch, 1, seed=int(seed), **_train_options(net, key))
-    return model.eval()
+    if run.get("method") == "ntdh_mask":
+        distiller.inner.sample_weight_hook = PerSliceWeights(distiller.inner.sample_weight_hook)
+    train_batched(distiller, data.batch(), data.n_slices, seed=int(seeds[0]), **_train_options(net, key))
+    return model
 
 
 def _train_options(net: Mapping[str, Any], key: str) -> dict[str, Any]:
@@ -405,25 +443,30 @@ def ntdh_gap_sweep(cfg: Mapping[str, Any], key: str = "experiments.ntdh_gap") ->
     result = _aggregate([dict(s) for s in settings], acc, len(seeds))
     result["seeds"] = seeds
 
-    # The masks, trained slice by slice (see fit_single) at the largest `mask_points` gammas.
+    # The masks at the largest `mask_points` gammas, on `mask_seeds` seeds (their own count:
+    # the masks' spread sets it), against KD trained on the same slices.
     masks = dict(cfg.get("masks") or {})
     n_mask_points = int(cfg.get("mask_points", 2))
     if not 1 <= n_mask_points <= len(settings):
         raise ConfigError(f"{key}.mask_points", f"must be in [1, {len(settings)}], got {n_mask_points}")
-    first = (len(settings) - n_mask_points) * len(seeds)
-    train = splits["train"]
-    mask_acc: dict[str, np.ndarray] = {}
+    mask_seeds = cfg.get("mask_seeds", seeds)
+    if isinstance(mask_seeds, int) and mask_seeds > 0:
+        mask_seeds = list(range(mask_seeds))
+    if not isinstance(mask_seeds, list) or not mask_seeds or not all(isinstance(x, int) for x in mask_seeds):
+        raise ConfigError(f"{key}.mask_seeds", "must be a positive count or a non-empty list of integers")
+    mask_settings = settings[len(settings) - n_mask_points:]
+    m_splits, m_seeds = _generate(name, generator, mask_settings, mask_seeds, cfg["split"])
+    m_acc, m_out = teacher_student_kd(m_splits, cfg["nets"], cfg["kd"], num_classes, m_seeds, key)
+    mask_acc = {m: m_acc[m] for m in ("kd_acc", "nokd_acc")}
+    m_test = m_splits["test"]
     for mask_name, mask_run in masks.items():
-        values = []
-        for i in range(first, len(slice_seeds)):
-            x_t, x_s, y = train.slice(i)
-            student = fit_single(mask_run, cfg["nets"]["student"], x_t, x_s, y, slice_seeds[i], num_classes,
-                                 teacher=out["teacher"].unstack(i), key=f"{key}.masks.{mask_name}")
-            with torch.no_grad():
-                values.append(float((student(test.student[:, i]).argmax(1) == test.target[:, i, 0]).float().mean()))
-        mask_acc[f"{mask_name}_acc"] = np.asarray(values)
-        mask_acc[f"{mask_name}_minus_kd"] = mask_acc[f"{mask_name}_acc"] - acc["kd_acc"][first:]
-    mask_points = _aggregate([dict(s) for s in settings[len(settings) - n_mask_points:]], {**{m: acc[m][first:] for m in ("kd_acc", "nokd_acc")}, **mask_acc}, len(seeds))
+        student = fit_mask_slices(mask_run, cfg["nets"]["student"], m_out["cached"], m_seeds, num_classes,
+                                  m_out["teacher"], key=f"{key}.masks.{mask_name}")
+        with torch.no_grad():
+            mask_acc[f"{mask_name}_acc"] = slice_accuracy(student(m_test.student), m_test.target).numpy()
+        mask_acc[f"{mask_name}_minus_kd"] = mask_acc[f"{mask_name}_acc"] - m_acc["kd_acc"]
+    mask_points = _aggregate([dict(s) for s in mask_settings], mask_acc, len(mask_seeds))
+    mask_points["seeds"] = mask_seeds
     result["masks"] = {"names": sorted(masks), **mask_points}
     return result
 

@@ -2,7 +2,7 @@
 
     python -m stages.experiment mfh_gamma [--params params.yaml] [--out-dir data/reports/experiments]
 
-Reads params `experiments.<name>` and `experiments.threads`; writes <name>.json (the result:
+Reads params `experiments.<name>`; writes <name>.json (the result:
 per-point summaries over seeds, series, derived values), <name>.csv (the `dvc plots` data) and
 <name>.png (the figure), each atomically.
 """
@@ -14,8 +14,6 @@ import io
 import logging
 import time
 from pathlib import Path
-
-import torch
 
 from cmkd.analysis import EXPERIMENTS, plot_rows, run_experiment
 from cmkd.atomic import atomic_path, write_json, write_text
@@ -35,11 +33,6 @@ def run() -> None:
     experiments = params.get("experiments") or {}
     if args.name not in experiments:
         raise ConfigError(f"experiments.{args.name}", "missing")
-    threads = experiments.get("threads", 1)
-    if not isinstance(threads, int) or threads < 1:
-        raise ConfigError("experiments.threads", f"must be a positive integer, got {threads!r}")
-    torch.set_num_threads(threads)
-
     started = time.perf_counter()
     result = run_experiment(args.name, experiments[args.name])
     log.info("%s: %.1f s", args.name, time.perf_counter() - started)
