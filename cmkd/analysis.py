@@ -35,7 +35,7 @@ import torch
 from cmkd.batched import BatchedMLP, slice_accuracy, train_batched
 from cmkd.data.synthetic import GENERATORS, mfh_layout
 from cmkd.errors import ConfigError
-from cmkd.losses import to_rows
+from cmkd.losses import cross_entropy, to_rows
 from cmkd.methods import build_distiller
 from cmkd.models import build_model
 
@@ -164,25 +164,26 @@ class PerSliceWeights:
 
 
 def fit_mask_slices(run_cfg: Mapping[str, Any], net: Mapping[str, Any], cached: Slices, seeds: Sequence[int], num_classes: int,
-                    teacher: BatchedMLP, key: str = "experiments") -> BatchedMLP:
+                    teacher: BatchedMLP, key: str = "experiments") -> tuple[BatchedMLP, list[torch.nn.Module] | None]:
     """`fit_slices` for the NTDH masks (method `ntdh_mask`), each slice exactly as if alone.
 
     Feature mask: per slice, the method itself (its `on_train_start`, on the slice's training
     split, as the engine calls it) picks the teacher's channels; the masked teacher's logits are
     then fixed, so KD from it is the base method with those logits cached (what `ntdh_mask` does
     batch by batch). Sample mask: the method's own hook, applied slice by slice
-    (`PerSliceWeights`).
+    (`PerSliceWeights`). Returns the students and, for feature masks, each slice's masked teacher.
     """
     from cmkd.engine import SplitData
     from cmkd.methods.ntdh import NTDHMask
 
     run = dict(run_cfg)
     if run.get("method") != "ntdh_mask":
-        return fit_slices(run, net, cached, seeds, num_classes, teacher=teacher, key=key)
+        return fit_slices(run, net, cached, seeds, num_classes, teacher=teacher, key=key), None
     mode = {**NTDHMask.defaults, **run}["mode"]
     data = cached
+    masked_teachers = None
     if mode in ("feature", "both"):
-        logits = []
+        logits, masked_teachers = [], []
         for i, seed in enumerate(seeds):
             x_t, x_s, y = cached.slice(i)
             torch.manual_seed(int(seed))
@@ -190,6 +191,7 @@ def fit_mask_slices(run_cfg: Mapping[str, Any], net: Mapping[str, Any], cached: 
             probe.on_train_start(SplitData.from_arrays(teacher_input=x_t, student_input=x_s, target=y))
             with torch.no_grad():
                 logits.append(probe.masked_teacher(x_t))
+            masked_teachers.append(probe.masked_teacher.eval())
         data = Slices(cached.teacher, cached.student, cached.target, torch.stack(logits, dim=2).unsqueeze(-1))
         run = {**run, "mode": "sample"} if mode == "both" else dict({**NTDHMask.defaults, **run}["base"])
     model = BatchedMLP.build(net["model"], int(np.prod(data.student.shape[2:])), num_classes, seeds)
@@ -197,7 +199,7 @@ def fit_mask_slices(run_cfg: Mapping[str, Any], net: Mapping[str, Any], cached: 
     if run.get("method") == "ntdh_mask":
         distiller.inner.sample_weight_hook = PerSliceWeights(distiller.inner.sample_weight_hook)
     train_batched(distiller, data.batch(), data.n_slices, seed=int(seeds[0]), **_train_options(net, key))
-    return model
+    return model, masked_teachers
 
 
 def _train_options(net: Mapping[str, Any], key: str) -> dict[str, Any]:
@@ -222,18 +224,50 @@ def slice_divergences(teacher_logits: torch.Tensor, student_logits: torch.Tensor
 
 
 def teacher_student_kd(splits: Mapping[str, Slices], nets: Mapping[str, Any], kd: Mapping[str, Any], num_classes: int,
-                       seeds: Sequence[int], key: str) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    """Teacher, no-KD student and KD student of every slice; per-slice test accuracies."""
+                       seeds: Sequence[int], key: str, with_nokd: bool = True) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """Teacher, no-KD student (unless `with_nokd` is False) and KD student of every slice;
+    per-slice test accuracies and the KD gain."""
     train, test = splits["train"], splits["test"]
     teacher = fit_slices(TEACHER_RUN, nets["teacher"], train, seeds, num_classes, key=key)
     cached = train.with_teacher(teacher)
-    nokd = fit_slices(STUDENT_RUN, nets["student"], train, seeds, num_classes, key=key)
     kd_student = fit_slices(kd, nets["student"], cached, seeds, num_classes, teacher=teacher, key=key)
+    models = {"teacher": teacher, "kd": kd_student}
+    if with_nokd:
+        models["nokd"] = fit_slices(STUDENT_RUN, nets["student"], train, seeds, num_classes, key=key)
     with torch.no_grad():
-        logits = {"teacher": teacher(test.teacher), "nokd": nokd(test.student), "kd": kd_student(test.student)}
+        logits = {name: net(test.teacher if name == "teacher" else test.student) for name, net in models.items()}
     acc = {f"{name}_acc": slice_accuracy(z, test.target).numpy() for name, z in logits.items()}
-    acc["kd_gain"] = acc["kd_acc"] - acc["nokd_acc"]
-    return acc, {"teacher": teacher, "nokd": nokd, "kd": kd_student, "cached": cached, "test_logits": logits}
+    if with_nokd:
+        acc["kd_gain"] = acc["kd_acc"] - acc["nokd_acc"]
+    return acc, {**models, "cached": cached, "test_logits": logits}
+
+
+def train_pair_slices(nets: Mapping[str, Any], data: Slices, seeds: Sequence[int], num_classes: int, *, pair_epochs: int = 200,
+                      pair_lr: float = 0.01, momentum: float = 0.9, distance: str = "mse", distance_weight: float = 1.0,
+                      key: str = "experiments") -> tuple[BatchedMLP, BatchedMLP]:
+    """Step 1 of MFH's Algorithm 1 (`cmkd.methods.mfh.train_modality_pair`) for every slice at
+    once: a teacher-modality and a student-modality network per slice, initialised one after
+    the other after torch.manual_seed(seed), trained full-batch with SGD (momentum) on
+    CE(teacher) + CE(student) + distance_weight * dist(teacher logits, student logits)."""
+    if distance not in ("mse", "l1"):
+        raise ConfigError(f"{key}.algorithm1.distance", f"must be mse or l1, got {distance!r}")
+    teachers, students = [], []
+    for seed in seeds:
+        torch.manual_seed(int(seed))
+        teachers.append(build_model(nets["teacher"]["model"], (data.teacher.shape[2],), num_classes))
+        students.append(build_model(nets["student"]["model"], (data.student.shape[2],), num_classes))
+    pair_t, pair_s = BatchedMLP.from_models(teachers), BatchedMLP.from_models(students)
+    opt = torch.optim.SGD(list(pair_t.parameters()) + list(pair_s.parameters()), lr=pair_lr, momentum=momentum)
+    y, n_slices = data.target, data.n_slices
+    for _ in range(int(pair_epochs)):
+        zt, zs = pair_t(data.teacher), pair_s(data.student)
+        gap = (zt - zs).pow(2) if distance == "mse" else (zt - zs).abs()
+        # every term is a mean over all slices' rows: times S, each slice's own loss
+        loss = n_slices * (cross_entropy(zt, y) + cross_entropy(zs, y) + distance_weight * gap.mean())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return pair_t.eval(), pair_s.eval()
 
 
 # --------------------------------------------------------------------------- sweeps: plumbing
@@ -375,40 +409,57 @@ def mfh_algorithm1_sweep(cfg: Mapping[str, Any], key: str = "experiments.mfh_alg
     """MFH Table 2: at every sweep point, the regular teacher and KD student, Algorithm 1's
     channel choice (as many channels as there are truly modality-general ones, as MFH does),
     the fraction of true modality-general channels it recovers, the modality-general (MG)
-    teacher trained on the chosen channels, and the MG-KD student."""
+    teacher trained on the chosen channels only (the others removed, as MFH does), and the
+    MG-KD student.
+
+    Algorithm 1 is `cmkd.methods.mfh.algorithm1`: its step 1 (the jointly trained pair) runs for
+    all slices at once (`train_pair_slices`), then the method ranks each slice's channels on
+    that slice's pair (train_pair=False).
+    """
     if algorithm1 is None:
         from cmkd.methods.mfh import algorithm1
     seeds = _check_common(cfg, key)
     generator, settings, points = _mfh_points(cfg, key)
     num_classes = int(generator["n_classes"])
     alg_cfg = dict(cfg.get("algorithm1") or {})
-    per_point: list[dict[str, np.ndarray]] = []
+    pair_keys = {"pair_epochs", "pair_lr", "distance"}
+    unknown = sorted(set(alg_cfg) - pair_keys - {"n_repeats"})
+    if unknown:
+        raise ConfigError(f"{key}.algorithm1.{unknown[0]}", f"unknown; known: {sorted(pair_keys | {'n_repeats'})}")
     for setting, point in zip(settings, points):
         if point["n_general"] == 0:
             raise ConfigError(f"{key}.sweep", f"point {setting} has no modality-general channel for Algorithm 1 to find")
-        splits, slice_seeds = _generate("mfh", generator, [setting], seeds, cfg["split"])
-        acc, _ = teacher_student_kd(splits, cfg["nets"], cfg["kd"], num_classes, slice_seeds, key)
-        truth = [np.flatnonzero(_layout({**generator, **setting}, s).teacher_general_mask) for s in seeds]
+    splits, slice_seeds = _generate("mfh", generator, settings, seeds, cfg["split"])
+    acc, _ = teacher_student_kd(splits, cfg["nets"], cfg["kd"], num_classes, slice_seeds, key)
+    train = splits["train"]
+    pair_t, pair_s = train_pair_slices(cfg["nets"], train, slice_seeds, num_classes, key=key,
+                                       **{k: alg_cfg[k] for k in pair_keys if k in alg_cfg})
+    n_seeds = len(seeds)
+    recovered = np.zeros(len(slice_seeds))
+    mg_teacher_acc, mgkd_acc = np.zeros(len(slice_seeds)), np.zeros(len(slice_seeds))
+    for p, (setting, point) in enumerate(zip(settings, points)):
         k = point["n_general"]
-        train = splits["train"]
-        chosen, recovered = [], []
-        for i, seed in enumerate(seeds):
+        rows = range(p * n_seeds, (p + 1) * n_seeds)
+        chosen = []
+        for i in rows:
+            seed = slice_seeds[i]
             x_t, x_s, y = train.slice(i)
-            torch.manual_seed(seed)  # fresh networks for the jointly trained pair, as MFH does
-            pair_t = build_model(cfg["nets"]["teacher"]["model"], tuple(x_t.shape[1:]), num_classes)
-            pair_s = build_model(cfg["nets"]["student"]["model"], tuple(x_s.shape[1:]), num_classes)
-            channels, _ = algorithm1(pair_t, pair_s, x_t, x_s, y, k, generator=torch.Generator().manual_seed(seed), **alg_cfg)
+            channels, _ = algorithm1(pair_t.unstack(i), pair_s.unstack(i), x_t, x_s, y, k, train_pair=False,
+                                     n_repeats=int(alg_cfg.get("n_repeats", 10)), distance=alg_cfg.get("distance", "mse"),
+                                     generator=torch.Generator().manual_seed(seed))
             channels = np.asarray(channels, dtype=np.int64)
+            truth = np.flatnonzero(_layout({**generator, **setting}, seed).teacher_general_mask)
+            recovered[i] = len(np.intersect1d(channels, truth)) / k
             chosen.append(channels)
-            recovered.append(len(np.intersect1d(channels, truth[i])) / k)
         channels = torch.from_numpy(np.stack(chosen))
-        mg = {name: split.with_teacher_channels(channels) for name, split in splits.items()}
-        mg_acc, _ = teacher_student_kd(mg, cfg["nets"], cfg["kd"], num_classes, slice_seeds, key)
-        acc.update(recovered_fraction=np.asarray(recovered), mg_teacher_acc=mg_acc["teacher_acc"], mgkd_acc=mg_acc["kd_acc"])
-        acc["mgkd_minus_kd"] = acc["mgkd_acc"] - acc["kd_acc"]
-        per_point.append(acc)
-    per_slice = {m: np.concatenate([a[m] for a in per_point]) for m in per_point[0]}
-    result = _aggregate(points, per_slice, len(seeds))
+        point_splits = {name: Slices(*(t[:, rows.start:rows.stop] for t in (split.teacher, split.student, split.target)))
+                        for name, split in splits.items()}
+        mg = {name: split.with_teacher_channels(channels) for name, split in point_splits.items()}
+        mg_acc, _ = teacher_student_kd(mg, cfg["nets"], cfg["kd"], num_classes, slice_seeds[rows.start:rows.stop], key, with_nokd=False)
+        mg_teacher_acc[rows.start:rows.stop] = mg_acc["teacher_acc"]
+        mgkd_acc[rows.start:rows.stop] = mg_acc["kd_acc"]
+    acc.update(recovered_fraction=recovered, mg_teacher_acc=mg_teacher_acc, mgkd_acc=mgkd_acc, mgkd_minus_kd=mgkd_acc - acc["kd_acc"])
+    result = _aggregate(points, acc, n_seeds)
     result["seeds"] = seeds
     return result
 
@@ -456,14 +507,19 @@ def ntdh_gap_sweep(cfg: Mapping[str, Any], key: str = "experiments.ntdh_gap") ->
         raise ConfigError(f"{key}.mask_seeds", "must be a positive count or a non-empty list of integers")
     mask_settings = settings[len(settings) - n_mask_points:]
     m_splits, m_seeds = _generate(name, generator, mask_settings, mask_seeds, cfg["split"])
-    m_acc, m_out = teacher_student_kd(m_splits, cfg["nets"], cfg["kd"], num_classes, m_seeds, key)
-    mask_acc = {m: m_acc[m] for m in ("kd_acc", "nokd_acc")}
+    m_acc, m_out = teacher_student_kd(m_splits, cfg["nets"], cfg["kd"], num_classes, m_seeds, key, with_nokd=False)
+    mask_acc = {"kd_acc": m_acc["kd_acc"]}
     m_test = m_splits["test"]
     for mask_name, mask_run in masks.items():
-        student = fit_mask_slices(mask_run, cfg["nets"]["student"], m_out["cached"], m_seeds, num_classes,
-                                  m_out["teacher"], key=f"{key}.masks.{mask_name}")
+        student, masked_teachers = fit_mask_slices(mask_run, cfg["nets"]["student"], m_out["cached"], m_seeds, num_classes,
+                                                   m_out["teacher"], key=f"{key}.masks.{mask_name}")
         with torch.no_grad():
             mask_acc[f"{mask_name}_acc"] = slice_accuracy(student(m_test.student), m_test.target).numpy()
+            if masked_teachers is not None:  # how good the teacher KD distils from is, once masked
+                mask_acc[f"{mask_name}_teacher_acc"] = np.asarray([
+                    float((t(m_test.teacher[:, i]).argmax(1) == m_test.target[:, i, 0]).float().mean())
+                    for i, t in enumerate(masked_teachers)])
+                mask_acc["teacher_acc"] = m_acc["teacher_acc"]
         mask_acc[f"{mask_name}_minus_kd"] = mask_acc[f"{mask_name}_acc"] - m_acc["kd_acc"]
     mask_points = _aggregate([dict(s) for s in mask_settings], mask_acc, len(mask_seeds))
     mask_points["seeds"] = mask_seeds

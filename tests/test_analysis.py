@@ -311,6 +311,7 @@ def test_ntdh_gap_tiny_with_masks():
     assert [p["gamma"] for p in masks["points"]] == [0.5, 1.0]
     # the masks' KD reference is KD trained on the same slices as the sweep's (same seeds here)
     assert masks["series"]["kd_acc"] == pytest.approx(s["kd_acc"][1:], abs=1e-6)
+    assert "ntdh_feature_teacher_acc" in masks["series"] and "ntdh_sample_teacher_acc" not in masks["series"]
     for p in masks["points"]:
         assert p["ntdh_sample_acc"]["n"] == 2
         assert p["ntdh_sample_minus_kd"]["values"] == pytest.approx(np.subtract(p["ntdh_sample_acc"]["values"], p["kd_acc"]["values"]).tolist())
@@ -380,7 +381,8 @@ def test_batched_ntdh_masks_train_each_slice_exactly_as_alone(mode):
     teacher = fit_slices(TEACHER_RUN, net, data, seeds, c)
     run = {"method": "ntdh_mask", "mode": mode, "drop_ratio": 0.25, "keep_ratio": 0.5, "saliency_batch_size": 16,
            "base": {"method": "kd", "ce_weight": 1.0, "kd_weight": 1.0, "temperature": 2.0}}
-    batched = fit_mask_slices(run, net, data.with_teacher(teacher), seeds, c, teacher)
+    batched, masked = fit_mask_slices(run, net, data.with_teacher(teacher), seeds, c, teacher)
+    assert (masked is None) == (mode == "sample")
 
     i = 2
     x_t, x_s, y = data.slice(i)
@@ -391,3 +393,23 @@ def test_batched_ntdh_masks_train_each_slice_exactly_as_alone(mode):
     train_batched(distiller, {"teacher_input": x_t, "student_input": x_s, "target": y}, 1, seed=seeds[0], **net["train"])
     with torch.no_grad():
         assert torch.allclose(batched(data.student)[:, :, i, 0], alone(x_s), atol=1e-4)
+
+
+def test_batched_pair_training_equals_algorithm1_step1_alone():
+    from cmkd.analysis import train_pair_slices
+    from cmkd.methods.mfh import train_modality_pair
+
+    n, s, d, c = 40, 3, 7, 2
+    torch.manual_seed(4)
+    data = Slices(torch.randn(n, s, d), torch.randn(n, s, d + 2), torch.randint(0, c, (n, s, 1)))
+    nets = {"teacher": {"model": {"arch": "mlp", "hidden": []}}, "student": {"model": {"arch": "mlp", "hidden": [5]}}}
+    seeds = [21, 22, 23]
+    pair_t, pair_s = train_pair_slices(nets, data, seeds, c, pair_epochs=25, pair_lr=0.05)
+    i = 1
+    x_t, x_s, y = data.slice(i)
+    torch.manual_seed(seeds[i])
+    t_alone, s_alone = build_model(nets["teacher"]["model"], (d,), c), build_model(nets["student"]["model"], (d + 2,), c)
+    train_modality_pair(t_alone, s_alone, x_t, x_s, y, epochs=25, lr=0.05)
+    with torch.no_grad():
+        assert torch.allclose(pair_t.unstack(i)(x_t), t_alone(x_t), atol=1e-5)
+        assert torch.allclose(pair_s.unstack(i)(x_s), s_alone(x_s), atol=1e-5)
