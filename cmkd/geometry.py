@@ -18,9 +18,14 @@ import numpy as np
 LIDAR_CHANNELS = ("range", "x", "y", "z", "intensity")
 
 
-def _homogeneous(points: np.ndarray) -> np.ndarray:
-    xyz = np.asarray(points)[:, :3].astype(np.float64, copy=False)
-    return np.concatenate([xyz, np.ones((len(xyz), 1))], axis=1)
+def _affine_rows(points: np.ndarray, M: np.ndarray) -> list[np.ndarray]:
+    """Rows of M @ [x, y, z, 1] for every point, in float64, as separate [N] arrays.
+
+    Written as 3 multiply-adds per row rather than a matrix product: with an inner dimension
+    of 4, BLAS threading costs more than the arithmetic (5-15 ms against 1 ms for 120k points).
+    """
+    x, y, z = (np.asarray(points[:, k], np.float64) for k in range(3))
+    return [M[r, 0] * x + M[r, 1] * y + M[r, 2] * z + M[r, 3] for r in range(M.shape[0])]
 
 
 def project_to_image(
@@ -42,15 +47,12 @@ def project_to_image(
         Tr = np.vstack([Tr, [0.0, 0.0, 0.0, 1.0]])
     if len(points) == 0:
         return np.zeros((0, 2)), np.zeros(0), np.zeros(0, np.int64)
-    cam = _homogeneous(points) @ (P2 @ Tr).T  # [N, 3]
-    depth = cam[:, 2]
-    front = depth > 0
-    # Divide only where the point is in front, so points at depth 0 give no warnings.
-    uv = np.full((len(cam), 2), -1.0)
-    np.divide(cam[:, :2], depth[:, None], out=uv, where=front[:, None])
-    keep = front & (uv[:, 0] >= 0) & (uv[:, 0] < width) & (uv[:, 1] >= 0) & (uv[:, 1] < height)
-    index = np.flatnonzero(keep)
-    return uv[index], depth[index], index
+    a, b, depth = _affine_rows(points, P2 @ Tr)
+    index = np.flatnonzero(depth > 0)  # in front; also keeps the divisions below warning-free
+    a, b, depth = a[index], b[index], depth[index]
+    u, v = a / depth, b / depth
+    inside = np.flatnonzero((u >= 0) & (u < width) & (v >= 0) & (v < height))
+    return np.column_stack([u[inside], v[inside]]), depth[inside], index[inside]
 
 
 def nearest_per_pixel(pixel: np.ndarray, distance: np.ndarray) -> np.ndarray:
@@ -109,6 +111,8 @@ def lidar_image(
     labels: np.ndarray | None = None,
     extra: np.ndarray | None = None,
     box: tuple[int, int, int, int] | None = None,
+    mean: np.ndarray | None = None,
+    std: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
     """The LiDAR image aligned pixel-for-pixel with the camera image.
 
@@ -118,6 +122,10 @@ def lidar_image(
 
     `box` = (top, left, crop_height, crop_width) restricts the output to a window of the
     width x height image (points outside it are dropped before the scatter).
+
+    `mean` and `std` ([5]) standardise the five LiDAR channels of the winning points before
+    they are scattered, so empty pixels stay exactly 0 and only the few thousand filled
+    pixels cost arithmetic.
 
     Returns image float32 [5 + E, h, w], label map int16 [h, w] (the winning point's
     `labels`, -1 where no point; None without labels) and valid bool [h, w].
@@ -136,9 +144,15 @@ def lidar_image(
     n_extra = 0 if extra is None else extra.shape[1]
     image = np.zeros((5 + n_extra, out_h * out_w), np.float32)
     chosen = points[src]
-    image[0, pixel] = np.linalg.norm(chosen[:, :3].astype(np.float64), axis=1)
-    image[1:4, pixel] = chosen[:, :3].T
-    image[4, pixel] = chosen[:, 3] if points.shape[1] > 3 else 0.0
+    values = np.empty((5, len(src)), np.float64)
+    values[0] = np.linalg.norm(chosen[:, :3].astype(np.float64), axis=1)
+    values[1:4] = chosen[:, :3].T
+    values[4] = chosen[:, 3] if points.shape[1] > 3 else 0.0
+    if mean is not None:
+        values -= np.asarray(mean, np.float64)[:, None]
+    if std is not None:
+        values /= np.asarray(std, np.float64)[:, None]
+    image[:5, pixel] = values
     if n_extra:
         image[5:, pixel] = np.asarray(extra)[src].T
     valid = np.zeros(out_h * out_w, bool)

@@ -19,7 +19,8 @@ from cmkd.errors import ConfigError, DataFormatError
 
 TINY = {
     "seed": 3,
-    "sequences": {"00": {"frames": 2, "image_size": [1241, 376]}, "08": {"frames": 1, "image_size": [1226, 370]}},
+    "sequences": [{"sequence": 0, "frames": 2, "image_size": [1241, 376]},
+                  {"sequence": 8, "frames": 1, "image_size": [1226, 370]}],
     "image_scale": 0.2,
     "lidar_width": 256,
     "split": {"train": [0], "val": [8]},
@@ -88,8 +89,13 @@ def test_nan_coordinates_name_file(tmp_path):
     pts = np.zeros((5, 4), np.float32)
     pts[3, 1] = np.nan
     pts.tofile(tmp_path / "n.bin")
-    with pytest.raises(DataFormatError, match=r"n\.bin.*NaN.*row 3"):
+    with pytest.raises(DataFormatError, match=r"n\.bin.*NaN or infinite coordinates.*row 3"):
         sk.read_scan(tmp_path / "n.bin")
+    pts[3, 1] = 0.0
+    pts[2, 3] = np.inf
+    pts.tofile(tmp_path / "r.bin")
+    with pytest.raises(DataFormatError, match=r"r\.bin.*infinite remission.*row 2"):
+        sk.read_scan(tmp_path / "r.bin")
 
 
 def test_label_count_mismatch_and_unknown_ids(tmp_path):
@@ -129,7 +135,7 @@ def test_missing_image_names_it(tmp_path):
 def test_sample_has_the_exact_semantickitti_layout(sample):
     for seq, size in (("00", (1241, 376)), ("08", (1226, 370))):
         d = seq_dir(sample, seq)
-        frames = TINY["sequences"][seq]["frames"]
+        frames = {"00": 2, "08": 1}[seq]
         names = [f"{i:06d}" for i in range(frames)]
         assert sorted(p.name for p in (d / "velodyne").iterdir()) == [n + ".bin" for n in names]
         assert sorted(p.name for p in (d / "labels").iterdir()) == [n + ".label" for n in names]
@@ -179,7 +185,7 @@ def test_sample_lidar_and_camera_agree_on_labels():
 
 
 def test_sample_is_deterministic(tmp_path):
-    cfg = {**TINY, "sequences": {"08": {"frames": 1, "image_size": [1226, 370]}}, "split": {"train": [8], "val": [8]}}
+    cfg = {**TINY, "sequences": [{"sequence": 8, "frames": 1, "image_size": [1226, 370]}], "split": {"train": [8], "val": [8]}}
     a, b = tmp_path / "a", tmp_path / "b"
     kitti_sample.download(cfg, a, progress=False)
     kitti_sample.download(cfg, b, progress=False)
@@ -362,8 +368,10 @@ def test_config_errors_name_the_key(tmp_path):
         kitti_sample.validate({**TINY, "crop": {"train": [80, 96], "val": [32, 96]}})
     with pytest.raises(ConfigError, match=r"split\.val.*not in data\.semantickitti-sample\.sequences"):
         kitti_sample.validate({**TINY, "split": {"train": [0], "val": [3]}})
-    with pytest.raises(ConfigError, match=r"sequences\.00\.image_size"):
-        kitti_sample.validate({**TINY, "sequences": {"00": {"frames": 1, "image_size": [640, 480]}}})
+    with pytest.raises(ConfigError, match=r"sequences\[0\]\.image_size"):
+        kitti_sample.validate({**TINY, "sequences": [{"sequence": 0, "frames": 1, "image_size": [640, 480]}]})
+    with pytest.raises(ConfigError, match=r"sequences\[1\]\.sequence.*listed twice"):
+        kitti_sample.validate({**TINY, "sequences": [{"sequence": 0, "frames": 1}, {"sequence": "00", "frames": 1}]})
     with pytest.raises(ConfigError, match=r"\.split\.train"):
         sk.validate({"split": {"train": [], "val": [8]}, "crop": {"val": [8, 8]}}, "data.semantickitti")
     with pytest.raises(ConfigError, match=r"\.crop\.val"):

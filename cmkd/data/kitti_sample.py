@@ -90,7 +90,8 @@ NATURAL_COLOURS[253] = NATURAL_COLOURS[31]
 
 DEFAULTS: dict[str, Any] = {
     "seed": 0,
-    "sequences": {"00": {"frames": 24, "image_size": [1241, 376]}, "08": {"frames": 8, "image_size": [1226, 370]}},
+    "sequences": [{"sequence": 0, "frames": 24, "image_size": [1241, 376]},
+                  {"sequence": 8, "frames": 8, "image_size": [1226, 370]}],
     "image_scale": 0.25,
     "lidar_beams": 64,
     "lidar_width": 1024,
@@ -441,22 +442,31 @@ def write_calib(path: Path, P2: np.ndarray, Tr: np.ndarray) -> None:
 
 
 def sequence_config(cfg: Mapping[str, Any], key: str = KEY) -> dict[str, dict[str, Any]]:
+    """`sequences` (a list of {sequence, frames, image_size}) as {"NN": {frames, image_size}}.
+
+    A list rather than a mapping keyed by sequence: YAML reads an unquoted 08 as a string and
+    00 as an integer, and mixed key types break DVC's params hashing.
+    """
     seqs = cfg.get("sequences", DEFAULTS["sequences"])
-    if not isinstance(seqs, Mapping) or not seqs:
-        raise ConfigError(f"{key}.sequences", "must map sequence numbers to {frames, image_size}")
+    if not isinstance(seqs, list) or not seqs:
+        raise ConfigError(f"{key}.sequences", "must be a non-empty list of {sequence, frames, image_size}")
     out = {}
-    for name, spec in seqs.items():
-        k = f"{key}.sequences.{name}"
+    for i, spec in enumerate(seqs):
+        k = f"{key}.sequences[{i}]"
+        if not isinstance(spec, Mapping) or set(spec) - {"sequence", "frames", "image_size"}:
+            raise ConfigError(k, f"must be a mapping with keys sequence, frames, image_size; got {spec!r}")
         try:
-            seq = semantickitti.sequence_name(name)
-        except ValueError as err:
-            raise ConfigError(k, "sequence names must be numbers such as 00 or 8") from err
-        frames = spec.get("frames") if isinstance(spec, Mapping) else None
+            seq = semantickitti.sequence_name(spec.get("sequence"))
+        except (TypeError, ValueError) as err:
+            raise ConfigError(f"{k}.sequence", f"must be a sequence number such as 0 or 8, got {spec.get('sequence')!r}") from err
+        if seq in out:
+            raise ConfigError(f"{k}.sequence", f"sequence {seq} is listed twice")
+        frames = spec.get("frames")
         if not isinstance(frames, int) or frames < 1:
             raise ConfigError(f"{k}.frames", f"must be a positive integer, got {frames!r}")
         size = tuple(spec.get("image_size", (1241, 376)))
         if size not in KITTI_CALIB:
-            raise ConfigError(f"{k}.image_size", f"must be one of KITTI's sizes {sorted(KITTI_CALIB)}, got {list(size)}")
+            raise ConfigError(f"{k}.image_size", f"must be one of KITTI's sizes {[list(s) for s in KITTI_CALIB]}, got {list(size)}")
         out[seq] = {"frames": frames, "image_size": size}
     return out
 

@@ -118,9 +118,12 @@ def read_scan(path: str | Path) -> np.ndarray:
     if size == 0 or size % 16:
         raise DataFormatError(path, f"size {size} bytes is not a positive multiple of 16 (4 float32 per point): truncated scan?")
     points = np.fromfile(path, dtype="<f4").reshape(-1, 4)
-    bad = ~np.isfinite(points[:, :3]).all(axis=1)
-    if bad.any():
-        raise DataFormatError(path, f"{int(bad.sum())} point(s) with NaN or infinite coordinates (first at row {int(np.argmax(bad))})")
+    if not np.isfinite(points).all():  # the contiguous check is 50x cheaper than per row
+        bad = ~np.isfinite(points[:, :3]).all(axis=1)
+        if bad.any():
+            raise DataFormatError(path, f"{int(bad.sum())} point(s) with NaN or infinite coordinates (first at row {int(np.argmax(bad))})")
+        row = int(np.argmax(~np.isfinite(points[:, 3])))
+        raise DataFormatError(path, f"NaN or infinite remission (first at row {row})")
     return points
 
 
@@ -181,7 +184,8 @@ def read_image(path: str | Path) -> np.ndarray:
         raise DataFormatError(path, "image file does not exist (every scan needs its image_2 image)")
     try:
         with Image.open(path) as img:
-            return np.asarray(img.convert("RGB"))
+            img.load()
+            return np.asarray(img if img.mode == "RGB" else img.convert("RGB"))
     except OSError as err:
         raise DataFormatError(path, f"not a readable image ({err})") from err
 
@@ -352,6 +356,15 @@ def crop_box(width: int, height: int, crop: tuple[int, int], rng: np.random.Gene
     return int(rng.integers(0, height - ch + 1)), int(rng.integers(0, width - cw + 1)), ch, cw
 
 
+def normalise_rgb(image: np.ndarray, mean: Sequence[float], std: Sequence[float], dtype: np.dtype) -> np.ndarray:
+    """uint8 [h, w, 3] -> [3, h, w] of (x / 255 - mean) / std, one fused pass per channel."""
+    out = np.empty((3,) + image.shape[:2], np.float32)
+    for c in range(3):
+        np.multiply(image[..., c], np.float32(1.0 / (255.0 * std[c])), out=out[c])
+        out[c] -= np.float32(mean[c] / std[c])
+    return out.astype(dtype, copy=False)
+
+
 def process_scan(record: ScanRecord, s: PrepareSettings) -> dict[str, np.ndarray]:
     """One scan -> the arrays of one prepared row (see the module docstring)."""
     points = read_scan(record.scan)
@@ -371,15 +384,12 @@ def process_scan(record: ScanRecord, s: PrepareSettings) -> dict[str, np.ndarray
     top, left, ch, cw = crop_box(width, height, s.crop, rng, record.image)
 
     lidar, label_map, valid = lidar_image(points, calib["P2"], calib["Tr"], width, height,
-                                          labels=labels, extra=normals, box=(top, left, ch, cw))
+                                          labels=labels, extra=normals, box=(top, left, ch, cw),
+                                          mean=s.lidar_mean, std=s.lidar_std)
     dtype = np.dtype(s.dtype)
-    mean = np.asarray(s.lidar_mean, np.float32)[:, None, None]
-    std = np.asarray(s.lidar_std, np.float32)[:, None, None]
-    lidar[:5] = np.where(valid, (lidar[:5] - mean) / std, 0.0)
-    rgb = image[top:top + ch, left:left + cw].transpose(2, 0, 1).astype(np.float32) / 255.0
-    rgb = (rgb - np.asarray(s.rgb_mean, np.float32)[:, None, None]) / np.asarray(s.rgb_std, np.float32)[:, None, None]
-    out = {"rgb": rgb.astype(dtype), "lidar": lidar.astype(dtype), "labels": label_map,
-           "valid": valid.astype(np.uint8), "scan": np.int32(scan_id(record.sequence, record.frame))}
+    out = {"rgb": normalise_rgb(image[top:top + ch, left:left + cw], s.rgb_mean, s.rgb_std, dtype),
+           "lidar": lidar.astype(dtype, copy=False), "labels": label_map,
+           "valid": valid.view(np.uint8), "scan": np.int32(scan_id(record.sequence, record.frame))}
     if s.range_image:
         rh, rw = s.range_size
         rng_img, idx = range_projection(points, rh, rw, s.fov[0], s.fov[1])
@@ -389,6 +399,8 @@ def process_scan(record: ScanRecord, s: PrepareSettings) -> dict[str, np.ndarray
         channels[0][hit] = rng_img[hit]
         channels[1:4, hit] = src[:, :3].T
         channels[4][hit] = src[:, 3]
+        mean = np.asarray(s.lidar_mean, np.float32)[:, None, None]
+        std = np.asarray(s.lidar_std, np.float32)[:, None, None]
         channels = np.where(hit, (channels - mean) / std, 0.0)
         range_labels = np.full((rh, rw), -1, np.int16)
         range_labels[hit] = labels[idx[hit]]
@@ -627,4 +639,6 @@ def prepare(cfg: Mapping[str, Any], raw_dir: Path, out_path: Path, progress: boo
 
 
 def _stack_rows(rows: Sequence[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    if len(rows) == 1:  # full-size rows go one per chunk: a view, not a copy of ~9 MB
+        return {name: np.asarray(a)[None] for name, a in rows[0].items()}
     return {name: np.stack([r[name] for r in rows]) for name in rows[0]}

@@ -4,7 +4,8 @@ The encoder is four stages of ResNet BasicBlocks (strides 1, 2, 2, 2 after the s
 decoder projects every stage to `decoder_dim` channels with 1x1 convolutions, adds them top
 down (bilinear upsampling to the finer stage's size, so any input size works), refines with a
 3x3 convolution and upsamples to the input size. `features(x)` is that per-pixel map
-[N, D, H, W]; `head` is a 1x1 convolution to the class logits [N, C, H, W].
+[N, D, H, W]; `head` is a 1x1 convolution to the class logits [N, C, H, W]. Inputs of any
+floating dtype (float16 prepared files) are cast to the weights' dtype first.
 """
 
 from __future__ import annotations
@@ -50,6 +51,8 @@ class SegResNet(nn.Module):
         self.head = nn.Conv2d(dim, num_classes, 1)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
+        # Inputs may be stored as float16 (half the prepared file); compute in the weights' dtype.
+        x = x.to(self.head.weight.dtype)
         size = x.shape[-2:]
         maps = []
         out = self.stem(x)
