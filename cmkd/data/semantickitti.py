@@ -10,10 +10,12 @@ Layout (KITTI odometry + SemanticKITTI labels, merged)::
 
 `prepare` turns every scan into one row of the prepared HDF5 file (cmkd.data.h5):
 
-    rgb     [3, h, w]  the colour image, (x / 255 - rgb_mean) / rgb_std       (dtype: `dtype`)
+    rgb     [3, h, w]  the colour image, (x / 255 - rgb_mean) / rgb_std
     lidar   [5, h, w]  range, x, y, z, intensity of the point nearest to the camera in each
                        pixel, (value - lidar_mean) / lidar_std, 0 where no point falls
-                       (+3 channels nx, ny, nz when `normals` is on)           (dtype: `dtype`)
+                       (+3 channels nx, ny, nz when `normals` is on)
+                       rgb and lidar are float32 or float16 (`dtype`; float16 halves the file,
+                       4.7 MiB a 256 x 1024 scan, and seg_resnet casts its input)
     labels  [h, w]     int16: 0..18 the 19 classes of `learning_map`, -1 = unlabelled or no point
     valid   [h, w]     uint8: 1 where a LiDAR point falls (labelled or not)
     scan    []         int32: sequence * 1_000_000 + frame, the source scan of the row
@@ -34,7 +36,7 @@ import logging
 import multiprocessing
 import os
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
@@ -297,7 +299,6 @@ class PrepareSettings:
     range_image: bool = False
     range_size: tuple[int, int] = (64, 1024)
     fov: tuple[float, float] = (3.0, -25.0)
-    extra: dict = field(default_factory=dict)
 
 
 @functools.lru_cache(maxsize=64)
