@@ -19,6 +19,8 @@ from cmkd.errors import ConfigError
 DATASETS: dict[str, str] = {
     "synthetic": "cmkd.data.synthetic",
     "digits": "cmkd.data.digits",
+    "semantickitti": "cmkd.data.semantickitti",
+    "semantickitti-sample": "cmkd.data.kitti_sample",
 }
 
 
