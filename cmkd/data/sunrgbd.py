@@ -59,7 +59,7 @@ DEPTH_DIRS: tuple[str, ...] = ("depth", "depth_bfx")
 DEPTH_MAX_M = 8.0
 BASE_CHANNELS: dict[str, int] = {"rgb": 3, "depth": 1, "hha": 3}
 MANIFEST = "sunrgbd_manifest.json"
-SOURCE = "SOURCE.json"
+SOURCE = "sunrgbd_source.json"
 
 _SCENE_RE = re.compile(r"^[a-z][a-z0-9_]*$")
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -185,6 +185,15 @@ def find_root(raw_dir: str | Path) -> Path:
         if hits:
             return hits[0]
     raise DataFormatError(raw_dir, "no SUN RGB-D tree found (expected SUNRGBD/kv2/ inside; run the download stage)")
+
+
+def _first_root(candidates: Sequence[Path]) -> Path:
+    for candidate in candidates:
+        try:
+            return find_root(candidate)
+        except DataFormatError:
+            continue
+    raise DataFormatError(candidates[0], "no SUN RGB-D tree found in the fetched sources (expected SUNRGBD/kv2/)")
 
 
 def frame_dirs(root: Path, kv2_dirs: Sequence[str] = KV2_DIRS) -> list[Path]:
@@ -479,9 +488,12 @@ def download(cfg: Mapping[str, Any], raw_dir: Path, progress: bool = True) -> No
         from cmkd.data.download import fetch
 
         validate(cfg, "data.<sunrgbd dataset>")
-        extracted = Path(fetch([dict(s) for s in cfg["sources"]], raw_dir, progress=progress))
-        root = find_root(extracted)
-        source = {"sources": [dict(s) for s in cfg["sources"]]}
+        sources = [dict(s) for s in cfg["sources"]]
+        fetched = Path(fetch(sources, raw_dir, progress=progress))
+        # An already-extracted folder is used where it lies (fetch records it, copies nothing).
+        folders = [Path(s["path"]).expanduser() for s in sources if "path" in s and Path(s["path"]).expanduser().is_dir()]
+        root = _first_root([fetched, *folders])
+        source = {"sources": sources}
     frames, _ = index_frames(
         root, SCENE_CLASSES, cfg.get("kv2_dirs", KV2_DIRS), cfg.get("depth_dir", "depth"), cfg.get("other_scenes", "skip")
     )
