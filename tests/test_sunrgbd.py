@@ -313,8 +313,9 @@ def test_missing_depth_and_missing_scene_name_the_file(tmp_path):
     shutil.rmtree(d)
     d = make_frame(root / "kv2" / "kinect2data", "f2", "office")
     (d / "scene.txt").unlink()
-    with pytest.raises(DataFormatError, match="scene.txt: scene label file is missing"):
-        sunrgbd.index_frames(root)
+    with pytest.raises(DataFormatError, match="f2/scene.txt: scene label file is missing"):
+        sunrgbd.index_frames(root, other_scenes="error")
+    assert sunrgbd.index_frames(root)[1] == {"<no scene.txt>": 1}  # real data: skipped, counted
 
 
 # ----------------------------------------------------------------------------- the rendered sample
@@ -500,6 +501,12 @@ def test_prepare_checksum_mismatch_names_the_file(sample_raw, tmp_path):
         sunrgbd.prepare(sample_cfg(), raw, out, progress=False)
     assert str(intr) in str(err.value)
     assert_nothing_written(out)
+    shutil.copy(_first_frame(sample_raw) / "intrinsics.txt", intr)
+    scene = sorted((raw / "SUNRGBD" / "kv2" / "align_kv2").iterdir())[0] / "scene.txt"
+    scene.write_text(scene.read_text() + "\n")  # the label parses the same; the bytes differ
+    with pytest.raises(ChecksumError, match="scene.txt"):
+        sunrgbd.prepare(sample_cfg(), raw, out, progress=False)
+    assert_nothing_written(out)
 
 
 def test_prepare_missing_depth_and_unknown_scene(sample_raw, tmp_path):
@@ -513,6 +520,7 @@ def test_prepare_missing_depth_and_unknown_scene(sample_raw, tmp_path):
         sunrgbd.prepare(sample_cfg(), raw, out, progress=False)
     assert str(jpg) in str(err.value)
     shutil.copytree(_first_frame(sample_raw) / "depth", frame / "depth")
+    (raw / sunrgbd.MANIFEST).unlink()  # else the manifest catches the changed label first
     (frame / "scene.txt").write_text("spaceship")  # well-formed, but the sample holds only the ten classes
     with pytest.raises(DataFormatError, match="unknown scene label 'spaceship'"):
         sunrgbd.prepare(sample_cfg(), raw, out, progress=False)

@@ -232,24 +232,31 @@ def index_frames(
     kv2_dirs: Sequence[str] = KV2_DIRS,
     depth_dir: str = "depth",
     other_scenes: str = "skip",
+    reader: "VerifiedReader | None" = None,
 ) -> tuple[list[Frame], Counter]:
     """The frames whose scene is one of `classes`, and a count of the other scenes met.
 
     SUN RGB-D has ~45 scene types, so a well-formed label outside `classes` is another scene
-    and is skipped (`other_scenes="skip"`), or an error (`"error"`, for trees that hold only
-    the classes, like the offline sample). A missing, empty or malformed scene.txt is an error.
+    and is skipped (`other_scenes="skip"`; a frame without scene.txt is skipped too and counted
+    as "<no scene.txt>"), or an error (`"error"`, for trees that hold only the classes, like
+    the offline sample). An empty or malformed scene.txt is always an error. `reader`, when
+    given, reads the labels (verified against the download manifest, counted in the checksum).
     """
     wanted = set(classes)
     frames: list[Frame] = []
     skipped: Counter = Counter()
     for frame_dir in frame_dirs(root, kv2_dirs):
         scene_path = frame_dir / "scene.txt"
+        if not scene_path.is_file():
+            if other_scenes == "error":
+                raise DataFormatError(scene_path, "scene label file is missing")
+            skipped["<no scene.txt>"] += 1
+            continue
+        data = reader.read(scene_path) if reader is not None else _read_bytes(scene_path)
         try:
-            text = scene_path.read_text()
-        except FileNotFoundError as err:
-            raise DataFormatError(scene_path, "scene label file is missing") from err
-        except (OSError, UnicodeDecodeError) as err:
-            raise DataFormatError(scene_path, f"unreadable scene label ({err})") from err
+            text = data.decode()
+        except UnicodeDecodeError as err:
+            raise DataFormatError(scene_path, f"unknown scene label: not text ({err})") from err
         scene = parse_scene(text, scene_path)
         if scene not in wanted:
             if other_scenes == "error":
@@ -258,7 +265,16 @@ def index_frames(
             continue
         image = _one_image(frame_dir)
         frames.append(Frame(frame_dir, image, _depth_for(image, frame_dir, depth_dir), frame_dir / "intrinsics.txt", scene))
+    if skipped.get("<no scene.txt>"):
+        log.warning("%d kv2 frame folders have no scene.txt and were skipped", skipped["<no scene.txt>"])
     return frames, skipped
+
+
+def _read_bytes(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as err:
+        raise DataFormatError(path, f"unreadable ({err})") from err
 
 
 def report_counts(frames: Iterable[Frame], expected: Mapping[str, int] | None, classes: Sequence[str] = SCENE_CLASSES) -> dict[str, int]:
@@ -585,8 +601,9 @@ def prepare(cfg: Mapping[str, Any], raw_dir: Path, out_path: Path, progress: boo
     parts = list(dict.fromkeys(p for m in modalities for p in modality_parts(m)))
 
     root = find_root(raw_dir)
+    reader = VerifiedReader(root, load_manifest(raw_dir))
     frames, skipped = index_frames(
-        root, SCENE_CLASSES, cfg.get("kv2_dirs", KV2_DIRS), cfg.get("depth_dir", "depth"), cfg.get("other_scenes", "skip")
+        root, SCENE_CLASSES, cfg.get("kv2_dirs", KV2_DIRS), cfg.get("depth_dir", "depth"), cfg.get("other_scenes", "skip"), reader
     )
     if skipped:
         log.info("skipped %d kv2 frames of other scenes: %s", sum(skipped.values()), dict(sorted(skipped.items())))
@@ -595,7 +612,6 @@ def prepare(cfg: Mapping[str, Any], raw_dir: Path, out_path: Path, progress: boo
     if missing:
         raise DataFormatError(root, f"too few kv2 frames (< 2) of class(es) {missing} to split")
 
-    reader = VerifiedReader(root, load_manifest(raw_dir))
     subset = load_subset(frames, reader, size, "hha" in parts, progress)
     base = base_arrays(subset, depth_max)
     labels = np.array([SCENE_CLASSES.index(f.scene) for f in frames], np.int64)
