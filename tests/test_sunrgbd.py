@@ -381,7 +381,7 @@ def test_prepared_layout_and_attrs(prepared):
     assert attrs["modalities"] == ["rgb", "depth", "hha", "rgb_depth"]
     assert (attrs["teacher_modality"], attrs["student_modality"]) == ("rgb", "depth")
     assert attrs["ignore_index"] is None and attrs["source_checksum"].startswith("sha256:")
-    assert attrs["split_roots"] == ["split_0", "split_1", "split_2"] and attrs["split_seeds"] == [0, 1, 2]
+    assert attrs["seed_roots"] == ["split_0", "split_1", "split_2"] and attrs["split_seeds"] == [0, 1, 2]
     assert attrs["channel_splits"]["rgb_depth"] == [3, 1]
     assert attrs["class_counts"] == {c: 10 for c in CLASSES}
     with h5py.File(prepared, "r") as f:
@@ -666,7 +666,7 @@ def test_default_sample_params_download_and_prepare(tmp_path):
         out = tmp_path / name / "prepared.h5"
         sunrgbd.prepare(cfg, tmp_path / name / "raw", out, progress=False)
         attrs = read_attrs(out)
-        assert attrs["teacher_modality"] == cfg["teacher_modality"] and attrs["split_roots"] == [f"split_{k}" for k in range(5)]
+        assert attrs["teacher_modality"] == cfg["teacher_modality"] and attrs["seed_roots"] == [f"split_{k}" for k in range(5)]
         for k in range(5):
             sizes = [len(PreparedSplit(out, s, root=f"split_{k}")) for s in ("train", "val", "test")]
             assert sizes == [105, 15, 30]

@@ -19,7 +19,7 @@ SUN RGB-D's own (SUNRGBD.zip from rgbd.cs.princeton.edu)::
     /meta/frames/relpath                       [F] bytes, the selected frames (sorted paths)
 
 Split k is the stratified 70/10/20 split drawn with seed `split_seeds[k]` (DisCoM-KD repeats
-every experiment on five splits); training seed k uses root `split_<k>` (attrs `split_roots`).
+every experiment on five splits); training seed k uses root `split_<k>` (attrs `seed_roots`, read by cmkd.pipeline.seed_root).
 
 Modalities: `rgb` (3), `depth` (1: metres / depth_max_m), `hha` (3: an HHA-like encoding, see
 `hha_encode`), and fused ones named by joining base names with "_" (e.g. `rgb_depth`, 4
@@ -624,7 +624,7 @@ def prepare(cfg: Mapping[str, Any], raw_dir: Path, out_path: Path, progress: boo
         "student_modality": str(cfg["student_modality"]),
         "ignore_index": None,
         "source_checksum": reader.checksum(),
-        "split_roots": [f"split_{k}" for k in range(len(split_seeds))],
+        "seed_roots": [f"split_{k}" for k in range(len(split_seeds))],
         "split_seeds": split_seeds,
         "split_fractions": fractions,
         "channel_splits": {m: [BASE_CHANNELS[p] for p in modality_parts(m)] for m in modalities},
