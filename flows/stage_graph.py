@@ -1,0 +1,84 @@
+"""The pipeline's stages and their dependencies, read from dvc.yaml through DVC itself.
+
+Nothing here lists stages by hand: DVC resolves dvc.yaml (templating, `foreach`, `matrix`,
+params.yaml values such as `datasets` or `methods`) and builds its stage graph; we take the
+order `dvc repro` itself would use (DVC's `plan_repro`, a depth-first post-order of the
+graph with frozen stages cut from their dependencies) and each stage's direct upstream
+stages, so the flow can start a stage as soon as its own dependencies are done.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class PlannedStage:
+    """One stage `dvc repro` would visit.
+
+    name: DVC's address of the stage (`train`, `distill@synthetic-kdv1`, or
+        `sub/dvc.yaml:train` for a nested dvc.yaml): what `dvc repro` and `dvc status` accept.
+    upstream: names of the planned stages whose outputs this stage depends on directly.
+    uncached_outs: outputs declared `cache: false` (paths relative to the repo root): DVC
+        cannot restore these from its cache, so a run that must leave the workspace as it
+        found it backs them up itself.
+    """
+
+    name: str
+    upstream: tuple[str, ...]
+    frozen: bool = False
+    uncached_outs: tuple[str, ...] = ()
+
+
+def _address(stage) -> str:
+    """DVC's `addressing` of a stage, relative to the repo root rather than the current
+    directory (what `dvc repro` and `dvc status` accept when run in the root)."""
+    from dvc.dvcfile import PROJECT_FILE
+    from dvc.stage import PipelineStage
+
+    rel = stage.path_in_repo.replace(os.sep, "/")
+    if isinstance(stage, PipelineStage):
+        return stage.name if rel == PROJECT_FILE else f"{rel}:{stage.name}"
+    return rel
+
+
+def read_stage_plan(repo_root: str | Path) -> list[PlannedStage]:
+    """Stages of `repo_root`'s root dvc.yaml and their upstream stages, in DVC's order.
+
+    Data sources (`dvc add`-ed `.dvc` files) are not stages to run: DVC's status of the
+    stages that depend on them already says when they change.
+    """
+    from dvc.dvcfile import PROJECT_FILE
+    from dvc.repo import Repo
+    from dvc.repo.reproduce import collect_stages, get_active_graph, plan_repro
+
+    with Repo(str(repo_root)) as repo:
+        # Exactly what `dvc repro` (no targets) plans: the root dvc.yaml's stages and
+        # everything they depend on.
+        targets = collect_stages(repo, [os.path.join(repo.root_dir, PROJECT_FILE)])
+        graph = get_active_graph(repo.index.graph)
+        order = plan_repro(graph, targets)
+        runnable = [stage for stage in order if not stage.is_data_source]
+        names = {stage: _address(stage) for stage in runnable}
+        plan = []
+        for stage in runnable:
+            # DVC's edges point from a stage to the stages it depends on.
+            upstream = tuple(
+                sorted(names[dep] for dep in graph.successors(stage) if dep in names)
+            )
+            uncached = tuple(
+                os.path.relpath(out.fs_path, repo.root_dir) for out in stage.outs if not out.use_cache
+            )
+            plan.append(PlannedStage(names[stage], upstream, bool(stage.frozen), uncached))
+    return plan
+
+
+def downstream_closure(plan: list[PlannedStage], names: set[str]) -> set[str]:
+    """`names` and every planned stage that depends on one of them, directly or not."""
+    result = set(names)
+    for stage in plan:  # DVC's order lists a stage after all of its dependencies
+        if any(up in result for up in stage.upstream):
+            result.add(stage.name)
+    return result
