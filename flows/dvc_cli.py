@@ -160,15 +160,3 @@ def run_checked(args: Sequence[str], cwd: str | Path, on_line: Callable[[str], N
     if result.returncode != 0:
         raise DvcCommandError(args, result.returncode, result.output_tail)
     return result
-
-
-def dvc_status(cwd: str | Path, targets: Sequence[str] = ()) -> dict[str, list]:
-    """`dvc status --json [targets]`: stage address -> reasons it is stale; {} when clean.
-
-    This is the same check `dvc repro` makes before running a stage (changed command,
-    dependencies, parameters or outputs), as DVC's documented JSON.
-    """
-    status = run_json(dvc_args("status", "--json", *targets), cwd)
-    if not isinstance(status, dict):
-        raise DvcCommandError(dvc_args("status", "--json", *targets), 0, f"unexpected output {status!r}")
-    return status

@@ -11,20 +11,22 @@ How it works
   its own `plan_repro` orders it). There is no stage list in this file.
 * One Prefect task per stage, submitted in DVC's order; a task waits only for its own upstream
   stages, so independent stages (e.g. the distill runs of one dataset) overlap when `jobs` > 1.
-  Each stage runs as `dvc --wait-for-lock repro --single-item <stage>`: DVC runs it (or restores
-  it from its run cache) only if it is stale, and DVC's repo lock, which DVC releases while a
-  stage's command runs, keeps concurrent DVC processes from corrupting dvc.lock.
-* Ran or up to date? Decided by `dvc status --json`, DVC's documented machine-readable answer
-  to the same question `dvc repro` asks before running a stage (changed command, deps, params
-  or outs); output text such as "didn't change, skipping" is not parsed, since its wording is
-  not an interface. The flow asks once for the whole pipeline before starting. A stage that
-  was clean then, and none of whose upstream stages ran in this flow, cannot have become stale
-  (nothing it depends on was touched), so its task records "up to date" without starting a DVC
-  process; this keeps an up-to-date pipeline's run within seconds of a bare `dvc repro`
-  (benchmarks/prefect_overhead.py). Any other stage asks `dvc status --json <stage>` again
-  just before it would run (its upstream stages may have just changed its inputs, or not, if
-  they reproduced identical outputs), and runs `dvc repro` only if DVC says it is stale.
-  A retried attempt always asks again.
+  A stage that may be stale runs in a child process, `flows/dvc_stage.py`, which calls DVC's
+  `Repo.reproduce(<stage>, single_item=True)`, the function behind `dvc repro --single-item
+  <stage>`, with DVC's own console output. It waits for DVC's repo lock (as
+  `dvc --wait-for-lock`); DVC releases that lock while a stage's command runs, so independent
+  stages overlap without corrupting dvc.lock.
+* Ran or up to date? DVC's own answer: `Repo.reproduce` returns the stages it reproduced (ran,
+  or restored from its run cache) and nothing for a stage it found unchanged; the child writes
+  that list to a file. Output text such as "didn't change, skipping" is never parsed (its
+  wording is not an interface), and no earlier status is trusted for a stage DVC is asked to
+  reproduce, so nothing can change between DVC's check and its run. One shortcut keeps an
+  up-to-date pipeline within seconds of a bare `dvc repro` (benchmarks/prefect_overhead.py):
+  the flow takes DVC's status of every stage once, at the start (the same `Stage.status` call
+  `dvc status` makes, in this process, while it reads the graph). A stage that was clean then,
+  and none of whose upstream stages ran in this flow, cannot have become stale (nothing it
+  depends on was touched), so its task records "up to date" without starting a DVC process.
+  Retried attempts and `force` always go to DVC.
 * The stage's output (DVC's and the stage command's, stdout and stderr) is streamed line by
   line into the task's log; progress-bar redraws are rate limited. A failed stage raises
   `StageFailedError` carrying the last lines of that output, so the error is visible in the
@@ -64,6 +66,7 @@ import argparse
 import contextlib
 import json
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -76,7 +79,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.tasks import exponential_backoff
 
 from cmkd.errors import CmkdError, ConfigError
-from flows.dvc_cli import DvcCommandError, dvc_args, dvc_status, run_checked, run_streaming
+from flows.dvc_cli import DvcCommandError, dvc_args, run_checked, run_streaming
 from flows.overrides import (
     OverrideSession,
     build_overrides,
@@ -128,6 +131,9 @@ def _describe(reasons: list) -> str:
     return json.dumps(reasons, sort_keys=True)
 
 
+STAGE_RUNNER = Path(__file__).with_name("dvc_stage.py")
+
+
 @task(name="dvc-stage", task_run_name="{stage_name}", cache_policy=NO_CACHE)
 def run_stage(
     repo_root: str,
@@ -136,24 +142,25 @@ def run_stage(
     upstream: list[dict],
     force: bool = False,
 ) -> dict:
-    """Reproduce one DVC stage if DVC says it is stale; see the module docstring."""
+    """Reproduce one DVC stage if DVC finds it stale; see the module docstring."""
     logger = get_run_logger()
     attempt = max(1, task_run.run_count)
     upstream_ran = [u["stage"] for u in upstream if u["status"] == RAN]
-    if force:
-        reasons: list = ["forced (--force)"]
-    elif attempt == 1 and not upstream_ran:
-        reasons = start_status  # nothing this stage depends on was touched since then
-    else:
-        reasons = dvc_status(repo_root, [stage_name]).get(stage_name, [])
-    outcome = {"stage": stage_name, "attempts": attempt, "reasons": reasons, "seconds": 0.0,
-               "from_run_cache": False}
-    if not reasons:
-        why = f"upstream {', '.join(upstream_ran)} ran; " if upstream_ran else ""
-        logger.info("%s: up to date (%sdvc status is clean)", stage_name, why)
+    outcome = {"stage": stage_name, "attempts": attempt, "reasons": start_status,
+               "seconds": 0.0, "from_run_cache": False}
+    if not force and attempt == 1 and not upstream_ran and not start_status:
+        # Clean at the start and nothing it depends on has run since: DVC would skip it.
+        logger.info("%s: up to date (dvc status clean, no upstream stage ran)", stage_name)
         return {**outcome, "status": UP_TO_DATE}
-    logger.info("%s: stale (dvc status: %s)", stage_name, _describe(reasons))
-    args = dvc_args("repro", "--single-item", *(["--force"] if force else []), stage_name)
+    if force:
+        why = "--force"
+    elif attempt > 1:
+        why = f"attempt {attempt}"
+    elif upstream_ran:
+        why = f"upstream {', '.join(upstream_ran)} ran; DVC decides"
+    else:
+        why = f"dvc status: {_describe(start_status)}"
+    logger.info("%s: %s", stage_name, why)
     logger.info("$ dvc repro --single-item %s%s", "--force " if force else "", stage_name)
     seen_run_cache = []
 
@@ -162,9 +169,16 @@ def run_stage(
             seen_run_cache.append(line)
         logger.info("%s", line)
 
-    result = run_streaming(args, repo_root, log_line)
-    if result.returncode != 0:
-        raise StageFailedError(stage_name, result.returncode, result.output_tail)
+    with tempfile.TemporaryDirectory(prefix="cmkd-stage-") as tmp:
+        result_file = Path(tmp) / "result.json"
+        args = [sys.executable, str(STAGE_RUNNER), stage_name, str(result_file)]
+        result = run_streaming(args + (["--force"] if force else []), repo_root, log_line)
+        if result.returncode != 0:
+            raise StageFailedError(stage_name, result.returncode, result.output_tail)
+        reproduced = json.loads(result_file.read_text())["reproduced"]
+    if not reproduced:
+        logger.info("%s: up to date (DVC found nothing changed)", stage_name)
+        return {**outcome, "status": UP_TO_DATE, "seconds": round(result.seconds, 3)}
     logger.info("%s: done in %.1f s", stage_name, result.seconds)
     return {**outcome, "status": RAN, "seconds": round(result.seconds, 3),
             "from_run_cache": bool(seen_run_cache)}
@@ -260,11 +274,10 @@ def pipeline_flow(
             [p for s in read_stage_plan(root) for p in s.uncached_outs] if session else []
         )
         with session or contextlib.nullcontext():
-            plan = read_stage_plan(root)
+            plan, start = read_stage_plan(root, with_status=True)
             if session:
                 session.protect(baseline_uncached + [p for s in plan for p in s.uncached_outs])
             logger.info("DVC plan (%d stages): %s", len(plan), ", ".join(s.name for s in plan))
-            start = dvc_status(root)
             outcomes, failed = _run_stages(root, plan, start, force=force, jobs=jobs,
                                            retries=retries, retry_backoff_s=retry_backoff_s)
             experiment = None

@@ -44,17 +44,29 @@ def _address(stage) -> str:
     return rel
 
 
-def read_stage_plan(repo_root: str | Path) -> list[PlannedStage]:
+def _open_repo(repo_root: str | Path):
+    from dvc.repo import Repo
+
+    try:  # as `dvc --wait-for-lock`: queue behind a running DVC command instead of failing
+        return Repo(str(repo_root), _wait_for_lock=True)
+    except TypeError:  # a DVC without that option
+        return Repo(str(repo_root))
+
+
+def read_stage_plan(repo_root: str | Path, *, with_status: bool = False):
     """Stages of `repo_root`'s root dvc.yaml and their upstream stages, in DVC's order.
 
     Data sources (`dvc add`-ed `.dvc` files) are not stages to run: DVC's status of the
     stages that depend on them already says when they change.
+
+    With `with_status`, returns (plan, status): status maps each stale stage to DVC's
+    reasons, exactly the entries of `dvc status --json` (computed by the same Stage.status
+    call, in this process, under DVC's repo lock), so no second DVC process is needed.
     """
     from dvc.dvcfile import PROJECT_FILE
-    from dvc.repo import Repo
     from dvc.repo.reproduce import collect_stages, get_active_graph, plan_repro
 
-    with Repo(str(repo_root)) as repo:
+    with _open_repo(repo_root) as repo:
         # Exactly what `dvc repro` (no targets) plans: the root dvc.yaml's stages and
         # everything they depend on.
         targets = collect_stages(repo, [os.path.join(repo.root_dir, PROJECT_FILE)])
@@ -72,7 +84,16 @@ def read_stage_plan(repo_root: str | Path) -> list[PlannedStage]:
                 os.path.relpath(out.fs_path, repo.root_dir) for out in stage.outs if not out.use_cache
             )
             plan.append(PlannedStage(names[stage], upstream, bool(stage.frozen), uncached))
-    return plan
+        if not with_status:
+            return plan
+        status = {}
+        with repo.lock:
+            for stage in runnable:
+                # {stage.addressing: reasons} or {}; addressing is relative to the cwd.
+                reasons = next(iter(stage.status().values()), [])
+                if reasons:
+                    status[names[stage]] = reasons
+    return plan, status
 
 
 def downstream_closure(plan: list[PlannedStage], names: set[str]) -> set[str]:

@@ -403,6 +403,27 @@ def test_pipeline_failure_carries_the_stage_error(tmp_path, dvc_env, prefect_har
 # --- the sweep flow ------------------------------------------------------------------------
 
 
+def test_sweep_grid_points_and_names(tmp_path):
+    from flows.sweep import grid_points, point_name, point_overrides
+
+    points = grid_points(methods=["m1", "m2"], gammas=[0.0, 0.25])
+    assert points == [{"method": "m1", "gamma": 0.0}, {"method": "m1", "gamma": 0.25},
+                      {"method": "m2", "gamma": 0.0}, {"method": "m2", "gamma": 0.25}]
+    assert point_name("s", points[1]) == "s-m1-g0_25"
+    assert point_name("s", {"dataset": "tiny", "method": "m1", "seed": 3, "gamma": 1.0}) == \
+        "s-tiny-m1-s3-g1_0"
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump(PARAMS))
+    assert point_overrides(params, points[1], "data.synthetic.gamma", {"runs.m2.scale": 4}) == [
+        "methods=['m1']", "data.synthetic.gamma=0.25", "runs.m2.scale=4"]
+    with pytest.raises(ConfigError, match="data.synthetic.gamma: set twice"):
+        point_overrides(params, points[1], "data.synthetic.gamma", {"data.synthetic.gamma": 1})
+    with pytest.raises(ConfigError, match="seeds: repeated values"):
+        grid_points(seeds=[1, 1])
+    with pytest.raises(ConfigError, match="give at least one"):
+        grid_points()
+
+
 @pytest.fixture(scope="module")
 def sweep_project(tmp_path_factory, dvc_env):
     return make_project(tmp_path_factory.mktemp("sweep") / "p", CORE_STAGES)
@@ -443,6 +464,8 @@ def test_sweep_grid_on_a_dask_cluster(sweep_project, prefect_harness):
                       dashboard_address=None) as cluster:
         result = sweep_flow(repo=str(root), gammas=[0.25, 1.0], seeds=[0, 2],
                             dask_address=cluster.scheduler_address, retries=0, sweep_name="d")
+        # The experiments were Dask tasks (the scheduler saw the Prefect task's key prefix).
+        assert any("experiment" in prefix for prefix in cluster.scheduler.task_prefixes)
     # methods stay [m1, m2]: best_score = max over both runs = gamma * 3 + seed.
     expected = {(g, s): score(g, 3.0, s) for g in (0.25, 1.0) for s in (0, 2)}
     assert {(r["gamma"], r["seed"]): r["best_score"] for r in result["rows"]} == expected
