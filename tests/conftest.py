@@ -1,19 +1,77 @@
-"""Shared fixtures.
-
-Prefect: one temporary Prefect server for the whole test session, started only when a test
-requests the `prefect_harness` fixture (so test runs without Prefect tests never start it).
-Prefect reads its home folder when it is first imported, so PREFECT_HOME (a private temporary
-folder) and the analytics switch are set here, before any test module imports Prefect.
-"""
+"""Shared fixtures. DVC and Prefect get their own throw-away homes, never the user's."""
 
 from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
+from pathlib import Path
 
 import pytest
+import yaml
 
+REPO = Path(__file__).resolve().parents[1]
+PIPELINE_FILES = ["cmkd", "stages", "dvc.yaml", "params.yaml", "claims.yaml", "flows"]
+
+
+def tool_env(tmp: Path) -> dict[str, str]:
+    """Environment for subprocesses: the running interpreter's bin first, private homes."""
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env["HOME"] = str(tmp / "home")
+    env["DVC_NO_ANALYTICS"] = "1"
+    env["DVC_SITE_CACHE_DIR"] = str(tmp / "dvc-site-cache")
+    env["PYTHONPATH"] = ""
+    env["CMKD_LOG_LEVEL"] = "WARNING"
+    (tmp / "home").mkdir(exist_ok=True)
+    return env
+
+
+def copy_pipeline(dest: Path) -> Path:
+    """A fresh copy of the pipeline (code, dvc.yaml, params) with its own DVC repo."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in PIPELINE_FILES:
+        src = REPO / name
+        if src.is_dir():
+            shutil.copytree(src, dest / name, ignore=shutil.ignore_patterns("__pycache__"))
+        elif src.exists():
+            shutil.copy2(src, dest / name)
+    return dest
+
+
+def tiny_params(params: dict, datasets=("synthetic",), methods=("kdv1",), seeds=(0,), epochs=2) -> dict:
+    params = yaml.safe_load(yaml.safe_dump(params))
+    params["datasets"] = list(datasets)
+    params["methods"] = list(methods)
+    params["seeds"] = list(seeds)
+    for ds in datasets:
+        for role in ("teacher", "student"):
+            params["train"][ds][role]["epochs"] = epochs
+    if "synthetic" in datasets:
+        params["data"]["synthetic"]["n_samples"] = 600
+        params["data"]["synthetic"]["gammas"] = [0.0, 1.0]
+    return params
+
+
+def dvc(args: list[str], cwd: Path, env: dict[str, str], check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=cwd, env=env, capture_output=True, text=True)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"dvc {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def stages_run(output: str) -> set[str]:
+    """Names of the stages `dvc repro` ran (it prints "Running stage 'name':")."""
+    return {line.split("'")[1] for line in output.splitlines() if line.startswith("Running stage '")}
+
+
+# --- Prefect ---------------------------------------------------------------------------------
+# One temporary Prefect server for the whole session, started only when a test requests the
+# `prefect_harness` fixture (runs without Prefect tests never start it). Prefect reads its
+# home folder when first imported, so a private PREFECT_HOME and the analytics switch are set
+# here, before any test module imports Prefect.
 _PREFECT_HOME = tempfile.mkdtemp(prefix="cmkd-test-prefect-home-")
 os.environ["PREFECT_HOME"] = _PREFECT_HOME
 os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"

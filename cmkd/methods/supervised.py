@@ -18,6 +18,9 @@ class Supervised(Distiller):
         logits = self.student(batch[self.input_key])
         return {"ce": cross_entropy(logits, batch["target"])}
 
+    def deployables(self):
+        return {"model": (self.student, self.input_key)}
+
 
 @register("teacher")
 class TeacherSupervised(Supervised):

@@ -1,0 +1,484 @@
+"""The training engine: seeded, deterministic on CPU, checkpointed every epoch, resumable,
+data-parallel with torch.distributed when launched by torchrun.
+
+Determinism: model initialisation is seeded by the caller (`seed_everything`); every epoch
+re-seeds torch from (seed, epoch) and shuffles with its own generator, so a run resumed from
+the checkpoint of epoch k is bit-identical to one that never stopped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import os
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+import h5py
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from cmkd.atomic import atomic_path
+from cmkd.data.h5 import PreparedSplit
+from cmkd.errors import ConfigError
+from cmkd.metrics import MetricAccumulator, primary_metric
+
+log = logging.getLogger(__name__)
+
+AUGMENTS = (None, "flip", "flip_rot90")
+# Splits up to this size are read into memory; larger ones are streamed chunk by chunk.
+IN_MEMORY_LIMIT_BYTES = 2 * 1024**3
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 30
+    batch_size: int = 128
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    optimizer: str = "adam"
+    momentum: float = 0.9
+    seed: int = 0
+    device: str = "auto"
+    augment: str | None = None
+    eval_batch_size: int = 512
+
+    @classmethod
+    def from_params(cls, params: Mapping[str, Any], key: str, **overrides: Any) -> "TrainConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(params) - names)
+        if unknown:
+            raise ConfigError(f"{key}.{unknown[0]}", f"unknown training parameter; known: {sorted(names)}")
+        cfg = cls(**{**params, **overrides})
+        cfg.validate(key)
+        return cfg
+
+    def validate(self, key: str) -> None:
+        if not isinstance(self.epochs, int) or self.epochs < 1:
+            raise ConfigError(f"{key}.epochs", f"must be a positive integer, got {self.epochs!r}")
+        if not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise ConfigError(f"{key}.batch_size", f"must be a positive integer, got {self.batch_size!r}")
+        if not float(self.lr) > 0:
+            raise ConfigError(f"{key}.lr", f"must be > 0, got {self.lr!r}")
+        if float(self.weight_decay) < 0:
+            raise ConfigError(f"{key}.weight_decay", f"must be >= 0, got {self.weight_decay!r}")
+        if self.optimizer not in ("adam", "sgd"):
+            raise ConfigError(f"{key}.optimizer", f"must be adam or sgd, got {self.optimizer!r}")
+        if self.augment not in AUGMENTS:
+            raise ConfigError(f"{key}.augment", f"must be one of {AUGMENTS}, got {self.augment!r}")
+
+    def fingerprint(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d.pop("device")
+        d.pop("eval_batch_size")
+        return d
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def distributed_info() -> tuple[int, int]:
+    """(rank, world size); (0, 1) outside torch.distributed."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def init_distributed_from_env() -> bool:
+    """Join the process group torchrun describes in the environment (gloo on CPU)."""
+    if "WORLD_SIZE" not in os.environ or int(os.environ["WORLD_SIZE"]) < 2 or dist.is_initialized():
+        return dist.is_initialized()
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    dist.init_process_group(backend)
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    return True
+
+
+# ----------------------------------------------------------------------------------- data
+
+
+class SplitData:
+    """One split of a dataset, as batches of named tensors.
+
+    In memory (`from_arrays`, or `load_split` on a small file) or streamed from HDF5 chunk by
+    chunk (`load_split` on a large file). Batch keys: teacher_input, student_input, target,
+    index, and teacher_logits when cached logits are attached.
+    """
+
+    def __init__(self, tensors: Mapping[str, torch.Tensor] | None = None, stream: dict[str, Any] | None = None):
+        if (tensors is None) == (stream is None):
+            raise ValueError("give exactly one of tensors / stream")
+        self.tensors = dict(tensors) if tensors is not None else None
+        self.stream = stream
+        if self.tensors is not None:
+            lengths = {k: len(v) for k, v in self.tensors.items()}
+            if len(set(lengths.values())) != 1:
+                raise ValueError(f"tensors differ in length: {lengths}")
+            self.length = next(iter(lengths.values()))
+        else:
+            self.length = len(stream["split"])
+
+    @classmethod
+    def from_arrays(cls, **arrays: Any) -> "SplitData":
+        tensors = {k: torch.as_tensor(np.asarray(v)) for k, v in arrays.items() if v is not None}
+        return cls(tensors=tensors)
+
+    def __len__(self) -> int:
+        return self.length
+
+    @property
+    def keys(self) -> list[str]:
+        if self.tensors is not None:
+            return sorted(self.tensors)
+        return sorted(self.stream["names"]) + (["teacher_logits"] if self.stream.get("logits") else [])
+
+    def sample_shape(self, key: str) -> tuple[int, ...]:
+        if self.tensors is not None:
+            return tuple(self.tensors[key].shape[1:])
+        return self.stream["split"].shapes[self.stream["names"][key]][1:]
+
+    def with_teacher_logits(self, logits: torch.Tensor | str | Path) -> "SplitData":
+        """Attach cached teacher logits (a tensor, or an HDF5 file with dataset `logits`)."""
+        if self.tensors is not None:
+            if not isinstance(logits, torch.Tensor):
+                with h5py.File(logits, "r") as f:
+                    logits = torch.from_numpy(f["logits"][()])
+            if len(logits) != self.length:
+                raise ValueError(f"teacher logits have {len(logits)} rows for a split of {self.length}")
+            return SplitData(tensors={**self.tensors, "teacher_logits": logits})
+        return SplitData(stream={**self.stream, "logits": str(logits)})
+
+    def without(self, key: str) -> "SplitData":
+        if self.tensors is not None:
+            return SplitData(tensors={k: v for k, v in self.tensors.items() if k != key})
+        if key == "teacher_logits":
+            return SplitData(stream={k: v for k, v in self.stream.items() if k != "logits"})
+        return self
+
+    def batches(
+        self, batch_size: int, shuffle: bool = False, seed: int = 0, rank: int = 0, world: int = 1
+    ) -> Iterator[dict[str, torch.Tensor]]:
+        """Yield batches. With `world` > 1 each rank gets a disjoint, equally long share."""
+        if self.tensors is not None:
+            yield from self._memory_batches(batch_size, shuffle, seed, rank, world)
+        else:
+            yield from self._stream_batches(batch_size, shuffle, seed, rank, world)
+
+    def _memory_batches(self, batch_size, shuffle, seed, rank, world):
+        n = self.length
+        if shuffle:
+            order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+        else:
+            order = torch.arange(n)
+        if world > 1:
+            per_rank = n // world
+            order = order[rank::world][:per_rank]
+        for start in range(0, len(order), batch_size):
+            idx = order[start:start + batch_size]
+            batch = {k: v.index_select(0, idx) for k, v in self.tensors.items()}
+            batch["index"] = idx
+            yield batch
+
+    def _stream_batches(self, batch_size, shuffle, seed, rank, world):
+        split: PreparedSplit = self.stream["split"]
+        names: dict[str, str] = self.stream["names"]
+        rng = np.random.default_rng(seed)
+        n_blocks = math.ceil(split.length / split.chunk_rows)
+        order = rng.permutation(n_blocks) if shuffle else np.arange(n_blocks)
+        if world > 1:
+            order = order[rank::world][: n_blocks // world]
+        logits_file = h5py.File(self.stream["logits"], "r") if self.stream.get("logits") else None
+        try:
+            buffer: list[dict[str, torch.Tensor]] = []
+            buffered = 0
+            for rows, arrays in split.iter_chunks(list(names.values()), order=order):
+                block = {key: torch.from_numpy(arrays[h5name]) for key, h5name in names.items()}
+                block["index"] = torch.from_numpy(rows)
+                if logits_file is not None:
+                    block["teacher_logits"] = torch.from_numpy(logits_file["logits"][rows[0]:rows[-1] + 1])
+                if shuffle:
+                    perm = torch.from_numpy(rng.permutation(len(rows)))
+                    block = {k: v.index_select(0, perm) for k, v in block.items()}
+                buffer.append(block)
+                buffered += len(rows)
+                while buffered >= batch_size:
+                    merged = {k: torch.cat([b[k] for b in buffer]) for k in buffer[0]}
+                    yield {k: v[:batch_size] for k, v in merged.items()}
+                    rest = {k: v[batch_size:] for k, v in merged.items()}
+                    buffered -= batch_size
+                    buffer = [rest] if buffered else []
+            if buffered:
+                yield {k: torch.cat([b[k] for b in buffer]) for k in buffer[0]}
+        finally:
+            if logits_file is not None:
+                logits_file.close()
+
+
+def load_split(path: str | Path, split: str, attrs: Mapping[str, Any], root: str = "", in_memory: bool | None = None) -> SplitData:
+    """A split of a prepared file with the batch keys the methods use."""
+    prepared = PreparedSplit(path, split, root)
+    names = {"teacher_input": attrs["teacher_modality"], "student_input": attrs["student_modality"], "target": "labels"}
+    if in_memory is None:
+        in_memory = prepared.nbytes(list(set(names.values()))) <= IN_MEMORY_LIMIT_BYTES
+    if not in_memory:
+        return SplitData(stream={"split": prepared, "names": names})
+    arrays = prepared.load(list(set(names.values())))
+    tensors = {key: torch.from_numpy(arrays[h5name]) for key, h5name in names.items()}
+    tensors["target"] = tensors["target"].long()
+    return SplitData(tensors=tensors)
+
+
+# --------------------------------------------------------------------------- augmentation
+
+
+def augment_batch(batch: dict[str, torch.Tensor], mode: str | None, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """The same random flip / 90-degree rotation for every image-shaped tensor of a sample
+    (both modalities and a segmentation target stay aligned). Vectorised per batch."""
+    if mode is None:
+        return batch
+    keys = [k for k in ("teacher_input", "student_input", "target") if k in batch and batch[k].dim() >= 3]
+    if not keys:
+        return batch
+    n = batch[keys[0]].shape[0]
+    out = dict(batch)
+    flip = torch.rand(n, generator=generator) < 0.5
+    for k in keys:
+        x = out[k]
+        f = flip.view(-1, *([1] * (x.dim() - 1)))
+        out[k] = torch.where(f, x.flip(-1), x)
+    if mode == "flip_rot90":
+        turns = torch.randint(0, 4, (n,), generator=generator)
+        for k in keys:
+            x = out[k]
+            if x.shape[-1] != x.shape[-2]:
+                raise ValueError("flip_rot90 needs square images")
+            rotated = x.clone()
+            for t in (1, 2, 3):  # four groups, each rotated with one call
+                sel = (turns == t).nonzero().flatten()
+                if len(sel):
+                    rotated[sel] = torch.rot90(x[sel], t, dims=(-2, -1))
+            out[k] = rotated
+    return out
+
+
+def _to_device(batch: Mapping[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+# ---------------------------------------------------------------------------- evaluation
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module, data: SplitData, input_key: str, *, task: str, num_classes: int,
+    ignore_index: int | None = -1, batch_size: int = 512, device: torch.device | None = None,
+) -> dict[str, Any]:
+    device = device or next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    acc = MetricAccumulator(task, num_classes, ignore_index if ignore_index is not None else -1, device)
+    for batch in data.batches(batch_size):
+        acc.update(model(batch[input_key].to(device)), batch["target"].to(device))
+    model.train(was_training)
+    return acc.compute()
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, data: SplitData, input_key: str, batch_size: int = 512) -> torch.Tensor:
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    out = torch.cat([model(b[input_key].to(device)).cpu() for b in data.batches(batch_size)])
+    model.train(was_training)
+    return out
+
+
+@torch.no_grad()
+def cache_logits(model: nn.Module, data: SplitData, input_key: str, out_path: str | Path, batch_size: int = 512) -> None:
+    """Write the model's logits for every row of `data`, in order, to HDF5 dataset `logits`
+    (streamed batch by batch, so it also works for splits that do not fit in memory)."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    with atomic_path(out_path) as tmp, h5py.File(tmp, "w") as f:
+        ds = None
+        for batch in data.batches(batch_size):
+            logits = model(batch[input_key].to(device)).float().cpu().numpy()
+            if ds is None:
+                ds = f.create_dataset("logits", shape=(0,) + logits.shape[1:], maxshape=(None,) + logits.shape[1:],
+                                      dtype="float32", chunks=(min(256, len(logits)),) + logits.shape[1:])
+            start = ds.shape[0]
+            ds.resize(start + len(logits), axis=0)
+            ds[start:] = logits
+    model.train(was_training)
+
+
+# ------------------------------------------------------------------------------ training
+
+
+@dataclass
+class FitResult:
+    best_epoch: int
+    best_val: dict[str, Any]
+    history: list[dict[str, Any]] = field(default_factory=list)
+    resumed_from_epoch: int | None = None
+
+
+def _optimizer(params, cfg: TrainConfig) -> torch.optim.Optimizer:
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+
+
+def code_fingerprint() -> str:
+    """Hash of the library's source, so a checkpoint made by other code is never resumed."""
+    digest = hashlib.sha256()
+    for path in sorted(Path(__file__).parent.rglob("*.py")):
+        digest.update(path.relative_to(Path(__file__).parent).as_posix().encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def run_fingerprint(*parts: Any) -> str:
+    """A hash of everything that defines a run (and of the code); a checkpoint is resumed only
+    when it matches."""
+    return hashlib.sha256(json.dumps([code_fingerprint(), *parts], sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _cpu_state(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
+
+
+def fit(
+    distiller: nn.Module,
+    train: SplitData,
+    val: SplitData,
+    cfg: TrainConfig,
+    *,
+    task: str,
+    num_classes: int,
+    ignore_index: int | None = -1,
+    checkpoint_dir: str | Path | None = None,
+    log_dir: str | Path | None = None,
+    progress: bool = True,
+    desc: str = "",
+    fingerprint: str = "",
+) -> FitResult:
+    """Train `distiller` (a cmkd.methods Distiller) and load its best state on `val`.
+
+    The network selected on validation is the first deployable (`deployables()`); its
+    primary metric (weighted F1 or mIoU) picks the best epoch. Test data is never seen here.
+    """
+    from tqdm.auto import tqdm
+
+    device = resolve_device(cfg.device)
+    rank, world = distributed_info()
+    distiller.to(device)
+    params = [p for p in distiller.parameters() if p.requires_grad]
+    optimizer = _optimizer(params, cfg)
+    select = primary_metric(task)
+    main_name, (main_net, main_key) = next(iter(distiller.deployables().items()))
+    if cfg.augment is not None and "teacher_logits" in train.keys:
+        train = train.without("teacher_logits")  # cached logits are those of un-augmented inputs
+
+    fingerprint = fingerprint or run_fingerprint(cfg.fingerprint(), type(distiller).__name__)
+    ckpt_path = Path(checkpoint_dir) / "last.pt" if checkpoint_dir else None
+    start_epoch, best_val, best_epoch, best_state, history = 0, None, -1, None, []
+    resumed = None
+    if ckpt_path is not None and ckpt_path.exists():
+        state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        if state.get("fingerprint") == fingerprint:
+            distiller.load_state_dict(state["distiller"])
+            optimizer.load_state_dict(state["optimizer"])
+            start_epoch = int(state["epoch"]) + 1
+            best_val = json.loads(state["best_val"])
+            best_epoch = int(state["best_epoch"])
+            best_state = state["best_state"]
+            history = json.loads(state["history"])
+            resumed = start_epoch
+            log.info("%s: resumed after epoch %d from %s", desc, start_epoch - 1, ckpt_path)
+        else:
+            log.info("%s: checkpoint %s is for another configuration; starting afresh", desc, ckpt_path)
+
+    if hasattr(distiller, "on_train_start"):
+        distiller.on_train_start(train)  # e.g. NTDH's feature mask, estimated once on train rows
+
+    step_module: nn.Module = distiller
+    if world > 1:
+        step_module = nn.parallel.DistributedDataParallel(distiller, find_unused_parameters=True)
+
+    live = None
+    if log_dir is not None and rank == 0:
+        from dvclive import Live
+
+        live = Live(dir=str(log_dir), resume=resumed is not None, save_dvc_exp=False, dvcyaml=None)
+
+    bar = tqdm(range(start_epoch, cfg.epochs), desc=desc or "train", disable=not progress or rank != 0,
+               initial=start_epoch, total=cfg.epochs, leave=False, dynamic_ncols=True)
+    for epoch in bar:
+        epoch_seed = cfg.seed * 1_000_003 + epoch
+        torch.manual_seed(epoch_seed)
+        aug_gen = torch.Generator().manual_seed(epoch_seed + 1)
+        distiller.on_epoch_start(epoch, cfg.epochs)
+        distiller.train()
+        sums: dict[str, float] = {}
+        n_steps = 0
+        for batch in train.batches(cfg.batch_size, shuffle=True, seed=epoch_seed, rank=rank, world=world):
+            if len(batch["index"]) < 2:
+                continue  # a trailing batch of one row breaks BatchNorm's batch statistics
+            batch = _to_device(augment_batch(batch, cfg.augment, aug_gen), device)
+            losses = step_module(batch)
+            loss = sum(losses.values())
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"{desc}: non-finite loss at epoch {epoch}: { {k: float(v) for k, v in losses.items()} }")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            for k, v in losses.items():
+                sums[k] = sums.get(k, 0.0) + float(v.detach())
+            sums["loss"] = sums.get("loss", 0.0) + float(loss.detach())
+            n_steps += 1
+        val_metrics = evaluate(main_net, val, main_key, task=task, num_classes=num_classes,
+                               ignore_index=ignore_index, batch_size=cfg.eval_batch_size, device=device)
+        record = {"epoch": epoch, **{f"train/{k}": v / max(n_steps, 1) for k, v in sums.items()},
+                  **{f"val/{k}": v for k, v in val_metrics.items() if isinstance(v, float)}}
+        history.append(record)
+        if best_val is None or val_metrics[select] > best_val[select]:
+            best_val, best_epoch, best_state = val_metrics, epoch, _cpu_state(distiller)
+        bar.set_postfix(loss=f"{record['train/loss']:.3f}", **{select: f"{val_metrics[select]:.3f}"})
+        if live is not None:
+            for k, v in record.items():
+                if k != "epoch":
+                    live.log_metric(k, v)
+            live.next_step()
+        if ckpt_path is not None and rank == 0:
+            with atomic_path(ckpt_path) as tmp:
+                torch.save({
+                    "fingerprint": fingerprint, "epoch": epoch, "distiller": _cpu_state(distiller),
+                    "optimizer": optimizer.state_dict(), "best_val": json.dumps(best_val),
+                    "best_epoch": best_epoch, "best_state": best_state, "history": json.dumps(history),
+                }, tmp)
+    bar.close()
+    if live is not None:
+        live.end()
+    assert best_state is not None
+    distiller.load_state_dict(best_state)
+    log.info("%s: best %s %.4f at epoch %d (%s)", desc, select, best_val[select], best_epoch, main_name)
+    return FitResult(best_epoch=best_epoch, best_val=best_val, history=history, resumed_from_epoch=resumed)

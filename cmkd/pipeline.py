@@ -1,0 +1,139 @@
+"""The pipeline's node functions: one call per training stage, given explicit paths.
+
+Stage scripts in `stages/` read params.yaml and call these; all file layout decisions live
+here so the stages stay thin:
+
+    <run_dir>/metrics.json           per seed: test metrics of every deployable, best epoch
+    <run_dir>/seed<k>/<name>.pt      state dict of each deployable network
+    <run_dir>/seed<k>/train_logits.h5  (teacher runs) cached training-split logits
+    <run_dir>/seed<k>/live/          DVCLive per-epoch metrics
+    <checkpoint_root>/seed<k>/last.pt  resumable checkpoint (outside DVC's outputs, so a
+                                     killed stage resumes instead of restarting)
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import torch
+
+from cmkd.atomic import write_json
+from cmkd.data.h5 import read_attrs
+from cmkd.engine import (
+    SplitData, TrainConfig, cache_logits, evaluate, fit, load_split, resolve_device, run_fingerprint, seed_everything,
+    distributed_info,
+)
+from cmkd.methods import build_distiller
+from cmkd.models import build_model
+
+log = logging.getLogger(__name__)
+
+TEACHER_RUN = {"method": "teacher"}
+STUDENT_RUN = {"method": "supervised"}
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.tolist()
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if hasattr(obj, "item") and callable(obj.item):
+        return obj.item()
+    return obj
+
+
+def seed_root(attrs: Mapping[str, Any], seed: int) -> str:
+    """Datasets with one split per seed (SUN RGB-D's five 70/10/20 splits) list their groups in
+    the `seed_roots` attribute; seed k uses group k modulo their number."""
+    roots = attrs.get("seed_roots") or [""]
+    return roots[seed % len(roots)]
+
+
+def build_networks(attrs: Mapping[str, Any], train: SplitData, models: Mapping[str, Any], dataset: str):
+    num_classes = len(attrs["class_names"])
+    teacher = build_model(models["teacher"], train.sample_shape("teacher_input"), num_classes, f"models.{dataset}.teacher")
+    student = build_model(models["student"], train.sample_shape("student_input"), num_classes, f"models.{dataset}.student")
+    return teacher, student
+
+
+def train_run(
+    *,
+    dataset: str,
+    prepared: Path,
+    run_name: str,
+    run_cfg: Mapping[str, Any],
+    models: Mapping[str, Any],
+    train_cfg: TrainConfig,
+    seeds: Sequence[int],
+    out_dir: Path,
+    checkpoint_root: Path | None,
+    teacher_dir: Path | None = None,
+    teacher_train_cfg: TrainConfig | None = None,
+    cache_train_logits: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Train one run (teacher, student or a distillation method) for every seed into `out_dir`."""
+    attrs = read_attrs(prepared)
+    task = attrs["task"]
+    num_classes = len(attrs["class_names"])
+    ignore_index = -1 if task == "segmentation" else None
+    rank, _ = distributed_info()
+    results: dict[str, Any] = {"dataset": dataset, "run": run_name, "method": run_cfg["method"], "task": task, "seeds": {}}
+    for seed in seeds:
+        root = seed_root(attrs, seed)
+        splits = {s: load_split(prepared, s, attrs, root) for s in ("train", "val", "test")}
+        seed_everything(seed)
+        teacher, student = build_networks(attrs, splits["train"], models, dataset)
+        cfg = dict(run_cfg)
+        method = cfg["method"]
+        if method == "teacher":
+            student, teacher = teacher, None  # the network trained is the teacher-modality one
+        distiller = build_distiller(cfg, student=student, teacher=teacher, num_classes=num_classes, key=f"runs.{run_name}")
+        if distiller.needs_teacher:
+            if teacher_dir is None:
+                raise ValueError(f"run {run_name!r} (method {method}) needs a trained teacher")
+            state = torch.load(teacher_dir / f"seed{seed}" / "model.pt", map_location="cpu", weights_only=True)
+            distiller.teacher.load_state_dict(state)
+            logits_path = teacher_dir / f"seed{seed}" / "train_logits.h5"
+            if distiller.uses_teacher_logits_only and not distiller.trains_teacher and logits_path.exists():
+                splits["train"] = splits["train"].with_teacher_logits(logits_path)
+        seed_cfg = TrainConfig(**{**train_cfg.__dict__, "seed": seed})
+        prepared_info = None
+        if hasattr(distiller, "prepare"):
+            # Methods that build something before training (MFH's Algorithm 1 retrains the teacher
+            # on its modality-general channels) do it here, deterministically for the seed.
+            t_cfg = TrainConfig(**{**(teacher_train_cfg or train_cfg).__dict__, "seed": seed})
+            prepared_info = _jsonable(distiller.prepare(splits["train"], splits["val"], t_cfg, task=task,
+                                                        num_classes=num_classes, ignore_index=ignore_index,
+                                                        progress=progress))
+        fingerprint = run_fingerprint(dataset, run_name, dict(run_cfg), dict(models), train_cfg.fingerprint(), seed,
+                                      attrs.get("source_checksum"), str(prepared.stat().st_size))
+        result = fit(
+            distiller, splits["train"], splits["val"], seed_cfg, task=task, num_classes=num_classes,
+            ignore_index=ignore_index,
+            checkpoint_dir=(checkpoint_root / f"seed{seed}") if checkpoint_root else None,
+            log_dir=out_dir / f"seed{seed}" / "live", progress=progress,
+            desc=f"{dataset}/{run_name}/seed{seed}", fingerprint=fingerprint,
+        )
+        seed_result: dict[str, Any] = {"best_epoch": result.best_epoch, "val": result.best_val, "test": {}}
+        if prepared_info is not None:
+            seed_result["prepare"] = prepared_info
+        device = resolve_device(seed_cfg.device)
+        for name, (net, input_key) in distiller.deployables().items():
+            seed_result["test"][name] = evaluate(net, splits["test"], input_key, task=task, num_classes=num_classes,
+                                                 ignore_index=ignore_index, batch_size=seed_cfg.eval_batch_size, device=device)
+            if rank == 0:
+                (out_dir / f"seed{seed}").mkdir(parents=True, exist_ok=True)
+                torch.save({k: v.cpu() for k, v in net.state_dict().items()}, out_dir / f"seed{seed}" / f"{name}.pt")
+        if cache_train_logits and rank == 0:
+            net, input_key = distiller.deployables()["model"]
+            cache_logits(net, splits["train"].without("teacher_logits"), input_key,
+                         out_dir / f"seed{seed}" / "train_logits.h5", seed_cfg.eval_batch_size)
+        results["seeds"][str(seed)] = seed_result
+    if rank == 0:
+        write_json(out_dir / "metrics.json", results)
+    return results

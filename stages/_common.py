@@ -1,0 +1,43 @@
+"""What every stage does first: logging, params.yaml loaded and validated as a whole."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from typing import Any
+
+from cmkd.config import load_params, validate_params
+from cmkd.errors import CmkdError
+
+DATA = "data"
+
+
+def parser(description: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--params", default="params.yaml", help="parameters file (default: params.yaml)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return p
+
+
+def start(args: argparse.Namespace) -> dict[str, Any]:
+    logging.basicConfig(level=os.environ.get("CMKD_LOG_LEVEL", "INFO"), format="%(levelname)s %(name)s: %(message)s")
+    # One intra-op thread by default: the networks here are small, and on a shared 2-core
+    # machine OpenMP's spinning threads made steps 6-25x slower (benchmarks/README.md).
+    # Parallelism comes from running stages side by side (flows/) or DDP instead.
+    import torch
+
+    torch.set_num_threads(int(os.environ.get("CMKD_NUM_THREADS", "1")))
+    params = load_params(args.params)
+    validate_params(params)
+    return params
+
+
+def main(run) -> None:
+    """Run a stage's body; cmkd's own errors become one clear line and exit status 2."""
+    try:
+        run()
+    except CmkdError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)

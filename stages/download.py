@@ -1,0 +1,21 @@
+"""Stage `download@<dataset>`: fetch (or, for generated data, record) a dataset's raw files."""
+
+from pathlib import Path
+
+from cmkd.atomic import atomic_dir
+from cmkd.data.registry import dataset_module
+from stages._common import DATA, main, parser, start
+
+
+def run() -> None:
+    p = parser(__doc__)
+    p.add_argument("--dataset", required=True)
+    args = p.parse_args()
+    params = start(args)
+    module = dataset_module(args.dataset)
+    with atomic_dir(Path(DATA) / "raw" / args.dataset) as tmp:
+        module.download(params["data"][args.dataset], tmp, progress=not args.no_progress)
+
+
+if __name__ == "__main__":
+    main(run)

@@ -1,0 +1,32 @@
+"""Stage `evaluate@<dataset>`: every run's test metrics -> data/reports/<dataset>/
+(metrics.json, table.md, scores.csv for `dvc plots`, methods.png)."""
+
+from pathlib import Path
+
+from cmkd.atomic import atomic_path, write_json, write_text
+from cmkd.data.h5 import read_attrs
+from cmkd.report import bar_figure, collect, markdown_table, scores_csv
+from stages._common import DATA, main, parser, start
+
+
+def run() -> None:
+    p = parser(__doc__)
+    p.add_argument("--dataset", required=True)
+    args = p.parse_args()
+    params = start(args)
+    ds = args.dataset
+    runs_dir = Path(DATA) / "runs" / ds
+    names = ["teacher", "student"] + list(params["methods"])
+    report = collect(runs_dir / name for name in names)
+    attrs = read_attrs(Path(DATA) / "prepared" / f"{ds}.h5")
+    out = Path(DATA) / "reports" / ds
+    write_json(out / "metrics.json", report)
+    write_text(out / "table.md", markdown_table(report, ds, (attrs["teacher_modality"], attrs["student_modality"])))
+    write_text(out / "scores.csv", scores_csv(report))
+    with atomic_path(out / "methods.png") as tmp:
+        bar_figure(report, ds, tmp.with_suffix(".png"))
+        tmp.with_suffix(".png").replace(tmp)
+
+
+if __name__ == "__main__":
+    main(run)

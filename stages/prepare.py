@@ -1,0 +1,21 @@
+"""Stage `prepare@<dataset>`: raw files -> data/prepared/<dataset>.h5."""
+
+from pathlib import Path
+
+from cmkd.data.registry import dataset_module
+from stages._common import DATA, main, parser, start
+
+
+def run() -> None:
+    p = parser(__doc__)
+    p.add_argument("--dataset", required=True)
+    args = p.parse_args()
+    params = start(args)
+    module = dataset_module(args.dataset)
+    # prepare() writes through PreparedWriter, which renames into place only on success.
+    module.prepare(params["data"][args.dataset], Path(DATA) / "raw" / args.dataset,
+                   Path(DATA) / "prepared" / f"{args.dataset}.h5", progress=not args.no_progress)
+
+
+if __name__ == "__main__":
+    main(run)

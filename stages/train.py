@@ -1,0 +1,57 @@
+"""Stages `train_teacher@<dataset>`, `train_student@<dataset>` and `distill@<dataset>-<run>`.
+
+    python -m stages.train --dataset digits --role teacher
+    python -m stages.train --dataset digits --role student
+    python -m stages.train --dataset digits --run kdv1
+"""
+
+import shutil
+import tempfile
+from pathlib import Path
+
+from cmkd.atomic import atomic_dir
+from cmkd.engine import TrainConfig, distributed_info, init_distributed_from_env
+from cmkd.pipeline import STUDENT_RUN, TEACHER_RUN, train_run
+from stages._common import DATA, main, parser, start
+
+
+def run() -> None:
+    p = parser(__doc__)
+    p.add_argument("--dataset", required=True)
+    group = p.add_mutually_exclusive_group(required=True)
+    group.add_argument("--role", choices=["teacher", "student"], help="train the TEACHER or STUDENT baseline")
+    group.add_argument("--run", help="a distillation run: a key of `runs` in params.yaml")
+    args = p.parse_args()
+    params = start(args)
+    init_distributed_from_env()
+    ds = args.dataset
+    name = args.role or args.run
+    if args.role == "teacher":
+        run_cfg, train_key = TEACHER_RUN, "teacher"
+    elif args.role == "student":
+        run_cfg, train_key = STUDENT_RUN, "student"
+    else:
+        run_cfg, train_key = params["runs"][args.run], "student"
+    train_cfg = TrainConfig.from_params(params["train"][ds][train_key], f"train.{ds}.{train_key}")
+    teacher_cfg = TrainConfig.from_params(params["train"][ds]["teacher"], f"train.{ds}.teacher")
+    runs_dir = Path(DATA) / "runs" / ds
+    checkpoints = Path(DATA) / "checkpoints" / ds / name
+    rank, _ = distributed_info()
+    # Under torchrun only rank 0 writes the stage's outputs; the other ranks train alongside.
+    target = atomic_dir(runs_dir / name) if rank == 0 else tempfile.TemporaryDirectory()
+    with target as out:
+        out = Path(out)
+        train_run(
+            dataset=ds, prepared=Path(DATA) / "prepared" / f"{ds}.h5", run_name=name, run_cfg=run_cfg,
+            models=params["models"][ds], train_cfg=train_cfg, seeds=params["seeds"], out_dir=out,
+            checkpoint_root=checkpoints,
+            teacher_dir=runs_dir / "teacher" if args.run else None, teacher_train_cfg=teacher_cfg,
+            cache_train_logits=args.role == "teacher", progress=not args.no_progress,
+        )
+    # The outputs are in place; checkpoints only served to resume an interrupted run.
+    if rank == 0:
+        shutil.rmtree(checkpoints, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main(run)

@@ -1,0 +1,145 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from cmkd.data.h5 import PreparedWriter
+from cmkd.data.synthetic import ntdh_sklearn
+from cmkd.engine import SplitData, TrainConfig, augment_batch, fit, load_split, seed_everything
+from cmkd.methods import build_distiller
+from cmkd.models import build_model
+from tests.conftest import REPO, copy_pipeline, tiny_params, tool_env
+
+
+def _data():
+    t, s, y = ntdh_sklearn(n_samples=500, n_features=8, n_classes=3, gamma=0.5, seed=0)
+    return (SplitData.from_arrays(teacher_input=t[:400], student_input=s[:400], target=y[:400]),
+            SplitData.from_arrays(teacher_input=t[400:], student_input=s[400:], target=y[400:]))
+
+
+def _train_once(seed=0, epochs=4):
+    train, val = _data()
+    seed_everything(seed)
+    model = build_model({"arch": "mlp", "hidden": [32], "dropout": 0.2}, (8,), 3)
+    distiller = build_distiller({"method": "supervised"}, student=model, teacher=None, num_classes=3)
+    result = fit(distiller, train, val, TrainConfig(epochs=epochs, batch_size=64, seed=seed),
+                 task="classification", num_classes=3, progress=False)
+    return result, torch.cat([p.detach().flatten() for p in model.parameters()])
+
+
+def test_same_seed_same_result_and_other_seed_differs():
+    r1, p1 = _train_once(0)
+    r2, p2 = _train_once(0)
+    r3, p3 = _train_once(1)
+    assert torch.equal(p1, p2) and r1.history == r2.history
+    assert not torch.equal(p1, p3)
+    assert r1.history[r1.best_epoch]["val/f1_weighted"] == r1.best_val["f1_weighted"]
+
+
+def test_memory_and_streamed_batches_cover_the_same_rows(tmp_path):
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(103, 2)).astype(np.float32)
+    y = np.arange(103) % 3
+    attrs = {"task": "classification", "class_names": ["a", "b", "c"], "modalities": ["x"],
+             "teacher_modality": "x", "student_modality": "x", "ignore_index": None, "source_checksum": "t"}
+    with PreparedWriter(tmp_path / "d.h5", attrs, chunk_rows=10) as w:
+        w.write("train", {"x": x, "labels": y})
+    mem = load_split(tmp_path / "d.h5", "train", attrs, in_memory=True)
+    stream = load_split(tmp_path / "d.h5", "train", attrs, in_memory=False)
+    for data in (mem, stream):
+        batches = list(data.batches(16, shuffle=True, seed=3))
+        idx = torch.cat([b["index"] for b in batches])
+        assert sorted(idx.tolist()) == list(range(103))
+        assert all(len(b["index"]) == 16 for b in batches[:-1])
+        for b in batches:  # rows stay aligned with their labels and inputs
+            np.testing.assert_array_equal(b["target"].numpy(), y[b["index"].numpy()])
+            np.testing.assert_array_equal(b["student_input"].numpy(), x[b["index"].numpy()])
+    # Two ranks get disjoint shares of equal length.
+    r0 = torch.cat([b["index"] for b in mem.batches(16, True, 3, rank=0, world=2)])
+    r1 = torch.cat([b["index"] for b in mem.batches(16, True, 3, rank=1, world=2)])
+    assert len(r0) == len(r1) == 51 and not set(r0.tolist()) & set(r1.tolist())
+
+
+def test_augmentation_keeps_modalities_and_target_aligned():
+    base = torch.arange(2 * 4 * 4, dtype=torch.float32).reshape(2, 1, 4, 4).repeat(4, 1, 1, 1)
+    batch = {"teacher_input": base.repeat(1, 3, 1, 1), "student_input": base.clone(), "target": base[:, 0].long()}
+    out = augment_batch(batch, "flip_rot90", torch.Generator().manual_seed(0))
+    assert torch.equal(out["teacher_input"][:, :1], out["student_input"])
+    assert torch.equal(out["target"], out["student_input"][:, 0].long())
+    assert not torch.equal(out["student_input"], base)  # something was transformed
+    for i in range(len(base)):  # every sample is one of the 8 symmetries of the original
+        variants = [torch.rot90(v, k, (-2, -1)) for v in (base[i], base[i].flip(-1)) for k in range(4)]
+        assert any(torch.equal(out["student_input"][i], v) for v in variants)
+
+
+def test_ddp_two_cpu_processes_agree(tmp_path):
+    env = tool_env(tmp_path)
+    env["PYTHONPATH"] = str(REPO)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(REPO / "tests" / "ddp_worker.py"), str(tmp_path)],
+                          env=env, capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r0 = json.loads((tmp_path / "rank0.json").read_text())
+    r1 = json.loads((tmp_path / "rank1.json").read_text())
+    assert r0["world"] == r1["world"] == 2
+    assert r0["params"] == r1["params"]  # gradients were all-reduced: replicas stay identical
+    # Two ranks x 32 rows average to the gradient of the same 64 rows in one process.
+    from tests.ddp_worker import train
+
+    reference = train(batch_size=64)
+    np.testing.assert_allclose(np.array(r0["params"]), reference.numpy(), atol=2e-5)
+    assert not np.allclose(np.array(r0["params"]), _initial_params(), atol=1e-3)
+
+
+def _initial_params():
+    seed_everything(0)
+    model = build_model({"arch": "mlp", "hidden": [16]}, (8,), 3)
+    return torch.cat([p.detach().flatten() for p in model.parameters()]).numpy()
+
+
+def _run_stage(cwd, env, *args):
+    return subprocess.Popen([sys.executable, "-m", *args], cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_killed_training_resumes_to_the_same_metrics(tmp_path):
+    env = tool_env(tmp_path)
+    results = {}
+    for name in ("straight", "killed"):
+        repo = copy_pipeline(tmp_path / name)
+        params = tiny_params(yaml.safe_load((repo / "params.yaml").read_text()), epochs=25)
+        params["data"]["synthetic"]["n_samples"] = 3000
+        (repo / "params.yaml").write_text(yaml.safe_dump(params))
+        for stage in ("download", "prepare"):
+            assert subprocess.run([sys.executable, "-m", f"stages.{stage}", "--dataset", "synthetic"], cwd=repo, env=env).returncode == 0
+        cmd = ("stages.train", "--dataset", "synthetic", "--role", "teacher", "--no-progress")
+        if name == "killed":
+            ckpt = repo / "data/checkpoints/synthetic/teacher/seed0/last.pt"
+            proc = _run_stage(repo, env, *cmd)
+            deadline = time.time() + 120
+            while time.time() < deadline:
+                if ckpt.exists():
+                    try:
+                        epoch = torch.load(ckpt, weights_only=True)["epoch"]
+                    except Exception:
+                        epoch = -1  # being replaced right now
+                    if epoch >= 3:
+                        break
+                time.sleep(0.02)
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait()
+            assert proc.returncode == -signal.SIGKILL
+            assert not (repo / "data/runs/synthetic/teacher").exists()  # nothing half-written
+            killed_at = torch.load(ckpt, weights_only=True)["epoch"]
+            assert killed_at < 24, "training finished before the kill; the test proves nothing"
+        proc = _run_stage(repo, env, *cmd)
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err
+        results[name] = json.loads((repo / "data/runs/synthetic/teacher/metrics.json").read_text())
+    assert results["killed"] == results["straight"]
