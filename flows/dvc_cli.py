@@ -61,6 +61,11 @@ def dvc_args(*args: str, wait_for_lock: bool = True) -> list[str]:
 
 def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     env = dict(os.environ)
+    # Stage commands say `python ...`: make that this interpreter (its virtual environment),
+    # as activating the environment would, even when the flow was started without doing so.
+    bin_dir = os.path.dirname(sys.executable)
+    if env.get("PATH", "").split(os.pathsep)[0] != bin_dir:
+        env["PATH"] = bin_dir + os.pathsep + env.get("PATH", "")
     # Stage scripts are Python: unbuffered output reaches the log as it is printed.
     env["PYTHONUNBUFFERED"] = "1"
     if extra:

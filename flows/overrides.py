@@ -209,14 +209,22 @@ def workspace_lock(repo_root: str | Path) -> Iterator[None]:
 
 
 def require_git_commit(repo_root: str | Path) -> None:
-    """DVC experiments are git commits: they need a git repository with a commit."""
+    """DVC experiments are git commits: they need a repository with a commit and a git identity
+    (checked first, so a missing one fails before any stage runs, not after)."""
     import subprocess
 
-    proc = subprocess.run(["git", "rev-parse", "--verify", "--quiet", "HEAD"], cwd=repo_root,
-                          capture_output=True, check=False)
-    if proc.returncode != 0:
+    def git(*args: str) -> str | None:
+        proc = subprocess.run(["git", *args], cwd=repo_root, capture_output=True, text=True,
+                              check=False)
+        return proc.stdout.strip() if proc.returncode == 0 else None
+
+    if git("rev-parse", "--verify", "--quiet", "HEAD") is None:
         raise ConfigError("params", f"{repo_root}: runs with overrides are saved as DVC "
                           "experiments, which need a git repository with at least one commit")
+    for key in ("user.name", "user.email"):
+        if not git("config", key):
+            raise ConfigError("params", f"{repo_root}: DVC experiments are git commits and git "
+                              f"has no {key}; set it with `git config {key} ...`")
 
 
 def check_not_interrupted(repo_root: str | Path) -> None:

@@ -283,7 +283,14 @@ def pipeline_flow(
             experiment = None
             if session and not failed:
                 experiment = _experiment_name(experiment_name)
-                run_checked(dvc_args("exp", "save", "-n", experiment), root, logger.info)
+                # `cache: false` outputs (metrics.json in data/, git-ignored) are neither in
+                # git nor in DVC's cache: add them to the experiment's commit explicitly, as
+                # `dvc exp run` does for the outputs it tracks.
+                include = sorted({p for s in plan for p in s.uncached_outs if (root / p).exists()})
+                save_args = ["exp", "save", "-n", experiment]
+                for path in include:
+                    save_args += ["-I", path]
+                run_checked(dvc_args(*save_args), root, logger.info)
                 logger.info("saved the run as DVC experiment %r (dvc exp show)", experiment)
             rows = [{"stage": o["stage"], "status": o["status"], "seconds": o.get("seconds"),
                      "attempts": o.get("attempts")} for o in outcomes]

@@ -20,8 +20,9 @@ sets `datasets: [d]`, `methods: [m]`, `seeds: [s]`, `<gamma-key>: g`) is one
   repository at the same path (a shared file system) with the same environment, since a task
   runs `dvc exp run` in it.
 * Results: after every point, `dvc exp show --json` (DVC's documented output, per metrics file)
-  gives each experiment's metrics; they are flattened (`runs.kdv1.f1_weighted`) into one table,
-  one row per grid point, written as Markdown and CSV (default `data/sweeps/<sweep>/results.*`)
+  gives each experiment's metrics; their numbers are flattened into one table, one row per grid
+  point (`rows.<method>.f1_weighted.mean`, `rows.student.f1_weighted.mean`, ...: see
+  `metric_columns`), written as Markdown and CSV (default `data/sweeps/<sweep>/results.*`)
   and published as the Prefect artifact `cmkd-sweep`. The experiments stay in
   `dvc exp show` (`dvc exp show --keep '<sweep>-.*'`), and `dvc exp apply <name>` restores one.
 * Stages shared by all points (download, prepare, the teacher) come from DVC's run cache when
@@ -158,8 +159,14 @@ def experiment_results(repo_root: str | Path, baseline: str) -> dict[str, dict]:
     return results
 
 
-def metric_columns(metrics: dict[str, dict]) -> dict[str, Any]:
-    """Flatten every metrics file; keys seen in two files are prefixed with their file."""
+def metric_columns(metrics: dict[str, dict], method: str | None = None) -> dict[str, Any]:
+    """One row's numeric metrics, flattened (`rows.kdv1.f1_weighted.mean`).
+
+    Keys seen in two metrics files are prefixed with their file. When the grid point fixes a
+    method, a key segment equal to its name becomes `<method>`, so every point's own result
+    lands in the same columns (`rows.<method>.f1_weighted.mean`) next to the shared ones
+    (`rows.student...`). Text and list values (per-seed values) stay in `dvc exp show`.
+    """
     flat = {path: flatten(data) for path, data in metrics.items()}
     counts: dict[str, int] = {}
     for values in flat.values():
@@ -168,7 +175,13 @@ def metric_columns(metrics: dict[str, dict]) -> dict[str, Any]:
     out = {}
     for path, values in sorted(flat.items()):
         for key, value in values.items():
-            out[key if counts[key] == 1 else f"{path}:{key}"] = value
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                continue
+            if method is not None:
+                key_out = ".".join("<method>" if part == method else part for part in key.split("."))
+            else:
+                key_out = key
+            out[key_out if counts[key] == 1 else f"{path}:{key_out}"] = value
     return out
 
 
@@ -249,15 +262,16 @@ def sweep_flow(
             if not future.state.is_completed():
                 failed[name] = str(future.result(raise_on_failure=False))
         results = experiment_results(root, baseline)
-    rows, metric_names = [], []
+    rows: list[dict] = []
+    metric_names: set[str] = set()
     for point, name, _ in per_point:
         row = {"experiment": name, **point, "status": "failed" if name in failed else "done"}
         if name not in failed:
-            values = metric_columns(results.get(name, {}).get("metrics", {}))
-            metric_names += [k for k in values if k not in metric_names]
+            values = metric_columns(results.get(name, {}).get("metrics", {}), point.get("method"))
+            metric_names.update(values)
             row.update(values)
         rows.append(row)
-    columns = [c for c in POINT_COLUMNS if any(c in r for r in rows)] + metric_names
+    columns = [c for c in POINT_COLUMNS if any(c in r for r in rows)] + sorted(metric_names)
     out_dir = Path(output_dir) if output_dir else root / "data" / "sweeps" / sweep
     md_path, csv_path = write_table(out_dir, "results", columns, rows)
     create_markdown_artifact(

@@ -424,6 +424,19 @@ def test_sweep_grid_points_and_names(tmp_path):
         grid_points()
 
 
+def test_sweep_metric_columns():
+    from flows.sweep import metric_columns
+
+    # The lead pipeline's metrics.json shape: rows.<run>.<metric>.{mean,std,values,n}.
+    report = {"task": "classification", "metric": "f1_weighted",
+              "rows": {"kdv1": {"method": "kd", "f1_weighted": {"mean": 0.5, "values": [0.5]}},
+                       "student": {"f1_weighted": {"mean": 0.25}}}}
+    assert metric_columns({"data/reports/a/metrics.json": report}, method="kdv1") == {
+        "rows.<method>.f1_weighted.mean": 0.5, "rows.student.f1_weighted.mean": 0.25}
+    both = metric_columns({"a.json": {"x": 1, "y": True}, "b.json": {"x": 2.5}})
+    assert both == {"a.json:x": 1, "b.json:x": 2.5}
+
+
 @pytest.fixture(scope="module")
 def sweep_project(tmp_path_factory, dvc_env):
     return make_project(tmp_path_factory.mktemp("sweep") / "p", CORE_STAGES)
@@ -523,3 +536,52 @@ def test_command_lines_parse_and_reject_bad_config(tmp_path, capsys):
     with pytest.raises(SystemExit):
         deploy.main(["--deploy"])  # needs --work-pool
     assert "--deploy needs --work-pool" in capsys.readouterr().err
+
+
+# --- the real pipeline ---------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_pipeline_flow_on_the_real_pipeline(tmp_path, prefect_harness, monkeypatch):
+    """The flow over a copy of this repository's own pipeline, tiny configuration."""
+    from tests.conftest import copy_pipeline, tiny_params, tool_env
+
+    env = tool_env(tmp_path)
+    for key in ("HOME", "DVC_NO_ANALYTICS", "DVC_SITE_CACHE_DIR", "PYTHONPATH", "CMKD_LOG_LEVEL"):
+        monkeypatch.setenv(key, env[key])
+    repo = copy_pipeline(tmp_path / "repo")
+    params = tiny_params(yaml.safe_load((repo / "params.yaml").read_text()), methods=("kdv1", "kdv2"))
+    (repo / "params.yaml").write_text(yaml.safe_dump(params))
+    git(repo, "init", "-q")
+    git(repo, "config", "user.name", "cmkd tests")
+    git(repo, "config", "user.email", "tests@cmkd.invalid")
+    dvc(repo, "init", "-q")
+    git(repo, "add", "-A")
+    git(repo, "commit", "-q", "-m", "pipeline copy")
+
+    first, logs, artifact = run_pipeline(repo, jobs=2, retries=0)
+    core = {"download@synthetic", "prepare@synthetic", "train_teacher@synthetic",
+            "train_student@synthetic", "distill@synthetic-kdv1", "distill@synthetic-kdv2",
+            "evaluate@synthetic"}
+    assert core <= set(first["ran"]) and first["up_to_date"] == []
+    report = read_json(repo / "data/reports/synthetic/metrics.json")
+    assert {"teacher", "student", "kdv1", "kdv2"} <= set(report["rows"])
+    assert "| kdv2 |" in artifact and "| TEACHER |" in artifact
+
+    second, _, _ = run_pipeline(repo, retries=0)
+    assert second["ran"] == [] and set(second["up_to_date"]) == set(first["ran"])
+
+    before = (repo / "data/reports/synthetic/metrics.json").read_bytes()
+    third, _, _ = run_pipeline(repo, params={"runs.kdv1.temperature": 2.0},
+                               experiment_name="kdv1-t2", retries=0)
+    assert {"distill@synthetic-kdv1", "evaluate@synthetic"} <= set(third["ran"])
+    assert not {"train_teacher@synthetic", "distill@synthetic-kdv2"} & set(third["ran"])
+    assert (repo / "data/reports/synthetic/metrics.json").read_bytes() == before
+    shown = json.loads(dvc(repo, "exp", "show", "--json"))
+    exps = {rev["name"]: rev["data"] for b in shown for e in (b.get("experiments") or [])
+            for rev in e["revs"]}
+    metrics = exps["kdv1-t2"]["metrics"]["data/reports/synthetic/metrics.json"]["data"]
+    assert set(metrics["rows"]) >= {"kdv1", "kdv2"}
+    # The untouched branch has the same numbers (`dvc exp show` keeps scalars, not lists).
+    kdv2 = report["rows"]["kdv2"]["f1_weighted"]
+    assert metrics["rows"]["kdv2"]["f1_weighted"]["mean"] == kdv2["mean"]
