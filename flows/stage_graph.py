@@ -94,12 +94,3 @@ def read_stage_plan(repo_root: str | Path, *, with_status: bool = False):
                 if reasons:
                     status[names[stage]] = reasons
     return plan, status
-
-
-def downstream_closure(plan: list[PlannedStage], names: set[str]) -> set[str]:
-    """`names` and every planned stage that depends on one of them, directly or not."""
-    result = set(names)
-    for stage in plan:  # DVC's order lists a stage after all of its dependencies
-        if any(up in result for up in stage.upstream):
-            result.add(stage.name)
-    return result
