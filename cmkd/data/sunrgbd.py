@@ -277,7 +277,9 @@ def _read_bytes(path: Path) -> bytes:
         raise DataFormatError(path, f"unreadable ({err})") from err
 
 
-def report_counts(frames: Iterable[Frame], expected: Mapping[str, int] | None, classes: Sequence[str] = SCENE_CLASSES) -> dict[str, int]:
+def report_counts(
+    frames: Iterable[Frame], expected: Mapping[str, int] | None, classes: Sequence[str] = SCENE_CLASSES
+) -> dict[str, int]:
     """Frames found per class; logs them, and warns per class whose count differs from `expected`."""
     found = Counter(f.scene for f in frames)
     counts = {c: int(found.get(c, 0)) for c in classes}
@@ -573,7 +575,9 @@ def base_arrays(subset: Mapping[str, np.ndarray], depth_max_m: float) -> dict[st
     return out
 
 
-def channel_stats(base: Mapping[str, np.ndarray], names: Iterable[str], train_idx: np.ndarray) -> dict[str, dict[str, list[float]]]:
+def channel_stats(
+    base: Mapping[str, np.ndarray], names: Iterable[str], train_idx: np.ndarray
+) -> dict[str, dict[str, list[float]]]:
     """Per-channel mean and std of each modality over the training rows (std 0 -> 1)."""
     stats = {}
     for name in names:
@@ -603,7 +607,8 @@ def prepare(cfg: Mapping[str, Any], raw_dir: Path, out_path: Path, progress: boo
     root = find_root(raw_dir)
     reader = VerifiedReader(root, load_manifest(raw_dir))
     frames, skipped = index_frames(
-        root, SCENE_CLASSES, cfg.get("kv2_dirs", KV2_DIRS), cfg.get("depth_dir", "depth"), cfg.get("other_scenes", "skip"), reader
+        root, SCENE_CLASSES, cfg.get("kv2_dirs", KV2_DIRS), cfg.get("depth_dir", "depth"),
+        cfg.get("other_scenes", "skip"), reader,
     )
     if skipped:
         log.info("skipped %d kv2 frames of other scenes: %s", sum(skipped.values()), dict(sorted(skipped.items())))

@@ -61,7 +61,8 @@ def validate(cfg: Mapping[str, Any], key: str) -> None:
         raise ConfigError(f"{key}.{unknown[0]}", f"not a sample parameter; known: {sorted(known)}")
     if int(cfg.get("frames_per_class", 15)) < 10:
         # 70/10/20 stratified splits need >= 2 frames per class outside the training split.
-        raise ConfigError(f"{key}.frames_per_class", f"must be >= 10 for stratified 70/10/20 splits, got {cfg.get('frames_per_class')}")
+        raise ConfigError(f"{key}.frames_per_class",
+                          f"must be >= 10 for stratified 70/10/20 splits, got {cfg.get('frames_per_class')}")
     if not 0.05 <= float(cfg.get("image_scale", 0.25)) <= 1.0:
         raise ConfigError(f"{key}.image_scale", f"must be in [0.05, 1], got {cfg.get('image_scale')}")
     if not 50 <= int(cfg.get("jpeg_quality", 90)) <= 100:
@@ -121,7 +122,8 @@ class RoomBuilder:
         kx, kz, kr = self.keep_out
         return (x - kx) ** 2 + (z - kz) ** 2 > (kr + radius) ** 2
 
-    def _add(self, kind: str, scale: tuple[float, float, float], pos: np.ndarray, yaw: float, albedo: np.ndarray, texture: int) -> None:
+    def _add(self, kind: str, scale: tuple[float, float, float], pos: np.ndarray, yaw: float,
+             albedo: np.ndarray, texture: int) -> None:
         v, t = self.templates[kind]
         world = (v * np.asarray(scale)) @ _rot_y(yaw).T + pos
         self.vertices.append(world)
@@ -525,7 +527,10 @@ def build_room(scene_class: str, rng: np.random.Generator, templates) -> tuple[R
     b = RoomBuilder(rng, templates)
     # Room shell: floor, ceiling and walls as thin boxes just outside the free space.
     t = 0.1
-    floor_tex = TILES if scene_class in ("bathroom", "kitchen") or rng.random() < 0.2 else (WOODGRAIN if rng.random() < 0.4 else FABRIC_T)
+    if scene_class in ("bathroom", "kitchen") or rng.random() < 0.2:
+        floor_tex = TILES
+    else:
+        floor_tex = WOODGRAIN if rng.random() < 0.4 else FABRIC_T
     wall_tex = TILES if scene_class == "bathroom" and rng.random() < 0.7 else PLAIN
     wall_c = b.colour(WHITE if scene_class == "bathroom" else WALL)
     b.part("box", (w / 2, d / 2, 0), (0, -t, 0), (w + 2 * t, t, d + 2 * t), b.colour(FLOOR), floor_tex)
