@@ -90,6 +90,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", default="benchmarks/results/prefect_overhead.json")
     args = parser.parse_args()
+    load_at_start = os.getloadavg()[0]
     os.environ.setdefault("DVC_NO_ANALYTICS", "1")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
@@ -157,14 +158,17 @@ def main() -> None:
         "target_s": TARGET_S,
         "meets_target": overhead < TARGET_S,
         "cli_python_m_flows_pipeline_s": {"median": statistics.median(cli_times), "all": cli_times},
-        "machine": {"cpus": os.cpu_count(), "load_avg_1m_at_end": os.getloadavg()[0],
+        # The whole command line (interpreter start, Prefect and DVC imports) over `dvc repro`.
+        "cli_overhead_s": statistics.median(cli_times) - dvc_median,
+        "machine": {"cpus": os.cpu_count(), "load_avg_1m_at_start": load_at_start,
+                    "load_avg_1m_at_end": os.getloadavg()[0],
                     "python": platform.python_version(), "platform": platform.platform()},
         "versions": {"prefect": prefect.__version__, "dvc": dvc.__version__},
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
     }
     write_json(args.out, result)
     print(json.dumps({k: result[k] for k in ("stages", "dvc_repro_s", "flow_s", "overhead_s",
-                                             "meets_target", "cli_python_m_flows_pipeline_s")},
+                                             "meets_target", "cli_overhead_s")},
                      indent=2))
 
 
