@@ -608,17 +608,17 @@ _ACC = ("teacher_acc", "teacher"), ("nokd_acc", "student, no KD"), ("kd_acc", "s
 
 EXPERIMENTS: dict[str, Experiment] = {
     "mfh_gamma": Experiment(
-        mfh_sweep, derive_mfh_gamma, "general_share", "share of the teacher's decisive features that are modality-general",
+        mfh_sweep, derive_mfh_gamma, "general_share", "modality-general share of teacher's decisive features",
         "MFH Fig. 2: KD vs. modality-general share",
         (("test accuracy", "accuracy", _ACC, False), ("KD gain over no-KD", "accuracy difference", (("kd_gain", "KD - no KD"),), True)),
     ),
     "mfh_alpha": Experiment(
-        mfh_sweep, derive_mfh_alpha, "teacher_specific_share", "alpha: share of the teacher's decisive features that are modality-specific",
+        mfh_sweep, derive_mfh_alpha, "teacher_specific_share", "alpha (modality-specific share, teacher)",
         "MFH Fig. 3: a better teacher, not a better student",
         (("test accuracy", "accuracy", _ACC, False), ("KD gain over no-KD", "accuracy difference", (("kd_gain", "KD - no KD"),), True)),
     ),
     "mfh_alg1": Experiment(
-        mfh_algorithm1_sweep, derive_mfh_alg1, "general_share", "share of the teacher's decisive features that are modality-general",
+        mfh_algorithm1_sweep, derive_mfh_alg1, "general_share", "modality-general share (teacher)",
         "MFH Table 2: Algorithm 1 and MG-KD",
         (("teachers", "accuracy", (("teacher_acc", "regular teacher"), ("mg_teacher_acc", "modality-general teacher")), False),
          ("students", "accuracy", (("nokd_acc", "no KD"), ("kd_acc", "KD"), ("mgkd_acc", "MG-KD")), False),
@@ -630,7 +630,7 @@ EXPERIMENTS: dict[str, Experiment] = {
          ("teacher vs. KD student", "JS divergence", (("target_div", "target"), ("non_target_div", "non-target")), False)),
     ),
     "digits_noise": Experiment(
-        digits_noise_sweep, None, "noise_std", "noise std added to both modalities", "digits -> digits-M with noise (NTDH's MNIST / MNIST-M test)",
+        digits_noise_sweep, None, "noise_std", "noise std (both modalities)", "digits -> digits-M with noise (NTDH's MNIST / MNIST-M test)",
         (("test accuracy", "accuracy", _ACC, False), ("KD gain over no-KD", "accuracy difference", (("kd_gain", "KD - no KD"),), True),
          ("teacher vs. KD student", "JS divergence", (("target_div", "target"), ("non_target_div", "non-target")), False)),
     ),

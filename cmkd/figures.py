@@ -12,7 +12,7 @@ Panel = tuple[str, str, Sequence[tuple[str, str]], bool]
 
 
 def sweep_figure(result: Mapping[str, Any], x_key: str, x_label: str, panels: Sequence[Panel], title: str) -> Figure:
-    """One panel per entry of `panels`: mean over seeds with +- one standard error as a band."""
+    """One panel per entry of `panels`: mean over seeds with ± one standard error as a band."""
     series = result["series"]
     x = series[x_key]
     order = sorted(range(len(x)), key=lambda i: x[i])
@@ -37,5 +37,5 @@ def sweep_figure(result: Mapping[str, Any], x_key: str, x_label: str, panels: Se
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     n_seeds = len(result.get("seeds", []))
-    fig.suptitle(f"{title} (mean +- s.e. over {n_seeds} seeds)", fontsize=11)
+    fig.suptitle(f"{title} (mean ± s.e. over {n_seeds} seeds)", fontsize=11)
     return fig
