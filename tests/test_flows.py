@@ -250,6 +250,39 @@ def test_override_errors_name_the_key(tmp_path):
         "seeds=[1,2]", "runs.m1.scale=2.5"]
 
 
+def test_override_session_restores_the_workspace(tmp_path, dvc_env):
+    from flows.overrides import InterruptedOverrideError, OverrideSession
+
+    root = tmp_path / "p"
+    root.mkdir()
+    dvc(root, "init", "--no-scm", "-q")
+    (root / "params.yaml").write_text("# mine\nruns: {m1: {scale: 2.0}}\n")
+    (root / "dvc.lock").write_text("schema: '2.0'\n")
+    (root / "out").mkdir()
+    (root / "out" / "kept.json").write_text("before")
+    originals = {p: (root / p).read_bytes() for p in ("params.yaml", "dvc.lock", "out/kept.json")}
+
+    with pytest.raises(RuntimeError, match="stage blew up"):
+        with OverrideSession(root, ["runs.m1.scale=5.0"]) as session:
+            assert yaml.safe_load((root / "params.yaml").read_text())["runs"]["m1"]["scale"] == 5.0
+            session.protect(["out", "made.txt"])
+            (root / "out" / "kept.json").write_text("after")
+            (root / "out" / "extra.json").write_text("new")
+            (root / "made.txt").write_text("new")
+            (root / "dvc.lock").write_text("changed")
+            raise RuntimeError("stage blew up")
+    assert {p: (root / p).read_bytes() for p in originals} == originals
+    assert not (root / "out" / "extra.json").exists() and not (root / "made.txt").exists()
+    assert not (root / ".dvc/tmp/cmkd-flows/override-backup").exists()
+
+    # A run killed inside the block leaves its backup; the next run refuses to guess.
+    OverrideSession(root, ["runs.m1.scale=7.0"]).__enter__()
+    with pytest.raises(InterruptedOverrideError, match="was interrupted"):
+        OverrideSession(root, ["runs.m1.scale=8.0"]).__enter__()
+    backup = root / ".dvc/tmp/cmkd-flows/override-backup/files/params.yaml"
+    assert backup.read_bytes() == originals["params.yaml"]
+
+
 def test_output_lines_and_progress_redraws(monkeypatch):
     from flows import dvc_cli
 
