@@ -6,7 +6,9 @@ import subprocess
 import pytest
 import yaml
 
-from tests.conftest import copy_pipeline, dvc, stages_run, tiny_params, tool_env
+from cmkd.config import validate_params
+from cmkd.errors import ConfigError
+from tests.conftest import REPO, copy_pipeline, dvc, stages_run, tiny_params, tool_env
 
 
 @pytest.fixture(scope="module")
@@ -19,6 +21,8 @@ def pipeline(tmp_path_factory):
     git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
     subprocess.run(["git", "init", "-q"], cwd=repo, env=env, check=True)
     dvc(["init", "-q"], repo, env)
+    subprocess.run(["git", "add", "-A"], cwd=repo, env=env, check=True)
+    subprocess.run([*git, "commit", "-qm", "pipeline"], cwd=repo, env=env, check=True)
     first = dvc(["repro"], repo, env)
     subprocess.run(["git", "add", "-A"], cwd=repo, env=env, check=True)
     subprocess.run([*git, "commit", "-qm", "first run"], cwd=repo, env=env, check=True)
@@ -72,20 +76,34 @@ def test_teacher_param_reruns_teacher_and_downstream_not_prepare(pipeline):
     assert ran == {"train_teacher@synthetic", "distill@synthetic-kdv1", "distill@synthetic-kdv2", "evaluate@synthetic"}
 
 
-@pytest.mark.parametrize("change,key", [
+BAD_PARAMS = [
     (lambda p: p["methods"].append("nosuch"), "methods"),
     (lambda p: p["runs"]["kdv1"].update(temperature=-1.0), "runs.kdv1.temperature"),
     (lambda p: p["data"]["synthetic"].update(gammas=[]), "data.synthetic.gammas"),
     (lambda p: p["datasets"].append("imagenet"), "datasets"),
-])
-def test_bad_params_fail_before_training_naming_the_key(tmp_path, change, key):
+    (lambda p: p["train"]["synthetic"]["teacher"].update(epochs=0), "train.synthetic.teacher.epochs"),
+    (lambda p: p["models"]["synthetic"]["student"].update(arch="vit"), "models.synthetic.student.arch"),
+    (lambda p: p["runs"]["kdv2"].update(method="nokd"), "runs.kdv2.method"),
+]
+
+
+@pytest.mark.parametrize("change,key", BAD_PARAMS)
+def test_bad_params_are_rejected_naming_the_key(change, key):
+    params = tiny_params(yaml.safe_load((REPO / "params.yaml").read_text()))
+    change(params)
+    with pytest.raises(ConfigError) as err:
+        validate_params(params)
+    assert str(err.value).startswith(f"params.yaml: {key}:")
+
+
+def test_dvc_repro_with_bad_params_fails_before_training(tmp_path):
     repo = copy_pipeline(tmp_path / "repo")
     env = tool_env(tmp_path)
     params = tiny_params(yaml.safe_load((repo / "params.yaml").read_text()))
-    change(params)
+    params["runs"]["kdv1"]["temperature"] = -1.0
     (repo / "params.yaml").write_text(yaml.safe_dump(params))
     dvc(["init", "--no-scm", "-q"], repo, env)
     out = dvc(["repro"], repo, env, check=False)
     assert out.returncode != 0
-    assert key in out.stdout + out.stderr
+    assert "runs.kdv1.temperature: must be > 0" in out.stdout + out.stderr
     assert not (repo / "data" / "runs").exists()  # nothing was trained

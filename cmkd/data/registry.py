@@ -19,6 +19,16 @@ from cmkd.errors import ConfigError
 DATASETS: dict[str, str] = {
     "synthetic": "cmkd.data.synthetic",
     "digits": "cmkd.data.digits",
+    "semantickitti": "cmkd.data.semantickitti",
+    "semantickitti-sample": "cmkd.data.kitti_sample",
+    # SUN RGB-D Kinect v2 (one module; the teacher/student modalities come from data.<name>):
+    # cross-modal rgb -> depth, multi-modal rgb_depth -> depth (and -> rgb), and the offline sample.
+    "sunrgbd": "cmkd.data.sunrgbd",
+    "sunrgbd-mm": "cmkd.data.sunrgbd",
+    "sunrgbd-mm-rgb": "cmkd.data.sunrgbd",
+    "sunrgbd-sample": "cmkd.data.sunrgbd",
+    "sunrgbd-sample-mm": "cmkd.data.sunrgbd",
+    "sunrgbd-sample-mm-rgb": "cmkd.data.sunrgbd",
 }
 
 

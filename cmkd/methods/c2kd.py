@@ -129,6 +129,8 @@ class C2KD(Distiller):
         "teacher_ce_weight": 1.0,
         "proxy_weight": 1.0,
         "crossmodal_weight": 1.0,
+        # false: distil every valid sample (C2KD without OFSD; the ablation and the benchmark's baseline)
+        "ofsd": True,
     }
 
     @classmethod
@@ -168,7 +170,9 @@ class C2KD(Distiller):
             to_main = kl_rows(main, proxy.detach(), temperature)
             return masked_mean((to_proxy + to_main) * temperature**2, valid)
 
-        selected = ofsd_mask(rows["s_proxy"], rows["t_proxy"], float(cfg["threshold"])) & (flat_target >= 0)
+        selected = flat_target >= 0
+        if cfg["ofsd"]:
+            selected = selected & ofsd_mask(rows["s_proxy"], rows["t_proxy"], float(cfg["threshold"]))
         kept = selected.float()
         self.last_kept_fraction = float(kept.sum() / valid.sum().clamp_min(1))
         s_from_t = nontarget_kl_rows(rows["s_proxy"], rows["t_proxy"].detach(), flat_target, temperature)

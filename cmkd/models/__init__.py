@@ -39,7 +39,7 @@ def build_model(cfg: Mapping[str, Any], in_shape: Sequence[int], num_classes: in
 
 def _load_builtin() -> None:
     # Imported here so `import cmkd.models` stays cheap and side-effect free.
-    from cmkd.models import mlp, cnn, resnet  # noqa: F401
+    from cmkd.models import mlp, cnn, resnet, fusion  # noqa: F401
     try:
         from cmkd.models import segmentation  # noqa: F401
     except ImportError:
