@@ -12,14 +12,13 @@ underestimated the spread by 25%. The target standard errors are fixed here, bef
 fraction. Only spreads are recorded, never means, so the pilot cannot steer a claim. The NTDH
 masks run on their own seeds (`mask_seeds`), whose count comes from the masks' metrics.
 
-    python benchmarks/pilot_seed_count.py [names...]   -> benchmarks/results/pilot_seed_count.json
+    PYTHONPATH=. python benchmarks/pilot_seed_count.py [names...]   -> benchmarks/results/pilot_seed_count.json
 """
 
 from __future__ import annotations
 
 import copy
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -27,10 +26,8 @@ from pathlib import Path
 import torch
 import yaml
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from cmkd.analysis import EXPERIMENTS, seeds_needed  # noqa: E402
-from cmkd.atomic import write_json  # noqa: E402
+from cmkd.analysis import EXPERIMENTS, seeds_needed
+from cmkd.atomic import write_json
 
 PILOT_SEEDS = list(range(1000, 1010))
 SAFETY = 1.25

@@ -9,6 +9,9 @@ claims:
     paper: MFH                           # short paper name
     statement: KD gain over no-KD rises with the share of modality-general features.
     paper_reports: Fig. 2 ...            # optional: what the paper reports, in words / numbers
+    significance: 2.0                    # optional, see "Noisy comparisons"
+    optional: true                       # optional: absent results skip the claim (e.g. a run
+                                         # the user left out of `methods`) instead of failing it
     source:                              # the measurement
       file: data/reports/experiments/mfh_gamma.json
       path: series.kd_gain_mean          # JSON path, see `resolve_path`
@@ -35,13 +38,21 @@ tolerance; the tolerance always relaxes the test by ``t`` in the paper's favour)
   band of one point, so it both forgives a small step back and demands a rise above noise.
 - ``spearman >`` / ``spearman <``: the Spearman rank correlation of m and a against v.
 
+Noisy comparisons: a scalar comparison (``>``, ``>=``, ``<``, ``<=``) between summaries
+``{"mean", "std", "n"}`` (the main tables' metrics.json entries) may set ``significance: k``.
+The claim then holds when the difference of the means is beyond k standard errors in the
+paper's direction, fails when it is beyond k standard errors the other way, and is
+"inconclusive (within k s.e.)" otherwise: the seeds cannot decide it, which is reported, not
+counted as a failure.
+
 Recording what does not reproduce: a claim that a run showed not to hold is kept in the file
 with ``status: not_reproduced`` and a ``reason`` written from the measured numbers; its paper
 expectation (comparison, value, tolerance) stays exactly as the paper states it, never loosened.
 Such a claim passes the check only while the measurement still disagrees with the paper (the
 verdict reads "not reproduced (known)"), so a later change that makes it hold is flagged
 ("now reproduces: update claims.yaml") instead of going unnoticed. A claim whose results file
-or path is missing fails with the verdict "missing".
+or path is missing fails with the verdict "missing", unless the claim is `optional` (a claim on a
+main-table run the user may leave out of `methods`): then it is "skipped (results absent)".
 
 Everything here is pure: `load_claims` parses and validates, `evaluate_claim` decides one claim
 against already-loaded JSON documents, `render_markdown` formats the report.
@@ -68,7 +79,7 @@ PAIRWISE_ONLY = ("spearman >", "spearman <")
 STATUSES = ("reproduces", "not_reproduced")
 _ID = re.compile(r"^[a-z0-9][a-z0-9_\-]*$")
 _KNOWN_KEYS = {"id", "paper", "statement", "paper_reports", "source", "against", "comparison", "value",
-               "tolerance", "status", "reason", "command"}
+               "tolerance", "status", "reason", "command", "significance", "optional"}
 
 _OPS: dict[str, Callable[[float, float, float], bool]] = {
     ">": lambda m, v, t: m > v - t,
@@ -109,10 +120,14 @@ class Claim:
     reason: str = ""
     paper_reports: str = ""
     command: str = ""
+    significance: float | None = None
+    optional: bool = False
 
     def expected_text(self) -> str:
         """The paper's expectation in one line, e.g. ``spearman(m, a) < -0.7``."""
         slack = f" (slack {_fmt(self.tolerance)})" if self.tolerance else ""
+        if self.significance:
+            slack += f" beyond {_fmt(self.significance)} s.e."
         rhs = self.against.path if self.against is not None else _fmt(self.value)
         if self.comparison in ("increasing", "decreasing"):
             return f"{self.source.path} {self.comparison}{slack}"
@@ -242,11 +257,20 @@ def _parse_claim(raw: Mapping[str, Any], path: str | Path, where: str) -> Claim:
     for key in ("paper_reports", "command"):
         if key in raw and not isinstance(raw[key], str):
             raise fail(f"`{key}` must be a string")
+    if not isinstance(raw.get("optional", False), bool):
+        raise fail("`optional` must be true or false")
+    significance = raw.get("significance")
+    if significance is not None:
+        if not _is_number(significance) or significance <= 0:
+            raise fail("`significance` must be a number > 0 (standard errors)")
+        if comparison not in SCALAR_OPS:
+            raise fail(f"`significance` applies to {list(SCALAR_OPS)} only")
     return Claim(
         id=raw["id"], paper=raw["paper"], statement=" ".join(raw["statement"].split()), source=source,
         comparison=comparison, value=value, tolerance=float(tolerance), against=against, status=status,
         reason=" ".join(str(reason).split()), paper_reports=" ".join(raw.get("paper_reports", "").split()),
-        command=raw.get("command", ""),
+        command=raw.get("command", ""), significance=None if significance is None else float(significance),
+        optional=raw.get("optional", False),
     )
 
 
@@ -330,11 +354,19 @@ def evaluate_claim(claim: Claim, load: Loader) -> Outcome:
         measured = resolve_path(load(claim.source.file), claim.source.path)
         against = resolve_path(load(claim.against.file), claim.against.path) if claim.against else None
     except (FileNotFoundError, ResultMissing) as err:
+        if claim.optional:
+            return Outcome(claim, None, None, True, "skipped (results absent)", detail=f"results not found: {err}")
         return Outcome(claim, None, None, False, "missing", detail=f"results not found: {err}")
     try:
-        holds, shown, detail = compare(claim.comparison, measured, claim.value, claim.tolerance, against)
+        if claim.significance:
+            holds, shown, detail = compare_significant(claim.comparison, measured, claim.value, claim.tolerance, against, claim.significance)
+        else:
+            holds, shown, detail = compare(claim.comparison, measured, claim.value, claim.tolerance, against)
     except (TypeError, ValueError) as err:
         return Outcome(claim, _jsonable(measured), None, False, "invalid", detail=str(err), against_measured=against)
+    if holds is None:
+        return Outcome(claim, shown, None, True, f"inconclusive (within {_fmt(claim.significance)} s.e.)", detail=detail,
+                       against_measured=against)
     if claim.status == "reproduces":
         verdict = "reproduced" if holds else "not reproduced"
         passed = holds
@@ -395,6 +427,40 @@ def compare(comparison: str, measured: Any, value: Any, tolerance: float, agains
     raise ValueError(f"unknown comparison {comparison!r}")
 
 
+def compare_significant(comparison: str, measured: Any, value: Any, tolerance: float, against: Any, k: float) -> tuple[bool | None, Any, str]:
+    """`compare` for summaries {"mean", "std", "n"}: True / False when the difference of the
+    means lies beyond k standard errors (plus the tolerance) on the paper's side / the other
+    side, None (inconclusive) in between."""
+    if comparison not in SCALAR_OPS:
+        raise ValueError(f"significance applies to {SCALAR_OPS} only")
+    m_mean, m_var = _summary(measured, "measured")
+    if against is not None:
+        a_mean, a_var = _summary(against, "against")
+    else:
+        a_mean, a_var = float(value), 0.0
+    se = math.sqrt(m_var + a_var)
+    diff = m_mean - a_mean if comparison.startswith(">") else a_mean - m_mean  # > 0: the paper's side
+    margin = k * se
+    detail = f"difference {_fmt(m_mean - a_mean)}, s.e. {_fmt(se)}"
+    if diff + tolerance > margin:
+        return True, m_mean, detail
+    if diff + tolerance < -margin:
+        return False, m_mean, detail
+    return None, m_mean, detail
+
+
+def _summary(x: Any, what: str) -> tuple[float, float]:
+    """(mean, squared standard error of the mean) of a {"mean", "std", "n"} summary."""
+    if not (isinstance(x, Mapping) and all(_is_number(x.get(k)) for k in ("mean", "std", "n")) and x["n"] >= 2):
+        raise TypeError(f"{what} must be a summary with mean, std and n >= 2 for a significance test, got {x!r}")
+    return float(x["mean"]), float(x["std"]) ** 2 / float(x["n"])
+
+
+def filter_claims(claims: Sequence[Claim], prefix: str) -> list[Claim]:
+    """The claims whose results files (source and against) all lie under `prefix`."""
+    return [c for c in claims if c.source.file.startswith(prefix) and (c.against is None or c.against.file.startswith(prefix))]
+
+
 def evaluate_all(claims: Sequence[Claim], load: Loader) -> list[Outcome]:
     return [evaluate_claim(c, load) for c in claims]
 
@@ -415,10 +481,12 @@ def report_json(outcomes: Sequence[Outcome]) -> dict[str, Any]:
     return {"summary": summary(outcomes), "claims": [o.to_json() for o in outcomes]}
 
 
-def render_markdown(outcomes: Sequence[Outcome]) -> str:
+def render_markdown(outcomes: Sequence[Outcome], title: str = "Paper claims") -> str:
     s = summary(outcomes)
+    if not outcomes:
+        return f"# {title}\n\nNo claim reads these results.\n"
     lines = [
-        "# Paper claims",
+        f"# {title}",
         "",
         f"{s['passed']} of {s['total']} claims pass ({', '.join(f'{v}: {n}' for v, n in sorted(s['verdicts'].items()))}).",
         "",

@@ -1,8 +1,10 @@
-"""Stage `check`: compare the pipeline's results with the papers' claims (claims.yaml).
+"""Stages `check` and `check_tables@<dataset>`: compare results with the papers' claims.
 
-Reads params `check.claims` (the claims file) and `check.fail_on_mismatch`; writes
-data/reports/claims.json and data/reports/claims.md; exits 1 when a claim fails, unless
-`--report-only` is given or `check.fail_on_mismatch` is false. See cmkd/claims.py.
+Reads params `check.claims` (the claims file) and `check.fail_on_mismatch`; evaluates the
+claims whose results files lie under `--sources` (all by default: `check` takes the synthetic
+experiments, `check_tables@<dataset>` the main table of one dataset); writes claims.json and
+claims.md to `--out-dir`; exits 1 when a claim fails, unless `--report-only` is given or
+`check.fail_on_mismatch` is false. See cmkd/claims.py.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from cmkd.atomic import write_json, write_text
-from cmkd.claims import ResultMissing, evaluate_all, load_claims, render_markdown, report_json
+from cmkd.claims import ResultMissing, evaluate_all, filter_claims, load_claims, render_markdown, report_json
 from cmkd.errors import ConfigError
 from stages._common import DATA, main, parser, start
 
@@ -44,6 +46,7 @@ def run() -> None:
     p.add_argument("--out-dir", default=f"{DATA}/reports", help="where claims.json and claims.md go")
     p.add_argument("--root", default=".", help="folder the claims' result files are relative to")
     p.add_argument("--report-only", action="store_true", help="write the report but never fail")
+    p.add_argument("--sources", default="", help="check only the claims whose results files start with this prefix")
     args = p.parse_args()
     params = start(args)
     check = params.get("check") or {}
@@ -52,10 +55,12 @@ def run() -> None:
     if not isinstance(fail_on_mismatch, bool):
         raise ConfigError("check.fail_on_mismatch", f"must be true or false, got {fail_on_mismatch!r}")
 
-    outcomes = evaluate_all(load_claims(claims_file), json_loader(Path(args.root)))
+    claims = filter_claims(load_claims(claims_file), args.sources)
+    outcomes = evaluate_all(claims, json_loader(Path(args.root)))
     out = Path(args.out_dir)
     write_json(out / "claims.json", report_json(outcomes))
-    write_text(out / "claims.md", render_markdown(outcomes))
+    title = f"Paper claims on {args.sources.rstrip('/')}" if args.sources else "Paper claims"
+    write_text(out / "claims.md", render_markdown(outcomes, title))
 
     failed = [o for o in outcomes if not o.passed]
     for o in outcomes:

@@ -4,6 +4,7 @@ bookkeeping, the claims-file validation, and the check stage's exit status."""
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -291,3 +292,74 @@ def test_check_cli_flipping_a_repository_claim_fails(tmp_path):
     flipped = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
     assert flipped.returncode == 1
     assert "mfh-gamma-kd-gain-rises" in flipped.stderr
+
+
+# --------------------------------------------------------------------------- noisy comparisons and filtering
+
+def summary_stat(values):
+    v = np.asarray(values, dtype=float)
+    return {"mean": float(v.mean()), "std": float(v.std(ddof=1)), "n": len(v), "values": list(v)}
+
+
+def test_significance_decides_only_beyond_k_standard_errors():
+    from cmkd.claims import compare_significant
+
+    a, b = summary_stat([0.80, 0.82, 0.81]), summary_stat([0.70, 0.71, 0.69])
+    se = math.sqrt(a["std"] ** 2 / 3 + b["std"] ** 2 / 3)  # by hand: both s.d. 0.01 -> se = 0.00816
+    assert se == pytest.approx(math.sqrt(2 * 0.01 ** 2 / 3))
+    assert compare_significant(">", a, None, 0.0, b, 2.0)[0] is True      # +0.11 >> 2 se
+    assert compare_significant("<", a, None, 0.0, b, 2.0)[0] is False     # the other side, decided
+    close = summary_stat([0.705, 0.715, 0.695])                           # +0.005 < 2 se
+    assert compare_significant(">", close, None, 0.0, b, 2.0)[0] is None
+    assert compare_significant(">", a, 0.75, 0.0, None, 2.0)[0] is True  # against a plain value
+    with pytest.raises(TypeError):
+        compare_significant(">", 0.8, None, 0.0, b, 2.0)
+
+
+def test_inconclusive_claims_are_reported_not_failed():
+    doc = {"claims": [claim(source={"file": "m.json", "path": "rows.x.f1"}, against={"file": "m.json", "path": "rows.y.f1"},
+                            value=None, significance=2.0)]}
+    c = parse_claims(doc)[0]
+    assert "beyond 2 s.e." in c.expected_text()
+    rows = {"x": {"f1": summary_stat([0.705, 0.715, 0.695])}, "y": {"f1": summary_stat([0.70, 0.71, 0.69])}}
+    out = evaluate_claim(c, loader({"m.json": {"rows": rows}}))
+    assert (out.passed, out.holds) == (True, None) and out.verdict.startswith("inconclusive")
+    rows["x"]["f1"] = summary_stat([0.60, 0.61, 0.59])
+    out = evaluate_claim(c, loader({"m.json": {"rows": rows}}))
+    assert (out.passed, out.holds, out.verdict) == (False, False, "not reproduced")
+    with pytest.raises(ClaimsError, match="significance"):
+        parse_claims({"claims": [claim(comparison="increasing", value=None, significance=2.0)]})
+
+
+def test_filter_and_empty_report():
+    from cmkd.claims import filter_claims
+
+    claims = parse_claims({"claims": [
+        claim(id="a", source={"file": "data/reports/digits/metrics.json", "path": "x"}),
+        claim(id="b", source={"file": "data/reports/experiments/e.json", "path": "x"}),
+        claim(id="c", source={"file": "data/reports/digits/metrics.json", "path": "x"},
+              against={"file": "data/reports/experiments/e.json", "path": "y"}, value=None),
+    ]})
+    assert [c.id for c in filter_claims(claims, "data/reports/digits/")] == ["a"]
+    assert [c.id for c in filter_claims(claims, "")] == ["a", "b", "c"]
+    assert "No claim reads these results" in render_markdown([], "Paper claims: sunrgbd")
+
+
+def test_check_stage_with_sources_checks_only_that_table(tmp_path):
+    results = {"data/reports/digits/metrics.json": {"rows": {"kd": {"f1": 0.9}}},
+               "data/reports/experiments/e.json": {"gain": -1.0}}
+    doc = {"claims": [claim(id="table", source={"file": "data/reports/digits/metrics.json", "path": "rows.kd.f1"}),
+                      claim(id="exp", source={"file": "data/reports/experiments/e.json", "path": "gain"})]}
+    assert run_check(tmp_path, doc, results, "--sources", "data/reports/digits/") == 0
+    report = json.loads((tmp_path / "reports" / "claims.json").read_text())
+    assert [c["id"] for c in report["claims"]] == ["table"]
+    assert run_check(tmp_path, doc, results) == 1  # the experiment claim fails when all are checked
+
+
+def test_optional_claims_skip_absent_results():
+    c = parse_claims({"claims": [claim(optional=True)]})[0]
+    out = evaluate_claim(c, loader({"r.json": {"rows": {}}}))
+    assert (out.passed, out.verdict) == (True, "skipped (results absent)")
+    assert evaluate_claim(c, loader({"r.json": {"gain": -1.0}})).passed is False  # present: decided as usual
+    with pytest.raises(ClaimsError, match="optional"):
+        parse_claims({"claims": [claim(optional="yes")]})
