@@ -56,7 +56,15 @@ class TrainConfig:
         unknown = sorted(set(params) - names)
         if unknown:
             raise ConfigError(f"{key}.{unknown[0]}", f"unknown training parameter; known: {sorted(names)}")
-        cfg = cls(**{**params, **overrides})
+        merged = {**params, **overrides}
+        # YAML 1.1 (PyYAML) reads DVC-written numbers such as 1e-05 as strings.
+        for name in ("lr", "weight_decay", "momentum"):
+            if isinstance(merged.get(name), str):
+                try:
+                    merged[name] = float(merged[name])
+                except ValueError:
+                    raise ConfigError(f"{key}.{name}", f"must be a number, got {merged[name]!r}") from None
+        cfg = cls(**merged)
         cfg.validate(key)
         return cfg
 
@@ -347,9 +355,19 @@ def _optimizer(params, cfg: TrainConfig) -> torch.optim.Optimizer:
     return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
 
+def code_fingerprint() -> str:
+    """Hash of the library's source, so a checkpoint made by other code is never resumed."""
+    digest = hashlib.sha256()
+    for path in sorted(Path(__file__).parent.rglob("*.py")):
+        digest.update(path.relative_to(Path(__file__).parent).as_posix().encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
 def run_fingerprint(*parts: Any) -> str:
-    """A hash of everything that defines a run; a checkpoint is resumed only when it matches."""
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    """A hash of everything that defines a run (and of the code); a checkpoint is resumed only
+    when it matches."""
+    return hashlib.sha256(json.dumps([code_fingerprint(), *parts], sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def _cpu_state(module: nn.Module) -> dict[str, torch.Tensor]:
@@ -407,6 +425,9 @@ def fit(
         else:
             log.info("%s: checkpoint %s is for another configuration; starting afresh", desc, ckpt_path)
 
+    if hasattr(distiller, "on_train_start"):
+        distiller.on_train_start(train)  # e.g. NTDH's feature mask, estimated once on train rows
+
     step_module: nn.Module = distiller
     if world > 1:
         step_module = nn.parallel.DistributedDataParallel(distiller, find_unused_parameters=True)
@@ -428,6 +449,8 @@ def fit(
         sums: dict[str, float] = {}
         n_steps = 0
         for batch in train.batches(cfg.batch_size, shuffle=True, seed=epoch_seed, rank=rank, world=world):
+            if len(batch["index"]) < 2:
+                continue  # a trailing batch of one row breaks BatchNorm's batch statistics
             batch = _to_device(augment_batch(batch, cfg.augment, aug_gen), device)
             losses = step_module(batch)
             loss = sum(losses.values())

@@ -7,6 +7,8 @@ divides by the mask's sum (the number of valid samples or pixels).
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -23,7 +25,9 @@ def mask_rows(mask: torch.Tensor | None, n_rows: int, device: torch.device) -> t
     """Flatten a sample/pixel mask to one float weight per row (ones when `mask` is None)."""
     if mask is None:
         return torch.ones(n_rows, device=device)
-    w = mask.reshape(-1).to(device=device, dtype=torch.float32)
+    # float weights keep their precision (float64 inputs stay exact); bools become 0/1 floats
+    dtype = mask.dtype if mask.is_floating_point() else torch.float32
+    w = mask.reshape(-1).to(device=device, dtype=dtype)
     if w.numel() != n_rows:
         raise ValueError(f"mask has {w.numel()} entries for {n_rows} logit rows")
     return w
@@ -64,8 +68,214 @@ def cross_entropy(logits: torch.Tensor, target: torch.Tensor, mask: torch.Tensor
     return masked_mean(per_row, weights)
 
 
+# --- Decoupled and divergence losses (DKD, NTDH, MLKD) ---------------------------------------
+#
+# Everything below works on "rows" (one per sample or pixel) and keeps every intermediate finite:
+# log-probabilities come from log_softmax / logsumexp, and the non-target distribution is built by
+# gathering the C-1 non-target logits, so the target class is removed (not damped) and no
+# 0 * log 0 or -inf - -inf ever reaches autograd.
+
+
+def _target_rows(target: torch.Tensor, n_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flatten targets to rows; returns (clamped class indices, valid mask). Negative = ignore."""
+    t = target.reshape(-1)
+    if t.numel() != n_rows:
+        raise ValueError(f"target has {t.numel()} entries for {n_rows} logit rows")
+    valid = t >= 0
+    return t.clamp_min(0).long(), valid
+
+
+def non_target_logits(rows: torch.Tensor, target_rows: torch.Tensor) -> torch.Tensor:
+    """[R, C] logits -> [R, C-1]: each row without its target column (order kept)."""
+    c = rows.shape[1]
+    offsets = torch.arange(c - 1, device=rows.device)
+    index = offsets.unsqueeze(0) + (offsets.unsqueeze(0) >= target_rows.unsqueeze(1)).long()
+    return rows.gather(1, index)
+
+
+def decoupled_log_probs(rows: torch.Tensor, target_rows: torch.Tensor, temperature=1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both DKD / NTDH distributions of p = softmax(z / T), from one pass over the logits:
+    [R, 2] log [p_gt, 1 - p_gt] (stable via logsumexp) and [R, C-1] log-softmax over the
+    non-target classes only (the target class removed)."""
+    z = rows / temperature
+    rest = non_target_logits(z, target_rows)
+    log_total = torch.logsumexp(z, dim=1)
+    log_rest_total = torch.logsumexp(rest, dim=1)
+    log_gt = z.gather(1, target_rows.unsqueeze(1)).squeeze(1) - log_total
+    binary = torch.stack([log_gt, log_rest_total - log_total], dim=1)
+    return binary, rest - log_rest_total.unsqueeze(1)
+
+
+def binary_target_log_probs(rows: torch.Tensor, target_rows: torch.Tensor, temperature=1.0) -> torch.Tensor:
+    """[R, 2] log [p_gt, 1 - p_gt] with p = softmax(z / T), computed stably with logsumexp."""
+    return decoupled_log_probs(rows, target_rows, temperature)[0]
+
+
+def non_target_log_probs(rows: torch.Tensor, target_rows: torch.Tensor, temperature=1.0) -> torch.Tensor:
+    """[R, C-1] log-softmax over the non-target classes only (the target class removed)."""
+    return F.log_softmax(non_target_logits(rows / temperature, target_rows), dim=1)
+
+
+def kl_from_log_probs(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
+    """Per-row KL(p || q) from log-probabilities (finite inputs; p = 0 terms contribute 0)."""
+    return (log_p.exp() * (log_p - log_q)).sum(dim=1)
+
+
+def js_from_log_probs(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
+    """Per-row Jensen-Shannon divergence (natural log, in [0, ln 2]) from log-probabilities."""
+    log_m = torch.logaddexp(log_p, log_q) - math.log(2.0)
+    js = 0.5 * kl_from_log_probs(log_p, log_m) + 0.5 * kl_from_log_probs(log_q, log_m)
+    return js.clamp_min(0.0)  # rounding can leave -1e-9 where the rows are equal
+
+
+def js_divergence(p: torch.Tensor, q: torch.Tensor, dim: int = 1) -> torch.Tensor:
+    """Jensen-Shannon divergence (natural log) between probability rows along `dim`.
+
+    0 log 0 is taken as 0; probabilities are clamped to the dtype's smallest normal number
+    inside the logarithms only, so exact zeros give neither NaN values nor NaN gradients.
+    """
+    tiny = torch.finfo(p.dtype).tiny
+    m = 0.5 * (p + q)
+    log_m = m.clamp_min(tiny).log()
+    kl_pm = (p * (p.clamp_min(tiny).log() - log_m)).sum(dim=dim)
+    kl_qm = (q * (q.clamp_min(tiny).log() - log_m)).sum(dim=dim)
+    return (0.5 * kl_pm + 0.5 * kl_qm).clamp_min(0.0)
+
+
+def _per_row_shape(logits: torch.Tensor) -> tuple[int, ...]:
+    """Shape of a per-sample result: [N] for [N, C], [N, H, W] for [N, C, H, W]."""
+    return (logits.shape[0], *logits.shape[2:])
+
+
+def target_divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor, target: torch.Tensor,
+                      temperature: float = 1.0) -> torch.Tensor:
+    """NTDH target divergence: per-sample (per-pixel) JS between the binary target
+    distributions [p_gt, 1 - p_gt] of teacher and student, p = softmax(z / T).
+
+    Returns [N] or [N, H, W]; rows whose target is negative (ignore) get 0.
+    """
+    s, t = to_rows(student_logits), to_rows(teacher_logits)
+    tgt, valid = _target_rows(target, s.shape[0])
+    js = js_from_log_probs(binary_target_log_probs(t, tgt, temperature), binary_target_log_probs(s, tgt, temperature))
+    return (js * valid).reshape(_per_row_shape(student_logits))
+
+
+def non_target_divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor, target: torch.Tensor,
+                          temperature: float = 1.0) -> torch.Tensor:
+    """NTDH non-target divergence: per-sample (per-pixel) JS between teacher and student
+    softmax over the non-target classes (target column removed, then renormalised).
+
+    With C = 2 the non-target distribution has a single class, so the divergence is 0.
+    Returns [N] or [N, H, W]; rows whose target is negative (ignore) get 0.
+    """
+    s, t = to_rows(student_logits), to_rows(teacher_logits)
+    tgt, valid = _target_rows(target, s.shape[0])
+    js = js_from_log_probs(non_target_log_probs(t, tgt, temperature), non_target_log_probs(s, tgt, temperature))
+    return (js * valid).reshape(_per_row_shape(student_logits))
+
+
+def dkd_terms(student_logits: torch.Tensor, teacher_logits: torch.Tensor, target: torch.Tensor,
+              temperature, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """DKD's two terms (TCKD, NCKD), each T^2 * a KL averaged over valid, masked rows."""
+    s, t = to_rows(student_logits), to_rows(teacher_logits)
+    tgt, valid = _target_rows(target, s.shape[0])
+    weights = valid.float() * mask_rows(mask, s.shape[0], s.device)
+    binary_t, rest_t = decoupled_log_probs(t, tgt, temperature)
+    binary_s, rest_s = decoupled_log_probs(s, tgt, temperature)
+    tckd = kl_from_log_probs(binary_t, binary_s)
+    nckd = kl_from_log_probs(rest_t, rest_s)
+    scale = temperature**2
+    return masked_mean(tckd, weights) * scale, masked_mean(nckd, weights) * scale
+
+
+def dkd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, target: torch.Tensor,
+             alpha: float, beta: float, temperature, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Decoupled KD (Zhao et al., CVPR 2022): alpha * TCKD + beta * NCKD.
+
+    TCKD = T^2 KL([p_gt^t, 1 - p_gt^t] || [p_gt^s, 1 - p_gt^s]); NCKD = T^2 KL(p^t_nt || p^s_nt)
+    where p_nt is the softmax over the non-target classes with the target class removed.
+    No CE and no warm-up here (the `dkd` method adds them). Rows whose target is negative are
+    excluded; `mask` ([N] / [N, H, W], bool or weights) weights the remaining rows.
+    """
+    tckd, nckd = dkd_terms(student_logits, teacher_logits, target, temperature, mask)
+    return alpha * tckd + beta * nckd
+
+
+def kd_rows(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature) -> torch.Tensor:
+    """Per-sample (per-pixel) T^2 * KL(p_t || p_s), shape [N] or [N, H, W] (MLKD's instance term)."""
+    s, t = to_rows(student_logits), to_rows(teacher_logits)
+    return (kl_rows(s, t, temperature) * temperature**2).reshape(_per_row_shape(student_logits))
+
+
+def batch_correlation_loss(student_probs: torch.Tensor, teacher_probs: torch.Tensor, weights: torch.Tensor,
+                           rows_per_sample: int = 1) -> torch.Tensor:
+    """MLKD batch level: squared Frobenius distance of the row-similarity matrices P P^T.
+
+    With row weights w (0/1 selects rows): sum_ij w_i w_j (S_s - S_t)_ij^2 / (sum(w) * r),
+    S = P P^T. For classification (r = rows_per_sample = 1, all w = 1) this is MLKD's
+    ||S_s - S_t||^2 / batch_size. Segmentation passes r = H*W so a pixel counts as 1/(H*W) of a
+    sample and the term keeps the scale of a classification batch with the same number of images.
+
+    Computed without the N x N matrices, via ||A A^T - B B^T||^2 = ||A^T A||^2 - 2 ||A^T B||^2 +
+    ||B^T B||^2 on C x C matrices (O(N C^2) time, O(C^2) memory), in float64 against cancellation.
+    """
+    w = weights.reshape(-1, 1).to(torch.float64)
+    root = w.clamp_min(0).sqrt()
+    a = teacher_probs.to(torch.float64) * root
+    b = student_probs.to(torch.float64) * root
+    dist = (a.T @ a).square().sum() - 2 * (a.T @ b).square().sum() + (b.T @ b).square().sum()
+    norm = (w.sum() * rows_per_sample).clamp_min(1e-12)
+    return (dist.clamp_min(0.0) / norm).to(student_probs.dtype)
+
+
+def class_correlation_loss(student_probs: torch.Tensor, teacher_probs: torch.Tensor, weights: torch.Tensor,
+                           rows_per_sample: int = 1) -> torch.Tensor:
+    """MLKD class level: ||G_s - G_t||_F^2 / C with the C x C class-correlation G = P^T diag(w) P / r.
+
+    For classification (r = 1, all w = 1) this is MLKD's ||P_s^T P_s - P_t^T P_t||^2 / C;
+    segmentation passes r = H*W (see `batch_correlation_loss`).
+    """
+    w = weights.reshape(-1, 1).to(student_probs.dtype)
+    g_s = student_probs.T @ (student_probs * w)
+    g_t = teacher_probs.T @ (teacher_probs * w)
+    return (g_s - g_t).div(rows_per_sample).square().sum() / student_probs.shape[1]
+
+
 def standardize_logits(logits: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
     """LSKD: z-score each sample's (pixel's) logits over the class dimension."""
     mean = logits.mean(dim=1, keepdim=True)
     std = logits.std(dim=1, keepdim=True)
     return (logits - mean) / (std + eps)
+
+
+def kendall_tau(a: torch.Tensor, b: torch.Tensor, chunk_elements: int = 1 << 24) -> torch.Tensor:
+    """Per-row Kendall rank correlation (tau-b, ties handled) of two [N, C] tensors -> [N].
+
+    tau_b = sum_{i<j} s_a s_b / sqrt((n0 - t_a)(n0 - t_b)) with s = sign(x_i - x_j), n0 the
+    number of pairs and t the pairs tied in a (resp. b); computed from [N, C, C] sign matrices
+    on the tensors' device, in row chunks of at most `chunk_elements` entries. A row that is
+    constant in `a` or `b` has no ranking: its tau is NaN (as scipy.stats.kendalltau), and
+    NaN compares False with any threshold. No gradient flows (ranks are piecewise constant).
+    """
+    if a.shape != b.shape or a.dim() != 2:
+        raise ValueError(f"kendall_tau needs two [N, C] tensors of one shape, got {tuple(a.shape)} and {tuple(b.shape)}")
+    # float64 stays float64; anything else is ranked in float32 (sums of +-1 are exact below 2^24)
+    dtype = torch.float64 if a.dtype == torch.float64 else torch.float32
+    a, b = a.detach().to(dtype), b.detach().to(dtype)
+    n, c = a.shape
+    rows = max(1, chunk_elements // max(1, c * c))
+    out = torch.empty(n, dtype=dtype, device=a.device)
+    for start in range(0, n, rows):
+        sa = _pairwise_signs(a[start:start + rows])
+        sb = _pairwise_signs(b[start:start + rows])
+        # Over ordered pairs every count doubles; the ratio is unchanged.
+        untied_a = torch.count_nonzero(sa, dim=(1, 2)).to(dtype)
+        untied_b = torch.count_nonzero(sb, dim=(1, 2)).to(dtype)
+        concordance = sa.mul_(sb).sum(dim=(1, 2))
+        out[start:start + rows] = concordance / (untied_a * untied_b).sqrt()  # 0/0 -> NaN
+    return out
+
+
+def _pairwise_signs(x: torch.Tensor) -> torch.Tensor:
+    """[n, C] -> [n, C, C] matrix of sign(x_i - x_j)."""
+    return (x.unsqueeze(2) - x.unsqueeze(1)).sign_()

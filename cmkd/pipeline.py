@@ -34,6 +34,18 @@ TEACHER_RUN = {"method": "teacher"}
 STUDENT_RUN = {"method": "supervised"}
 
 
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.tolist()
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if hasattr(obj, "item") and callable(obj.item):
+        return obj.item()
+    return obj
+
+
 def seed_root(attrs: Mapping[str, Any], seed: int) -> str:
     """Datasets with one split per seed (SUN RGB-D's five 70/10/20 splits) list their groups in
     the `seed_roots` attribute; seed k uses group k modulo their number."""
@@ -60,6 +72,7 @@ def train_run(
     out_dir: Path,
     checkpoint_root: Path | None,
     teacher_dir: Path | None = None,
+    teacher_train_cfg: TrainConfig | None = None,
     cache_train_logits: bool = False,
     progress: bool = True,
 ) -> dict[str, Any]:
@@ -88,9 +101,17 @@ def train_run(
             logits_path = teacher_dir / f"seed{seed}" / "train_logits.h5"
             if distiller.uses_teacher_logits_only and not distiller.trains_teacher and logits_path.exists():
                 splits["train"] = splits["train"].with_teacher_logits(logits_path)
+        seed_cfg = TrainConfig(**{**train_cfg.__dict__, "seed": seed})
+        prepared_info = None
+        if hasattr(distiller, "prepare"):
+            # Methods that build something before training (MFH's Algorithm 1 retrains the teacher
+            # on its modality-general channels) do it here, deterministically for the seed.
+            t_cfg = TrainConfig(**{**(teacher_train_cfg or train_cfg).__dict__, "seed": seed})
+            prepared_info = _jsonable(distiller.prepare(splits["train"], splits["val"], t_cfg, task=task,
+                                                        num_classes=num_classes, ignore_index=ignore_index,
+                                                        progress=progress))
         fingerprint = run_fingerprint(dataset, run_name, dict(run_cfg), dict(models), train_cfg.fingerprint(), seed,
                                       attrs.get("source_checksum"), str(prepared.stat().st_size))
-        seed_cfg = TrainConfig(**{**train_cfg.__dict__, "seed": seed})
         result = fit(
             distiller, splits["train"], splits["val"], seed_cfg, task=task, num_classes=num_classes,
             ignore_index=ignore_index,
@@ -99,6 +120,8 @@ def train_run(
             desc=f"{dataset}/{run_name}/seed{seed}", fingerprint=fingerprint,
         )
         seed_result: dict[str, Any] = {"best_epoch": result.best_epoch, "val": result.best_val, "test": {}}
+        if prepared_info is not None:
+            seed_result["prepare"] = prepared_info
         device = resolve_device(seed_cfg.device)
         for name, (net, input_key) in distiller.deployables().items():
             seed_result["test"][name] = evaluate(net, splits["test"], input_key, task=task, num_classes=num_classes,

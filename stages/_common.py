@@ -23,6 +23,12 @@ def parser(description: str) -> argparse.ArgumentParser:
 
 def start(args: argparse.Namespace) -> dict[str, Any]:
     logging.basicConfig(level=os.environ.get("CMKD_LOG_LEVEL", "INFO"), format="%(levelname)s %(name)s: %(message)s")
+    # One intra-op thread by default: the networks here are small, and on a shared 2-core
+    # machine OpenMP's spinning threads made steps 6-25x slower (benchmarks/README.md).
+    # Parallelism comes from running stages side by side (flows/) or DDP instead.
+    import torch
+
+    torch.set_num_threads(int(os.environ.get("CMKD_NUM_THREADS", "1")))
     params = load_params(args.params)
     validate_params(params)
     return params

@@ -5,10 +5,12 @@
     python -m stages.train --dataset digits --run kdv1
 """
 
+import shutil
+import tempfile
 from pathlib import Path
 
 from cmkd.atomic import atomic_dir
-from cmkd.engine import TrainConfig, init_distributed_from_env
+from cmkd.engine import TrainConfig, distributed_info, init_distributed_from_env
 from cmkd.pipeline import STUDENT_RUN, TEACHER_RUN, train_run
 from stages._common import DATA, main, parser, start
 
@@ -31,15 +33,24 @@ def run() -> None:
     else:
         run_cfg, train_key = params["runs"][args.run], "student"
     train_cfg = TrainConfig.from_params(params["train"][ds][train_key], f"train.{ds}.{train_key}")
+    teacher_cfg = TrainConfig.from_params(params["train"][ds]["teacher"], f"train.{ds}.teacher")
     runs_dir = Path(DATA) / "runs" / ds
-    with atomic_dir(runs_dir / name) as out:
+    checkpoints = Path(DATA) / "checkpoints" / ds / name
+    rank, _ = distributed_info()
+    # Under torchrun only rank 0 writes the stage's outputs; the other ranks train alongside.
+    target = atomic_dir(runs_dir / name) if rank == 0 else tempfile.TemporaryDirectory()
+    with target as out:
+        out = Path(out)
         train_run(
             dataset=ds, prepared=Path(DATA) / "prepared" / f"{ds}.h5", run_name=name, run_cfg=run_cfg,
             models=params["models"][ds], train_cfg=train_cfg, seeds=params["seeds"], out_dir=out,
-            checkpoint_root=Path(DATA) / "checkpoints" / ds / name,
-            teacher_dir=runs_dir / "teacher" if args.run else None,
+            checkpoint_root=checkpoints,
+            teacher_dir=runs_dir / "teacher" if args.run else None, teacher_train_cfg=teacher_cfg,
             cache_train_logits=args.role == "teacher", progress=not args.no_progress,
         )
+    # The outputs are in place; checkpoints only served to resume an interrupted run.
+    if rank == 0:
+        shutil.rmtree(checkpoints, ignore_errors=True)
 
 
 if __name__ == "__main__":

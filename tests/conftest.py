@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -51,7 +52,25 @@ def tiny_params(params: dict, datasets=("synthetic",), methods=("kdv1",), seeds=
     if "synthetic" in datasets:
         params["data"]["synthetic"]["n_samples"] = 600
         params["data"]["synthetic"]["gammas"] = [0.0, 1.0]
+    if "experiments" in params:
+        shrink_experiments(params["experiments"], epochs)
+        # claims are about the full experiments; a tiny run only has to produce the report
+        params.setdefault("check", {})["fail_on_mismatch"] = False
     return params
+
+
+def shrink_experiments(experiments: dict, epochs: int = 2) -> None:
+    """The synthetic experiments (exp_* stages) at a size that runs in seconds."""
+    for cfg in experiments.values():
+        cfg["seeds"] = 1
+        if "mask_seeds" in cfg:
+            cfg["mask_seeds"] = 1
+        for net in cfg["nets"].values():
+            net["train"]["epochs"] = epochs
+        if "split" in cfg:
+            cfg["split"] = {"train": 60, "test": 60}
+        if "algorithm1" in cfg:
+            cfg["algorithm1"].update(pair_epochs=epochs, n_repeats=1)
 
 
 def dvc(args: list[str], cwd: Path, env: dict[str, str], check: bool = True) -> subprocess.CompletedProcess:
@@ -64,3 +83,27 @@ def dvc(args: list[str], cwd: Path, env: dict[str, str], check: bool = True) -> 
 def stages_run(output: str) -> set[str]:
     """Names of the stages `dvc repro` ran (it prints "Running stage 'name':")."""
     return {line.split("'")[1] for line in output.splitlines() if line.startswith("Running stage '")}
+
+
+# --- Prefect ---------------------------------------------------------------------------------
+# One temporary Prefect server for the whole session, started only when a test requests the
+# `prefect_harness` fixture (runs without Prefect tests never start it). Prefect reads its
+# home folder when first imported, so a private PREFECT_HOME and the analytics switch are set
+# here, before any test module imports Prefect.
+_PREFECT_HOME = tempfile.mkdtemp(prefix="cmkd-test-prefect-home-")
+os.environ["PREFECT_HOME"] = _PREFECT_HOME
+os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+os.environ.pop("PREFECT_API_URL", None)  # never talk to a user's real server from tests
+
+
+def pytest_sessionfinish(session, exitstatus):
+    shutil.rmtree(_PREFECT_HOME, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def prefect_harness():
+    """A temporary Prefect server (and database) shared by every Prefect test."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=180):
+        yield

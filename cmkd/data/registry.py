@@ -19,6 +19,8 @@ from cmkd.errors import ConfigError
 DATASETS: dict[str, str] = {
     "synthetic": "cmkd.data.synthetic",
     "digits": "cmkd.data.digits",
+    "semantickitti": "cmkd.data.semantickitti",
+    "semantickitti-sample": "cmkd.data.kitti_sample",
     # SUN RGB-D Kinect v2 (one module; the teacher/student modalities come from data.<name>):
     # cross-modal rgb -> depth, multi-modal rgb_depth -> depth (and -> rgb), and the offline sample.
     "sunrgbd": "cmkd.data.sunrgbd",

@@ -18,6 +18,13 @@ _REGISTRY: dict[str, type[Distiller]] = {}
 _METHOD_MODULES = (
     "cmkd.methods.supervised",
     "cmkd.methods.kd",
+    "cmkd.methods.dkd",
+    "cmkd.methods.ctkd",
+    "cmkd.methods.mlkd",
+    "cmkd.methods.ntdh",
+    "cmkd.methods.c2kd",
+    "cmkd.methods.discom",
+    "cmkd.methods.mfh",
 )
 
 

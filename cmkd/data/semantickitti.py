@@ -1,0 +1,645 @@
+"""SemanticKITTI: readers for its exact file formats, and the camera -> LiDAR `prepare`.
+
+Layout (KITTI odometry + SemanticKITTI labels, merged)::
+
+    dataset/sequences/NN/velodyne/FFFFFF.bin    float32 [N, 4] x, y, z, remission
+    dataset/sequences/NN/labels/FFFFFF.label    uint32 [N]: semantic = low 16 bits, instance = high 16
+    dataset/sequences/NN/image_2/FFFFFF.png     left colour image; sizes differ per sequence
+    dataset/sequences/NN/calib.txt              "P2: 12 numbers", "Tr: 12 numbers" (3x4 each)
+    dataset/sequences/NN/poses.txt              optional
+
+`prepare` turns every scan into one row of the prepared HDF5 file (cmkd.data.h5):
+
+    rgb     [3, h, w]  the colour image, (x / 255 - rgb_mean) / rgb_std
+    lidar   [5, h, w]  range, x, y, z, intensity of the point nearest to the camera in each
+                       pixel, (value - lidar_mean) / lidar_std, 0 where no point falls
+                       (+3 channels nx, ny, nz when `normals` is on)
+                       rgb and lidar are float32 or float16 (`dtype`; float16 halves the file,
+                       4.7 MiB a 256 x 1024 scan, and seg_resnet casts its input)
+    labels  [h, w]     int16: 0..18 the 19 classes of `learning_map`, -1 = unlabelled or no point
+    valid   [h, w]     uint8: 1 where a LiDAR point falls (labelled or not)
+    scan    []         int32: sequence * 1_000_000 + frame, the source scan of the row
+    range, range_labels  [5, 64, W], [64, W]: the spherical range image, when `range_image` is on
+
+h x w is the crop (`crop.<split>`): a random window per training scan (seeded by
+seed, sequence and frame, so it does not depend on worker scheduling) and the centre window
+for the other splits. The normalisation constants are recorded in the file attributes.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import functools
+import itertools
+import logging
+import multiprocessing
+import os
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Mapping, Sequence
+
+import numpy as np
+from PIL import Image
+from tqdm.auto import tqdm
+
+from cmkd.data.download import fetch, sha256_file, source_roots
+from cmkd.data.h5 import PreparedWriter
+from cmkd.errors import ConfigError, DataFormatError
+from cmkd.geometry import LIDAR_CHANNELS, lidar_image, range_projection
+
+log = logging.getLogger(__name__)
+
+# --------------------------------------------------------------------------- semantic-kitti.yaml
+# The official label definitions (semantic-kitti-api, config/semantic-kitti.yaml), as data.
+
+LABELS: dict[int, str] = {
+    0: "unlabeled", 1: "outlier", 10: "car", 11: "bicycle", 13: "bus", 15: "motorcycle",
+    16: "on-rails", 18: "truck", 20: "other-vehicle", 30: "person", 31: "bicyclist",
+    32: "motorcyclist", 40: "road", 44: "parking", 48: "sidewalk", 49: "other-ground",
+    50: "building", 51: "fence", 52: "other-structure", 60: "lane-marking", 70: "vegetation",
+    71: "trunk", 72: "terrain", 80: "pole", 81: "traffic-sign", 99: "other-object",
+    252: "moving-car", 253: "moving-bicyclist", 254: "moving-person", 255: "moving-motorcyclist",
+    256: "moving-on-rails", 257: "moving-bus", 258: "moving-truck", 259: "moving-other-vehicle",
+}
+
+# BGR, as in the yaml.
+COLOR_MAP_BGR: dict[int, tuple[int, int, int]] = {
+    0: (0, 0, 0), 1: (0, 0, 255), 10: (245, 150, 100), 11: (245, 230, 100), 13: (250, 80, 100),
+    15: (150, 60, 30), 16: (255, 0, 0), 18: (180, 30, 80), 20: (255, 0, 0), 30: (30, 30, 255),
+    31: (200, 40, 255), 32: (90, 30, 150), 40: (255, 0, 255), 44: (255, 150, 255), 48: (75, 0, 75),
+    49: (75, 0, 175), 50: (0, 200, 255), 51: (50, 120, 255), 52: (0, 150, 255), 60: (170, 255, 150),
+    70: (0, 175, 0), 71: (0, 60, 135), 72: (80, 240, 150), 80: (150, 240, 255), 81: (0, 0, 255),
+    99: (255, 255, 50), 252: (245, 150, 100), 256: (255, 0, 0), 253: (200, 40, 255),
+    254: (30, 30, 255), 255: (90, 30, 150), 257: (250, 80, 100), 258: (180, 30, 80), 259: (255, 0, 0),
+}
+
+# Raw id -> training id; 0 is "unlabelled" (ignored), 1..19 the classes.
+LEARNING_MAP: dict[int, int] = {
+    0: 0, 1: 0, 10: 1, 11: 2, 13: 5, 15: 3, 16: 5, 18: 4, 20: 5, 30: 6, 31: 7, 32: 8,
+    40: 9, 44: 10, 48: 11, 49: 12, 50: 13, 51: 14, 52: 0, 60: 9, 70: 15, 71: 16, 72: 17,
+    80: 18, 81: 19, 99: 0, 252: 1, 253: 7, 254: 6, 255: 8, 256: 5, 257: 5, 258: 4, 259: 5,
+}
+
+LEARNING_MAP_INV: dict[int, int] = {
+    0: 0, 1: 10, 2: 11, 3: 15, 4: 18, 5: 20, 6: 30, 7: 31, 8: 32, 9: 40, 10: 44, 11: 48,
+    12: 49, 13: 50, 14: 51, 15: 70, 16: 71, 17: 72, 18: 80, 19: 81,
+}
+
+# The 19 classes, in the order of the prepared labels 0..18 (= learning_map ids 1..19).
+CLASS_NAMES: list[str] = [LABELS[LEARNING_MAP_INV[i]] for i in range(1, 20)]
+
+OFFICIAL_SPLIT: dict[str, list[int]] = {"train": [0, 1, 2, 3, 4, 5, 6, 7, 9, 10], "val": [8]}
+
+# Image sizes (width, height) of the KITTI odometry colour sequences; read per image anyway.
+KITTI_IMAGE_SIZES = {(1241, 376): [0, 1, 2], (1242, 375): [3], (1226, 370): [4, 5, 6, 7, 8, 9, 10]}
+
+# Normalisation defaults: ImageNet statistics for RGB; RangeNet++'s SemanticKITTI statistics
+# (range, x, y, z, remission) for the LiDAR channels.
+RGB_MEAN = (0.485, 0.456, 0.406)
+RGB_STD = (0.229, 0.224, 0.225)
+LIDAR_MEAN = (12.12, 10.88, 0.23, -1.04, 0.21)
+LIDAR_STD = (12.32, 11.47, 6.91, 0.86, 0.16)
+
+_MAP_LUT_SIZE = 1 << 16
+# learning_map as a lookup table over all uint16 ids: -2 = not in the map, -1 = ignore, 0..18.
+_LUT = np.full(_MAP_LUT_SIZE, -2, np.int16)
+for _raw, _train in LEARNING_MAP.items():
+    _LUT[_raw] = _train - 1
+
+
+# --------------------------------------------------------------------------- readers
+
+def read_scan(path: str | Path) -> np.ndarray:
+    """A velodyne scan: float32 [N, 4] (x, y, z, remission)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataFormatError(path, "scan file does not exist")
+    size = path.stat().st_size
+    if size == 0 or size % 16:
+        raise DataFormatError(path, f"size {size} bytes is not a positive multiple of 16 (4 float32 per point): truncated scan?")
+    points = np.fromfile(path, dtype="<f4").reshape(-1, 4)
+    if not np.isfinite(points).all():  # the contiguous check is 50x cheaper than per row
+        bad = ~np.isfinite(points[:, :3]).all(axis=1)
+        if bad.any():
+            raise DataFormatError(path, f"{int(bad.sum())} point(s) with NaN or infinite coordinates (first at row {int(np.argmax(bad))})")
+        row = int(np.argmax(~np.isfinite(points[:, 3])))
+        raise DataFormatError(path, f"NaN or infinite remission (first at row {row})")
+    return points
+
+
+def read_labels(path: str | Path, n_points: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """A label file: (semantic, instance), uint16 [N] each (low and high 16 bits of uint32)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataFormatError(path, "label file does not exist")
+    size = path.stat().st_size
+    if size % 4:
+        raise DataFormatError(path, f"size {size} bytes is not a multiple of 4 (one uint32 per point)")
+    raw = np.fromfile(path, dtype="<u4")
+    if n_points is not None and len(raw) != n_points:
+        raise DataFormatError(path, f"has {len(raw)} labels but the scan has {n_points} points")
+    return (raw & 0xFFFF).astype(np.uint16), (raw >> 16).astype(np.uint16)
+
+
+def map_labels(semantic: np.ndarray, path: str | Path = "<labels>") -> np.ndarray:
+    """Raw semantic ids -> int16 training labels (0..18, -1 = ignore) through `learning_map`."""
+    mapped = _LUT[np.asarray(semantic, np.uint16)]
+    if (mapped == -2).any():
+        unknown = np.unique(np.asarray(semantic)[mapped == -2])
+        raise DataFormatError(path, f"label id(s) {unknown[:10].tolist()} are not in learning_map")
+    return mapped
+
+
+def read_calib(path: str | Path) -> dict[str, np.ndarray]:
+    """calib.txt: every "KEY: numbers" line; P2 as [3, 4] and Tr as [4, 4] (velodyne -> camera 0)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataFormatError(path, "calibration file does not exist")
+    values: dict[str, np.ndarray] = {}
+    for lineno, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        key, sep, rest = line.partition(":")
+        if not sep:
+            raise DataFormatError(path, f"line {lineno} is not 'KEY: numbers'")
+        try:
+            values[key.strip()] = np.array(rest.split(), np.float64)
+        except ValueError as err:
+            raise DataFormatError(path, f"line {lineno} ({key.strip()}): {err}") from err
+    calib = {}
+    for key in ("P2", "Tr"):
+        if key not in values:
+            raise DataFormatError(path, f"has no {key} entry")
+        if values[key].size != 12:
+            raise DataFormatError(path, f"{key} has {values[key].size} numbers, expected 12 (3x4)")
+        calib[key] = values[key].reshape(3, 4)
+    calib["Tr"] = np.vstack([calib["Tr"], [0.0, 0.0, 0.0, 1.0]])
+    return calib
+
+
+def read_image(path: str | Path) -> np.ndarray:
+    """A colour image as uint8 [H, W, 3]; its own size (sizes differ per sequence)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataFormatError(path, "image file does not exist (every scan needs its image_2 image)")
+    try:
+        with Image.open(path) as img:
+            img.load()
+            return np.asarray(img if img.mode == "RGB" else img.convert("RGB"))
+    except OSError as err:
+        raise DataFormatError(path, f"not a readable image ({err})") from err
+
+
+def image_size(path: str | Path) -> tuple[int, int]:
+    """(width, height) of an image, from its header only."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataFormatError(path, "image file does not exist (every scan needs its image_2 image)")
+    try:
+        with Image.open(path) as img:
+            return img.size
+    except OSError as err:
+        raise DataFormatError(path, f"not a readable image ({err})") from err
+
+
+# --------------------------------------------------------------------------- layout
+
+def sequence_name(seq: int | str) -> str:
+    return f"{int(seq):02d}"
+
+
+@dataclass(frozen=True)
+class ScanRecord:
+    sequence: str
+    frame: int
+    scan: Path
+    label: Path
+    image: Path
+    calib: Path
+
+
+def sequences_dirs(roots: Sequence[Path]) -> list[Path]:
+    """Every `sequences` folder found in the roots (root/dataset/sequences, root/sequences)."""
+    found = []
+    for root in roots:
+        for candidate in (root / "dataset" / "sequences", root / "sequences", root):
+            if candidate.name == "sequences" and candidate.is_dir():
+                found.append(candidate)
+                break
+    return found
+
+
+def _locate(seq_dirs: Sequence[Path], seq: str, rel: str) -> Path | None:
+    # Velodyne, labels, calib and images may come from different archives or folders.
+    for base in seq_dirs:
+        if (base / seq / rel).exists():
+            return base / seq / rel
+    return None
+
+
+def list_scans(roots: Sequence[Path], sequences: Sequence[int | str], frame_step: int = 1,
+               max_scans: int | None = None) -> list[ScanRecord]:
+    """The scans of `sequences`, in (sequence, frame) order, every `frame_step`-th frame.
+
+    Raises DataFormatError naming the missing folder or file (a sequence without velodyne
+    scans, its labels, calib.txt or an image of a scan).
+    """
+    seq_dirs = sequences_dirs(roots)
+    if not seq_dirs:
+        raise DataFormatError(roots[0] if roots else Path("."), "no 'sequences' folder found (expected dataset/sequences/NN/...)")
+    records = []
+    for seq in map(sequence_name, sequences):
+        velodyne = _locate(seq_dirs, seq, "velodyne")
+        if velodyne is None:
+            raise DataFormatError(seq_dirs[0] / seq / "velodyne", f"sequence {seq} has no velodyne folder")
+        labels = _locate(seq_dirs, seq, "labels") or seq_dirs[0] / seq / "labels"
+        images = _locate(seq_dirs, seq, "image_2") or seq_dirs[0] / seq / "image_2"
+        calib = _locate(seq_dirs, seq, "calib.txt") or seq_dirs[0] / seq / "calib.txt"
+        if not calib.is_file():
+            raise DataFormatError(calib, f"sequence {seq} has no calib.txt")
+        frames = sorted(int(p.stem) for p in velodyne.glob("*.bin"))
+        if not frames:
+            raise DataFormatError(velodyne, "no .bin scans")
+        for frame in frames[::frame_step]:
+            name = f"{frame:06d}"
+            record = ScanRecord(seq, frame, velodyne / f"{name}.bin", labels / f"{name}.label",
+                                images / f"{name}.png", calib)
+            if not record.label.is_file():
+                raise DataFormatError(record.label, f"label file missing for scan {record.scan}")
+            if not record.image.is_file():
+                raise DataFormatError(record.image, f"image missing for scan {record.scan}")
+            records.append(record)
+    return records[:max_scans] if max_scans else records
+
+
+# --------------------------------------------------------------------------- per-scan work
+
+def scan_id(sequence: int | str, frame: int) -> int:
+    """The `scan` column of the prepared file: sequence * 1_000_000 + frame."""
+    return int(sequence) * 1_000_000 + int(frame)
+
+
+@dataclass(frozen=True)
+class PrepareSettings:
+    crop: tuple[int, int]               # (height, width)
+    random_crop: bool
+    seed: int = 0
+    dtype: str = "float32"
+    rgb_mean: tuple[float, ...] = RGB_MEAN
+    rgb_std: tuple[float, ...] = RGB_STD
+    lidar_mean: tuple[float, ...] = LIDAR_MEAN
+    lidar_std: tuple[float, ...] = LIDAR_STD
+    voxel_size: float = 0.0
+    outlier_neighbors: int = 0
+    outlier_std_ratio: float = 2.0
+    normals: bool = False
+    normal_radius: float = 1.0
+    range_image: bool = False
+    range_size: tuple[int, int] = (64, 1024)
+    fov: tuple[float, float] = (3.0, -25.0)
+
+
+@functools.lru_cache(maxsize=64)
+def _calib_by_version(path: str, mtime_ns: int, size: int) -> dict[str, np.ndarray]:
+    return read_calib(path)
+
+
+def _calib_cached(path: Path) -> dict[str, np.ndarray]:
+    """read_calib once per sequence and worker (keyed by mtime too, so an edited file is re-read)."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return read_calib(path)
+    return _calib_by_version(str(path), st.st_mtime_ns, st.st_size)
+
+
+def voxel_downsample_index(xyz: np.ndarray, voxel_size: float) -> np.ndarray:
+    """Rows of the first point of every occupied voxel, in input order.
+
+    A real point is kept per voxel (not Open3D's voxel mean) so it keeps its own label and
+    remission.
+    """
+    keys = np.floor(xyz / voxel_size).astype(np.int64)
+    _, first = np.unique(keys, axis=0, return_index=True)
+    return np.sort(first)
+
+
+def _open3d_filters(points: np.ndarray, s: PrepareSettings) -> tuple[np.ndarray, np.ndarray | None]:
+    """Optional Open3D work: statistical outlier removal (returns the kept rows) and normals
+    (of the kept points, in their order)."""
+    keep = np.arange(len(points))
+    normals = None
+    if s.outlier_neighbors <= 0 and not s.normals:
+        return keep, normals
+    import open3d as o3d
+
+    pcd = o3d.geometry.PointCloud(o3d.utility.Vector3dVector(points[:, :3].astype(np.float64)))
+    if s.outlier_neighbors > 0:
+        pcd, kept = pcd.remove_statistical_outlier(nb_neighbors=s.outlier_neighbors, std_ratio=s.outlier_std_ratio)
+        keep = np.asarray(kept, np.int64)
+    if s.normals:
+        pcd.estimate_normals(o3d.geometry.KDTreeSearchParamHybrid(radius=s.normal_radius, max_nn=30))
+        # Orient towards the sensor at the origin, so the sign of a normal means something.
+        pcd.orient_normals_towards_camera_location(np.zeros(3))
+        normals = np.asarray(pcd.normals, np.float32)
+    return keep, normals
+
+
+def crop_box(width: int, height: int, crop: tuple[int, int], rng: np.random.Generator | None, image: Path) -> tuple[int, int, int, int]:
+    """(top, left, h, w): random when `rng` is given, else centred."""
+    ch, cw = crop
+    if ch > height or cw > width:
+        raise DataFormatError(image, f"image is {width}x{height}, smaller than the crop {cw}x{ch} (width x height)")
+    if rng is None:
+        return (height - ch) // 2, (width - cw) // 2, ch, cw
+    return int(rng.integers(0, height - ch + 1)), int(rng.integers(0, width - cw + 1)), ch, cw
+
+
+def normalise_rgb(image: np.ndarray, mean: Sequence[float], std: Sequence[float], dtype: np.dtype) -> np.ndarray:
+    """uint8 [h, w, 3] -> [3, h, w] of (x / 255 - mean) / std, one fused pass per channel."""
+    out = np.empty((3,) + image.shape[:2], np.float32)
+    for c in range(3):
+        np.multiply(image[..., c], np.float32(1.0 / (255.0 * std[c])), out=out[c])
+        out[c] -= np.float32(mean[c] / std[c])
+    return out.astype(dtype, copy=False)
+
+
+def process_scan(record: ScanRecord, s: PrepareSettings) -> dict[str, np.ndarray]:
+    """One scan -> the arrays of one prepared row (see the module docstring)."""
+    points = read_scan(record.scan)
+    semantic, _ = read_labels(record.label, len(points))
+    labels = map_labels(semantic, record.label)
+    calib = _calib_cached(record.calib)
+    if s.voxel_size > 0:
+        rows = voxel_downsample_index(points[:, :3], s.voxel_size)
+        points, labels = points[rows], labels[rows]
+    rows, normals = _open3d_filters(points, s)  # normals belong to the kept rows
+    if len(rows) != len(points):
+        points, labels = points[rows], labels[rows]
+
+    image = read_image(record.image)
+    height, width = image.shape[:2]
+    rng = np.random.default_rng([s.seed, int(record.sequence), record.frame]) if s.random_crop else None
+    top, left, ch, cw = crop_box(width, height, s.crop, rng, record.image)
+
+    lidar, label_map, valid = lidar_image(points, calib["P2"], calib["Tr"], width, height,
+                                          labels=labels, extra=normals, box=(top, left, ch, cw),
+                                          mean=s.lidar_mean, std=s.lidar_std)
+    dtype = np.dtype(s.dtype)
+    out = {"rgb": normalise_rgb(image[top:top + ch, left:left + cw], s.rgb_mean, s.rgb_std, dtype),
+           "lidar": lidar.astype(dtype, copy=False), "labels": label_map,
+           "valid": valid.view(np.uint8), "scan": np.int32(scan_id(record.sequence, record.frame))}
+    if s.range_image:
+        rh, rw = s.range_size
+        rng_img, idx = range_projection(points, rh, rw, s.fov[0], s.fov[1])
+        hit = idx >= 0
+        src = points[idx[hit]]
+        channels = np.zeros((5, rh, rw), np.float32)
+        channels[0][hit] = rng_img[hit]
+        channels[1:4, hit] = src[:, :3].T
+        channels[4][hit] = src[:, 3]
+        mean = np.asarray(s.lidar_mean, np.float32)[:, None, None]
+        std = np.asarray(s.lidar_std, np.float32)[:, None, None]
+        channels = np.where(hit, (channels - mean) / std, 0.0)
+        range_labels = np.full((rh, rw), -1, np.int16)
+        range_labels[hit] = labels[idx[hit]]
+        out["range"] = channels.astype(dtype)
+        out["range_labels"] = range_labels
+    return out
+
+
+# Worker-process state: the settings are sent once per worker, not with every scan.
+_WORKER_SETTINGS: dict[str, PrepareSettings] = {}
+
+
+def _init_worker(settings: dict[str, PrepareSettings]) -> None:
+    _WORKER_SETTINGS.clear()
+    _WORKER_SETTINGS.update(settings)
+
+
+@dataclass(frozen=True)
+class _Failure:
+    """A worker's DataFormatError, sent back as data: the error's own pickling would lose
+    its (path, problem) arguments."""
+
+    kind: type
+    path: str
+    problem: str
+
+
+def _work(job: tuple[str, ScanRecord]) -> dict[str, np.ndarray] | _Failure:
+    split, record = job
+    try:
+        return process_scan(record, _WORKER_SETTINGS[split])
+    except DataFormatError as err:
+        return _Failure(type(err), str(err.path), err.problem)
+
+
+def _raise_failures(rows: Iterator[dict[str, np.ndarray] | _Failure]) -> Iterator[dict[str, np.ndarray]]:
+    for row in rows:
+        if isinstance(row, _Failure):
+            raise row.kind(row.path, row.problem)
+        yield row
+
+
+def default_workers() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def iter_prepared(jobs: Sequence[tuple[str, ScanRecord]], settings: dict[str, PrepareSettings],
+                  workers: int, ahead: int = 4) -> Iterator[dict[str, np.ndarray]]:
+    """Processed rows in job order, computed by `workers` processes (in-process when 1).
+
+    At most `ahead` scans per worker are in flight, so memory stays bounded however slowly the
+    caller writes. On an error the pending scans are cancelled and the running ones finish
+    before the error propagates (no terminate(), whose races can hang a Pool).
+    """
+    if workers <= 1 or len(jobs) <= 1:
+        _init_worker(settings)
+        yield from _raise_failures(map(_work, jobs))
+        return
+    # forkserver: workers start from a clean process (no threads or torch state inherited from
+    # the caller), once, and the settings travel once per worker through the initializer.
+    methods = multiprocessing.get_all_start_methods()
+    ctx = multiprocessing.get_context("forkserver" if "forkserver" in methods else None)
+    pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(settings,))
+    pending: collections.deque = collections.deque()
+    try:
+        todo = iter(jobs)
+        for job in itertools.islice(todo, ahead * workers):
+            pending.append(pool.submit(_work, job))
+        while pending:
+            row = pending.popleft().result()
+            for job in itertools.islice(todo, 1):
+                pending.append(pool.submit(_work, job))
+            yield from _raise_failures(iter([row]))
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+# --------------------------------------------------------------------------- config
+
+def _pair(cfg: Mapping[str, Any], key: str, name: str) -> tuple[int, int]:
+    value = cfg.get(name)
+    if not (isinstance(value, (list, tuple)) and len(value) == 2 and all(isinstance(v, int) and v > 0 for v in value)):
+        raise ConfigError(f"{key}.{name}", f"must be [height, width] of positive integers, got {value!r}")
+    return int(value[0]), int(value[1])
+
+
+def split_sequences(cfg: Mapping[str, Any], key: str) -> dict[str, list[str]]:
+    split = cfg.get("split", OFFICIAL_SPLIT)
+    if not isinstance(split, Mapping) or "train" not in split or "val" not in split:
+        raise ConfigError(f"{key}.split", "must map split names (train, val, optional test) to lists of sequence numbers")
+    out = {}
+    for name, seqs in split.items():
+        if name not in ("train", "val", "test"):
+            raise ConfigError(f"{key}.split.{name}", "split names are train, val and test")
+        if not isinstance(seqs, list) or not seqs:
+            raise ConfigError(f"{key}.split.{name}", f"must be a non-empty list of sequence numbers, got {seqs!r}")
+        try:
+            out[name] = [sequence_name(s) for s in seqs]
+        except (TypeError, ValueError) as err:
+            raise ConfigError(f"{key}.split.{name}", f"sequence numbers must be integers, got {seqs!r}") from err
+    return out
+
+
+def _crop_for(cfg: Mapping[str, Any], key: str, split: str) -> tuple[int, int]:
+    crops = cfg.get("crop", {})
+    if not isinstance(crops, Mapping):
+        raise ConfigError(f"{key}.crop", "must map split names to [height, width]")
+    name = split if split in crops else "val"
+    return _pair(crops, f"{key}.crop", name)
+
+
+def validate(cfg: Mapping[str, Any], key: str) -> None:
+    splits = split_sequences(cfg, key)
+    for split in splits:
+        _crop_for(cfg, key, split)
+    sources = cfg.get("sources", [])
+    if not isinstance(sources, list):
+        raise ConfigError(f"{key}.sources", "must be a list of {url|path, sha256} entries")
+    if cfg.get("dtype", "float32") not in ("float16", "float32"):
+        raise ConfigError(f"{key}.dtype", f"must be float16 or float32, got {cfg.get('dtype')!r}")
+    for name, n in (("rgb_mean", 3), ("rgb_std", 3), ("lidar_mean", 5), ("lidar_std", 5)):
+        value = cfg.get(name)
+        if value is not None and (not isinstance(value, list) or len(value) != n):
+            raise ConfigError(f"{key}.{name}", f"must be a list of {n} numbers")
+        if value is not None and name.endswith("std") and min(value) <= 0:
+            raise ConfigError(f"{key}.{name}", "standard deviations must be > 0")
+    for name in ("frame_step",):
+        if int(cfg.get(name, 1)) < 1:
+            raise ConfigError(f"{key}.{name}", "must be >= 1")
+    if float(cfg.get("voxel_size", 0.0)) < 0:
+        raise ConfigError(f"{key}.voxel_size", "must be >= 0 (0 = off)")
+    workers = cfg.get("workers")
+    if workers is not None and (not isinstance(workers, int) or workers < 0):
+        raise ConfigError(f"{key}.workers", "must be a non-negative integer (0 or null = all available cores)")
+
+
+def settings_for(cfg: Mapping[str, Any], key: str, split: str) -> PrepareSettings:
+    outliers = cfg.get("outlier_removal") or {}
+    return PrepareSettings(
+        crop=_crop_for(cfg, key, split),
+        random_crop=split == "train" and bool(cfg.get("random_train_crop", True)),
+        seed=int(cfg.get("seed", 0)),
+        dtype=str(cfg.get("dtype", "float32")),
+        rgb_mean=tuple(cfg.get("rgb_mean") or RGB_MEAN),
+        rgb_std=tuple(cfg.get("rgb_std") or RGB_STD),
+        lidar_mean=tuple(cfg.get("lidar_mean") or LIDAR_MEAN),
+        lidar_std=tuple(cfg.get("lidar_std") or LIDAR_STD),
+        voxel_size=float(cfg.get("voxel_size", 0.0)),
+        outlier_neighbors=int(outliers.get("neighbors", 0)),
+        outlier_std_ratio=float(outliers.get("std_ratio", 2.0)),
+        normals=bool(cfg.get("normals", False)),
+        normal_radius=float(cfg.get("normal_radius", 1.0)),
+        range_image=bool(cfg.get("range_image", False)),
+        range_size=tuple(cfg.get("range_size", (64, 1024))),
+        fov=(float(cfg.get("fov_up", 3.0)), float(cfg.get("fov_down", -25.0))),
+    )
+
+
+# --------------------------------------------------------------------------- stages
+
+def download(cfg: Mapping[str, Any], raw_dir: Path, progress: bool = True, key: str = "data.semantickitti") -> None:
+    """Fetch the user's SemanticKITTI sources (URLs, local archives or extracted folders)."""
+    sources = cfg.get("sources") or []
+    if not sources:
+        raise ConfigError(f"{key}.sources", "no sources given: list the URLs or local paths of the SemanticKITTI "
+                                            "archives (velodyne, labels, calib, colour images) or of an extracted "
+                                            "dataset folder; or use the offline dataset 'semantickitti-sample'")
+    fetch(list(sources), raw_dir, progress=progress, key=f"{key}.sources",
+          keep_downloads=bool(cfg.get("keep_downloads", False)))
+
+
+def source_checksum(raw_dir: Path) -> str:
+    """Provenance for the prepared file: the sha256 of the download manifest."""
+    manifest = Path(raw_dir) / "SOURCES.json"
+    return sha256_file(manifest) if manifest.exists() else "unknown"
+
+
+def _row_bytes(row: Mapping[str, np.ndarray]) -> int:
+    return sum(a.nbytes for a in row.values())
+
+
+def prepare(cfg: Mapping[str, Any], raw_dir: Path, out_path: Path, progress: bool = True,
+            key: str = "data.semantickitti") -> None:
+    """Read, project, crop and write every scan of every split, streamed into the HDF5 file."""
+    validate(cfg, key)
+    raw_dir = Path(raw_dir)
+    roots = source_roots(raw_dir)
+    splits = split_sequences(cfg, key)
+    frame_step = int(cfg.get("frame_step", 1))
+    max_scans = cfg.get("max_scans") or {}
+    jobs: list[tuple[str, ScanRecord]] = []
+    for split, seqs in splits.items():
+        records = list_scans(roots, seqs, frame_step, max_scans.get(split) if isinstance(max_scans, Mapping) else None)
+        jobs.extend((split, r) for r in records)
+    settings = {split: settings_for(cfg, key, split) for split in splits}
+    workers = int(cfg.get("workers") or 0) or default_workers()
+    first = settings[next(iter(settings))]
+    attrs = {
+        "task": "segmentation",
+        "class_names": CLASS_NAMES,
+        "modalities": ["rgb", "lidar"],
+        "teacher_modality": str(cfg.get("teacher_modality", "rgb")),
+        "student_modality": str(cfg.get("student_modality", "lidar")),
+        "ignore_index": -1,
+        "source_checksum": source_checksum(raw_dir),
+        "lidar_channels": list(LIDAR_CHANNELS) + (["nx", "ny", "nz"] if first.normals else []),
+        "rgb_mean": list(first.rgb_mean), "rgb_std": list(first.rgb_std),
+        "lidar_mean": list(first.lidar_mean), "lidar_std": list(first.lidar_std),
+        "crops": {split: list(s.crop) for split, s in settings.items()},
+        "splits": splits,
+    }
+    with contextlib.ExitStack() as stack:
+        bar = stack.enter_context(tqdm(total=len(jobs), desc="prepare semantickitti", unit="scan", disable=not progress))
+        rows_iter = stack.enter_context(contextlib.closing(iter_prepared(jobs, settings, workers)))
+        writer: PreparedWriter | None = None
+        pending: dict[str, list[dict[str, np.ndarray]]] = {}
+        for (split, _), row in zip(jobs, rows_iter):
+            if writer is None:
+                # Rows of a few MB (full-size crops) get one row per chunk; small crops several.
+                chunk_rows = max(1, min(64, (4 << 20) // max(1, _row_bytes(row))))
+                writer = stack.enter_context(PreparedWriter(out_path, attrs, chunk_rows=chunk_rows))
+            rows = pending.setdefault(split, [])
+            rows.append(row)
+            if len(rows) >= writer.chunk_rows:
+                writer.append(split, _stack_rows(rows))
+                rows.clear()
+            bar.update()
+        if writer is None:
+            raise DataFormatError(raw_dir, "no scans to prepare")
+        for split, rows in pending.items():
+            if rows:
+                writer.append(split, _stack_rows(rows))
+
+
+def _stack_rows(rows: Sequence[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    if len(rows) == 1:  # full-size rows go one per chunk: a view, not a copy of ~9 MB
+        return {name: np.asarray(a)[None] for name, a in rows[0].items()}
+    return {name: np.stack([r[name] for r in rows]) for name in rows[0]}

@@ -1,0 +1,77 @@
+"""Segmentation network: a ResNet-style encoder and a light FPN-like decoder.
+
+The encoder is four stages of ResNet BasicBlocks (strides 1, 2, 2, 2 after the stem); the
+decoder projects every stage to `decoder_dim` channels with 1x1 convolutions, adds them top
+down (bilinear upsampling to the finer stage's size, so any input size works), refines with a
+3x3 convolution and upsamples to the input size. `features(x)` is that per-pixel map
+[N, D, H, W]; `head` is a 1x1 convolution to the class logits [N, C, H, W]. Inputs of any
+floating dtype (float16 prepared files) are cast to the weights' dtype first.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cmkd.models import register_arch
+from cmkd.models.resnet import BasicBlock
+
+
+def _conv_bn_relu(cin: int, cout: int, kernel: int, stride: int = 1) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, kernel, stride, kernel // 2, bias=False), nn.BatchNorm2d(cout), nn.ReLU())
+
+
+class SegResNet(nn.Module):
+    """`width` scales the encoder (stages of width, 2, 4, 8 x width channels); `blocks` is the
+    number of BasicBlocks per stage; `stem_stride` 2 or 4 halves or quarters the resolution the
+    encoder starts at (cheaper on large images)."""
+
+    def __init__(self, in_channels: int, num_classes: int, width: int = 16, blocks: int = 1,
+                 decoder_dim: int | None = None, stem_stride: int = 1):
+        super().__init__()
+        if stem_stride not in (1, 2, 4):
+            raise ValueError(f"stem_stride must be 1, 2 or 4, got {stem_stride}")
+        stem = [_conv_bn_relu(in_channels, width, 3, min(stem_stride, 2))]
+        if stem_stride == 4:
+            stem.append(_conv_bn_relu(width, width, 3, 2))
+        self.stem = nn.Sequential(*stem)
+        self.stages = nn.ModuleList()
+        in_planes = width
+        widths = [width, 2 * width, 4 * width, 8 * width]
+        for i, planes in enumerate(widths):
+            layers = [BasicBlock(in_planes, planes, 1 if i == 0 else 2)]
+            layers += [BasicBlock(planes, planes, 1) for _ in range(blocks - 1)]
+            self.stages.append(nn.Sequential(*layers))
+            in_planes = planes
+        dim = decoder_dim or 2 * width
+        self.lateral = nn.ModuleList(nn.Conv2d(w, dim, 1) for w in widths)
+        self.refine = _conv_bn_relu(dim, dim, 3)
+        self.feature_dim = dim
+        self.head = nn.Conv2d(dim, num_classes, 1)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        # Inputs may be stored as float16 (half the prepared file); compute in the weights' dtype.
+        x = x.to(self.head.weight.dtype)
+        size = x.shape[-2:]
+        maps = []
+        out = self.stem(x)
+        for stage in self.stages:
+            out = stage(out)
+            maps.append(out)
+        top = self.lateral[-1](maps[-1])
+        for lateral, skip in zip(reversed(self.lateral[:-1]), reversed(maps[:-1])):
+            top = lateral(skip) + F.interpolate(top, size=skip.shape[-2:], mode="bilinear", align_corners=False)
+        top = self.refine(top)
+        if top.shape[-2:] != size:
+            top = F.interpolate(top, size=size, mode="bilinear", align_corners=False)
+        return top
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+@register_arch("seg_resnet")
+def build_seg_resnet(in_shape: tuple[int, ...], num_classes: int, width: int = 16, blocks: int = 1,
+                     decoder_dim: int | None = None, stem_stride: int = 1) -> SegResNet:
+    return SegResNet(in_shape[0], num_classes, width, blocks, decoder_dim, stem_stride)

@@ -1,0 +1,167 @@
+"""Run DVC as a subprocess (argument lists only) and stream its output line by line.
+
+The flows talk to DVC through its command line, not its Python internals, for three reasons:
+a stage's own output (a training loop's prints) can only be captured from a child process;
+a DVC run holds DVC's repo lock and changes the working directory state, which must not
+happen inside the long-lived Prefect process; and `dvc ... --json` outputs are DVC's
+documented machine-readable interface. Every call uses the same interpreter's DVC
+(`python -m dvc`), so the flows never pick up some other `dvc` on PATH.
+"""
+
+from __future__ import annotations
+
+import codecs
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+# Lines of a failed command kept for its error message.
+ERROR_TAIL_LINES = 40
+# A progress bar rewrites its line with '\r'; log at most one such update per interval.
+PROGRESS_LOG_INTERVAL_S = 10.0
+
+
+class DvcCommandError(RuntimeError):
+    """A DVC command exited non-zero; the message carries the tail of its output."""
+
+    def __init__(self, args: Sequence[str], returncode: int, output_tail: str, what: str = ""):
+        self.args_list = list(args)
+        self.returncode = returncode
+        self.output_tail = output_tail
+        head = what or "`" + " ".join(self.args_list) + "`"
+        super().__init__(f"{head} failed with exit code {returncode}:\n{output_tail}")
+
+
+@dataclass(frozen=True)
+class CommandResult:
+    returncode: int
+    output_tail: str
+    seconds: float
+
+
+def dvc_args(*args: str, wait_for_lock: bool = True) -> list[str]:
+    """The argument list for `dvc <args>` run with this interpreter.
+
+    `--wait-for-lock` makes concurrent DVC processes in one repository queue on DVC's repo
+    lock instead of failing: DVC holds that lock only while it checks and records a stage,
+    not while the stage's command runs, so independent stages still overlap.
+    """
+    prefix = [sys.executable, "-m", "dvc"]
+    if wait_for_lock:
+        prefix.append("--wait-for-lock")
+    return prefix + list(args)
+
+
+def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    env = dict(os.environ)
+    # Stage commands say `python ...`: make that this interpreter (its virtual environment),
+    # as activating the environment would, even when the flow was started without doing so.
+    bin_dir = os.path.dirname(sys.executable)
+    if env.get("PATH", "").split(os.pathsep)[0] != bin_dir:
+        env["PATH"] = bin_dir + os.pathsep + env.get("PATH", "")
+    # Stage scripts are Python: unbuffered output reaches the log as it is printed.
+    env["PYTHONUNBUFFERED"] = "1"
+    if extra:
+        env.update(extra)
+    return env
+
+
+_SEGMENT = re.compile(r"([^\r\n]*)(\r\n|\r|\n)")
+
+
+class _LineSplitter:
+    """Turns a byte stream into log lines; '\r'-rewritten progress lines are rate limited."""
+
+    def __init__(self, emit: Callable[[str], None], progress_interval: float):
+        self._emit = emit
+        self._interval = progress_interval
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._buffer = ""
+        self._last_progress = -float("inf")
+        self.tail: deque[str] = deque(maxlen=ERROR_TAIL_LINES)
+
+    def _line(self, text: str) -> None:
+        text = text.rstrip()
+        if text:
+            self.tail.append(text)
+            self._emit(text)
+
+    def feed(self, data: bytes) -> None:
+        self._buffer += self._decoder.decode(data)
+        pos = 0
+        for match in _SEGMENT.finditer(self._buffer):
+            text, end = match.groups()
+            pos = match.end()
+            if end == "\r" and match.end() == len(self._buffer):
+                # Could be the first half of '\r\n': decide when more data arrives.
+                pos = match.start()
+                break
+            if end == "\r":
+                now = time.monotonic()
+                if now - self._last_progress >= self._interval and text.strip():
+                    self._last_progress = now
+                    self._line(text)
+            else:
+                self._line(text)
+        self._buffer = self._buffer[pos:]
+
+    def close(self) -> None:
+        self._buffer += self._decoder.decode(b"", final=True)
+        for part in re.split(r"\r\n|\r|\n", self._buffer):
+            self._line(part)
+        self._buffer = ""
+
+
+def run_streaming(
+    args: Sequence[str],
+    cwd: str | Path,
+    on_line: Callable[[str], None],
+    *,
+    progress_interval: float = PROGRESS_LOG_INTERVAL_S,
+) -> CommandResult:
+    """Run `args` in `cwd`, passing each output line (stdout and stderr) to `on_line`."""
+    start = time.monotonic()
+    splitter = _LineSplitter(on_line, progress_interval)
+    with subprocess.Popen(
+        list(args),
+        cwd=cwd,
+        env=child_env(),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    ) as proc:
+        assert proc.stdout is not None
+        while chunk := proc.stdout.read1(65536):
+            splitter.feed(chunk)
+        splitter.close()
+        returncode = proc.wait()
+    return CommandResult(returncode, "\n".join(splitter.tail), time.monotonic() - start)
+
+
+def run_json(args: Sequence[str], cwd: str | Path) -> Any:
+    """Run a DVC command with `--json` output and return the parsed JSON."""
+    proc = subprocess.run(
+        list(args), cwd=cwd, env=child_env(), stdin=subprocess.DEVNULL,
+        capture_output=True, text=True, check=False,
+    )
+    if proc.returncode != 0:
+        tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-ERROR_TAIL_LINES:])
+        raise DvcCommandError(args, proc.returncode, tail)
+    try:
+        return json.loads(proc.stdout or "{}")
+    except json.JSONDecodeError as exc:
+        raise DvcCommandError(args, proc.returncode, f"output is not JSON: {proc.stdout[:500]!r}") from exc
+
+
+def run_checked(args: Sequence[str], cwd: str | Path, on_line: Callable[[str], None]) -> CommandResult:
+    result = run_streaming(args, cwd, on_line)
+    if result.returncode != 0:
+        raise DvcCommandError(args, result.returncode, result.output_tail)
+    return result

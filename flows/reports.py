@@ -1,0 +1,125 @@
+"""Markdown and CSV the flows publish: the pipeline's result artifact and the sweep table."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+import yaml
+
+REPORTS_DIR = Path("data") / "reports"
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return "nan" if math.isnan(value) else f"{value:.6g}"
+    if isinstance(value, (list, dict)):
+        return json.dumps(value, sort_keys=True)
+    return str(value).replace("|", "\\|").replace("\n", " ")
+
+
+def markdown_table(columns: Sequence[str], rows: Iterable[Mapping[str, Any]]) -> str:
+    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
+    for row in rows:
+        lines.append("| " + " | ".join(_cell(row.get(c)) for c in columns) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def csv_text(columns: Sequence[str], rows: Iterable[Mapping[str, Any]]) -> str:
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=list(columns), extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({c: ("" if row.get(c) is None else row.get(c)) for c in columns})
+    return out.getvalue()
+
+
+def _datasets(repo_root: Path) -> list[str] | None:
+    try:
+        params = yaml.safe_load((repo_root / "params.yaml").read_text()) or {}
+    except (FileNotFoundError, yaml.YAMLError):
+        return None
+    datasets = params.get("datasets")
+    return [str(d) for d in datasets] if isinstance(datasets, list) else None
+
+
+def _claims_markdown(reports: Path) -> str | None:
+    md = reports / "claims.md"
+    if md.is_file():
+        return md.read_text().strip() + "\n"
+    js = reports / "claims.json"
+    if not js.is_file():
+        return None
+    try:
+        claims = json.loads(js.read_text())
+    except json.JSONDecodeError as exc:
+        return f"`{js}` is not valid JSON: {exc}\n"
+    if isinstance(claims, dict) and isinstance(claims.get("claims"), list):
+        claims = claims["claims"]
+    if isinstance(claims, list) and all(isinstance(c, dict) for c in claims):
+        columns: list[str] = []
+        for claim in claims:
+            columns += [k for k in claim if k not in columns]
+        return markdown_table(columns, claims)
+    return "```json\n" + json.dumps(claims, indent=2, sort_keys=True) + "\n```\n"
+
+
+def pipeline_markdown(repo_root: str | Path, stages: Sequence[Mapping[str, Any]],
+                      experiment: str | None = None, failed: bool = False) -> str:
+    """The pipeline run's artifact: stage outcomes, every dataset's table, the claim results."""
+    root = Path(repo_root)
+    reports = root / REPORTS_DIR
+    parts = ["# cmkd pipeline run\n"]
+    if experiment:
+        parts.append(f"Parameter overrides were run as DVC experiment `{experiment}` "
+                     f"(`dvc exp show`, `dvc exp apply {experiment}`).\n")
+    if failed:
+        parts.append("**The run failed**: see the failed stages below; the tables are the "
+                     "workspace's current ones.\n")
+    parts.append("## Stages\n")
+    parts.append(markdown_table(["stage", "status", "seconds", "attempts"], stages))
+    datasets = _datasets(root)
+    if datasets is None:
+        datasets = sorted(p.parent.name for p in reports.glob("*/table.md"))
+    for dataset in datasets:
+        table = reports / dataset / "table.md"
+        parts.append(f"## {dataset}\n")
+        parts.append(table.read_text().strip() + "\n" if table.is_file()
+                     else f"(no `{table.relative_to(root)}`)\n")
+    parts.append("## Paper claims\n")
+    claims = _claims_markdown(reports)
+    parts.append(claims if claims is not None
+                 else f"(no `{(reports / 'claims.md').relative_to(root)}` or `claims.json`)\n")
+    return "\n".join(parts)
+
+
+def flatten(data: Any, prefix: str = "") -> dict[str, Any]:
+    """{"a": {"b": 1}} -> {"a.b": 1}; lists stay values."""
+    if not isinstance(data, Mapping):
+        return {prefix: data} if prefix else {}
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        name = f"{prefix}.{key}" if prefix else str(key)
+        if isinstance(value, Mapping):
+            out.update(flatten(value, name))
+        else:
+            out[name] = value
+    return out
+
+
+def write_table(out_dir: str | Path, stem: str, columns: Sequence[str],
+                rows: Sequence[Mapping[str, Any]]) -> tuple[Path, Path]:
+    """`<stem>.md` and `<stem>.csv` in out_dir, each written atomically."""
+    from cmkd.atomic import write_text
+
+    out = Path(out_dir)
+    md, csv_path = out / f"{stem}.md", out / f"{stem}.csv"
+    write_text(md, markdown_table(columns, rows))
+    write_text(csv_path, csv_text(columns, rows))
+    return md, csv_path

@@ -1,0 +1,55 @@
+"""DVC stages `exp_<name>`: one synthetic experiment of MFH / NTDH (cmkd.analysis.EXPERIMENTS).
+
+    python -m stages.experiment mfh_gamma [--params params.yaml] [--out-dir data/reports/experiments]
+
+Reads params `experiments.<name>`; writes <name>.json (the result:
+per-point summaries over seeds, series, derived values), <name>.csv (the `dvc plots` data) and
+<name>.png (the figure), each atomically.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import time
+from pathlib import Path
+
+from cmkd.analysis import EXPERIMENTS, plot_rows, run_experiment
+from cmkd.atomic import atomic_path, write_json, write_text
+from cmkd.errors import ConfigError
+from cmkd.figures import sweep_figure
+from stages._common import DATA, main, parser, start
+
+log = logging.getLogger("experiment")
+
+
+def run() -> None:
+    p = parser(__doc__.splitlines()[0])
+    p.add_argument("name", choices=sorted(EXPERIMENTS))
+    p.add_argument("--out-dir", default=f"{DATA}/reports/experiments")
+    args = p.parse_args()
+    params = start(args)
+    experiments = params.get("experiments") or {}
+    if args.name not in experiments:
+        raise ConfigError(f"experiments.{args.name}", "missing")
+    started = time.perf_counter()
+    result = run_experiment(args.name, experiments[args.name])
+    log.info("%s: %.1f s", args.name, time.perf_counter() - started)
+
+    out = Path(args.out_dir)
+    write_json(out / f"{args.name}.json", result)
+    rows = plot_rows(args.name, result)
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text(out / f"{args.name}.csv", buf.getvalue())
+    spec = EXPERIMENTS[args.name]
+    fig = sweep_figure(result, spec.x, spec.x_label, spec.panels, spec.title)
+    with atomic_path(out / f"{args.name}.png") as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+
+
+if __name__ == "__main__":
+    main(run)
