@@ -56,7 +56,15 @@ class TrainConfig:
         unknown = sorted(set(params) - names)
         if unknown:
             raise ConfigError(f"{key}.{unknown[0]}", f"unknown training parameter; known: {sorted(names)}")
-        cfg = cls(**{**params, **overrides})
+        merged = {**params, **overrides}
+        # YAML 1.1 (PyYAML) reads DVC-written numbers such as 1e-05 as strings.
+        for name in ("lr", "weight_decay", "momentum"):
+            if isinstance(merged.get(name), str):
+                try:
+                    merged[name] = float(merged[name])
+                except ValueError:
+                    raise ConfigError(f"{key}.{name}", f"must be a number, got {merged[name]!r}") from None
+        cfg = cls(**merged)
         cfg.validate(key)
         return cfg
 

@@ -34,6 +34,7 @@ LOCK_FILE = "dvc.lock"
 STATE_DIR = Path(".dvc") / "tmp" / "cmkd-flows"
 BACKUP_DIR = STATE_DIR / "override-backup"
 WORKSPACE_LOCK = STATE_DIR / "workspace.lock"
+MANIFEST = "manifest.json"  # in BACKUP_DIR: backed-up path -> whether it existed
 
 _KEY = re.compile(r"^\+?[A-Za-z_][A-Za-z0-9_\-]*(\.[A-Za-z0-9_\-]+)*$")
 _DICT_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]*$")
@@ -240,7 +241,11 @@ def check_not_interrupted(repo_root: str | Path) -> None:
         )
 
 
-MANIFEST = "manifest.json"
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
 
 
 class OverrideSession:
@@ -309,18 +314,20 @@ class OverrideSession:
     def _restore(self) -> None:
         for rel, existed in self._manifest.items():
             dest = self.root / rel
-            if dest.is_dir() and not dest.is_symlink():
-                shutil.rmtree(dest)
-            elif dest.exists() or dest.is_symlink():
-                dest.unlink()
-            if existed:
-                src = self.backup / "files" / rel
-                tmp = dest.with_name(f".{dest.name}.cmkd-restore")
-                if src.is_dir():
-                    shutil.copytree(src, tmp, symlinks=True)
-                else:
-                    shutil.copy2(src, tmp)
-                os.replace(tmp, dest)
+            if not existed:
+                _remove(dest)
+                continue
+            # Copy next to the target first, then swap: the current file stays until then.
+            src, tmp = self.backup / "files" / rel, dest.with_name(f".{dest.name}.cmkd-restore")
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            _remove(tmp)
+            if src.is_dir():
+                shutil.copytree(src, tmp, symlinks=True)
+            else:
+                shutil.copy2(src, tmp)
+            if src.is_dir() or (dest.is_dir() and not dest.is_symlink()):
+                _remove(dest)  # os.replace swaps files, not folders
+            os.replace(tmp, dest)
         shutil.rmtree(self.backup, ignore_errors=True)
 
     def __exit__(self, *exc_info: Any) -> None:
