@@ -339,6 +339,7 @@ def test_algorithm1_receives_each_slice_and_true_channels_are_scored():
     an adversary that picks only noise channels it is exactly 0."""
     cfg = tiny_mfh({"n_decisive": [3]})
     cfg["generator"] = {"n_features": 10, "student_features": 10, "n_classes": 2, "gamma": 0.0, "n_extra": 2}
+    cfg["algorithm1"] = {"pair_epochs": 2}
     seen = []
 
     def oracle(teacher, student, x_t, x_s, y, k, **_):
