@@ -4,13 +4,15 @@ teacher logits over recomputing the teacher every step, and the cost of C2KD's O
     python benchmarks/method_steps.py [--steps 60] [--datasets synthetic digits]
 
 Uses the prepared files in data/prepared/ when present (else prepares them in a temp folder),
-one CPU thread (as the pipeline's stages), median over timed steps after a warm-up. Writes
+one CPU thread (as the pipeline's stages), median over timed steps after a warm-up; the runs
+are timed in interleaved blocks so changes of machine load hit them all alike. Writes
 benchmarks/results/method_steps.json and prints a Markdown table.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import platform
 import statistics
@@ -32,24 +34,40 @@ from cmkd.methods import build_distiller  # noqa: E402
 from cmkd.pipeline import build_networks  # noqa: E402
 
 
-def time_steps(distiller, batches, steps: int, warmup: int = 5) -> float:
+def make_stepper(distiller, batches):
+    """A function that runs one training step of `distiller` and returns its seconds."""
     params = [p for p in distiller.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=1e-3)
     distiller.on_epoch_start(3, 10)
     distiller.train()
     if hasattr(distiller, "on_train_start"):
         distiller.on_train_start(batches["split"])
-    times = []
-    for i in range(warmup + steps):
-        batch = batches["list"][i % len(batches["list"])]
+    count = itertools.count()
+
+    def step() -> float:
+        batch = batches["list"][next(count) % len(batches["list"])]
         t0 = time.perf_counter()
         loss = sum(distiller(batch).values())
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        if i >= warmup:
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1000
+        return time.perf_counter() - t0
+
+    return step
+
+
+def interleaved_medians(steppers: dict, steps: int, warmup: int = 5, block: int = 5) -> dict[str, float]:
+    """Median ms/step of every stepper, timed in interleaved blocks of `block` steps (the order
+    rotates every round), so a change of machine load during the run hits all runs alike."""
+    for step in steppers.values():
+        for _ in range(warmup):
+            step()
+    names = list(steppers)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(-(-steps // block)):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            times[name] += [steppers[name]() for _ in range(block)]
+    return {n: statistics.median(t) * 1000 for n, t in times.items()}
 
 
 def main() -> None:
@@ -80,24 +98,30 @@ def main() -> None:
             plain_batches = {"split": train, "list": list(train.batches(bs, shuffle=True, seed=0))}
             cached_batches = {"split": cached, "list": list(cached.batches(bs, shuffle=True, seed=0))}
             rows = {}
+            steppers = {}
 
-            def measure(name, run_cfg, use_cache):
+            def add(name, run_cfg, use_cache):
                 seed_everything(0)
                 t, s = build_networks(attrs, train, params["models"][ds], ds)
                 t.load_state_dict(teacher.state_dict())
                 d = build_distiller(run_cfg, student=s, teacher=t, num_classes=n_classes)
                 usable = use_cache and d.uses_teacher_logits_only and not d.trains_teacher and d.needs_teacher
-                ms = time_steps(d, cached_batches if usable else plain_batches, args.steps)
-                rows[name] = {"ms_per_step": round(ms, 3), "cached_teacher": bool(usable)}
+                steppers[name] = make_stepper(d, cached_batches if usable else plain_batches)
+                rows[name] = {"cached_teacher": bool(usable)}
 
-            measure("student", {"method": "supervised"}, False)
+            add("student", {"method": "supervised"}, False)
             for run in params["runs"]:
                 if params["runs"][run]["method"] == "mgkd":
                     continue  # its step is KD's; Algorithm 1 is a one-off cost reported below
-                measure(run, params["runs"][run], True)
-            measure("kdv1 (teacher recomputed)", params["runs"]["kdv1"], False)
-            measure("c2kd without OFSD", {**params["runs"]["c2kd"], "ofsd": False}, False)
+                add(run, params["runs"][run], True)
+            add("kdv1 (teacher recomputed)", params["runs"]["kdv1"], False)
+            add("c2kd without OFSD", {**params["runs"]["c2kd"], "ofsd": False}, False)
+            # MLKD's strong view is a second student forward/backward on images: shown apart
+            add("mlkd (weak view only)", {**params["runs"]["mlkd"], "strong_aug": False}, True)
+            for name, ms in interleaved_medians(steppers, args.steps).items():
+                rows[name]["ms_per_step"] = round(ms, 3)
             base = rows["student"]["ms_per_step"]
+            strong_view = len(train.sample_shape("student_input")) == 3  # MLKD strong_aug auto: images
             for r in rows.values():
                 r["x_student"] = round(r["ms_per_step"] / base, 3)
             summary = {
@@ -105,6 +129,8 @@ def main() -> None:
                 "ofsd_overhead": round(rows["c2kd"]["ms_per_step"] / rows["c2kd without OFSD"]["ms_per_step"] - 1, 4),
                 "logit_methods_cached_max_x_student": max(
                     r["x_student"] for n, r in rows.items() if r["cached_teacher"]),
+                "mlkd_x_student_per_student_pass": round(rows["mlkd"]["x_student"] / (2 if strong_view else 1), 3),
+                "student_passes_mlkd": 2 if strong_view else 1,
             }
             results["datasets"][ds] = {"batch_size": bs, "rows": rows, "summary": summary}
             print(f"\n### {ds} (batch {bs}, median ms/step, 1 thread)\n\n| run | ms/step | × STUDENT | cached teacher |\n|---|---|---|---|")

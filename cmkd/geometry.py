@@ -113,6 +113,7 @@ def lidar_image(
     box: tuple[int, int, int, int] | None = None,
     mean: np.ndarray | None = None,
     std: np.ndarray | None = None,
+    dtype: np.dtype | str = np.float32,
 ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
     """The LiDAR image aligned pixel-for-pixel with the camera image.
 
@@ -127,8 +128,10 @@ def lidar_image(
     they are scattered, so empty pixels stay exactly 0 and only the few thousand filled
     pixels cost arithmetic.
 
-    Returns image float32 [5 + E, h, w], label map int16 [h, w] (the winning point's
-    `labels`, -1 where no point; None without labels) and valid bool [h, w].
+    Returns image [5 + E, h, w] of `dtype` (float32 by default; the values are computed in
+    float64 and only the filled pixels are cast, so a float16 image costs no full-image
+    conversion), label map int16 [h, w] (the winning point's `labels`, -1 where no point; None
+    without labels) and valid bool [h, w].
     """
     points = np.asarray(points)
     top, left, out_h, out_w = box if box is not None else (0, 0, height, width)
@@ -142,7 +145,7 @@ def lidar_image(
     pixel, src = pixel[win], index[win]
 
     n_extra = 0 if extra is None else extra.shape[1]
-    image = np.zeros((5 + n_extra, out_h * out_w), np.float32)
+    image = np.zeros((5 + n_extra, out_h * out_w), dtype)
     chosen = points[src]
     values = np.empty((5, len(src)), np.float64)
     values[0] = np.linalg.norm(chosen[:, :3].astype(np.float64), axis=1)

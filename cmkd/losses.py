@@ -216,14 +216,18 @@ def batch_correlation_loss(student_probs: torch.Tensor, teacher_probs: torch.Ten
     ||S_s - S_t||^2 / batch_size. Segmentation passes r = H*W so a pixel counts as 1/(H*W) of a
     sample and the term keeps the scale of a classification batch with the same number of images.
 
-    Computed without the N x N matrices, via ||A A^T - B B^T||^2 = ||A^T A||^2 - 2 ||A^T B||^2 +
-    ||B^T B||^2 on C x C matrices (O(N C^2) time, O(C^2) memory), in float64 against cancellation.
+    Probabilities are [R, C] or [K, R, C] (K temperatures at once); the result is a scalar or
+    [K]. Computed without the R x R matrices, via ||A A^T - B B^T||^2 = ||A^T A||^2 -
+    2 ||A^T B||^2 + ||B^T B||^2 on C x C matrices (O(R C^2) time, O(C^2) memory), in float64
+    against cancellation.
     """
     w = weights.reshape(-1, 1).to(torch.float64)
     root = w.clamp_min(0).sqrt()
     a = teacher_probs.to(torch.float64) * root
     b = student_probs.to(torch.float64) * root
-    dist = (a.T @ a).square().sum() - 2 * (a.T @ b).square().sum() + (b.T @ b).square().sum()
+    a_t, b_t = a.mT, b.mT
+    dist = ((a_t @ a).square().sum((-2, -1)) - 2 * (a_t @ b).square().sum((-2, -1))
+            + (b_t @ b).square().sum((-2, -1)))
     norm = (w.sum() * rows_per_sample).clamp_min(1e-12)
     return (dist.clamp_min(0.0) / norm).to(student_probs.dtype)
 
@@ -233,12 +237,12 @@ def class_correlation_loss(student_probs: torch.Tensor, teacher_probs: torch.Ten
     """MLKD class level: ||G_s - G_t||_F^2 / C with the C x C class-correlation G = P^T diag(w) P / r.
 
     For classification (r = 1, all w = 1) this is MLKD's ||P_s^T P_s - P_t^T P_t||^2 / C;
-    segmentation passes r = H*W (see `batch_correlation_loss`).
+    segmentation passes r = H*W (see `batch_correlation_loss`). [K, R, C] inputs give [K].
     """
     w = weights.reshape(-1, 1).to(student_probs.dtype)
-    g_s = student_probs.T @ (student_probs * w)
-    g_t = teacher_probs.T @ (teacher_probs * w)
-    return (g_s - g_t).div(rows_per_sample).square().sum() / student_probs.shape[1]
+    g_s = student_probs.mT @ (student_probs * w)
+    g_t = teacher_probs.mT @ (teacher_probs * w)
+    return (g_s - g_t).div(rows_per_sample).square().sum((-2, -1)) / student_probs.shape[-1]
 
 
 def standardize_logits(logits: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:

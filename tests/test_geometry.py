@@ -159,6 +159,11 @@ def test_lidar_image_nearest_point_label_and_channels():
     assert with_extra.shape == (8, height, width)
     assert with_extra[5:, 25, 50].tolist() == [0.0, 1.0, 0.0]
 
+    # A float16 image holds the float32 values rounded once, zeros elsewhere.
+    half, _, _ = lidar_image(pts, P2, TR, width, height, extra=extra, dtype=np.float16)
+    assert half.dtype == np.float16
+    np.testing.assert_array_equal(half, with_extra.astype(np.float16))
+
 
 def test_lidar_image_matches_a_plain_loop_reference():
     # Many random points, several per pixel: the reference paints far-to-near in a loop.

@@ -273,6 +273,18 @@ def test_correlation_losses_match_numpy(rng, dtype):
     close(L.class_correlation_loss(t64(ps), t64(pt), t64(sel)), np_class_corr(ps[keep], pt[keep], ones[keep]))
 
 
+def test_correlation_losses_batched_over_temperatures(rng):
+    # [K, R, C] (one slice per temperature) gives the K losses of the slices.
+    ps = np.stack([np_softmax(rng.normal(size=(9, 5))) for _ in range(3)])
+    pt = np.stack([np_softmax(rng.normal(size=(9, 5))) for _ in range(3)])
+    w = (rng.random(9) > 0.3).astype(float)
+    got_b = L.batch_correlation_loss(t64(ps), t64(pt), t64(w), 2)
+    got_c = L.class_correlation_loss(t64(ps), t64(pt), t64(w), 2)
+    assert got_b.shape == got_c.shape == (3,)
+    close(got_b, [np_batch_corr(ps[k], pt[k], w, 2) for k in range(3)])
+    close(got_c, [np_class_corr(ps[k], pt[k], w, 2) for k in range(3)])
+
+
 def test_correlation_losses_gradients_and_zero_weights():
     ps = torch.softmax(torch.randn(5, 3), 1).requires_grad_(True)
     pt = torch.softmax(torch.randn(5, 3), 1)

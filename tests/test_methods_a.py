@@ -249,8 +249,17 @@ def test_mlkd_masked_batch_equals_batch_of_confident_rows():
     # and the instance term by hand in NumPy: sum over T of T^2 * mean KL over confident rows
     s = student(sub["student_input"]).detach().double().numpy()
     t = sub["teacher_logits"].double().numpy()
-    want = sum(T * T * np_kl(np_softmax(t / T), np_softmax(s / T)).mean() for T in (2.0, 3.0, 4.0, 5.0, 6.0))
+    temps = (2.0, 3.0, 4.0, 5.0, 6.0)
+    want = sum(T * T * np_kl(np_softmax(t / T), np_softmax(s / T)).mean() for T in temps)
     assert float(full["kd_instance"].detach()) == pytest.approx(want, rel=1e-5)
+    # batch level ||P_s P_s^T - P_t P_t^T||^2 / n and class level ||P_s^T P_s - P_t^T P_t||^2 / C, summed over T
+    n = len(s)
+    want_batch = sum(((np_softmax(s / T) @ np_softmax(s / T).T - np_softmax(t / T) @ np_softmax(t / T).T) ** 2).sum() / n
+                     for T in temps)
+    want_class = sum(((np_softmax(s / T).T @ np_softmax(s / T) - np_softmax(t / T).T @ np_softmax(t / T)) ** 2).sum() / C
+                     for T in temps)
+    assert float(full["kd_batch"].detach()) == pytest.approx(want_batch, rel=1e-4)
+    assert float(full["kd_class"].detach()) == pytest.approx(want_class, rel=1e-4)
 
 
 def test_mlkd_no_confident_rows_gives_zero_kd():

@@ -386,10 +386,10 @@ def process_scan(record: ScanRecord, s: PrepareSettings) -> dict[str, np.ndarray
 
     lidar, label_map, valid = lidar_image(points, calib["P2"], calib["Tr"], width, height,
                                           labels=labels, extra=normals, box=(top, left, ch, cw),
-                                          mean=s.lidar_mean, std=s.lidar_std)
+                                          mean=s.lidar_mean, std=s.lidar_std, dtype=s.dtype)
     dtype = np.dtype(s.dtype)
     out = {"rgb": normalise_rgb(image[top:top + ch, left:left + cw], s.rgb_mean, s.rgb_std, dtype),
-           "lidar": lidar.astype(dtype, copy=False), "labels": label_map,
+           "lidar": lidar, "labels": label_map,
            "valid": valid.view(np.uint8), "scan": np.int32(scan_id(record.sequence, record.frame))}
     if s.range_image:
         rh, rw = s.range_size

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from cmkd.errors import ConfigError
-from cmkd.losses import batch_correlation_loss, class_correlation_loss, cross_entropy, kd_rows, masked_mean, to_rows
+from cmkd.losses import batch_correlation_loss, class_correlation_loss, cross_entropy, to_rows
 from cmkd.methods import register
 from cmkd.methods.logit import LogitDistiller
 
@@ -115,19 +115,22 @@ class MLKD(LogitDistiller):
         row_weights = weights.reshape(-1)
         rows_per_sample = math.prod(target.shape[1:])  # 1 for classification, H*W for segmentation
         t_rows = to_rows(t_kd)
+        # All temperatures at once: [K, rows, C] (one kernel per op instead of one per T).
+        temps = torch.tensor([float(t) for t in cfg["temperatures"]], dtype=t_rows.dtype, device=t_rows.device).view(-1, 1, 1)
+        log_p_t = F.log_softmax(t_rows.unsqueeze(0) / temps, dim=-1)
+        p_t = log_p_t.exp()
+        total_weight = row_weights.sum().clamp_min(1e-12)
 
         instance = batch_level = class_level = s.new_zeros(())
         ce = s.new_zeros(())
         for view in views:
-            s_kd = self.kd_view(view)
-            s_rows = to_rows(s_kd)
-            for temperature in cfg["temperatures"]:
-                temperature = float(temperature)
-                instance = instance + masked_mean(kd_rows(s_kd, t_kd, temperature).reshape(-1), row_weights)
-                p_s = F.softmax(s_rows / temperature, dim=1)
-                p_t = F.softmax(t_rows / temperature, dim=1)
-                batch_level = batch_level + batch_correlation_loss(p_s, p_t, row_weights, rows_per_sample)
-                class_level = class_level + class_correlation_loss(p_s, p_t, row_weights, rows_per_sample)
+            log_p_s = F.log_softmax(to_rows(self.kd_view(view)).unsqueeze(0) / temps, dim=-1)
+            # T^2 KL(p_t || p_s) per row, summed over T, weighted mean over the selected rows
+            kl = (p_t * (log_p_t - log_p_s)).sum(-1) * temps.view(-1, 1).square()
+            instance = instance + (kl.sum(0) * row_weights).sum() / total_weight
+            p_s = log_p_s.exp()
+            batch_level = batch_level + batch_correlation_loss(p_s, p_t, row_weights, rows_per_sample).sum()
+            class_level = class_level + class_correlation_loss(p_s, p_t, row_weights, rows_per_sample).sum()
             if cfg["ce_weight"]:
                 ce = ce + cross_entropy(view, target)
         losses = {
