@@ -17,6 +17,9 @@ class DataFormatError(CmkdError, ValueError):
         self.problem = problem
         super().__init__(f"{path}: {problem}")
 
+    def __reduce__(self):  # picklable, so it crosses from worker processes intact
+        return type(self), (self.path, self.problem)
+
 
 class ChecksumError(DataFormatError):
     """A file's checksum differs from the expected one."""
@@ -33,3 +36,6 @@ class ConfigError(CmkdError, ValueError):
         self.key = key
         self.problem = problem
         super().__init__(f"params.yaml: {key}: {problem}")
+
+    def __reduce__(self):
+        return type(self), (self.key, self.problem)

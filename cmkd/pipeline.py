@@ -13,7 +13,14 @@ here so the stages stay thin:
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import logging
+import multiprocessing
+import os
+import signal
+import sys
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -75,65 +82,112 @@ def train_run(
     teacher_train_cfg: TrainConfig | None = None,
     cache_train_logits: bool = False,
     progress: bool = True,
+    seed_workers: int = 1,
 ) -> dict[str, Any]:
-    """Train one run (teacher, student or a distillation method) for every seed into `out_dir`."""
+    """Train one run (teacher, student or a distillation method) for every seed into `out_dir`.
+
+    Seeds are independent, so on CPU they can train side by side in `seed_workers` forked
+    processes (at most one per seed). Each seed is seeded as before, so the results are
+    identical whatever the number of workers. Forking is only safe while this process has not
+    started an OpenMP thread team: callers use workers > 1 only in a process that set
+    torch.set_num_threads(1) before any computation (as the stage scripts do).
+    """
+    attrs = read_attrs(prepared)
+    task = attrs["task"]
+    rank, world = distributed_info()
+    results: dict[str, Any] = {"dataset": dataset, "run": run_name, "method": run_cfg["method"], "task": task, "seeds": {}}
+    job = functools.partial(
+        _train_seed, dataset=dataset, prepared=prepared, run_name=run_name, run_cfg=dict(run_cfg), models=dict(models),
+        train_cfg=train_cfg, out_dir=out_dir, checkpoint_root=checkpoint_root, teacher_dir=teacher_dir,
+        teacher_train_cfg=teacher_train_cfg, cache_train_logits=cache_train_logits, progress=progress)
+    workers = _seed_workers(seed_workers, len(seeds), resolve_device(train_cfg.device), world)
+    if workers <= 1:
+        seed_results = [job(seed) for seed in seeds]
+    else:
+        log.info("training %d seeds in %d processes", len(seeds), workers)
+        ctx = multiprocessing.get_context("fork")
+        with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_die_with_parent) as pool:
+            seed_results = list(pool.map(job, seeds))
+    for seed, seed_result in zip(seeds, seed_results):
+        results["seeds"][str(seed)] = seed_result
+    if rank == 0:
+        write_json(out_dir / "metrics.json", results)
+    return results
+
+
+def _seed_workers(requested: int, n_seeds: int, device: torch.device, world: int) -> int:
+    # Forking is only safe before CUDA is initialised, and DDP ranks already share the work.
+    if device.type != "cpu" or world > 1 or sys.platform != "linux":
+        return 1
+    return max(1, min(int(requested), n_seeds))
+
+
+def _die_with_parent() -> None:
+    """A seed worker is killed with its stage process (a SIGKILLed stage leaves no trainer behind)."""
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+    if os.getppid() == 1:  # the parent died before prctl took effect
+        os._exit(1)
+
+
+def _train_seed(
+    seed: int, *, dataset: str, prepared: Path, run_name: str, run_cfg: Mapping[str, Any], models: Mapping[str, Any],
+    train_cfg: TrainConfig, out_dir: Path, checkpoint_root: Path | None, teacher_dir: Path | None,
+    teacher_train_cfg: TrainConfig | None, cache_train_logits: bool, progress: bool,
+) -> dict[str, Any]:
+    """Train, test and save one seed of a run; returns its entry of metrics.json."""
     attrs = read_attrs(prepared)
     task = attrs["task"]
     num_classes = len(attrs["class_names"])
     ignore_index = -1 if task == "segmentation" else None
     rank, _ = distributed_info()
-    results: dict[str, Any] = {"dataset": dataset, "run": run_name, "method": run_cfg["method"], "task": task, "seeds": {}}
-    for seed in seeds:
-        root = seed_root(attrs, seed)
-        splits = {s: load_split(prepared, s, attrs, root) for s in ("train", "val", "test")}
-        seed_everything(seed)
-        teacher, student = build_networks(attrs, splits["train"], models, dataset)
-        cfg = dict(run_cfg)
-        method = cfg["method"]
-        if method == "teacher":
-            student, teacher = teacher, None  # the network trained is the teacher-modality one
-        distiller = build_distiller(cfg, student=student, teacher=teacher, num_classes=num_classes, key=f"runs.{run_name}")
-        if distiller.needs_teacher:
-            if teacher_dir is None:
-                raise ValueError(f"run {run_name!r} (method {method}) needs a trained teacher")
-            state = torch.load(teacher_dir / f"seed{seed}" / "model.pt", map_location="cpu", weights_only=True)
-            distiller.teacher.load_state_dict(state)
-            logits_path = teacher_dir / f"seed{seed}" / "train_logits.h5"
-            if distiller.uses_teacher_logits_only and not distiller.trains_teacher and logits_path.exists():
-                splits["train"] = splits["train"].with_teacher_logits(logits_path)
-        seed_cfg = TrainConfig(**{**train_cfg.__dict__, "seed": seed})
-        prepared_info = None
-        if hasattr(distiller, "prepare"):
-            # Methods that build something before training (MFH's Algorithm 1 retrains the teacher
-            # on its modality-general channels) do it here, deterministically for the seed.
-            t_cfg = TrainConfig(**{**(teacher_train_cfg or train_cfg).__dict__, "seed": seed})
-            prepared_info = _jsonable(distiller.prepare(splits["train"], splits["val"], t_cfg, task=task,
-                                                        num_classes=num_classes, ignore_index=ignore_index,
-                                                        progress=progress))
-        fingerprint = run_fingerprint(dataset, run_name, dict(run_cfg), dict(models), train_cfg.fingerprint(), seed,
-                                      attrs.get("source_checksum"), str(prepared.stat().st_size))
-        result = fit(
-            distiller, splits["train"], splits["val"], seed_cfg, task=task, num_classes=num_classes,
-            ignore_index=ignore_index,
-            checkpoint_dir=(checkpoint_root / f"seed{seed}") if checkpoint_root else None,
-            log_dir=out_dir / f"seed{seed}" / "live", progress=progress,
-            desc=f"{dataset}/{run_name}/seed{seed}", fingerprint=fingerprint,
-        )
-        seed_result: dict[str, Any] = {"best_epoch": result.best_epoch, "val": result.best_val, "test": {}}
-        if prepared_info is not None:
-            seed_result["prepare"] = prepared_info
-        device = resolve_device(seed_cfg.device)
-        for name, (net, input_key) in distiller.deployables().items():
-            seed_result["test"][name] = evaluate(net, splits["test"], input_key, task=task, num_classes=num_classes,
-                                                 ignore_index=ignore_index, batch_size=seed_cfg.eval_batch_size, device=device)
-            if rank == 0:
-                (out_dir / f"seed{seed}").mkdir(parents=True, exist_ok=True)
-                torch.save({k: v.cpu() for k, v in net.state_dict().items()}, out_dir / f"seed{seed}" / f"{name}.pt")
-        if cache_train_logits and rank == 0:
-            net, input_key = distiller.deployables()["model"]
-            cache_logits(net, splits["train"].without("teacher_logits"), input_key,
-                         out_dir / f"seed{seed}" / "train_logits.h5", seed_cfg.eval_batch_size)
-        results["seeds"][str(seed)] = seed_result
-    if rank == 0:
-        write_json(out_dir / "metrics.json", results)
-    return results
+    root = seed_root(attrs, seed)
+    splits = {s: load_split(prepared, s, attrs, root) for s in ("train", "val", "test")}
+    seed_everything(seed)
+    teacher, student = build_networks(attrs, splits["train"], models, dataset)
+    cfg = dict(run_cfg)
+    method = cfg["method"]
+    if method == "teacher":
+        student, teacher = teacher, None  # the network trained is the teacher-modality one
+    distiller = build_distiller(cfg, student=student, teacher=teacher, num_classes=num_classes, key=f"runs.{run_name}")
+    if distiller.needs_teacher:
+        if teacher_dir is None:
+            raise ValueError(f"run {run_name!r} (method {method}) needs a trained teacher")
+        state = torch.load(teacher_dir / f"seed{seed}" / "model.pt", map_location="cpu", weights_only=True)
+        distiller.teacher.load_state_dict(state)
+        logits_path = teacher_dir / f"seed{seed}" / "train_logits.h5"
+        if distiller.uses_teacher_logits_only and not distiller.trains_teacher and logits_path.exists():
+            splits["train"] = splits["train"].with_teacher_logits(logits_path)
+    seed_cfg = TrainConfig(**{**train_cfg.__dict__, "seed": seed})
+    prepared_info = None
+    if hasattr(distiller, "prepare"):
+        # Methods that build something before training (MFH's Algorithm 1 retrains the teacher
+        # on its modality-general channels) do it here, deterministically for the seed.
+        t_cfg = TrainConfig(**{**(teacher_train_cfg or train_cfg).__dict__, "seed": seed})
+        prepared_info = _jsonable(distiller.prepare(splits["train"], splits["val"], t_cfg, task=task,
+                                                    num_classes=num_classes, ignore_index=ignore_index,
+                                                    progress=progress))
+    fingerprint = run_fingerprint(dataset, run_name, dict(run_cfg), dict(models), train_cfg.fingerprint(), seed,
+                                  attrs.get("source_checksum"), str(prepared.stat().st_size))
+    result = fit(
+        distiller, splits["train"], splits["val"], seed_cfg, task=task, num_classes=num_classes,
+        ignore_index=ignore_index,
+        checkpoint_dir=(checkpoint_root / f"seed{seed}") if checkpoint_root else None,
+        log_dir=out_dir / f"seed{seed}" / "live", progress=progress,
+        desc=f"{dataset}/{run_name}/seed{seed}", fingerprint=fingerprint,
+    )
+    seed_result: dict[str, Any] = {"best_epoch": result.best_epoch, "val": result.best_val, "test": {}}
+    if prepared_info is not None:
+        seed_result["prepare"] = prepared_info
+    device = resolve_device(seed_cfg.device)
+    for name, (net, input_key) in distiller.deployables().items():
+        seed_result["test"][name] = evaluate(net, splits["test"], input_key, task=task, num_classes=num_classes,
+                                             ignore_index=ignore_index, batch_size=seed_cfg.eval_batch_size, device=device)
+        if rank == 0:
+            (out_dir / f"seed{seed}").mkdir(parents=True, exist_ok=True)
+            torch.save({k: v.cpu() for k, v in net.state_dict().items()}, out_dir / f"seed{seed}" / f"{name}.pt")
+    if cache_train_logits and rank == 0:
+        net, input_key = distiller.deployables()["model"]
+        cache_logits(net, splits["train"].without("teacher_logits"), input_key,
+                     out_dir / f"seed{seed}" / "train_logits.h5", seed_cfg.eval_batch_size)
+    return seed_result

@@ -34,6 +34,17 @@ def start(args: argparse.Namespace) -> dict[str, Any]:
     return params
 
 
+def seed_workers() -> int:
+    """Processes that train a run's seeds side by side: CMKD_SEED_WORKERS, else one per
+    available core. Safe here because start() set one intra-op thread before any computation."""
+    env = os.environ.get("CMKD_SEED_WORKERS", "").strip()
+    if env:
+        if not env.isdigit() or int(env) < 1:
+            raise SystemExit(f"error: CMKD_SEED_WORKERS must be a positive integer, got {env!r}")
+        return int(env)
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def main(run) -> None:
     """Run a stage's body; cmkd's own errors become one clear line and exit status 2."""
     try:

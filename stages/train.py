@@ -12,7 +12,7 @@ from pathlib import Path
 from cmkd.atomic import atomic_dir
 from cmkd.engine import TrainConfig, distributed_info, init_distributed_from_env
 from cmkd.pipeline import STUDENT_RUN, TEACHER_RUN, train_run
-from stages._common import DATA, main, parser, start
+from stages._common import DATA, main, parser, seed_workers, start
 
 
 def run() -> None:
@@ -47,6 +47,7 @@ def run() -> None:
             checkpoint_root=checkpoints,
             teacher_dir=runs_dir / "teacher" if args.run else None, teacher_train_cfg=teacher_cfg,
             cache_train_logits=args.role == "teacher", progress=not args.no_progress,
+            seed_workers=seed_workers(),
         )
     # The outputs are in place; checkpoints only served to resume an interrupted run.
     if rank == 0:

@@ -1,9 +1,11 @@
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -143,3 +145,86 @@ def test_killed_training_resumes_to_the_same_metrics(tmp_path):
         assert proc.returncode == 0, err
         results[name] = json.loads((repo / "data/runs/synthetic/teacher/metrics.json").read_text())
     assert results["killed"] == results["straight"]
+
+
+
+def _stage_env(tmp_path, workers):
+    return {**tool_env(tmp_path), "CMKD_SEED_WORKERS": str(workers)}
+
+
+def _child_pids(pid):
+    out = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        out += [int(c) for c in (task / "children").read_text().split()]
+    return out
+
+
+def _alive(pid):
+    try:
+        return Path(f"/proc/{pid}/status").read_text().split("State:")[1].split()[0] not in ("Z", "X")
+    except (FileNotFoundError, IndexError):
+        return False
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="seed workers fork (Linux only)")
+def test_seed_workers_give_the_same_run_and_die_with_a_killed_stage(tmp_path):
+    """A stage training its seeds in 1 or 2 processes writes identical metrics and models; a
+    SIGKILLed stage leaves no seed worker running."""
+    base = yaml.safe_load((REPO / "params.yaml").read_text())
+    params = tiny_params(base, seeds=(0, 1, 2), epochs=3)
+    runs = {}
+    for workers in (1, 2):
+        repo = copy_pipeline(tmp_path / f"w{workers}")
+        (repo / "params.yaml").write_text(yaml.safe_dump(params))
+        env = _stage_env(tmp_path, workers)
+        if workers == 1:
+            for stage in ("download", "prepare"):
+                assert subprocess.run([sys.executable, "-m", f"stages.{stage}", "--dataset", "synthetic"], cwd=repo, env=env).returncode == 0
+        else:  # the same prepared data
+            shutil.copytree(tmp_path / "w1" / "data" / "prepared", repo / "data" / "prepared")
+        for args in (("--role", "teacher"), ("--run", "kdv1")):
+            proc = subprocess.run([sys.executable, "-m", "stages.train", "--dataset", "synthetic", *args, "--no-progress"],
+                                  cwd=repo, env=env, capture_output=True, text=True)
+            assert proc.returncode == 0, proc.stderr
+        runs[workers] = repo / "data/runs/synthetic"
+    for run in ("teacher", "kdv1"):
+        assert json.loads((runs[1] / run / "metrics.json").read_text()) == json.loads((runs[2] / run / "metrics.json").read_text())
+        for seed in (0, 1, 2):
+            files = sorted(p.name for p in (runs[1] / run / f"seed{seed}").glob("*.pt"))
+            assert files
+            for name in files:
+                one = torch.load(runs[1] / run / f"seed{seed}" / name, weights_only=True)
+                two = torch.load(runs[2] / run / f"seed{seed}" / name, weights_only=True)
+                assert one.keys() == two.keys() and all(torch.equal(one[k], two[k]) for k in one)
+
+    # Kill a stage while its two seed workers train: the workers go with it.
+    repo = runs[2].parents[2]
+    params["train"]["synthetic"]["teacher"]["epochs"] = 400
+    (repo / "params.yaml").write_text(yaml.safe_dump(params))
+    proc = _run_stage(repo, _stage_env(tmp_path, 2), "stages.train", "--dataset", "synthetic", "--role", "teacher", "--no-progress")
+    deadline = time.time() + 120
+    workers = []
+    while time.time() < deadline and len(workers) < 2:
+        workers = _child_pids(proc.pid) if proc.poll() is None else []
+        time.sleep(0.05)
+    assert len(workers) >= 2, "the stage never started its seed workers"
+    time.sleep(1.0)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    deadline = time.time() + 10
+    while time.time() < deadline and any(_alive(w) for w in workers):
+        time.sleep(0.05)
+    assert not any(_alive(w) for w in workers), "seed workers outlived their killed stage"
+
+
+def test_cmkd_errors_survive_pickling():
+    """Errors raised in worker processes come back through pickle with their fields."""
+    import pickle
+
+    from cmkd.errors import ChecksumError, ConfigError, DataFormatError
+
+    for err in (ConfigError("runs.x.temperature", "must be > 0"), DataFormatError("a/b.bin", "truncated"),
+                ChecksumError("c.zip", "sha256 differs")):
+        back = pickle.loads(pickle.dumps(err))
+        assert type(back) is type(err) and str(back) == str(err)
+        assert back.__dict__ == err.__dict__
