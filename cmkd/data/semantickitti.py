@@ -443,7 +443,7 @@ def process_scan(record: ScanRecord, s: PrepareSettings, out: dict[str, np.ndarr
 # per scan in flight plus the row being written), a worker processes its scan straight into the
 # slot it is given and sends back only where the arrays lie, and the main process writes the
 # HDF5 file from views of the slot before handing the slot out again. No row is pickled,
-# piped or unpickled, and no large array is allocated per scan.
+# piped or unpickled, and a row's arrays are not allocated anew for every scan.
 
 _ALIGN = 64  # bytes: every array in a slot starts at a multiple
 
