@@ -122,19 +122,34 @@ def init_distributed_from_env() -> bool:
 # ----------------------------------------------------------------------------------- data
 
 
+def input_affine(spec: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    """A stored input's normalisation (x / scale - mean) / std, per channel, as x * a - b with
+    float32 a = 1 / (scale * std) and b = mean / std (the arithmetic of the values stored before).
+    `spec` is an entry of a prepared file's `normalise` attribute: {scale, mean, std}."""
+    scale = float(spec["scale"])
+    a = torch.tensor([1.0 / (scale * float(sd)) for sd in spec["std"]], dtype=torch.float32)
+    b = torch.tensor([float(m) / float(sd) for m, sd in zip(spec["mean"], spec["std"])], dtype=torch.float32)
+    return a, b
+
+
 class SplitData:
     """One split of a dataset, as batches of named tensors.
 
     In memory (`from_arrays`, or `load_split` on a small file) or streamed from HDF5 chunk by
-    chunk (`load_split` on a large file). Batch keys: teacher_input, student_input, target,
-    index, and teacher_logits when cached logits are attached.
+    chunk (`load_split` on a large file). Batch keys: teacher_input, student_input, target
+    (int64), index, and teacher_logits when cached logits are attached.
+
+    `normalise` maps batch keys to (a, b) per channel (`input_affine`): those inputs are kept
+    as stored (e.g. uint8 images, a quarter of float32) and every batch gets float32 x * a - b.
     """
 
-    def __init__(self, tensors: Mapping[str, torch.Tensor] | None = None, stream: dict[str, Any] | None = None):
+    def __init__(self, tensors: Mapping[str, torch.Tensor] | None = None, stream: dict[str, Any] | None = None,
+                 normalise: Mapping[str, tuple[torch.Tensor, torch.Tensor]] | None = None):
         if (tensors is None) == (stream is None):
             raise ValueError("give exactly one of tensors / stream")
         self.tensors = dict(tensors) if tensors is not None else None
         self.stream = stream
+        self.normalise = dict(normalise or {})
         if self.tensors is not None:
             lengths = {k: len(v) for k, v in self.tensors.items()}
             if len(set(lengths.values())) != 1:
@@ -170,14 +185,14 @@ class SplitData:
                     logits = torch.from_numpy(f["logits"][()])
             if len(logits) != self.length:
                 raise ValueError(f"teacher logits have {len(logits)} rows for a split of {self.length}")
-            return SplitData(tensors={**self.tensors, "teacher_logits": logits})
-        return SplitData(stream={**self.stream, "logits": str(logits)})
+            return SplitData(tensors={**self.tensors, "teacher_logits": logits}, normalise=self.normalise)
+        return SplitData(stream={**self.stream, "logits": str(logits)}, normalise=self.normalise)
 
     def without(self, key: str) -> "SplitData":
         if self.tensors is not None:
-            return SplitData(tensors={k: v for k, v in self.tensors.items() if k != key})
+            return SplitData(tensors={k: v for k, v in self.tensors.items() if k != key}, normalise=self.normalise)
         if key == "teacher_logits":
-            return SplitData(stream={k: v for k, v in self.stream.items() if k != "logits"})
+            return SplitData(stream={k: v for k, v in self.stream.items() if k != "logits"}, normalise=self.normalise)
         return self
 
     def batches(
@@ -185,9 +200,16 @@ class SplitData:
     ) -> Iterator[dict[str, torch.Tensor]]:
         """Yield batches. With `world` > 1 each rank gets a disjoint, equally long share."""
         if self.tensors is not None:
-            yield from self._memory_batches(batch_size, shuffle, seed, rank, world)
+            batches = self._memory_batches(batch_size, shuffle, seed, rank, world)
         else:
-            yield from self._stream_batches(batch_size, shuffle, seed, rank, world)
+            batches = self._stream_batches(batch_size, shuffle, seed, rank, world)
+        for batch in batches:
+            for key, (a, b) in self.normalise.items():
+                shape = (1, -1) + (1,) * (batch[key].dim() - 2)
+                batch[key] = batch[key].to(torch.float32, copy=True).mul_(a.view(shape)).sub_(b.view(shape))
+            if "target" in batch:
+                batch["target"] = batch["target"].long()
+            yield batch
 
     def _memory_batches(self, batch_size, shuffle, seed, rank, world):
         n = self.length
@@ -245,12 +267,14 @@ def load_split(path: str | Path, split: str, attrs: Mapping[str, Any], root: str
     names = {"teacher_input": attrs["teacher_modality"], "student_input": attrs["student_modality"], "target": "labels"}
     if in_memory is None:
         in_memory = prepared.nbytes(list(set(names.values()))) <= IN_MEMORY_LIMIT_BYTES
+    # Inputs stored narrow (SemanticKITTI's uint8 RGB) are normalised batch by batch.
+    stored = attrs.get("normalise") or {}
+    normalise = {key: input_affine(stored[h5name]) for key, h5name in names.items() if h5name in stored}
     if not in_memory:
-        return SplitData(stream={"split": prepared, "names": names})
+        return SplitData(stream={"split": prepared, "names": names}, normalise=normalise)
     arrays = prepared.load(list(set(names.values())))
     tensors = {key: torch.from_numpy(arrays[h5name]) for key, h5name in names.items()}
-    tensors["target"] = tensors["target"].long()
-    return SplitData(tensors=tensors)
+    return SplitData(tensors=tensors, normalise=normalise)
 
 
 # --------------------------------------------------------------------------- augmentation

@@ -114,6 +114,7 @@ def lidar_image(
     mean: np.ndarray | None = None,
     std: np.ndarray | None = None,
     dtype: np.dtype | str = np.float32,
+    out: tuple[np.ndarray, np.ndarray | None, np.ndarray] | None = None,
 ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
     """The LiDAR image aligned pixel-for-pixel with the camera image.
 
@@ -132,6 +133,10 @@ def lidar_image(
     float64 and only the filled pixels are cast, so a float16 image costs no full-image
     conversion), label map int16 [h, w] (the winning point's `labels`, -1 where no point; None
     without labels) and valid bool [h, w].
+
+    `out` = (image, label map, valid) fills existing arrays of those shapes instead (any float
+    dtype, any signed integer dtype, bool or uint8; e.g. a reused or shared buffer): every
+    element is written, so they need no clearing.
     """
     points = np.asarray(points)
     top, left, out_h, out_w = box if box is not None else (0, 0, height, width)
@@ -140,12 +145,20 @@ def lidar_image(
     row = np.floor(uv[:, 1]).astype(np.int64) - top
     inside = np.flatnonzero((col >= 0) & (col < out_w) & (row >= 0) & (row < out_h))
     col, row, depth, index = col[inside], row[inside], depth[inside], index[inside]
-    pixel = row * out_w + col
-    win = nearest_per_pixel(pixel, depth)
-    pixel, src = pixel[win], index[win]
+    win = nearest_per_pixel(row * out_w + col, depth)
+    row, col, src = row[win], col[win], index[win]
 
     n_extra = 0 if extra is None else extra.shape[1]
-    image = np.zeros((5 + n_extra, out_h * out_w), dtype)
+    if out is None:
+        image = np.zeros((5 + n_extra, out_h, out_w), dtype)
+        label_map = None if labels is None else np.full((out_h, out_w), -1, np.int16)
+        valid = np.zeros((out_h, out_w), bool)
+    else:
+        image, label_map, valid = out
+        image.fill(0)
+        valid.fill(0)
+        if label_map is not None:
+            label_map.fill(-1)
     chosen = points[src]
     values = np.empty((5, len(src)), np.float64)
     values[0] = np.linalg.norm(chosen[:, :3].astype(np.float64), axis=1)
@@ -155,14 +168,10 @@ def lidar_image(
         values -= np.asarray(mean, np.float64)[:, None]
     if std is not None:
         values /= np.asarray(std, np.float64)[:, None]
-    image[:5, pixel] = values
+    image[:5, row, col] = values
     if n_extra:
-        image[5:, pixel] = np.asarray(extra)[src].T
-    valid = np.zeros(out_h * out_w, bool)
-    valid[pixel] = True
-    label_map = None
-    if labels is not None:
-        label_map = np.full(out_h * out_w, -1, np.int16)
-        label_map[pixel] = np.asarray(labels)[src]
-        label_map = label_map.reshape(out_h, out_w)
-    return image.reshape(-1, out_h, out_w), label_map, valid.reshape(out_h, out_w)
+        image[5:, row, col] = np.asarray(extra)[src].T
+    valid[row, col] = True
+    if label_map is not None and labels is not None:
+        label_map[row, col] = np.asarray(labels)[src]
+    return image, label_map, valid

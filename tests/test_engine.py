@@ -12,7 +12,7 @@ import pytest
 import torch
 import yaml
 
-from cmkd.data.h5 import PreparedWriter
+from cmkd.data.h5 import PreparedWriter, read_attrs
 from cmkd.data.synthetic import ntdh_sklearn
 from cmkd.engine import SplitData, TrainConfig, augment_batch, fit, load_split, seed_everything
 from cmkd.methods import build_distiller
@@ -67,6 +67,42 @@ def test_memory_and_streamed_batches_cover_the_same_rows(tmp_path):
     r0 = torch.cat([b["index"] for b in mem.batches(16, True, 3, rank=0, world=2)])
     r1 = torch.cat([b["index"] for b in mem.batches(16, True, 3, rank=1, world=2)])
     assert len(r0) == len(r1) == 51 and not set(r0.tolist()) & set(r1.tolist())
+
+
+def test_stored_uint8_inputs_are_normalised_in_every_batch(tmp_path):
+    """uint8 images with a `normalise` attribute load as float32 (x / 255 - mean) / std, equal
+    to what `prepare` stored as float32 before (x * (1 / (255 std)) - mean / std in float32)."""
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 256, (7, 3, 4, 5), dtype=np.uint8)
+    rgb[0, :, 0, :3] = [[0, 128, 255]] * 3
+    lidar = rng.normal(size=(7, 2, 4, 5)).astype(np.float16)
+    y = rng.integers(-1, 3, (7, 4, 5)).astype(np.int8)
+    mean, std = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+    attrs = {"task": "segmentation", "class_names": ["a", "b", "c"], "modalities": ["rgb", "lidar"],
+             "teacher_modality": "rgb", "student_modality": "lidar", "ignore_index": -1, "source_checksum": "t",
+             "normalise": {"rgb": {"scale": 255.0, "mean": mean, "std": std}}}
+    with PreparedWriter(tmp_path / "d.h5", attrs, chunk_rows=2) as w:
+        w.write("train", {"rgb": rgb, "lidar": lidar, "labels": y})
+    attrs = read_attrs(tmp_path / "d.h5")
+    old = np.empty(rgb.shape, np.float32)  # the float32 rows the earlier `prepare` wrote
+    for c in range(3):
+        old[:, c] = rgb[:, c] * np.float32(1.0 / (255.0 * std[c])) - np.float32(mean[c] / std[c])
+    exact = (rgb / 255.0 - np.array(mean)[:, None, None]) / np.array(std)[:, None, None]
+    for in_memory in (True, False):
+        data = load_split(tmp_path / "d.h5", "train", attrs, in_memory=in_memory)
+        assert data.sample_shape("teacher_input") == (3, 4, 5)
+        for _ in range(2):  # normalising a batch leaves the stored inputs as they were
+            for b in data.batches(3, shuffle=True, seed=1):
+                idx = b["index"].numpy()
+                assert b["teacher_input"].dtype == torch.float32 and b["target"].dtype == torch.int64
+                np.testing.assert_array_equal(b["teacher_input"].numpy(), old[idx])
+                np.testing.assert_allclose(b["teacher_input"].numpy(), exact[idx], rtol=0, atol=1e-6)
+                np.testing.assert_array_equal(b["student_input"].numpy(), lidar[idx])  # not normalised
+                np.testing.assert_array_equal(b["target"].numpy(), y[idx])
+    # Attaching or dropping cached logits keeps the normalisation.
+    data = load_split(tmp_path / "d.h5", "train", attrs, in_memory=True)
+    derived = data.with_teacher_logits(torch.zeros(7, 3, 4, 5)).without("teacher_logits")
+    assert torch.equal(next(derived.batches(7))["teacher_input"], next(data.batches(7))["teacher_input"])
 
 
 def test_augmentation_keeps_modalities_and_target_aligned():

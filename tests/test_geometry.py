@@ -164,6 +164,15 @@ def test_lidar_image_nearest_point_label_and_channels():
     assert half.dtype == np.float16
     np.testing.assert_array_equal(half, with_extra.astype(np.float16))
 
+    # `out` fills given arrays (any contents before) with exactly the same values.
+    out = (np.full((8, 10, 10), 7, np.float16), np.full((10, 10), 9, np.int8), np.full((10, 10), 5, np.uint8))
+    filled = lidar_image(pts, P2, TR, width, height, labels=labels, extra=extra, box=(20, 45, 10, 10),
+                         dtype=np.float16, out=out)
+    assert all(a is b for a, b in zip(filled, out))
+    expected = lidar_image(pts, P2, TR, width, height, labels=labels, extra=extra, box=(20, 45, 10, 10), dtype=np.float16)
+    for got, want in zip(out, expected):
+        np.testing.assert_array_equal(got, want)
+
 
 def test_lidar_image_matches_a_plain_loop_reference():
     # Many random points, several per pixel: the reference paints far-to-near in a loop.

@@ -45,3 +45,10 @@ def test_float16_inputs_are_cast():
 def test_bad_stem_stride():
     with pytest.raises(ValueError, match="stem_stride"):
         build_model({"arch": "seg_resnet", "stem_stride": 3}, (3, 16, 16), 2)
+
+
+def test_integer_inputs_are_refused():
+    """Stored uint8 images reach models normalised (cmkd.engine.load_split), never raw."""
+    model = build_model({"arch": "seg_resnet", "width": 4}, (3, 16, 32), 3).eval()
+    with pytest.raises(TypeError, match="uint8"):
+        model(torch.zeros(1, 3, 16, 32, dtype=torch.uint8))

@@ -2,19 +2,24 @@
 
 from __future__ import annotations
 
+import dataclasses
+import errno
 import math
 import shutil
 import zipfile
+from multiprocessing.shared_memory import SharedMemory
 from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from cmkd.data import kitti_sample, semantickitti as sk
-from cmkd.data.h5 import PreparedSplit, read_attrs
+from cmkd.data.h5 import PreparedSplit, PreparedWriter, read_attrs
 from cmkd.data.registry import dataset_module
+from cmkd.engine import load_split
 from cmkd.errors import ConfigError, DataFormatError
 
 TINY = {
@@ -49,6 +54,34 @@ def seq_dir(raw: Path, seq: str = "00") -> Path:
 
 def leftovers(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir())
+
+
+@pytest.fixture
+def shm_created(monkeypatch) -> list[str]:
+    """Names of the shared-memory segments `prepare` creates (in the main process)."""
+    names: list[str] = []
+
+    class Recorded(SharedMemory):
+        def __init__(self, name=None, create=False, size=0):
+            super().__init__(name, create, size)
+            if create:
+                names.append(self.name)
+
+    monkeypatch.setattr(sk, "SharedMemory", Recorded)
+    return names
+
+
+def left_in_dev_shm(names: list[str]) -> list[str]:
+    return [name for name in names if Path("/dev/shm", name).exists()]
+
+
+def h5_content(path: Path) -> dict:
+    """Every attribute, and every dataset's dtype, shape, chunks and bytes."""
+    with h5py.File(path, "r") as f:
+        content = {"attrs": {key: f.attrs[key] for key in f.attrs}}
+        f.visititems(lambda name, obj: content.__setitem__(name, (obj.dtype, obj.shape, obj.chunks, obj[()].tobytes()))
+                     if isinstance(obj, h5py.Dataset) else None)
+    return content
 
 
 # --------------------------------------------------------------------------- readers
@@ -229,8 +262,7 @@ def reference_row(raw: Path, seq: str, frame: int, crop: tuple[int, int]) -> dic
             best[r, c] = X[2]
             labels[r, c] = sk.LEARNING_MAP[int(s)] - 1
             rng[r, c] = math.sqrt(float(x) ** 2 + float(y) ** 2 + float(z) ** 2)
-    rgb = img[top:top + ch, left:left + cw].astype(float) / 255.0
-    return {"labels": labels, "valid": np.isfinite(best), "range": rng, "rgb": rgb}
+    return {"labels": labels, "valid": np.isfinite(best), "range": rng, "rgb": img[top:top + ch, left:left + cw]}
 
 
 def test_prepare_writes_the_expected_hdf5(sample, tmp_path):
@@ -249,7 +281,8 @@ def test_prepare_writes_the_expected_hdf5(sample, tmp_path):
         part = PreparedSplit(out, split)
         assert len(part) == n
         assert part.shapes["rgb"] == (n, 3, 32, 96) and part.shapes["lidar"] == (n, 5, 32, 96)
-        assert part.shapes["labels"] == (n, 32, 96) and part.dtypes["labels"] == np.int16
+        assert part.dtypes["rgb"] == np.uint8 and part.dtypes["lidar"] == np.float32
+        assert part.shapes["labels"] == (n, 32, 96) and part.dtypes["labels"] == np.int8
         data = part.load(["labels", "lidar", "valid", "scan"])
         assert data["labels"].min() >= -1 and data["labels"].max() <= 18
         assert ((data["labels"] >= 0) <= (data["valid"] == 1)).all()  # a label needs a point
@@ -264,19 +297,92 @@ def test_prepare_writes_the_expected_hdf5(sample, tmp_path):
     assert (row["labels"][0] == ref["labels"]).all()
     mean, std = sk.LIDAR_MEAN[0], sk.LIDAR_STD[0]
     np.testing.assert_allclose(row["lidar"][0, 0][ref["valid"]], (ref["range"][ref["valid"]] - mean) / std, rtol=1e-5, atol=1e-5)
-    rgb = (ref["rgb"] - np.array(sk.RGB_MEAN)) / np.array(sk.RGB_STD)
-    np.testing.assert_allclose(row["rgb"][0], rgb.transpose(2, 0, 1), atol=1e-5)
+    np.testing.assert_array_equal(row["rgb"][0], ref["rgb"].transpose(2, 0, 1))  # the camera pixels
+    # Loaded for training, they are float32 (x / 255 - mean) / std, in memory and streamed.
+    assert attrs["normalise"] == {"rgb": {"scale": 255.0, "mean": list(sk.RGB_MEAN), "std": list(sk.RGB_STD)}}
+    rgb = (ref["rgb"] / 255.0 - np.array(sk.RGB_MEAN)) / np.array(sk.RGB_STD)
+    for in_memory in (True, False):
+        batch = next(load_split(out, "val", attrs, in_memory=in_memory).batches(4))
+        assert batch["teacher_input"].dtype == torch.float32
+        np.testing.assert_allclose(batch["teacher_input"][0].numpy(), rgb.transpose(2, 0, 1), rtol=0, atol=1e-6)
 
 
-def test_prepare_in_parallel_gives_the_same_file_content(sample, tmp_path):
+@pytest.mark.parametrize("chunk_bytes", [4 << 20, 1], ids=["rows_per_chunk", "one_row_per_chunk"])
+def test_prepare_in_parallel_gives_the_same_file_content(sample, tmp_path, monkeypatch, shm_created, chunk_bytes):
+    """Workers write rows into shared memory and the main process writes HDF5 from there: the
+    file is byte for byte the in-process one (one row per chunk: written straight from the
+    shared memory), and no segment is left."""
+    monkeypatch.setattr(sk, "_CHUNK_BYTES", chunk_bytes)
+    cfg = {**TINY, "range_image": True, "range_size": [16, 64]}
     one, two = tmp_path / "one.h5", tmp_path / "two.h5"
-    kitti_sample.prepare(TINY, sample, one, progress=False)
-    kitti_sample.prepare({**TINY, "workers": 2}, sample, two, progress=False)
-    for split in ("train", "val"):
-        a = PreparedSplit(one, split).load(["rgb", "lidar", "labels", "valid", "scan"])
-        b = PreparedSplit(two, split).load(["rgb", "lidar", "labels", "valid", "scan"])
-        for name in a:
-            assert (a[name] == b[name]).all(), (split, name)
+    kitti_sample.prepare(cfg, sample, one, progress=False)
+    assert shm_created == []
+    kitti_sample.prepare({**cfg, "workers": 2}, sample, two, progress=False)
+    assert shm_created and left_in_dev_shm(shm_created) == []
+    a, b = h5_content(one), h5_content(two)
+    assert a == b
+    assert {"train/rgb", "train/range_labels", "val/scan"} <= a.keys()
+    assert (a["train/rgb"][2][0] == 1) == (chunk_bytes == 1)  # rows per HDF5 chunk
+
+
+def test_prepare_without_shared_memory_sends_rows_through_the_pipe(sample, tmp_path, monkeypatch, caplog):
+    def no_room(count, size):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(sk, "_Slots", no_room)
+    kitti_sample.prepare(TINY, sample, tmp_path / "one.h5", progress=False)
+    kitti_sample.prepare({**TINY, "workers": 2}, sample, tmp_path / "pipe.h5", progress=False)
+    assert h5_content(tmp_path / "one.h5") == h5_content(tmp_path / "pipe.h5")
+    assert "no shared memory" in caplog.text
+
+
+def test_worker_fills_its_slot_or_returns_a_row_that_does_not_fit(sample, tmp_path, monkeypatch):
+    settings = {"train": sk.settings_for(TINY, kitti_sample.KEY, "train")}
+    record = sk.list_scans([sample], ["00"])[1]
+    expected = sk.process_scan(record, settings["train"])
+    monkeypatch.setattr(sk, "_WORKER_SETTINGS", settings)
+    monkeypatch.setattr(sk, "_WORKER_SLOTS", {})
+    fits, small = sk._Slots(1, sk._layout(settings["train"])[1]), sk._Slots(1, 4096)
+    try:
+        result = sk._work(("train", record, fits.names[0]))
+        assert isinstance(result, sk._InSlot)
+        rows = [sk._views(fits.maps[0], result.fields), sk._work(("train", record, small.names[0]))]
+        for row in rows:
+            assert row.keys() == expected.keys()
+            for name, a in row.items():
+                assert a.dtype == expected[name].dtype and (a == expected[name]).all(), name
+        missing = dataclasses.replace(record, scan=tmp_path / "missing.bin")
+        failure = sk._work(("train", missing, fits.names[0]))
+        assert failure == sk._Failure(DataFormatError, str(missing.scan), "scan file does not exist")
+    finally:
+        for shm in sk._WORKER_SLOTS.values():
+            shm.close()
+        fits.close()
+        small.close()
+
+
+def test_rows_outlive_a_closed_pool_and_no_shared_memory_is_left(sample, shm_created):
+    settings = {split: sk.settings_for(TINY, kitti_sample.KEY, split) for split in ("train", "val")}
+    jobs = [("train", r) for r in sk.list_scans([sample], ["00"])] + [("val", r) for r in sk.list_scans([sample], ["08"])]
+    expected = [{name: a.copy() for name, a in row.items()} for row in sk.iter_prepared(jobs, settings, workers=1)]
+    rows = sk.iter_prepared(jobs, settings, workers=2)
+    first = next(rows)
+    rows.close()  # as on an error or Ctrl-C while the caller writes
+    assert shm_created and left_in_dev_shm(shm_created) == []
+    for name, a in first.items():  # still mapped: the row keeps its memory
+        np.testing.assert_array_equal(a, expected[0][name])
+
+
+def test_interrupted_prepare_leaves_no_file_and_no_shared_memory(sample, tmp_path, monkeypatch, shm_created):
+    def interrupt(self, split, arrays, root=""):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sk, "_CHUNK_BYTES", 1)  # every row written at once, from the shared memory
+    monkeypatch.setattr(PreparedWriter, "append", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        kitti_sample.prepare({**TINY, "workers": 2}, sample, tmp_path / "out" / "x.h5", progress=False)
+    assert shm_created and left_in_dev_shm(shm_created) == []
+    assert leftovers(tmp_path / "out") == []
 
 
 def test_prepare_options_range_image_and_open3d(sample, tmp_path):
@@ -301,7 +407,7 @@ def test_voxel_downsample_keeps_first_point_per_voxel():
 
 
 @pytest.mark.parametrize("problem", ["truncated", "count", "no_P2", "no_Tr", "no_image", "unknown_id", "nan"])
-def test_prepare_bad_input_names_file_and_writes_nothing(sample_copy, tmp_path, problem):
+def test_prepare_bad_input_names_file_and_writes_nothing(sample_copy, tmp_path, problem, shm_created):
     d = seq_dir(sample_copy, "00")
     scan, label = d / "velodyne" / "000001.bin", d / "labels" / "000001.label"
     if problem == "truncated":
@@ -336,6 +442,8 @@ def test_prepare_bad_input_names_file_and_writes_nothing(sample_copy, tmp_path, 
         assert str(culprit) in str(err.value)
         assert isinstance(err.value, ValueError)
         assert leftovers(out_dir) == []
+        assert left_in_dev_shm(shm_created) == []
+    assert bool(shm_created) == (problem != "no_image")  # found missing before any scan is read
 
 
 def test_real_dataset_from_a_folder_or_a_zip(sample, tmp_path):

@@ -4,9 +4,12 @@ Layout (``root`` is "" for a plain dataset, or a variant group such as ``gamma_0
 
     /attrs                       task, class_names, modalities, teacher_modality,
                                  student_modality, ignore_index, source_checksum,
-                                 code_version, format_version (lists/dicts stored as JSON)
+                                 code_version, format_version (lists/dicts stored as JSON);
+                                 optional normalise: {modality: {scale, mean, std}} for
+                                 modalities stored raw (e.g. uint8 RGB), which loaders turn
+                                 into (x / scale - mean) / std per channel
     /<root>/<split>/<modality>   [N, ...] one chunked dataset per modality
-    /<root>/<split>/labels       [N] int64 (classification) or [N, H, W] int16 (segmentation, -1 = ignore)
+    /<root>/<split>/labels       [N] int64 (classification) or [N, H, W] int8 / int16 (segmentation, -1 = ignore)
 
 Writers create the file under a temporary name and rename it when closed without error,
 so an interrupted `prepare` leaves nothing half-written. Readers open the file read-only and

@@ -10,33 +10,47 @@ Layout (KITTI odometry + SemanticKITTI labels, merged)::
 
 `prepare` turns every scan into one row of the prepared HDF5 file (cmkd.data.h5):
 
-    rgb     [3, h, w]  the colour image, (x / 255 - rgb_mean) / rgb_std
+    rgb     [3, h, w]  uint8: the camera pixels as read; the file attribute `normalise`
+                       tells loaders to use (x / 255 - rgb_mean) / rgb_std (cmkd.engine applies it)
     lidar   [5, h, w]  range, x, y, z, intensity of the point nearest to the camera in each
                        pixel, (value - lidar_mean) / lidar_std, 0 where no point falls
-                       (+3 channels nx, ny, nz when `normals` is on)
-                       rgb and lidar are float32 or float16 (`dtype`; float16 halves the file,
-                       4.7 MiB a 256 x 1024 scan, and seg_resnet casts its input)
-    labels  [h, w]     int16: 0..18 the 19 classes of `learning_map`, -1 = unlabelled or no point
+                       (+3 channels nx, ny, nz when `normals` is on); float32 or float16
+                       (`dtype`; seg_resnet casts its input)
+    labels  [h, w]     int8: 0..18 the 19 classes of `learning_map`, -1 = unlabelled or no point
     valid   [h, w]     uint8: 1 where a LiDAR point falls (labelled or not)
     scan    []         int32: sequence * 1_000_000 + frame, the source scan of the row
-    range, range_labels  [5, 64, W], [64, W]: the spherical range image, when `range_image` is on
+    range, range_labels  [5, 64, W] (`dtype`), [64, W] int8: the spherical range image, when
+                       `range_image` is on
+
+The narrow dtypes are there because, after PNG decoding, the bytes written are `prepare`'s
+largest cost (the kernel copies every byte into the page cache): a 256 x 1024 scan is
+3.75 MiB with float16 LiDAR (4.75 MiB with the float16 RGB and int16 labels stored before),
+and uint8 RGB is exact where float16 rounded it.
 
 h x w is the crop (`crop.<split>`): a random window per training scan (seeded by
 seed, sequence and frame, so it does not depend on worker scheduling) and the centre window
 for the other splits. The normalisation constants are recorded in the file attributes.
+
+With several workers each scan is processed straight into a shared-memory buffer that the
+main process writes to HDF5 from, so rows never travel through a pipe (see `iter_prepared`).
 """
 
 from __future__ import annotations
 
 import collections
 import contextlib
+import ctypes
 import functools
 import itertools
 import logging
+import math
+import mmap
 import multiprocessing
 import os
+import sys
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
+from multiprocessing.shared_memory import SharedMemory
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
@@ -357,17 +371,33 @@ def crop_box(width: int, height: int, crop: tuple[int, int], rng: np.random.Gene
     return int(rng.integers(0, height - ch + 1)), int(rng.integers(0, width - cw + 1)), ch, cw
 
 
-def normalise_rgb(image: np.ndarray, mean: Sequence[float], std: Sequence[float], dtype: np.dtype) -> np.ndarray:
-    """uint8 [h, w, 3] -> [3, h, w] of (x / 255 - mean) / std, one fused pass per channel."""
-    out = np.empty((3,) + image.shape[:2], np.float32)
-    for c in range(3):
-        np.multiply(image[..., c], np.float32(1.0 / (255.0 * std[c])), out=out[c])
-        out[c] -= np.float32(mean[c] / std[c])
-    return out.astype(dtype, copy=False)
+def row_spec(s: PrepareSettings) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """Shape and dtype of every array of a prepared row (see the module docstring)."""
+    ch, cw = s.crop
+    spec = {
+        "rgb": ((3, ch, cw), np.dtype(np.uint8)),
+        "lidar": ((len(LIDAR_CHANNELS) + (3 if s.normals else 0), ch, cw), np.dtype(s.dtype)),
+        "labels": ((ch, cw), np.dtype(np.int8)),
+        "valid": ((ch, cw), np.dtype(np.uint8)),
+        "scan": ((), np.dtype(np.int32)),
+    }
+    if s.range_image:
+        rh, rw = s.range_size
+        spec["range"] = ((5, rh, rw), np.dtype(s.dtype))
+        spec["range_labels"] = ((rh, rw), np.dtype(np.int8))
+    return spec
 
 
-def process_scan(record: ScanRecord, s: PrepareSettings) -> dict[str, np.ndarray]:
-    """One scan -> the arrays of one prepared row (see the module docstring)."""
+def empty_row(s: PrepareSettings) -> dict[str, np.ndarray]:
+    return {name: np.empty(shape, dtype) for name, (shape, dtype) in row_spec(s).items()}
+
+
+def process_scan(record: ScanRecord, s: PrepareSettings, out: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+    """One scan -> the arrays of one prepared row (see the module docstring).
+
+    `out` (arrays as `row_spec`, e.g. a buffer reused from scan to scan) is filled instead of
+    new arrays; every element is written.
+    """
     points = read_scan(record.scan)
     semantic, _ = read_labels(record.label, len(points))
     labels = map_labels(semantic, record.label)
@@ -384,13 +414,12 @@ def process_scan(record: ScanRecord, s: PrepareSettings) -> dict[str, np.ndarray
     rng = np.random.default_rng([s.seed, int(record.sequence), record.frame]) if s.random_crop else None
     top, left, ch, cw = crop_box(width, height, s.crop, rng, record.image)
 
-    lidar, label_map, valid = lidar_image(points, calib["P2"], calib["Tr"], width, height,
-                                          labels=labels, extra=normals, box=(top, left, ch, cw),
-                                          mean=s.lidar_mean, std=s.lidar_std, dtype=s.dtype)
-    dtype = np.dtype(s.dtype)
-    out = {"rgb": normalise_rgb(image[top:top + ch, left:left + cw], s.rgb_mean, s.rgb_std, dtype),
-           "lidar": lidar, "labels": label_map,
-           "valid": valid.view(np.uint8), "scan": np.int32(scan_id(record.sequence, record.frame))}
+    row = empty_row(s) if out is None else out
+    np.copyto(row["rgb"], image[top:top + ch, left:left + cw].transpose(2, 0, 1))
+    lidar_image(points, calib["P2"], calib["Tr"], width, height, labels=labels, extra=normals,
+                box=(top, left, ch, cw), mean=s.lidar_mean, std=s.lidar_std,
+                out=(row["lidar"], row["labels"], row["valid"]))
+    row["scan"][()] = scan_id(record.sequence, record.frame)
     if s.range_image:
         rh, rw = s.range_size
         rng_img, idx = range_projection(points, rh, rw, s.fov[0], s.fov[1])
@@ -402,21 +431,60 @@ def process_scan(record: ScanRecord, s: PrepareSettings) -> dict[str, np.ndarray
         channels[4][hit] = src[:, 3]
         mean = np.asarray(s.lidar_mean, np.float32)[:, None, None]
         std = np.asarray(s.lidar_std, np.float32)[:, None, None]
-        channels = np.where(hit, (channels - mean) / std, 0.0)
-        range_labels = np.full((rh, rw), -1, np.int16)
-        range_labels[hit] = labels[idx[hit]]
-        out["range"] = channels.astype(dtype)
-        out["range_labels"] = range_labels
-    return out
+        row["range"][...] = np.where(hit, (channels - mean) / std, 0.0)
+        row["range_labels"].fill(-1)
+        row["range_labels"][hit] = labels[idx[hit]]
+    return row
 
 
-# Worker-process state: the settings are sent once per worker, not with every scan.
+# --------------------------------------------------------------------------- worker pool
+#
+# Rows reach the main process through shared memory: it owns a ring of buffers ("slots", one
+# per scan in flight plus the row being written), a worker processes its scan straight into the
+# slot it is given and sends back only where the arrays lie, and the main process writes the
+# HDF5 file from views of the slot before handing the slot out again. No row is pickled,
+# piped or unpickled, and a row's arrays are not allocated anew for every scan.
+
+_ALIGN = 64  # bytes: every array in a slot starts at a multiple
+
+_Fields = tuple[tuple[str, str, tuple[int, ...], int], ...]  # (name, dtype, shape, byte offset)
+
+# Worker-process state: the settings are sent once per worker, not with every scan; a slot is
+# attached once per worker and kept.
 _WORKER_SETTINGS: dict[str, PrepareSettings] = {}
+_WORKER_SLOTS: dict[str, SharedMemory] = {}
+
+
+# glibc's mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 
 
 def _init_worker(settings: dict[str, PrepareSettings]) -> None:
     _WORKER_SETTINGS.clear()
     _WORKER_SETTINGS.update(settings)
+    # A scan allocates and frees some 15 MB of temporaries (points in float64, masks, the
+    # decoded image). By default glibc returns freed memory to the system and serves large
+    # arrays with fresh mappings, so every scan page-faults ~900 zeroed pages: about a third of
+    # a worker's CPU time. Keeping freed memory for reuse (up to the worker's peak) avoids it.
+    mallopt = getattr(ctypes.CDLL(None), "mallopt", None) if sys.platform.startswith("linux") else None
+    if mallopt is not None:
+        mallopt(_M_TRIM_THRESHOLD, 256 << 20)
+        mallopt(_M_MMAP_THRESHOLD, 32 << 20)
+
+
+def _layout(s: PrepareSettings) -> tuple[_Fields, int]:
+    """Where the arrays of a row lie in a slot, and the bytes the row needs."""
+    fields, size = [], 0
+    for name, (shape, dtype) in row_spec(s).items():
+        fields.append((name, dtype.str, shape, size))
+        size += -(-math.prod(shape) * dtype.itemsize // _ALIGN) * _ALIGN
+    return tuple(fields), size
+
+
+def _views(buffer: Any, fields: _Fields) -> dict[str, np.ndarray]:
+    # frombuffer holds the buffer (a view keeps its mapping alive), unlike ndarray(buffer=).
+    return {name: np.frombuffer(buffer, dtype, math.prod(shape), offset).reshape(shape)
+            for name, dtype, shape, offset in fields}
 
 
 @dataclass(frozen=True)
@@ -429,19 +497,62 @@ class _Failure:
     problem: str
 
 
-def _work(job: tuple[str, ScanRecord]) -> dict[str, np.ndarray] | _Failure:
-    split, record = job
+@dataclass(frozen=True)
+class _InSlot:
+    """A row a worker wrote into its slot."""
+
+    fields: _Fields
+
+
+def _work(job: tuple[str, ScanRecord, str | None]) -> _InSlot | dict[str, np.ndarray] | _Failure:
+    """Worker: one scan into the slot named by the job; returned as arrays when there is no
+    slot or the row does not fit in it."""
+    split, record, slot = job
+    s = _WORKER_SETTINGS[split]
+    fields, size = _layout(s)
     try:
-        return process_scan(record, _WORKER_SETTINGS[split])
+        if slot is not None and slot not in _WORKER_SLOTS:
+            _WORKER_SLOTS[slot] = SharedMemory(slot)
+        if slot is None or size > _WORKER_SLOTS[slot].size:
+            return process_scan(record, s)
+        process_scan(record, s, out=_views(_WORKER_SLOTS[slot].buf, fields))
+        return _InSlot(fields)
     except DataFormatError as err:
         return _Failure(type(err), str(err.path), err.problem)
 
 
-def _raise_failures(rows: Iterator[dict[str, np.ndarray] | _Failure]) -> Iterator[dict[str, np.ndarray]]:
-    for row in rows:
-        if isinstance(row, _Failure):
-            raise row.kind(row.path, row.problem)
-        yield row
+class _Slots:
+    """The main process's ring of shared-memory slots of `size` bytes, unlinked by `close`.
+
+    Their pages are reserved up front, so a full /dev/shm fails here rather than with SIGBUS
+    in a worker. Rows are views of the main process's own mapping of each slot, which stays
+    mapped as long as a view of it does: `close` never waits for the caller's rows.
+    """
+
+    def __init__(self, count: int, size: int):
+        self._shms: list[SharedMemory] = []
+        self.maps: list[mmap.mmap] = []
+        try:
+            for _ in range(count):
+                shm = SharedMemory(create=True, size=size)
+                self._shms.append(shm)
+                # SharedMemory has no public descriptor, and its own mapping could not be
+                # closed while rows view it: map the segment again and close that one now.
+                if hasattr(os, "posix_fallocate"):
+                    os.posix_fallocate(shm._fd, 0, size)
+                self.maps.append(mmap.mmap(shm._fd, size))
+                shm.close()
+        except BaseException:
+            self.close()
+            raise
+        self.names = [shm.name for shm in self._shms]
+        self.free = collections.deque(range(count))
+
+    def close(self) -> None:
+        for shm in self._shms:
+            shm.close()
+            shm.unlink()
+        self._shms = []
 
 
 def default_workers() -> int:
@@ -455,31 +566,50 @@ def iter_prepared(jobs: Sequence[tuple[str, ScanRecord]], settings: dict[str, Pr
                   workers: int, ahead: int = 4) -> Iterator[dict[str, np.ndarray]]:
     """Processed rows in job order, computed by `workers` processes (in-process when 1).
 
-    At most `ahead` scans per worker are in flight, so memory stays bounded however slowly the
-    caller writes. On an error the pending scans are cancelled and the running ones finish
-    before the error propagates (no terminate(), whose races can hang a Pool).
+    A row's arrays are views of a buffer that is reused: they hold until the next row is asked
+    for, so copy what must outlive that. At most `ahead` scans per worker are in flight, so
+    memory stays bounded however slowly the caller writes. On an error the pending scans are
+    cancelled and the running ones finish before the error propagates (no terminate(), whose
+    races can hang a Pool); the shared memory is unlinked whatever happens.
     """
     if workers <= 1 or len(jobs) <= 1:
-        _init_worker(settings)
-        yield from _raise_failures(map(_work, jobs))
+        buffers = {split: empty_row(s) for split, s in settings.items()}
+        for split, record in jobs:
+            yield process_scan(record, settings[split], out=buffers[split])
         return
+    in_flight = ahead * workers
     # forkserver: workers start from a clean process (no threads or torch state inherited from
     # the caller), once, and the settings travel once per worker through the initializer.
     methods = multiprocessing.get_all_start_methods()
     ctx = multiprocessing.get_context("forkserver" if "forkserver" in methods else None)
-    pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(settings,))
-    pending: collections.deque = collections.deque()
-    try:
+    with contextlib.ExitStack() as stack:
+        try:
+            slots: _Slots | None = _Slots(in_flight + 1, max(_layout(s)[1] for s in settings.values()))
+            stack.callback(slots.close)  # runs after the pool's shutdown: no worker writes any more
+        except OSError as err:  # e.g. a container's small /dev/shm
+            slots = None
+            log.warning("no shared memory for the rows (%s): they are sent through a pipe", err)
+        pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(settings,))
+        stack.callback(pool.shutdown, wait=True, cancel_futures=True)
+        pending: collections.deque = collections.deque()
+
+        def submit(job: tuple[str, ScanRecord]) -> None:
+            i = slots.free.popleft() if slots is not None else None
+            pending.append((i, pool.submit(_work, (*job, None if i is None else slots.names[i]))))
+
         todo = iter(jobs)
-        for job in itertools.islice(todo, ahead * workers):
-            pending.append(pool.submit(_work, job))
+        for job in itertools.islice(todo, in_flight):
+            submit(job)
         while pending:
-            row = pending.popleft().result()
+            i, future = pending.popleft()
+            result = future.result()
             for job in itertools.islice(todo, 1):
-                pending.append(pool.submit(_work, job))
-            yield from _raise_failures(iter([row]))
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
+                submit(job)  # into the one free slot: the row yielded below keeps its own
+            if isinstance(result, _Failure):
+                raise result.kind(result.path, result.problem)
+            yield _views(slots.maps[i], result.fields) if isinstance(result, _InSlot) else result
+            if i is not None:
+                slots.free.append(i)
 
 
 # --------------------------------------------------------------------------- config
@@ -582,8 +712,7 @@ def source_checksum(raw_dir: Path) -> str:
     return sha256_file(manifest) if manifest.exists() else "unknown"
 
 
-def _row_bytes(row: Mapping[str, np.ndarray]) -> int:
-    return sum(a.nbytes for a in row.values())
+_CHUNK_BYTES = 4 << 20  # the HDF5 chunk size aimed at
 
 
 def prepare(cfg: Mapping[str, Any], raw_dir: Path, out_path: Path, progress: bool = True,
@@ -611,7 +740,8 @@ def prepare(cfg: Mapping[str, Any], raw_dir: Path, out_path: Path, progress: boo
         "ignore_index": -1,
         "source_checksum": source_checksum(raw_dir),
         "lidar_channels": list(LIDAR_CHANNELS) + (["nx", "ny", "nz"] if first.normals else []),
-        "rgb_mean": list(first.rgb_mean), "rgb_std": list(first.rgb_std),
+        # Loaders turn the stored uint8 RGB into (x / scale - mean) / std (cmkd.engine.load_split).
+        "normalise": {"rgb": {"scale": 255.0, "mean": list(first.rgb_mean), "std": list(first.rgb_std)}},
         "lidar_mean": list(first.lidar_mean), "lidar_std": list(first.lidar_std),
         "crops": {split: list(s.crop) for split, s in settings.items()},
         "splits": splits,
@@ -619,27 +749,44 @@ def prepare(cfg: Mapping[str, Any], raw_dir: Path, out_path: Path, progress: boo
     with contextlib.ExitStack() as stack:
         bar = stack.enter_context(tqdm(total=len(jobs), desc="prepare semantickitti", unit="scan", disable=not progress))
         rows_iter = stack.enter_context(contextlib.closing(iter_prepared(jobs, settings, workers)))
-        writer: PreparedWriter | None = None
-        pending: dict[str, list[dict[str, np.ndarray]]] = {}
+        chunks: _Chunks | None = None
         for (split, _), row in zip(jobs, rows_iter):
-            if writer is None:
+            if chunks is None:
                 # Rows of a few MB (full-size crops) get one row per chunk; small crops several.
-                chunk_rows = max(1, min(64, (4 << 20) // max(1, _row_bytes(row))))
-                writer = stack.enter_context(PreparedWriter(out_path, attrs, chunk_rows=chunk_rows))
-            rows = pending.setdefault(split, [])
-            rows.append(row)
-            if len(rows) >= writer.chunk_rows:
-                writer.append(split, _stack_rows(rows))
-                rows.clear()
+                chunk_rows = max(1, min(64, _CHUNK_BYTES // max(1, sum(a.nbytes for a in row.values()))))
+                chunks = _Chunks(stack.enter_context(PreparedWriter(out_path, attrs, chunk_rows=chunk_rows)))
+            chunks.add(split, row)
             bar.update()
-        if writer is None:
+        if chunks is None:
             raise DataFormatError(raw_dir, "no scans to prepare")
-        for split, rows in pending.items():
-            if rows:
-                writer.append(split, _stack_rows(rows))
+        chunks.flush()
 
 
-def _stack_rows(rows: Sequence[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
-    if len(rows) == 1:  # full-size rows go one per chunk: a view, not a copy of ~9 MB
-        return {name: np.asarray(a)[None] for name, a in rows[0].items()}
-    return {name: np.stack([r[name] for r in rows]) for name in rows[0]}
+class _Chunks:
+    """Rows gathered per split into whole HDF5 chunks before they are written (a row from
+    `iter_prepared` only holds until the next one is asked for)."""
+
+    def __init__(self, writer: PreparedWriter):
+        self.writer = writer
+        self.arrays: dict[str, dict[str, np.ndarray]] = {}
+        self.filled: dict[str, int] = {}
+
+    def add(self, split: str, row: Mapping[str, np.ndarray]) -> None:
+        rows = self.writer.chunk_rows
+        if rows == 1:  # full-size rows: written straight from the worker's buffer
+            self.writer.append(split, {name: a[None] for name, a in row.items()})
+            return
+        if split not in self.arrays:
+            self.arrays[split] = {name: np.empty((rows,) + a.shape, a.dtype) for name, a in row.items()}
+        n = self.filled.get(split, 0)
+        for name, a in row.items():
+            self.arrays[split][name][n] = a
+        self.filled[split] = n + 1
+        if n + 1 == rows:
+            self.flush(split)
+
+    def flush(self, split: str | None = None) -> None:
+        for name in [split] if split is not None else list(self.filled):
+            n = self.filled.pop(name, 0)
+            if n:
+                self.writer.append(name, {k: a[:n] for k, a in self.arrays[name].items()})

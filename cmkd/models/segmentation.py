@@ -5,7 +5,8 @@ decoder projects every stage to `decoder_dim` channels with 1x1 convolutions, ad
 down (bilinear upsampling to the finer stage's size, so any input size works), refines with a
 3x3 convolution and upsamples to the input size. `features(x)` is that per-pixel map
 [N, D, H, W]; `head` is a 1x1 convolution to the class logits [N, C, H, W]. Inputs of any
-floating dtype (float16 prepared files) are cast to the weights' dtype first.
+floating dtype (float16 LiDAR images in prepared files) are cast to the weights' dtype first;
+integer inputs (stored uint8 RGB) are refused: cmkd.engine.load_split normalises them.
 """
 
 from __future__ import annotations
@@ -52,6 +53,8 @@ class SegResNet(nn.Module):
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         # Inputs may be stored as float16 (half the prepared file); compute in the weights' dtype.
+        if not x.is_floating_point():
+            raise TypeError(f"expects normalised floating-point input, got {x.dtype} (raw pixels?)")
         x = x.to(self.head.weight.dtype)
         size = x.shape[-2:]
         maps = []
