@@ -157,8 +157,11 @@ class PerSliceWeights:
 
     def __call__(self, batch: Mapping[str, torch.Tensor], student_kd: torch.Tensor, teacher_kd: torch.Tensor) -> torch.Tensor:
         target = batch["target"]  # [N, S, 1]
-        weights = torch.cat([self.hook({"target": target[:, i:i + 1]}, student_kd[:, :, i:i + 1], teacher_kd[:, :, i:i + 1])
-                             for i in range(target.shape[1])], dim=1)
+        if hasattr(self.hook, "per_column"):  # the hook ranks every slice apart in one pass
+            weights = self.hook.per_column({"target": target}, student_kd, teacher_kd)
+        else:
+            weights = torch.cat([self.hook({"target": target[:, i:i + 1]}, student_kd[:, :, i:i + 1], teacher_kd[:, :, i:i + 1])
+                                 for i in range(target.shape[1])], dim=1)
         total = (weights * (target >= 0)).sum(dim=(0, 2), keepdim=True)
         return torch.where(total > 0, weights * target.shape[0] / total.clamp_min(1e-12), torch.zeros_like(weights))
 

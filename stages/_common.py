@@ -21,17 +21,23 @@ def parser(description: str) -> argparse.ArgumentParser:
     return p
 
 
-def start(args: argparse.Namespace) -> dict[str, Any]:
+def start(args: argparse.Namespace, threads: int = 1) -> dict[str, Any]:
+    """Logging, intra-op threads (CMKD_NUM_THREADS, else `threads`), params loaded and validated."""
     logging.basicConfig(level=os.environ.get("CMKD_LOG_LEVEL", "INFO"), format="%(levelname)s %(name)s: %(message)s")
     # One intra-op thread by default: the networks here are small, and on a shared 2-core
     # machine OpenMP's spinning threads made steps 6-25x slower (benchmarks/README.md).
-    # Parallelism comes from running stages side by side (flows/) or DDP instead.
+    # Parallelism comes from seed workers, stages side by side (flows/) or DDP instead; the
+    # experiments' batched ensembles are large enough to ask for every core.
     import torch
 
-    torch.set_num_threads(int(os.environ.get("CMKD_NUM_THREADS", "1")))
+    torch.set_num_threads(int(os.environ.get("CMKD_NUM_THREADS", "0")) or threads)
     params = load_params(args.params)
     validate_params(params)
     return params
+
+
+def available_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def seed_workers() -> int:
@@ -42,7 +48,7 @@ def seed_workers() -> int:
         if not env.isdigit() or int(env) < 1:
             raise SystemExit(f"error: CMKD_SEED_WORKERS must be a positive integer, got {env!r}")
         return int(env)
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return available_cores()
 
 
 def main(run) -> None:

@@ -19,7 +19,7 @@ from cmkd.analysis import EXPERIMENTS, plot_rows, run_experiment
 from cmkd.atomic import atomic_path, write_json, write_text
 from cmkd.errors import ConfigError
 from cmkd.figures import sweep_figure
-from stages._common import DATA, main, parser, start
+from stages._common import DATA, available_cores, main, parser, start
 
 log = logging.getLogger("experiment")
 
@@ -29,7 +29,7 @@ def run() -> None:
     p.add_argument("name", choices=sorted(EXPERIMENTS))
     p.add_argument("--out-dir", default=f"{DATA}/reports/experiments")
     args = p.parse_args()
-    params = start(args)
+    params = start(args, threads=available_cores())  # batched ensembles: large ops
     experiments = params.get("experiments") or {}
     if args.name not in experiments:
         raise ConfigError(f"experiments.{args.name}", "missing")

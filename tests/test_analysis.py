@@ -414,3 +414,26 @@ def test_batched_pair_training_equals_algorithm1_step1_alone():
     with torch.no_grad():
         assert torch.allclose(pair_t.unstack(i)(x_t), t_alone(x_t), atol=1e-5)
         assert torch.allclose(pair_s.unstack(i)(x_s), s_alone(x_s), atol=1e-5)
+
+
+def test_per_slice_sample_mask_in_one_pass_equals_the_slice_loop():
+    """The NTDH sample mask ranks every slice's rows apart: the one-pass path and the
+    slice-by-slice loop give the same weights (with ignored rows and wrong-teacher drops)."""
+    from cmkd.analysis import PerSliceWeights
+    from cmkd.methods.ntdh import NonTargetSampleMask
+
+    g = torch.Generator().manual_seed(0)
+    n, c, s = 16, 5, 7
+    student = torch.randn(n, c, s, 1, generator=g)
+    teacher = torch.randn(n, c, s, 1, generator=g) * 2
+    target = torch.randint(0, c, (n, s, 1), generator=g)
+    target[torch.rand(n, s, 1, generator=g) < 0.2] = -1
+    for drop_ratio, drop_wrong, down in ((0.25, True, 0.0), (0.5, False, 0.3), (0.0, True, 0.0)):
+        hook = NonTargetSampleMask(drop_ratio, drop_wrong, down)
+        fast = PerSliceWeights(hook)({"target": target}, student, teacher)
+        slow = PerSliceWeights(lambda b, zs, zt: hook(b, zs, zt))({"target": target}, student, teacher)
+        assert torch.equal(fast, slow)
+        # each slice on its own drops floor(ratio * its valid rows) by divergence
+        for i in range(s):
+            alone = hook.dropped(student[:, :, i:i + 1], teacher[:, :, i:i + 1], target[:, i:i + 1])
+            assert torch.equal(hook.dropped_per_column(student, teacher, target)[:, i:i + 1], alone)

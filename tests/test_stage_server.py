@@ -72,10 +72,8 @@ def test_stage_in_the_server_gives_the_direct_run_and_reads_edited_code(tmp_path
 
         # Another checkout with edited stage code: the server's child runs that code, not the first one's.
         edited = _repo(tmp_path / "edited")
-        common = edited / "stages" / "_common.py"
-        common.write_text(common.read_text().replace('def start(args: argparse.Namespace) -> dict[str, Any]:\n',
-                                                     'def start(args: argparse.Namespace) -> dict[str, Any]:\n'
-                                                     '    print("EDITED-CHECKOUT", file=sys.stderr)\n'))
+        download = edited / "stages" / "download.py"
+        download.write_text('import sys\nprint("EDITED-CHECKOUT", file=sys.stderr)\n' + download.read_text())
         out = _stage(edited, env, "download", "--dataset", "synthetic")
         assert out.returncode == 0 and "runs in the stage server" in out.stderr and "EDITED-CHECKOUT" in out.stderr
         out = _stage(served, env, "download", "--dataset", "synthetic")

@@ -73,8 +73,29 @@ class NonTargetSampleMask:
             drop |= valid & (teacher_logits.argmax(dim=1) != target)
         return drop
 
+    def dropped_per_column(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """`dropped` for a target [N, ...] whose every trailing position is a batch of its own
+        (the batched experiments' slices): each column's N rows are ranked apart, in one pass."""
+        valid = target >= 0
+        divergence = non_target_divergence(student_logits, teacher_logits, target, self.temperature)
+        n = target.shape[0]
+        scores = torch.where(valid, divergence, torch.full_like(divergence, -math.inf)).reshape(n, -1)
+        # floor(ratio * valid rows) per column, in float64 as `dropped` computes it
+        n_drop = torch.floor(self.drop_ratio * valid.reshape(n, -1).sum(0).to(torch.float64))
+        order = scores.argsort(dim=0, descending=True)
+        rank = torch.empty_like(order).scatter_(0, order, torch.arange(n, device=order.device).unsqueeze(1).expand_as(order))
+        drop = (rank < n_drop.unsqueeze(0)).reshape(target.shape)
+        if self.drop_wrong:
+            drop |= valid & (teacher_logits.argmax(dim=1) != target)
+        return drop
+
     def __call__(self, batch: Batch, student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
         drop = self.dropped(student_logits, teacher_logits, batch["target"])
+        return torch.where(drop, self.down_weight, 1.0).to(torch.float32)
+
+    def per_column(self, batch: Batch, student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+        """The weights of `__call__` with every column of the target ranked on its own."""
+        drop = self.dropped_per_column(student_logits, teacher_logits, batch["target"])
         return torch.where(drop, self.down_weight, 1.0).to(torch.float32)
 
 
