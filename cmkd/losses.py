@@ -267,19 +267,20 @@ def kendall_tau(a: torch.Tensor, b: torch.Tensor, chunk_elements: int = 1 << 24)
     dtype = torch.float64 if a.dtype == torch.float64 else torch.float32
     a, b = a.detach().to(dtype), b.detach().to(dtype)
     n, c = a.shape
-    rows = max(1, chunk_elements // max(1, c * c))
-    out = torch.empty(n, dtype=dtype, device=a.device)
-    for start in range(0, n, rows):
-        sa = _pairwise_signs(a[start:start + rows])
-        sb = _pairwise_signs(b[start:start + rows])
-        # Over ordered pairs every count doubles; the ratio is unchanged.
-        untied_a = torch.count_nonzero(sa, dim=(1, 2)).to(dtype)
-        untied_b = torch.count_nonzero(sb, dim=(1, 2)).to(dtype)
-        concordance = sa.mul_(sb).sum(dim=(1, 2))
-        out[start:start + rows] = concordance / (untied_a * untied_b).sqrt()  # 0/0 -> NaN
-    return out
+    rows = max(1, chunk_elements // max(1, 2 * c * c))
+    taus = [_kendall_tau_rows(torch.stack([a[start:start + rows], b[start:start + rows]])) for start in range(0, n, rows)]
+    return taus[0] if len(taus) == 1 else torch.cat(taus)
+
+
+def _kendall_tau_rows(ab: torch.Tensor) -> torch.Tensor:
+    """[2, n, C] (a and b stacked) -> tau-b [n]; few, large ops (OFSD calls it every step)."""
+    signs = _pairwise_signs(ab)  # [2, n, C, C]
+    # Over ordered pairs every count doubles; the ratio is unchanged.
+    untied = torch.count_nonzero(signs, dim=(2, 3)).to(ab.dtype)  # [2, n]
+    concordance = (signs[0] * signs[1]).sum(dim=(1, 2))
+    return concordance / (untied[0] * untied[1]).sqrt()  # 0/0 -> NaN
 
 
 def _pairwise_signs(x: torch.Tensor) -> torch.Tensor:
-    """[n, C] -> [n, C, C] matrix of sign(x_i - x_j)."""
-    return (x.unsqueeze(2) - x.unsqueeze(1)).sign_()
+    """[..., C] -> [..., C, C] matrix of sign(x_i - x_j)."""
+    return (x.unsqueeze(-1) - x.unsqueeze(-2)).sign_()
