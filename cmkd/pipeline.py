@@ -13,12 +13,9 @@ here so the stages stay thin:
 
 from __future__ import annotations
 
-import ctypes
 import functools
 import logging
 import multiprocessing
-import os
-import signal
 import sys
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -34,6 +31,7 @@ from cmkd.engine import (
 )
 from cmkd.methods import build_distiller
 from cmkd.models import build_model
+from cmkd.parallel import die_with_parent
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +104,7 @@ def train_run(
     else:
         log.info("training %d seeds in %d processes", len(seeds), workers)
         ctx = multiprocessing.get_context("fork")
-        with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_die_with_parent) as pool:
+        with ProcessPoolExecutor(workers, mp_context=ctx, initializer=die_with_parent) as pool:
             seed_results = list(pool.map(job, seeds))
     for seed, seed_result in zip(seeds, seed_results):
         results["seeds"][str(seed)] = seed_result
@@ -120,14 +118,6 @@ def _seed_workers(requested: int, n_seeds: int, device: torch.device, world: int
     if device.type != "cpu" or world > 1 or sys.platform != "linux":
         return 1
     return max(1, min(int(requested), n_seeds))
-
-
-def _die_with_parent() -> None:
-    """A seed worker is killed with its stage process (a SIGKILLed stage leaves no trainer behind)."""
-    pr_set_pdeathsig = 1
-    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
-    if os.getppid() == 1:  # the parent died before prctl took effect
-        os._exit(1)
 
 
 def _train_seed(

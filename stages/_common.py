@@ -10,6 +10,7 @@ from typing import Any
 
 from cmkd.config import load_params, validate_params
 from cmkd.errors import CmkdError
+from cmkd.parallel import available_cores
 
 DATA = "data"
 
@@ -34,10 +35,6 @@ def start(args: argparse.Namespace, threads: int = 1) -> dict[str, Any]:
     params = load_params(args.params)
     validate_params(params)
     return params
-
-
-def available_cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def seed_workers() -> int:

@@ -19,7 +19,8 @@ from cmkd.analysis import EXPERIMENTS, plot_rows, run_experiment
 from cmkd.atomic import atomic_path, write_json, write_text
 from cmkd.errors import ConfigError
 from cmkd.figures import sweep_figure
-from stages._common import DATA, available_cores, main, parser, start
+from cmkd.parallel import available_cores
+from stages._common import DATA, main, parser, start
 
 log = logging.getLogger("experiment")
 

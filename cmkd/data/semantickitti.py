@@ -61,6 +61,7 @@ from tqdm.auto import tqdm
 from cmkd.data.download import fetch, sha256_file, source_roots
 from cmkd.data.h5 import PreparedWriter
 from cmkd.errors import ConfigError, DataFormatError
+from cmkd.parallel import available_cores
 from cmkd.geometry import LIDAR_CHANNELS, lidar_image, range_projection
 
 log = logging.getLogger(__name__)
@@ -555,13 +556,6 @@ class _Slots:
         self._shms = []
 
 
-def default_workers() -> int:
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not Linux
-        return max(1, os.cpu_count() or 1)
-
-
 def iter_prepared(jobs: Sequence[tuple[str, ScanRecord]], settings: dict[str, PrepareSettings],
                   workers: int, ahead: int = 4) -> Iterator[dict[str, np.ndarray]]:
     """Processed rows in job order, computed by `workers` processes (in-process when 1).
@@ -729,7 +723,7 @@ def prepare(cfg: Mapping[str, Any], raw_dir: Path, out_path: Path, progress: boo
         records = list_scans(roots, seqs, frame_step, max_scans.get(split) if isinstance(max_scans, Mapping) else None)
         jobs.extend((split, r) for r in records)
     settings = {split: settings_for(cfg, key, split) for split in splits}
-    workers = int(cfg.get("workers") or 0) or default_workers()
+    workers = int(cfg.get("workers") or 0) or available_cores()
     first = settings[next(iter(settings))]
     attrs = {
         "task": "segmentation",
