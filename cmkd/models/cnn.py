@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from cmkd.models import register_arch
+from cmkd.models import register_arch, select_stages
 
 
 class SmallCNN(nn.Module):
@@ -21,6 +21,20 @@ class SmallCNN(nn.Module):
         )
         self.feature_dim = 2 * width
         self.head = nn.Linear(2 * width, num_classes)
+        self.stage_names = ["block1", "block2", "block3", "features"]
+        self.stage_channels = {"block1": width, "block2": 2 * width, "block3": 2 * width, "features": 2 * width}
+        self.intermediate_stage = "block2"
+
+    # body indices where each stage ends: conv-bn-relu-pool, conv-bn-relu-pool, conv-bn-relu, pool-flatten
+    _STAGE_ENDS = (4, 8, 11, 13)
+
+    def forward_stages(self, x: torch.Tensor, names=None) -> dict[str, torch.Tensor]:
+        out, outputs, start = x, {}, 0
+        for name, end in zip(self.stage_names, self._STAGE_ENDS):
+            out = self.body[start:end](out)
+            outputs[name] = out
+            start = end
+        return select_stages(outputs, names, self.head(out))
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         return self.body(x)

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from cmkd.errors import ConfigError
-from cmkd.models import register_arch
+from cmkd.models import register_arch, select_stages
 from cmkd.models.resnet import ResNet18
 
 
@@ -30,6 +30,15 @@ class FusionResNet18(nn.Module):
             self.branches.append(branch)
         self.feature_dim = self.branches[0].feature_dim
         self.head = nn.Linear(self.feature_dim, num_classes)
+        # Each stage is the sum of the branches' outputs of that stage (as the fused features are).
+        self.stage_names = list(self.branches[0].stage_names)
+        self.stage_channels = dict(self.branches[0].stage_channels)
+        self.intermediate_stage = self.branches[0].intermediate_stage
+
+    def forward_stages(self, x: torch.Tensor, names=None) -> dict[str, torch.Tensor]:
+        per_branch = [b.stage_maps(part) for b, part in zip(self.branches, self._inputs(x))]
+        summed = {name: torch.stack([maps[name] for maps in per_branch]).sum(0) for name in self.stage_names}
+        return select_stages(summed, names, self.head(summed["features"]))
 
     def _inputs(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         if x.shape[1] != sum(self.split):

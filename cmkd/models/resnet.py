@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from cmkd.models import register_arch
+from cmkd.models import register_arch, select_stages
 
 
 class BasicBlock(nn.Module):
@@ -52,6 +52,24 @@ class ResNet18(nn.Module):
         self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
         self.feature_dim = in_planes
         self.head = nn.Linear(in_planes, num_classes)
+        self.stage_names = ["stem", "layer1", "layer2", "layer3", "layer4", "features"]
+        self.stage_channels = {"stem": width, "layer1": width, "layer2": 2 * width, "layer3": 4 * width,
+                               "layer4": 8 * width, "features": 8 * width}
+        self.intermediate_stage = "layer3"  # C2KD's proxies sit on the output of layer3
+
+    def stage_maps(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """{stem, layer1, ..., layer4, features} in one pass."""
+        out = self.stem(x)
+        maps = {"stem": out}
+        for i, stage in enumerate(self.stages):
+            out = stage(out)
+            maps[f"layer{i + 1}"] = out
+        maps["features"] = self.pool(out)
+        return maps
+
+    def forward_stages(self, x: torch.Tensor, names=None) -> dict[str, torch.Tensor]:
+        maps = self.stage_maps(x)
+        return select_stages(maps, names, self.head(maps["features"]))
 
     def feature_maps(self, x: torch.Tensor) -> torch.Tensor:
         return self.stages(self.stem(x))

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cmkd.models import register_arch
+from cmkd.models import register_arch, select_stages
 from cmkd.models.resnet import BasicBlock
 
 
@@ -50,8 +50,18 @@ class SegResNet(nn.Module):
         self.refine = _conv_bn_relu(dim, dim, 3)
         self.feature_dim = dim
         self.head = nn.Conv2d(dim, num_classes, 1)
+        self.stage_names = ["stem", "layer1", "layer2", "layer3", "layer4", "features"]
+        self.stage_channels = {"stem": width, **{f"layer{i + 1}": w for i, w in enumerate(widths)}, "features": dim}
+        self.intermediate_stage = "layer3"
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self._stages(x)["features"]
+
+    def forward_stages(self, x: torch.Tensor, names=None) -> dict[str, torch.Tensor]:
+        outputs = self._stages(x)
+        return select_stages(outputs, names, self.head(outputs["features"]))
+
+    def _stages(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         # Inputs may be stored as float16 (half the prepared file); compute in the weights' dtype.
         if not x.is_floating_point():
             raise TypeError(f"expects normalised floating-point input, got {x.dtype} (raw pixels?)")
@@ -59,16 +69,19 @@ class SegResNet(nn.Module):
         size = x.shape[-2:]
         maps = []
         out = self.stem(x)
-        for stage in self.stages:
+        outputs = {"stem": out}
+        for i, stage in enumerate(self.stages):
             out = stage(out)
             maps.append(out)
+            outputs[f"layer{i + 1}"] = out
         top = self.lateral[-1](maps[-1])
         for lateral, skip in zip(reversed(self.lateral[:-1]), reversed(maps[:-1])):
             top = lateral(skip) + F.interpolate(top, size=skip.shape[-2:], mode="bilinear", align_corners=False)
         top = self.refine(top)
         if top.shape[-2:] != size:
             top = F.interpolate(top, size=size, mode="bilinear", align_corners=False)
-        return top
+        outputs["features"] = top
+        return outputs
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))
