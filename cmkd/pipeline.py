@@ -25,6 +25,7 @@ import torch
 
 from cmkd.atomic import write_json
 from cmkd.data.h5 import read_attrs
+from cmkd.determinism import provenance
 from cmkd.engine import (
     SplitData, TrainConfig, cache_logits, evaluate, fit, load_split, resolve_device, run_fingerprint, seed_everything,
     distributed_info,
@@ -108,6 +109,7 @@ def train_run(
             seed_results = list(pool.map(job, seeds))
     for seed, seed_result in zip(seeds, seed_results):
         results["seeds"][str(seed)] = seed_result
+    results["provenance"] = provenance()
     if rank == 0:
         write_json(out_dir / "metrics.json", results)
     return results

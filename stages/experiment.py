@@ -19,10 +19,11 @@ from cmkd.analysis import EXPERIMENTS, plot_rows, run_experiment
 from cmkd.atomic import atomic_path, write_json, write_text
 from cmkd.errors import ConfigError
 from cmkd.figures import sweep_figure
-from cmkd.parallel import available_cores
+from cmkd.determinism import provenance
 from stages._common import DATA, main, parser, start
 
 log = logging.getLogger("experiment")
+EXPERIMENT_THREADS = 2
 
 
 def run() -> None:
@@ -30,13 +31,16 @@ def run() -> None:
     p.add_argument("name", choices=sorted(EXPERIMENTS))
     p.add_argument("--out-dir", default=f"{DATA}/reports/experiments")
     args = p.parse_args()
-    params = start(args, threads=available_cores())  # batched ensembles: large ops
+    # Batched ensembles are large ops: two threads, a fixed count rather than one per core,
+    # since parallel reductions split by thread and the bytes must not depend on the machine.
+    params = start(args, threads=EXPERIMENT_THREADS)
     experiments = params.get("experiments") or {}
     if args.name not in experiments:
         raise ConfigError(f"experiments.{args.name}", "missing")
     started = time.perf_counter()
     result = run_experiment(args.name, experiments[args.name])
     log.info("%s: %.1f s", args.name, time.perf_counter() - started)
+    result["provenance"] = provenance()
 
     out = Path(args.out_dir)
     write_json(out / f"{args.name}.json", result)
