@@ -4,7 +4,7 @@
 
 Times training steps of the default models (synthetic MLP 32 -> 128 -> 128 -> 4, batch 128;
 digits small CNN width 32 on 16 x 16 images, batch 64), one thread as the stages run them,
-in fresh processes with the pin on (the stages' default) and off (CMKD_CPU_KERNELS=native:
+CPU time (process_time, robust to other load), in fresh processes with the pin on (the stages' default) and off (CMKD_CPU_KERNELS=native:
 this machine's fastest path), alternating so load changes hit both alike. Median ms per step.
 Writes benchmarks/results/cpu_pinning.json.
 """
@@ -36,11 +36,11 @@ for name, (cfg, shape, classes, batch) in cases.items():
     x, y = torch.randn(batch, *shape), torch.randint(0, classes, (batch,))
     times = []
     for i in range(int(sys.argv[1])):
-        t0 = time.perf_counter()
+        t0 = time.process_time()
         loss = torch.nn.functional.cross_entropy(net(x), y)
         opt.zero_grad(); loss.backward(); opt.step()
         if i >= 10:
-            times.append(time.perf_counter() - t0)
+            times.append(time.process_time() - t0)
     out[name] = 1000 * sorted(times)[len(times) // 2]
 print(json.dumps(out))
 """
