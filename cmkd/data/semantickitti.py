@@ -697,7 +697,7 @@ def download(cfg: Mapping[str, Any], raw_dir: Path, progress: bool = True, key: 
                                             "archives (velodyne, labels, calib, colour images) or of an extracted "
                                             "dataset folder; or use the offline dataset 'semantickitti-sample'")
     fetch(list(sources), raw_dir, progress=progress, key=f"{key}.sources",
-          keep_downloads=bool(cfg.get("keep_downloads", False)))
+          keep_downloads=bool(cfg.get("keep_downloads", False)), max_extract_bytes=cfg.get("max_extract_bytes"))
 
 
 def source_checksum(raw_dir: Path) -> str:
