@@ -13,6 +13,10 @@ from cmkd.errors import CmkdError
 from cmkd.parallel import available_cores
 
 DATA = "data"
+# Temporary outputs (a stage's folder before its rename into place): outside every stage's
+# dependencies, on the same filesystem as data/. Left-overs of killed runs are removed by the
+# next run (cmkd.atomic.remove_stale, by owner PID).
+SCRATCH = os.path.join(DATA, ".tmp")
 
 
 def parser(description: str) -> argparse.ArgumentParser:

@@ -46,7 +46,7 @@ _PID = struct.Struct("!q")
 
 
 def enabled() -> bool:
-    return sys.platform == "linux" and os.environ.get("CMKD_STAGE_SERVER", "1").strip().lower() not in ("0", "false", "no", "off")
+    return sys.platform == "linux" and os.environ.get("CMKD_STAGE_SERVER", "0").strip().lower() in ("1", "true", "yes", "on")
 
 
 def socket_dir() -> str | None:
