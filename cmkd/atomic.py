@@ -49,7 +49,11 @@ def pid_alive(pid: int) -> bool:
         return False
     except PermissionError:
         return True  # another user's process: alive
-    return True
+    try:  # a zombie (killed, not yet reaped by its parent) is dead too
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except (OSError, IndexError):
+        return True
 
 
 def owner_pid(name: str) -> int | None:

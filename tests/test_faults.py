@@ -191,3 +191,71 @@ def test_a_teacher_killed_after_3_of_8_epochs_resumes_to_byte_identical_outputs(
         steps = (repo / "data/runs/synthetic/teacher/seed0/live/plots/metrics/val/f1_weighted.tsv").read_text().split("\n")
         assert [line.split("\t")[0] for line in steps[1:] if line] == [str(i) for i in range(8)]
     assert trees["killed"] == trees["straight"]
+
+
+# --------------------------------------------------------------------------- kill -9 during prepare
+
+_PAUSED_PREPARE = """
+import sys, time
+from pathlib import Path
+from cmkd.data import kitti_sample
+from cmkd.data.h5 import PreparedWriter
+
+def paused(self, split, arrays, root=""):  # a stage killed while it writes the HDF5 file
+    print("WRITING", flush=True)
+    time.sleep(600)
+
+PreparedWriter.append = paused
+cfg = {**kitti_sample.DEFAULTS, **__import__("json").loads(sys.argv[3])}
+kitti_sample.prepare(cfg, Path(sys.argv[1]), Path(sys.argv[2]), progress=False)
+"""
+
+
+def _session_alive(sid: int) -> list[int]:
+    alive = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            stat = (proc / "stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(stat[3]) == sid and stat[0] not in ("Z", "X"):  # field 6 of /proc/pid/stat: session
+            alive.append(int(proc.name))
+    return alive
+
+
+def _ours_in_dev_shm(pid: int) -> list[str]:
+    return sorted(n for n in os.listdir("/dev/shm") if n.startswith((f"cmkd-{pid}-", f"sem.cmkd-{pid}-")))
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="/dev/shm, process sessions: Linux")
+def test_kill_9_of_a_preparing_stage_leaves_no_process_and_the_next_run_removes_its_segments(tmp_path):
+    from cmkd.data import kitti_sample
+
+    tiny = {"seed": 3, "sequences": [{"sequence": 0, "frames": 3, "image_size": [1241, 376]},
+                                     {"sequence": 8, "frames": 1, "image_size": [1226, 370]}],
+            "image_scale": 0.2, "lidar_width": 256, "split": {"train": [0], "val": [8]},
+            "crop": {"train": [32, 96], "val": [32, 96]}, "workers": 2}
+    raw = tmp_path / "raw"
+    kitti_sample.download(tiny, raw, progress=False)
+    out = tmp_path / "prepared" / "x.h5"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, "-c", _PAUSED_PREPARE, str(raw), str(out), json.dumps(tiny)],
+                            env=env, stdout=subprocess.PIPE, text=True, start_new_session=True)
+    assert proc.stdout.readline().strip() == "WRITING"
+    assert len(_session_alive(proc.pid)) >= 3  # the stage, its forkserver / resource tracker, workers
+    assert _ours_in_dev_shm(proc.pid), "the stage has no shared memory: the test proves nothing"
+    assert [p.name for p in out.parent.iterdir()] == [f".x.h5.{proc.pid}.tmp"]
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    deadline = time.time() + 10
+    while _session_alive(proc.pid) and time.time() < deadline:
+        time.sleep(0.05)
+    assert _session_alive(proc.pid) == []  # no forkserver, worker or resource tracker survives
+    assert _ours_in_dev_shm(proc.pid)  # what SIGKILL cannot clean up ...
+
+    kitti_sample.prepare({**kitti_sample.DEFAULTS, **tiny}, raw, out, progress=False)
+    assert _ours_in_dev_shm(proc.pid) == []  # ... the next run removes
+    assert [p.name for p in out.parent.iterdir()] == ["x.h5"]
+    assert _ours_in_dev_shm(os.getpid()) == []
