@@ -259,3 +259,41 @@ def test_kill_9_of_a_preparing_stage_leaves_no_process_and_the_next_run_removes_
     assert _ours_in_dev_shm(proc.pid) == []  # ... the next run removes
     assert [p.name for p in out.parent.iterdir()] == ["x.h5"]
     assert _ours_in_dev_shm(os.getpid()) == []
+
+
+# --------------------------------------------------------------------------- concurrent repro
+
+
+_SLOW_STAGE_DVC_YAML = """
+stages:
+  slow:
+    cmd: python -c "import time; open('started', 'a').write('x'); time.sleep(4); open('out.txt', 'w').write('done')"
+    outs:
+      - out.txt
+"""
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="flock")
+def test_a_second_repro_in_the_workspace_waits_and_both_succeed(tmp_path):
+    env = tool_env(tmp_path)
+    env["PYTHONPATH"] = str(REPO)
+    repo = tmp_path / "ws"
+    repo.mkdir()
+    dvc = [sys.executable, "-m", "dvc"]
+    assert subprocess.run([*dvc, "init", "--no-scm", "-q"], cwd=repo, env=env).returncode == 0
+    (repo / "dvc.yaml").write_text(_SLOW_STAGE_DVC_YAML)
+    # What `make repro` runs (checked against the Makefile below), twice at once.
+    cmd = [sys.executable, "-m", "flows.lock", *dvc, "repro"]
+    first = subprocess.Popen(cmd, cwd=repo, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 60
+    while not (repo / "started").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    second = subprocess.Popen(cmd, cwd=repo, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    out1, out2 = first.communicate(timeout=120)[0], second.communicate(timeout=120)[0]
+    assert first.returncode == 0, out1
+    assert second.returncode == 0, out2
+    assert "waiting for the run in this workspace" in out2
+    assert (repo / "out.txt").read_text() == "done"
+    assert (repo / "started").read_text() == "x"  # the second found the stage up to date
+    makefile = (REPO / "Makefile").read_text()
+    assert "$(BIN)/python -m flows.lock $(BIN)/dvc repro" in makefile
