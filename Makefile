@@ -26,8 +26,11 @@ $(VENV)/.installed: pyproject.toml | system-deps
 	$(BIN)/pip install -q -e ".[dev]"
 	@touch $@
 
+# A second `make repro` in the same workspace waits for the running one (DVC alone would fail
+# with "... is busy"); ARGS passes targets or options: make repro ARGS="exp_mfh_gamma".
+ARGS ?=
 repro: setup
-	$(BIN)/dvc repro
+	$(BIN)/python -m flows.lock $(BIN)/dvc repro $(ARGS)
 
 test: setup
 	$(BIN)/python -m pytest

@@ -1,14 +1,92 @@
-"""Write-then-rename helpers, so an interrupted stage never leaves a half-written output."""
+"""Write-then-rename helpers, so an interrupted stage never leaves a half-written output.
+
+Temporary names carry the writing process's PID (`.<name>.<pid>-<random>.tmp`): a run killed
+with SIGKILL cannot clean up after itself, so the next writer into the same folder removes the
+temporaries whose owner is no longer alive (`remove_stale`). Temporaries are created with the
+permissions the umask gives a new file or folder (mkstemp / mkdtemp alone would give 0600 /
+0700), since they become the outputs.
+
+A temporary folder may live in a `scratch` folder rather than beside its target, so that it is
+never inside another stage's dependency (`data/runs/<ds>` is one: a `.teacher.*.tmp` in it
+would change what `evaluate` sees); the scratch folder must be on the same filesystem.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
+
+# `.<name>.<pid>-<random>.tmp`, `.<name>.<pid>-old.tmp`, or `.<name>.<pid>.tmp` (PreparedWriter).
+_TMP_NAME = re.compile(r"^\..*\.(\d+)(?:-[A-Za-z0-9_]+)?\.tmp$")
+
+
+def current_umask() -> int:
+    """The process's umask, read without changing it where the OS allows (Linux)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process: alive
+    try:  # a zombie (killed, not yet reaped by its parent) is dead too
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except (OSError, IndexError):
+        return True
+
+
+def owner_pid(name: str) -> int | None:
+    """The PID in a temporary's name, or None when the name is not one of ours."""
+    match = _TMP_NAME.match(name)
+    return int(match.group(1)) if match else None
+
+
+def remove_stale(folder: str | Path, prefix: str = ".") -> list[Path]:
+    """Remove the temporaries in `folder` (names starting with `prefix`) whose owner process is
+    dead; return what was removed. Others' live temporaries are left alone."""
+    removed = []
+    try:
+        entries = list(os.scandir(folder))
+    except FileNotFoundError:
+        return removed
+    for entry in entries:
+        pid = owner_pid(entry.name)
+        if pid is None or not entry.name.startswith(prefix) or pid_alive(pid):
+            continue
+        try:
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(entry.path)
+            else:
+                os.unlink(entry.path)
+            removed.append(Path(entry.path))
+        except FileNotFoundError:
+            pass  # another process cleaned it first
+    return removed
+
+
+def _tmp_prefix(final: Path) -> str:
+    return f".{final.name}.{os.getpid()}-"
 
 
 @contextlib.contextmanager
@@ -16,7 +94,9 @@ def atomic_path(final: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside `final`; rename it onto `final` only if the block succeeds."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
+    remove_stale(final.parent, prefix=f".{final.name}.")
+    fd, tmp = tempfile.mkstemp(prefix=_tmp_prefix(final), suffix=".tmp", dir=final.parent)
+    os.fchmod(fd, 0o666 & ~current_umask())
     os.close(fd)
     tmp_path = Path(tmp)
     try:
@@ -28,15 +108,20 @@ def atomic_path(final: str | Path) -> Iterator[Path]:
 
 
 @contextlib.contextmanager
-def atomic_dir(final: str | Path) -> Iterator[Path]:
-    """Yield a temporary folder beside `final`; it replaces `final` only if the block succeeds."""
+def atomic_dir(final: str | Path, scratch: str | Path | None = None) -> Iterator[Path]:
+    """Yield a temporary folder (in `scratch`, else beside `final`); it replaces `final` only
+    if the block succeeds."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+    where = Path(scratch) if scratch is not None else final.parent
+    where.mkdir(parents=True, exist_ok=True)
+    remove_stale(where, prefix=f".{final.name}.")
+    tmp = Path(tempfile.mkdtemp(prefix=_tmp_prefix(final), suffix=".tmp", dir=where))
+    os.chmod(tmp, 0o777 & ~current_umask())
     try:
         yield tmp
         if final.exists():
-            old = final.with_name(f".{final.name}.old-{os.getpid()}")
+            old = where / f".{final.name}.{os.getpid()}-old.tmp"
             os.replace(final, old)
             os.replace(tmp, final)
             shutil.rmtree(old, ignore_errors=True)

@@ -33,12 +33,11 @@ def _require(params: Mapping[str, Any], key: str) -> Any:
     return node
 
 
-def validate_params(params: Mapping[str, Any]) -> None:
-    """Check the whole file: datasets, seeds, runs and their methods, data, models, training."""
+def validate_params(params: Mapping[str, Any], data_only: bool = False) -> None:
+    """Check the whole file: datasets, seeds, runs and their methods, data, models, training.
+    `data_only`: datasets, seeds and data only (what download and prepare read), without
+    importing torch, which the methods, models and training checks need."""
     from cmkd.data.registry import dataset_module
-    from cmkd.engine import TrainConfig
-    from cmkd.methods import get_method
-    from cmkd.models import available_archs
 
     datasets = _require(params, "datasets")
     if not isinstance(datasets, list) or not datasets:
@@ -48,6 +47,18 @@ def validate_params(params: Mapping[str, Any]) -> None:
         raise ConfigError("seeds", f"must be a non-empty list of non-negative integers, got {seeds!r}")
     if len(set(seeds)) != len(seeds):
         raise ConfigError("seeds", f"has duplicates: {seeds}")
+
+    for ds in datasets:
+        module = dataset_module(ds, "datasets")
+        data_cfg = _require(params, f"data.{ds}")
+        if hasattr(module, "validate"):
+            module.validate(data_cfg, f"data.{ds}")
+    if data_only:
+        return
+
+    from cmkd.engine import TrainConfig
+    from cmkd.methods import get_method
+    from cmkd.models import available_archs
 
     runs = _require(params, "runs")
     methods = _require(params, "methods")
@@ -65,10 +76,6 @@ def validate_params(params: Mapping[str, Any]) -> None:
 
     archs = set(available_archs())
     for ds in datasets:
-        module = dataset_module(ds, "datasets")
-        data_cfg = _require(params, f"data.{ds}")
-        if hasattr(module, "validate"):
-            module.validate(data_cfg, f"data.{ds}")
         for role in ("teacher", "student"):
             model = _require(params, f"models.{ds}.{role}")
             if model.get("arch") not in archs:

@@ -27,7 +27,7 @@ from torch import nn
 
 from cmkd.atomic import atomic_path
 from cmkd.data.h5 import PreparedSplit
-from cmkd.errors import ConfigError
+from cmkd.errors import ConfigError, DataFormatError
 from cmkd.metrics import MetricAccumulator, primary_metric
 
 log = logging.getLogger(__name__)
@@ -179,6 +179,10 @@ class SplitData:
 
     def with_teacher_logits(self, logits: torch.Tensor | str | Path) -> "SplitData":
         """Attach cached teacher logits (a tensor, or an HDF5 file with dataset `logits`)."""
+        if not isinstance(logits, torch.Tensor):
+            rows = verify_logits(logits)  # a corrupt or altered cache is an error naming the file
+            if rows != self.length:
+                raise DataFormatError(logits, f"cached teacher logits have {rows} rows for a split of {self.length}")
         if self.tensors is not None:
             if not isinstance(logits, torch.Tensor):
                 with h5py.File(logits, "r") as f:
@@ -349,17 +353,53 @@ def cache_logits(model: nn.Module, data: SplitData, input_key: str, out_path: st
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
+    digest = hashlib.sha256()
     with atomic_path(out_path) as tmp, h5py.File(tmp, "w") as f:
         ds = None
         for batch in data.batches(batch_size):
-            logits = model(batch[input_key].to(device)).float().cpu().numpy()
+            logits = np.ascontiguousarray(model(batch[input_key].to(device)).float().cpu().numpy(), dtype="<f4")
             if ds is None:
                 ds = f.create_dataset("logits", shape=(0,) + logits.shape[1:], maxshape=(None,) + logits.shape[1:],
-                                      dtype="float32", chunks=(min(256, len(logits)),) + logits.shape[1:])
+                                      dtype="<f4", chunks=(min(256, len(logits)),) + logits.shape[1:])
             start = ds.shape[0]
             ds.resize(start + len(logits), axis=0)
             ds[start:] = logits
+            digest.update(logits.tobytes())
+        if ds is not None:
+            ds.attrs[LOGITS_CHECKSUM_ATTR] = digest.hexdigest()
     model.train(was_training)
+
+
+LOGITS_CHECKSUM_ATTR = "sha256"  # of the `logits` array's little-endian float32 bytes, row order
+
+
+def verify_logits(path: str | Path, rows_per_read: int = 256) -> int:
+    """Check a teacher-logits cache against the checksum `cache_logits` stored; its row count.
+
+    Read in blocks, so a cache larger than memory is checked too (sha256 runs at ~1 GB/s).
+    Raises DataFormatError naming the file when it is unreadable, has no checksum or does not
+    match it (a truncated copy, a disk fault, values edited in place)."""
+    try:
+        with h5py.File(path, "r") as f:
+            if "logits" not in f:
+                raise DataFormatError(path, "no dataset 'logits': not a teacher-logits cache")
+            ds = f["logits"]
+            expected = ds.attrs.get(LOGITS_CHECKSUM_ATTR)
+            if expected is None:
+                raise DataFormatError(path, "cached teacher logits carry no checksum (written by older code): "
+                                            "rerun the teacher stage")
+            digest = hashlib.sha256()
+            for start in range(0, ds.shape[0], rows_per_read):
+                digest.update(np.ascontiguousarray(ds[start:start + rows_per_read], dtype="<f4").tobytes())
+            rows = int(ds.shape[0])
+    except DataFormatError:
+        raise
+    except (OSError, KeyError, ValueError, RuntimeError) as err:
+        raise DataFormatError(path, f"cached teacher logits are unreadable ({err})") from err
+    if digest.hexdigest() != (expected.decode() if isinstance(expected, bytes) else str(expected)):
+        raise DataFormatError(path, "cached teacher logits do not match their checksum (corrupt or altered): "
+                                    "rerun the teacher stage")
+    return rows
 
 
 # ------------------------------------------------------------------------------ training
@@ -398,6 +438,76 @@ def _cpu_state(module: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
 
 
+# --------------------------------------------------------------------- checkpoints, DVCLive
+
+_CHECKPOINT_KEYS = ("fingerprint", "epoch", "distiller", "optimizer", "best_val", "best_epoch", "best_state", "history")
+
+
+def save_checkpoint(path: Path, state: Mapping[str, Any]) -> None:
+    """Write a resumable checkpoint atomically (a kill mid-write leaves the previous one)."""
+    with atomic_path(path) as tmp:
+        torch.save(dict(state), tmp)
+
+
+def load_checkpoint(path: Path, fingerprint: str, distiller: nn.Module, optimizer: torch.optim.Optimizer,
+                    desc: str = "") -> dict[str, Any] | None:
+    """The checkpoint at `path` loaded into `distiller` and `optimizer`, or None to start afresh:
+    when there is none, when it is for another configuration, or when it is unreadable (a disk
+    fault, a truncated copy). An unreadable one is moved aside (`<name>.corrupt-<pid>`) with a
+    warning naming it, so this run and every retry restart instead of failing on it again."""
+    path = Path(path)
+    if not path.exists():
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        missing = [k for k in _CHECKPOINT_KEYS if not isinstance(state, dict) or k not in state]
+        if missing:
+            raise KeyError(f"missing {missing}")
+    except Exception as err:  # noqa: BLE001 - any unreadable checkpoint is set aside, whatever broke
+        _set_aside(path, err, desc)
+        return None
+    if state.get("fingerprint") != fingerprint:
+        log.info("%s: checkpoint %s is for another configuration; starting afresh", desc, path)
+        return None
+    model_before = _cpu_state(distiller)
+    try:
+        distiller.load_state_dict(state["distiller"])
+        optimizer.load_state_dict(state["optimizer"])
+    except Exception as err:  # noqa: BLE001 - shapes or keys that do not fit: same as unreadable
+        distiller.load_state_dict(model_before)
+        _set_aside(path, err, desc)
+        return None
+    return state
+
+
+def _set_aside(path: Path, err: BaseException, desc: str) -> None:
+    aside = path.with_name(f"{path.name}.corrupt-{os.getpid()}")
+    os.replace(path, aside)
+    log.warning("%s: checkpoint %s is unreadable (%s: %s); moved to %s, training restarts from epoch 0",
+                desc, path, type(err).__name__, str(err).splitlines()[0][:200] if str(err) else "", aside)
+
+
+def open_live(log_dir: str | Path, history: list[dict[str, Any]]):
+    """A DVCLive logger in `log_dir` holding the epochs of `history` already, at their steps.
+
+    A resumed run writes its outputs into a new temporary folder, so the curves of the epochs
+    before the kill are logged again from the checkpoint's history: the files are the same as an
+    uninterrupted run's (DVCLive writes no timestamps)."""
+    from dvclive import Live
+
+    live = Live(dir=str(log_dir), resume=False, save_dvc_exp=False, dvcyaml=None)
+    for record in history:
+        _live_record(live, record)
+    return live
+
+
+def _live_record(live, record: Mapping[str, Any]) -> None:
+    for k, v in record.items():
+        if k != "epoch":
+            live.log_metric(k, v)
+    live.next_step()
+
+
 def fit(
     distiller: nn.Module,
     train: SplitData,
@@ -434,20 +544,15 @@ def fit(
     ckpt_path = Path(checkpoint_dir) / "last.pt" if checkpoint_dir else None
     start_epoch, best_val, best_epoch, best_state, history = 0, None, -1, None, []
     resumed = None
-    if ckpt_path is not None and ckpt_path.exists():
-        state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-        if state.get("fingerprint") == fingerprint:
-            distiller.load_state_dict(state["distiller"])
-            optimizer.load_state_dict(state["optimizer"])
-            start_epoch = int(state["epoch"]) + 1
-            best_val = json.loads(state["best_val"])
-            best_epoch = int(state["best_epoch"])
-            best_state = state["best_state"]
-            history = json.loads(state["history"])
-            resumed = start_epoch
-            log.info("%s: resumed after epoch %d from %s", desc, start_epoch - 1, ckpt_path)
-        else:
-            log.info("%s: checkpoint %s is for another configuration; starting afresh", desc, ckpt_path)
+    state = load_checkpoint(ckpt_path, fingerprint, distiller, optimizer, desc) if ckpt_path is not None else None
+    if state is not None:
+        start_epoch = int(state["epoch"]) + 1
+        best_val = json.loads(state["best_val"])
+        best_epoch = int(state["best_epoch"])
+        best_state = state["best_state"]
+        history = json.loads(state["history"])
+        resumed = start_epoch
+        log.info("%s: resumed after epoch %d from %s", desc, start_epoch - 1, ckpt_path)
 
     if hasattr(distiller, "on_train_start"):
         distiller.on_train_start(train)  # e.g. NTDH's feature mask, estimated once on train rows
@@ -456,11 +561,7 @@ def fit(
     if world > 1:
         step_module = nn.parallel.DistributedDataParallel(distiller, find_unused_parameters=True)
 
-    live = None
-    if log_dir is not None and rank == 0:
-        from dvclive import Live
-
-        live = Live(dir=str(log_dir), resume=resumed is not None, save_dvc_exp=False, dvcyaml=None)
+    live = open_live(log_dir, history) if log_dir is not None and rank == 0 else None
 
     bar = tqdm(range(start_epoch, cfg.epochs), desc=desc or "train", disable=not progress or rank != 0,
                initial=start_epoch, total=cfg.epochs, leave=False, dynamic_ncols=True)
@@ -496,17 +597,13 @@ def fit(
             best_val, best_epoch, best_state = val_metrics, epoch, _cpu_state(distiller)
         bar.set_postfix(loss=f"{record['train/loss']:.3f}", **{select: f"{val_metrics[select]:.3f}"})
         if live is not None:
-            for k, v in record.items():
-                if k != "epoch":
-                    live.log_metric(k, v)
-            live.next_step()
+            _live_record(live, record)
         if ckpt_path is not None and rank == 0:
-            with atomic_path(ckpt_path) as tmp:
-                torch.save({
-                    "fingerprint": fingerprint, "epoch": epoch, "distiller": _cpu_state(distiller),
-                    "optimizer": optimizer.state_dict(), "best_val": json.dumps(best_val),
-                    "best_epoch": best_epoch, "best_state": best_state, "history": json.dumps(history),
-                }, tmp)
+            save_checkpoint(ckpt_path, {
+                "fingerprint": fingerprint, "epoch": epoch, "distiller": _cpu_state(distiller),
+                "optimizer": optimizer.state_dict(), "best_val": json.dumps(best_val),
+                "best_epoch": best_epoch, "best_state": best_state, "history": json.dumps(history),
+            })
     bar.close()
     if live is not None:
         live.end()

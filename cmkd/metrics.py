@@ -4,13 +4,16 @@ an ignore index and pixel accuracy (segmentation)."""
 from __future__ import annotations
 
 import torch
-from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix, MulticlassF1Score
 
 
 class MetricAccumulator:
     """Accumulate predictions batch by batch; `compute()` returns plain floats."""
 
     def __init__(self, task: str, num_classes: int, ignore_index: int | None = -1, device: torch.device | str = "cpu"):
+        # Imported here, where metrics are computed: torchmetrics imports scipy.signal and
+        # matplotlib (~2 s), which stages that only read params or results do not need.
+        from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix, MulticlassF1Score
+
         self.task = task
         self.num_classes = num_classes
         if task == "classification":

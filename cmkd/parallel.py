@@ -3,10 +3,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
+import re
+import secrets
 import signal
 import sys
+from typing import Iterator
 
 
 def available_cores() -> int:
@@ -26,3 +30,53 @@ def die_with_parent() -> None:
     ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
     if os.getppid() == 1:  # the parent died before prctl took effect
         os._exit(1)
+
+
+# Named kernel objects (POSIX shared memory, semaphores) outlive a process killed with SIGKILL
+# together with its resource tracker (`kill -9` of the process group). Ours carry the creating
+# process's PID in their names, so the next run removes those whose owner is dead.
+SHM_PREFIX = "cmkd-"
+_SHM_DIR = "/dev/shm"
+_OWNED = re.compile(r"^(?:sem\.)?cmkd-(\d+)-[0-9a-z_]+$")
+
+
+def shm_name() -> str:
+    """A fresh shared-memory name owned by this process (`cmkd-<pid>-<random>`)."""
+    return f"{SHM_PREFIX}{os.getpid()}-{secrets.token_hex(6)}"
+
+
+@contextlib.contextmanager
+def pid_named_semaphores() -> Iterator[None]:
+    """Semaphores created in the block (e.g. a ProcessPoolExecutor's queues, which a forkserver
+    or spawn context keeps named until the pool is finalised) are named `cmkd-<pid>-<n>`."""
+    from multiprocessing import synchronize
+
+    original = synchronize.SemLock.__dict__["_make_name"]
+    synchronize.SemLock._make_name = staticmethod(lambda: f"/{SHM_PREFIX}{os.getpid()}-{next(synchronize.SemLock._rand)}")
+    try:
+        yield
+    finally:
+        synchronize.SemLock._make_name = original
+
+
+def remove_dead_shm(folder: str = _SHM_DIR) -> list[str]:
+    """Unlink this user's `cmkd-<pid>-*` segments and semaphores whose owner process is dead."""
+    from cmkd.atomic import pid_alive
+
+    removed = []
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:  # no /dev/shm (not Linux)
+        return removed
+    for entry in entries:
+        match = _OWNED.match(entry.name)
+        if match is None or pid_alive(int(match.group(1))):
+            continue
+        try:
+            if entry.stat(follow_symlinks=False).st_uid != os.getuid():
+                continue
+            os.unlink(entry.path)
+            removed.append(entry.name)
+        except OSError:
+            pass  # removed meanwhile, or not ours to remove
+    return removed

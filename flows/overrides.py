@@ -33,7 +33,7 @@ LOCK_FILE = "dvc.lock"
 # Our files inside DVC's git-ignored temporary folder.
 STATE_DIR = Path(".dvc") / "tmp" / "cmkd-flows"
 BACKUP_DIR = STATE_DIR / "override-backup"
-WORKSPACE_LOCK = STATE_DIR / "workspace.lock"
+WORKSPACE_LOCK = STATE_DIR / "workspace.lock"  # flows.lock.WORKSPACE_LOCK
 MANIFEST = "manifest.json"  # in BACKUP_DIR: backed-up path -> whether it existed
 
 _KEY = re.compile(r"^\+?[A-Za-z_][A-Za-z0-9_\-]*(\.[A-Za-z0-9_\-]+)*$")
@@ -190,23 +190,20 @@ def validate_overrides(params_path: str | Path, overrides: Sequence[str]) -> Non
 
 
 @contextlib.contextmanager
-def workspace_lock(repo_root: str | Path) -> Iterator[None]:
-    """One cmkd flow at a time per workspace (a run with overrides edits params.yaml, and a
-    sweep's `dvc exp run --temp` copies the workspace). Released if the process dies."""
-    import zc.lockfile
+def workspace_lock(repo_root: str | Path, wait: bool = True) -> Iterator[None]:
+    """One cmkd flow or `make repro` at a time per workspace (a run with overrides edits
+    params.yaml, a sweep's `dvc exp run --temp` copies the workspace, and DVC fails a second
+    repro at once): waits for the running one (flows.lock). Released if the process dies."""
+    from flows import lock
 
-    path = Path(repo_root) / WORKSPACE_LOCK
-    path.parent.mkdir(parents=True, exist_ok=True)
     try:
-        lock = zc.lockfile.LockFile(str(path))
-    except zc.lockfile.LockError as exc:
-        raise WorkspaceBusyError(
-            f"{repo_root}: another cmkd flow is running in this workspace (lock {path})"
-        ) from exc
+        fd = lock.acquire(repo_root, wait=wait, log=log.info)
+    except lock.WorkspaceBusy as exc:
+        raise WorkspaceBusyError(str(exc)) from exc
     try:
         yield
     finally:
-        lock.close()
+        os.close(fd)
 
 
 def require_git_commit(repo_root: str | Path) -> None:

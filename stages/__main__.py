@@ -1,5 +1,6 @@
 """`python -m stages <name> [args]`: run the stage `stages.<name>` (as `python -m stages.<name>`
-would), handing it to the warm stage server when one runs (see stages/_server.py)."""
+would): in this process, or, with CMKD_STAGE_SERVER=1 (an opt-in speed mode), in a process forked
+from a warm stage server (see stages/_server.py for what that changes)."""
 
 import os
 import runpy

@@ -13,6 +13,10 @@ from cmkd.errors import CmkdError
 from cmkd.parallel import available_cores
 
 DATA = "data"
+# Temporary outputs (a stage's folder before its rename into place): outside every stage's
+# dependencies, on the same filesystem as data/. Left-overs of killed runs are removed by the
+# next run (cmkd.atomic.remove_stale, by owner PID).
+SCRATCH = os.path.join(DATA, ".tmp")
 
 
 def parser(description: str) -> argparse.ArgumentParser:
@@ -22,19 +26,54 @@ def parser(description: str) -> argparse.ArgumentParser:
     return p
 
 
-def start(args: argparse.Namespace, threads: int = 1) -> dict[str, Any]:
-    """Logging, intra-op threads (CMKD_NUM_THREADS, else `threads`), params loaded and validated."""
+def start(args: argparse.Namespace, threads: int = 1, data_only: bool = False) -> dict[str, Any]:
+    """Logging, intra-op threads (CMKD_NUM_THREADS, else `threads`), params loaded and validated.
+
+    `data_only` (download, prepare): only the datasets, seeds and data sections are checked, and
+    torch is not imported (seconds of start-up those stages do not need; a dataset that does
+    use torch, such as digits' resizing, imports it itself and sets the same thread count)."""
     logging.basicConfig(level=os.environ.get("CMKD_LOG_LEVEL", "INFO"), format="%(levelname)s %(name)s: %(message)s")
     # One intra-op thread by default: the networks here are small, and on a shared 2-core
     # machine OpenMP's spinning threads made steps 6-25x slower (benchmarks/README.md).
     # Parallelism comes from seed workers, stages side by side (flows/) or DDP instead; the
     # experiments' batched ensembles are large enough to ask for every core.
-    import torch
+    nthreads = int(os.environ.get("CMKD_NUM_THREADS", "0")) or threads
+    if data_only:
+        _set_torch_threads_when_imported(nthreads)
+    else:
+        import torch
 
-    torch.set_num_threads(int(os.environ.get("CMKD_NUM_THREADS", "0")) or threads)
+        torch.set_num_threads(nthreads)
     params = load_params(args.params)
-    validate_params(params)
+    validate_params(params, data_only=data_only)
     return params
+
+
+def _set_torch_threads_when_imported(nthreads: int) -> None:
+    """torch.set_num_threads(nthreads) as soon as (and only if) the stage imports torch."""
+    import importlib.abc
+    import importlib.util
+
+    class _Hook(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name != "torch":
+                return None
+            sys.meta_path.remove(self)
+            spec = importlib.util.find_spec(name)
+            if spec is not None and spec.loader is not None:
+                exec_module = spec.loader.exec_module
+
+                def exec_and_set(module):
+                    exec_module(module)
+                    module.set_num_threads(nthreads)
+
+                spec.loader.exec_module = exec_and_set
+            return spec
+
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(nthreads)
+    else:
+        sys.meta_path.insert(0, _Hook())
 
 
 def seed_workers() -> int:

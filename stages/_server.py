@@ -1,22 +1,29 @@
-"""The stage server: stage processes that start in a fraction of a second.
+"""The stage server (opt-in speed mode, CMKD_STAGE_SERVER=1): stages forked from a warm process.
 
 Every stage is its own process (DVC runs `python -m stages <name> ...`), and importing torch,
-torchmetrics and torch._dynamo (which every optimizer imports) costs ~5 s of CPU per process:
-with ~50 stages that was a third of the default `dvc repro`. The first stage of a run starts
-this server in the background (and runs itself as usual); the next ones hand their command
-to it. The server holds those third-party libraries imported and forks one child per stage; the
-child takes over the client's stdin/stdout/stderr (passed over the socket), working directory,
-environment, umask and arguments, runs `stages.<name>` as `__main__` and reports its exit status.
-The client waits for it, forwards SIGINT/SIGTERM to it, and if the client itself is killed the
-child kills itself, so a stage behaves as a process of its own to DVC, Prefect and the user.
+torchmetrics and torch._dynamo (which every optimizer imports) costs seconds of CPU per
+process. With CMKD_STAGE_SERVER=1 the first stage of a run starts this server in the
+background (and runs itself as usual); the next ones hand their command to it. The server
+holds those third-party libraries imported and forks one child per stage; the child takes over
+the client's stdin/stdout/stderr (passed over the socket), working directory, environment,
+umask and arguments, runs `stages.<name>` as `__main__` and reports its exit status. The
+client waits for it, forwards SIGINT/SIGTERM/SIGHUP to it, and if the client itself is killed
+the child kills itself.
 
-Never imported by the server: cmkd and stages themselves (each child imports them fresh from
-its working directory, so edited code is always what runs) and anything that starts threads or
+Off by default, because a forked child is not a process of its own in every respect: it keeps
+the server's resource limits (ulimit), CPU affinity, niceness, session and controlling terminal
+(so `nohup`, `taskset`, `nice`, `ulimit` on the command have no effect on it), environment read
+at import time by the preloaded libraries (TQDM_DISABLE, TMPDIR, ...) is the server's, and
+`/usr/bin/time -v` measures the thin client only. What it guarantees: fresh code (the server
+never imports `cmkd` or `stages`; every child imports its checkout's), fresh libraries (the
+socket is keyed by every preloaded package's files and by this file itself, and the server
+re-checks the files of every module it holds before each fork and exits when one changed),
+the client's exit status, signals and file descriptors.
+
+Never imported by the server: cmkd and stages themselves, and anything that starts threads or
 an OpenMP team (the server sets one intra-op thread and computes nothing, so forking is safe).
-One server per user, interpreter, library versions and thread-related environment; it exits
-after CMKD_STAGE_SERVER_IDLE seconds (default 120) without a stage. CMKD_STAGE_SERVER=0
-turns it off (every stage then imports everything itself). Linux only; elsewhere stages run
-in-process as before.
+One server per user, interpreter, library files and thread-related environment; it exits
+after CMKD_STAGE_SERVER_IDLE seconds (default 120) without a stage. Linux only.
 
     python stages/_server.py serve SOCKET      (started by the client, not by hand)
     python stages/_server.py stop              stop this environment's server
@@ -46,7 +53,7 @@ _PID = struct.Struct("!q")
 
 
 def enabled() -> bool:
-    return sys.platform == "linux" and os.environ.get("CMKD_STAGE_SERVER", "1").strip().lower() not in ("0", "false", "no", "off")
+    return sys.platform == "linux" and os.environ.get("CMKD_STAGE_SERVER", "0").strip().lower() in ("1", "true", "yes", "on")
 
 
 def socket_dir() -> str | None:
@@ -62,15 +69,48 @@ def socket_dir() -> str | None:
     return path
 
 
+def _top_level(names) -> list[str]:
+    return sorted({name.split(".")[0] for name in names})
+
+
+def _stat(path: str | None) -> list | None:
+    try:
+        st = os.stat(path)
+    except (OSError, TypeError):
+        return None
+    return [st.st_ino, st.st_mtime_ns, st.st_size]
+
+
 def _library_stamp() -> list:
+    """What identifies the libraries a server would preload, without importing them: each
+    package's __init__ and folder (a reinstall replaces files: new inodes, a new folder mtime)
+    and this file's content (an edited server is a new server)."""
     import importlib.util
 
-    stamp = []
-    for name in ("torch", "torchmetrics", "numpy", "h5py", "dvclive"):
+    with open(os.path.abspath(__file__), "rb") as f:
+        stamp = [["_server", hashlib.sha256(f.read()).hexdigest()]]  # by content: checkouts share
+    for name in _top_level(PRELOAD):
         spec = importlib.util.find_spec(name)
         origin = spec.origin if spec else None
-        stamp.append([name, origin, os.stat(origin).st_mtime_ns if origin else None])
+        stamp.append([name, origin, _stat(origin), _stat(os.path.dirname(origin) if origin else None)])
     return stamp
+
+
+def _loaded_files() -> dict[str, list | None]:
+    """Every module file the server holds, with its stat: checked again before each fork."""
+    files = {}
+    for module in list(sys.modules.values()):
+        path = getattr(module, "__file__", None)
+        if path:
+            files[path] = _stat(path)
+    return files
+
+
+def _changed(files: dict[str, list | None]) -> str | None:
+    for path, stamp in files.items():
+        if _stat(path) != stamp:
+            return path
+    return None
 
 
 def socket_path() -> str | None:
@@ -294,6 +334,7 @@ def serve(path: str) -> None:
     if lock_fd:
         os.close(int(lock_fd))
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    loaded = _loaded_files()
     # Each child's connection stays open here until the child is reaped: a child killed by a
     # signal cannot report, so the server sends 128 + signal for it (as a shell would).
     children: dict[int, socket.socket] = {}
@@ -316,6 +357,11 @@ def serve(path: str) -> None:
                     del children[pid]
             if ready:
                 conn, _ = listener.accept()
+                if _changed(loaded) is not None:
+                    # A library was upgraded (or this file edited) under the server: the
+                    # client gets no PID, runs the stage itself, and starts a fresh server.
+                    conn.close()
+                    break
                 pid = os.fork()
                 if pid == 0:
                     listener.close()
@@ -336,6 +382,10 @@ def serve(path: str) -> None:
         try:
             if os.stat(path).st_ino == ino:
                 os.unlink(path)
+        except OSError:
+            pass
+        try:
+            os.unlink(path + ".lock")  # the start lock: one per key, gone with its server
         except OSError:
             pass
 

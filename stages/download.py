@@ -4,16 +4,16 @@ from pathlib import Path
 
 from cmkd.atomic import atomic_dir
 from cmkd.data.registry import dataset_module
-from stages._common import DATA, main, parser, start
+from stages._common import DATA, SCRATCH, main, parser, start
 
 
 def run() -> None:
     p = parser(__doc__)
     p.add_argument("--dataset", required=True)
     args = p.parse_args()
-    params = start(args)
+    params = start(args, data_only=True)
     module = dataset_module(args.dataset)
-    with atomic_dir(Path(DATA) / "raw" / args.dataset) as tmp:
+    with atomic_dir(Path(DATA) / "raw" / args.dataset, scratch=SCRATCH) as tmp:
         module.download(params["data"][args.dataset], tmp, progress=not args.no_progress)
 
 

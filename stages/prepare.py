@@ -10,7 +10,7 @@ def run() -> None:
     p = parser(__doc__)
     p.add_argument("--dataset", required=True)
     args = p.parse_args()
-    params = start(args)
+    params = start(args, data_only=True)
     module = dataset_module(args.dataset)
     # prepare() writes through PreparedWriter, which renames into place only on success.
     module.prepare(params["data"][args.dataset], Path(DATA) / "raw" / args.dataset,

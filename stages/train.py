@@ -12,7 +12,7 @@ from pathlib import Path
 from cmkd.atomic import atomic_dir
 from cmkd.engine import TrainConfig, distributed_info, init_distributed_from_env
 from cmkd.pipeline import STUDENT_RUN, TEACHER_RUN, train_run
-from stages._common import DATA, main, parser, seed_workers, start
+from stages._common import DATA, SCRATCH, main, parser, seed_workers, start
 
 
 def run() -> None:
@@ -38,7 +38,7 @@ def run() -> None:
     checkpoints = Path(DATA) / "checkpoints" / ds / name
     rank, _ = distributed_info()
     # Under torchrun only rank 0 writes the stage's outputs; the other ranks train alongside.
-    target = atomic_dir(runs_dir / name) if rank == 0 else tempfile.TemporaryDirectory()
+    target = atomic_dir(runs_dir / name, scratch=SCRATCH) if rank == 0 else tempfile.TemporaryDirectory()
     with target as out:
         out = Path(out)
         train_run(

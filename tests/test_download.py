@@ -262,3 +262,103 @@ def test_bad_source_entries_are_config_errors(tmp_path):
         fetch([{"path": "x.zip", "sha256": "abc"}], tmp_path / "raw", progress=False)
     with pytest.raises(DataFormatError, match="does not exist"):
         fetch([{"path": str(tmp_path / "missing.zip")}], tmp_path / "raw", progress=False)
+
+
+# --------------------------------------------------------------------------- links, bombs, duplicates
+
+def _chain_links() -> dict[str, str]:
+    # l1 resolves to the extraction root, so `dataset` (lexically inside) climbs 4 levels above it.
+    return {"x1/x2/x3/x4/l1": "../../../..", "dataset": "x1/x2/x3/x4/l1/../../../../arch/SECRET"}
+
+
+@pytest.mark.parametrize("kind", ["zip", "tar", "tar_reversed"])
+def test_link_chain_that_escapes_through_another_link_is_refused(tmp_path, kind):
+    (tmp_path / "arch").mkdir()
+    (tmp_path / "arch" / "SECRET").write_bytes(b"secret")
+    src = tmp_path / "src"
+    src.mkdir()
+    links = _chain_links()
+    if kind == "zip":
+        archive = make_zip(src / "evil.zip", {"x1/x2/x3/x4/f": b"1"}, symlinks=links)
+    else:
+        archive = src / "evil.tar"
+        order = list(links.items())[::-1] if kind == "tar_reversed" else list(links.items())
+        with tarfile.open(archive, "w") as tf:
+            for name, target in order:
+                info = tarfile.TarInfo(name)
+                info.type = tarfile.SYMTYPE
+                info.linkname = target
+                tf.addfile(info)
+    dest = tmp_path / "out" / "raw"
+    with pytest.raises(UnsafeArchiveError) as err:
+        fetch([{"path": str(archive)}], dest, progress=False)
+    assert archive.name in str(err.value) and "'dataset'" in str(err.value)
+    assert everything_under(tmp_path / "out") == ["raw"]
+
+
+def test_link_chain_across_two_archives_is_refused(tmp_path):
+    links = _chain_links()
+    first = make_zip(tmp_path / "a.zip", {"x1/x2/x3/x4/f": b"1"}, symlinks={"x1/x2/x3/x4/l1": links["x1/x2/x3/x4/l1"]})
+    second = make_zip(tmp_path / "b.zip", {"other": b"2"}, symlinks={"dataset": links["dataset"]})
+    dest = tmp_path / "out" / "raw"
+    with pytest.raises(UnsafeArchiveError, match="a.zip, b.zip.*'dataset'"):
+        fetch([{"path": str(first)}, {"path": str(second)}], dest, progress=False)
+    assert everything_under(tmp_path / "out") == ["raw"]
+
+
+def test_link_loop_is_refused_and_internal_chain_is_kept(tmp_path):
+    loop = make_zip(tmp_path / "loop.zip", {}, symlinks={"a": "b", "b": "a"})
+    with pytest.raises(UnsafeArchiveError, match="loop"):
+        fetch([{"path": str(loop)}], tmp_path / "raw", progress=False)
+    ok = make_zip(tmp_path / "ok.zip", {"d/real.txt": b"hi"}, symlinks={"d/l1": "real.txt", "top": "d/l1"})
+    out = fetch([{"path": str(ok)}], tmp_path / "raw2", progress=False)
+    assert (out / "top").read_bytes() == b"hi"
+
+
+def test_archive_over_max_extract_bytes_is_refused_naming_it(tmp_path):
+    bomb = tmp_path / "bomb.zip"
+    with zipfile.ZipFile(bomb, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("zeros.bin", b"\0" * (4 << 20))
+    assert bomb.stat().st_size < 20_000
+    with pytest.raises(UnsafeArchiveError, match=r"bomb\.zip.*max_extract_bytes = 1000000"):
+        fetch([{"path": str(bomb)}], tmp_path / "out" / "raw", progress=False, max_extract_bytes=1_000_000)
+    assert everything_under(tmp_path / "out") == ["raw"]
+    # The bound counts every archive of the call together; a tar's too.
+    tar = make_tar(tmp_path / "t.tar.gz", {"a.bin": b"\0" * 600_000})
+    with pytest.raises(UnsafeArchiveError, match=r"t\.tar\.gz"):
+        fetch([{"path": str(tar)}, {"path": str(make_tar(tmp_path / "u.tgz", {"b.bin": b"1" * 600_000}))}][::-1],
+              tmp_path / "raw3", progress=False, max_extract_bytes=1_000_000)
+    assert (fetch([{"path": str(bomb)}], tmp_path / "raw2", progress=False, max_extract_bytes=5 << 20)
+            / "zeros.bin").stat().st_size == 4 << 20
+    with pytest.raises(ConfigError, match=r"data\.x\.max_extract_bytes"):
+        fetch([{"path": str(bomb)}], tmp_path / "raw4", progress=False, key="data.x.sources", max_extract_bytes=0)
+
+
+def test_zip_whose_member_holds_more_than_declared_is_refused(tmp_path):
+    archive = make_zip(tmp_path / "liar.zip", {"a.bin": b"x" * 1000})
+    data = bytearray(archive.read_bytes())
+    # Patch the declared uncompressed size (stored member) in the central directory to 10 bytes.
+    cd = data.rfind(b"PK\x01\x02")
+    data[cd + 24:cd + 28] = (10).to_bytes(4, "little")
+    archive.write_bytes(bytes(data))
+    with pytest.raises((UnsafeArchiveError, DataFormatError)) as err:
+        fetch([{"path": str(archive)}], tmp_path / "raw", progress=False)
+    assert "liar.zip" in str(err.value)
+
+
+def test_duplicate_member_names_are_refused_naming_the_archive(tmp_path):
+    archive = tmp_path / "dup.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.writestr("a/x.txt", b"1")
+        with pytest.warns(UserWarning):
+            zf.writestr("a/x.txt", b"2")
+    with pytest.raises(UnsafeArchiveError, match=r"dup\.zip.*'a/x\.txt' appears more than once"):
+        fetch([{"path": str(archive)}], tmp_path / "out" / "raw", progress=False)
+    assert everything_under(tmp_path / "out") == ["raw"]
+    tar = make_tar(tmp_path / "dup.tar", {"a": b"1"}, mode="w")
+    with tarfile.open(tar, "a") as tf:
+        info = tarfile.TarInfo("a")
+        info.size = 1
+        tf.addfile(info, io.BytesIO(b"2"))
+    with pytest.raises(UnsafeArchiveError, match=r"dup\.tar.*'a' appears more than once"):
+        fetch([{"path": str(tar)}], tmp_path / "raw2", progress=False)

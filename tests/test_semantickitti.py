@@ -406,7 +406,8 @@ def test_voxel_downsample_keeps_first_point_per_voxel():
     assert sk.voxel_downsample_index(xyz, 1.0).tolist() == [0, 2, 4]
 
 
-@pytest.mark.parametrize("problem", ["truncated", "count", "no_P2", "no_Tr", "no_image", "unknown_id", "nan"])
+@pytest.mark.parametrize("problem", ["truncated", "count", "no_P2", "no_Tr", "no_image", "unknown_id", "nan",
+                                     "image_half", "image_double"])
 def test_prepare_bad_input_names_file_and_writes_nothing(sample_copy, tmp_path, problem, shm_created):
     d = seq_dir(sample_copy, "00")
     scan, label = d / "velodyne" / "000001.bin", d / "labels" / "000001.label"
@@ -429,6 +430,12 @@ def test_prepare_bad_input_names_file_and_writes_nothing(sample_copy, tmp_path, 
         raw[10] = 5 | (3 << 16)
         raw.tofile(label)
         culprit, match = label, r"\[5\] are not in learning_map"
+    elif problem.startswith("image_"):  # resized, still larger than the crop; calib.txt unchanged
+        image = d / "image_2" / "000001.png"
+        with Image.open(image) as img:
+            factor = 0.5 if problem == "image_half" else 2.0
+            img.resize((int(img.width * factor), int(img.height * factor))).save(image)
+        culprit, match = image, "is for an image of about"
     else:
         pts = np.fromfile(scan, np.float32)
         pts[4 * 7 + 2] = np.nan

@@ -21,7 +21,8 @@ pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="the stage serve
 
 def _env(tmp_path: Path, server_dir: Path, **extra: str) -> dict[str, str]:
     server_dir.mkdir(mode=0o700, exist_ok=True)
-    return {**tool_env(tmp_path), "CMKD_STAGE_SERVER_DIR": str(server_dir), "CMKD_LOG_LEVEL": "DEBUG", **extra}
+    return {**tool_env(tmp_path), "CMKD_STAGE_SERVER": "1", "CMKD_STAGE_SERVER_DIR": str(server_dir),
+            "CMKD_LOG_LEVEL": "DEBUG", **extra}
 
 
 def _stage(repo: Path, env: dict, *args: str, **kw) -> subprocess.CompletedProcess:
@@ -86,6 +87,13 @@ def test_stage_in_the_server_gives_the_direct_run_and_reads_edited_code(tmp_path
         out = _stage(served, env, "evaluate", "--dataset", "synthetic")
         assert out.returncode == 2 and "runs in the stage server" in out.stderr
         assert "no_such_method" in out.stderr
+
+        # A stopped server leaves nothing behind in its folder (no socket, no start lock).
+        _stop(server_dir)
+        deadline = time.time() + 10
+        while list(server_dir.iterdir()) and time.time() < deadline:
+            time.sleep(0.1)
+        assert list(server_dir.iterdir()) == []
     finally:
         _stop(server_dir)
 
@@ -137,3 +145,45 @@ def test_signals_reach_the_stage_and_a_killed_client_takes_its_stage_along(tmp_p
         assert not (repo / "data/runs/synthetic/teacher").exists()  # nothing half-written
     finally:
         _stop(server_dir)
+
+
+def test_the_server_is_off_by_default(tmp_path):
+    server_dir = tmp_path / "server"
+    env = _env(tmp_path, server_dir)
+    del env["CMKD_STAGE_SERVER"]
+    repo = _repo(tmp_path / "repo")
+    for _ in range(2):
+        out = _stage(repo, env, "download", "--dataset", "synthetic")
+        assert out.returncode == 0 and "stage server" not in out.stderr, out.stderr
+    time.sleep(1.0)
+    assert list(server_dir.iterdir()) == []  # no server started, no socket, no lock file
+
+
+def test_the_socket_key_follows_library_files_and_the_server_detects_edits(tmp_path, monkeypatch):
+    from stages import _server
+
+    pkg = tmp_path / "lib" / "fakelib_cmkd"
+    pkg.mkdir(parents=True)
+    (pkg / "__init__.py").write_text("VERSION = 1\n")
+    (pkg / "sub.py").write_text("X = 1\n")
+    monkeypatch.syspath_prepend(str(tmp_path / "lib"))
+    monkeypatch.setattr(_server, "PRELOAD", ("fakelib_cmkd.sub",))
+    before = _server.socket_path()
+    assert before == _server.socket_path()  # stable while nothing changes
+    # A reinstall (pip removes the old files, writes new ones) changes the key: a new server.
+    (pkg / "__init__.py").unlink()
+    time.sleep(0.01)
+    (pkg / "__init__.py").write_text("VERSION = 2\n")
+    assert _server.socket_path() != before
+
+    # In the server: every module file it holds is re-checked before a fork.
+    import importlib
+
+    importlib.import_module("fakelib_cmkd.sub")
+    loaded = _server._loaded_files()
+    assert _server._changed(loaded) is None
+    time.sleep(0.01)
+    (pkg / "sub.py").write_text("X = 2  # upgraded\n")
+    assert _server._changed(loaded) == str(pkg / "sub.py")
+    sys.modules.pop("fakelib_cmkd.sub", None)
+    sys.modules.pop("fakelib_cmkd", None)

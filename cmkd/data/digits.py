@@ -13,9 +13,6 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
-import torch
-import torch.nn.functional as F
-from sklearn.datasets import load_digits, load_sample_images
 
 from cmkd.atomic import write_json
 from cmkd.data.h5 import PreparedWriter
@@ -34,6 +31,12 @@ def validate(cfg: Mapping[str, Any], key: str) -> None:
 
 def gray_digits(image_size: int) -> tuple[np.ndarray, np.ndarray]:
     """The 1797 digits as float32 [N, 1, S, S] in [0, 1] and their labels."""
+    # Imported where used: torch and scikit-learn cost seconds to import, which the
+    # download stage and the params validation of every stage do not need.
+    import torch
+    import torch.nn.functional as F
+    from sklearn.datasets import load_digits
+
     digits = load_digits()
     x = torch.from_numpy(digits.images.astype(np.float32) / 16.0)[:, None]
     x = F.interpolate(x, size=(image_size, image_size), mode="bilinear", align_corners=False)
@@ -42,6 +45,8 @@ def gray_digits(image_size: int) -> tuple[np.ndarray, np.ndarray]:
 
 def random_patches(n: int, size: int, rng: np.random.Generator) -> np.ndarray:
     """n random size x size crops of the bundled sample images, float32 [n, 3, size, size] in [0, 1]."""
+    from sklearn.datasets import load_sample_images
+
     images = [img.astype(np.float32) / 255.0 for img in load_sample_images().images]
     which = rng.integers(0, len(images), n)
     out = np.empty((n, size, size, 3), np.float32)

@@ -20,7 +20,12 @@ within one call (`retries`) and across calls; a finished download is renamed wit
 Extraction writes into a temporary folder inside `dest_dir` and moves the members into place
 only once every source is fetched, verified and extracted; every member is checked first, and one that would land
 outside `dest_dir` (absolute path, `..`, a link pointing outside, a device file) raises
-UnsafeArchiveError naming the archive and the member, before anything is written.
+UnsafeArchiveError naming the archive and the member, before anything is written. Links are
+resolved as the filesystem will resolve them (through the archive's other links, chains
+included), and every link of the staged tree is checked again with `realpath` before the merge.
+Two members with the same name, or more than `max_extract_bytes` of content (all archives of a
+call together; default `DEFAULT_MAX_EXTRACT_BYTES`, and never more than the free disk space)
+raise UnsafeArchiveError naming the archive.
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import zipfile
+import zlib
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
@@ -53,6 +59,11 @@ log = logging.getLogger(__name__)
 MANIFEST = "SOURCES.json"
 _CHUNK = 1 << 20
 _TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tbz", ".tar.xz", ".txz")
+# Real SemanticKITTI (velodyne, labels, calib, colour images: ~80 GB extracted) and SUN RGB-D
+# (~7 GB) fit under this; a zip bomb does not. params.yaml: data.<dataset>.max_extract_bytes.
+DEFAULT_MAX_EXTRACT_BYTES = 128 * 1024**3
+# Links followed while resolving one path before it counts as a loop (Linux's own limit).
+_MAX_LINK_HOPS = 40
 # Errors after which a download is worth resuming (the server or the network dropped us).
 _TRANSIENT = (http.client.IncompleteRead, http.client.RemoteDisconnected, ConnectionError, TimeoutError,
               urllib.error.URLError)
@@ -84,6 +95,7 @@ def fetch(
     keep_downloads: bool = False,
     timeout: float = 60.0,
     key: str = "sources",
+    max_extract_bytes: int | None = None,
 ) -> Path:
     """Bring every source into `dest_dir` (see the module docstring); return `dest_dir`.
 
@@ -93,9 +105,11 @@ def fetch(
     All archives are extracted into one staging folder first and merged into `dest_dir` only
     when every source succeeded, so a failure leaves `dest_dir` as it was. Partial downloads
     stay in `cache_dir` for the next call. Completed downloads are deleted once extracted
-    unless `keep_downloads`.
+    unless `keep_downloads`. At most `max_extract_bytes` (default DEFAULT_MAX_EXTRACT_BYTES) are
+    extracted over all archives of the call.
     """
     dest_dir = Path(dest_dir)
+    budget = _Budget(DEFAULT_MAX_EXTRACT_BYTES if max_extract_bytes is None else max_extract_bytes, f"{key}")
     checked = [_check_source(source, f"{key}[{i}]") for i, source in enumerate(sources)]
     dest_dir.mkdir(parents=True, exist_ok=True)
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
@@ -108,7 +122,7 @@ def fetch(
             if "url" in source:
                 archive = download(source["url"], cache, progress=progress, retries=retries, timeout=timeout)
                 checksum = _verify(archive, expected)
-                _extract_into(archive, staging, progress, name=_url_basename(source["url"]))
+                _extract_into(archive, staging, progress, name=_url_basename(source["url"]), budget=budget)
                 finished_downloads.append(archive)
                 manifest.append({"url": source["url"], "sha256": checksum})
                 continue
@@ -121,8 +135,10 @@ def fetch(
                 manifest.append({"path": str(path.resolve()), "folder": True})
                 continue
             checksum = _verify(path, expected)
-            _extract_into(path, staging, progress)
+            _extract_into(path, staging, progress, budget=budget)
             manifest.append({"path": str(path.resolve()), "sha256": checksum})
+        # Links of different archives can chain (one archive's link, another's path through it).
+        _check_links_resolve_inside(staging, [Path(s.get("url") or s["path"]) for s in checked])
         _merge_tree(staging, dest_dir)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -265,18 +281,54 @@ def archive_kind(path: Path) -> str | None:
     return None
 
 
-def _extract_into(archive: Path, dest_dir: Path, progress: bool, name: str | None = None) -> None:
+class _Budget:
+    """Bytes left to extract in one `fetch` call (a zip bomb stops at the bound)."""
+
+    def __init__(self, limit: int, key: str):
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+            raise ConfigError(key.removesuffix(".sources") + ".max_extract_bytes",
+                              f"must be a positive integer (bytes), got {limit!r}")
+        self.limit = limit
+        self.left = limit
+
+    def reserve(self, archive: Path, nbytes: int) -> None:
+        """Count `nbytes` more from `archive`; UnsafeArchiveError when over the bound or the disk."""
+        self.left -= nbytes
+        if self.left < 0:
+            raise UnsafeArchiveError(archive, f"extracts to more than max_extract_bytes = {self.limit} bytes "
+                                              "(raise data.<dataset>.max_extract_bytes if this archive is genuine)")
+
+    def check_disk(self, archive: Path, nbytes: int, where: Path) -> None:
+        free = shutil.disk_usage(where).free
+        if nbytes > free:
+            raise UnsafeArchiveError(archive, f"extracts to {nbytes} bytes but only {free} are free on the disk of {where}")
+
+
+def _copy_counted(src, dst, archive: Path, member: str, budget: _Budget, declared: int) -> None:
+    """Copy a member's stream, counting real bytes: a zip's declared sizes can lie."""
+    written = 0
+    while block := src.read(_CHUNK):
+        written += len(block)
+        if written > declared:
+            raise UnsafeArchiveError(archive, f"member {member!r} holds more than its declared {declared} bytes")
+        dst.write(block)
+
+
+def _extract_into(archive: Path, dest_dir: Path, progress: bool, name: str | None = None,
+                  budget: _Budget | None = None) -> None:
     """Extract `archive` into a temporary folder in `dest_dir`, then move its content into place.
 
     A file that is not an archive (a yaml, a txt) is copied as it is, under `name`."""
     kind = archive_kind(archive)
+    budget = budget or _Budget(DEFAULT_MAX_EXTRACT_BYTES, "sources")
     tmp = Path(tempfile.mkdtemp(prefix=".extract-", suffix=".tmp", dir=dest_dir))
     try:
         if kind == "zip":
-            _extract_zip(archive, tmp, progress)
+            _extract_zip(archive, tmp, progress, budget)
         elif kind == "tar":
-            _extract_tar(archive, tmp, progress)
+            _extract_tar(archive, tmp, progress, budget)
         else:  # a single non-archive file (a yaml, a txt): copied as it is
+            budget.reserve(archive, archive.stat().st_size)
             shutil.copy2(archive, tmp / (name or archive.name))
         _merge_tree(tmp, dest_dir)
     finally:
@@ -305,6 +357,60 @@ def _check_link(archive: Path, member: str, target: str, relative_to_member: boo
         raise UnsafeArchiveError(archive, f"member {member!r} links outside the extraction folder ({target!r})")
 
 
+def _resolve_link(archive: Path, member: str, links: dict[str, str]) -> None:
+    """Resolve link `member` as the filesystem will: component by component from the extraction
+    root, following the archive's links (chains included). UnsafeArchiveError when any step
+    leaves the root, a target is absolute, or the chain loops."""
+    remaining = [c for c in links[member].replace("\\", "/").split("/")]
+    stack = member.split("/")[:-1]
+    hops = 0
+    while remaining:
+        part = remaining.pop(0)
+        if part in ("", "."):
+            continue
+        if part == "..":
+            if not stack:
+                raise UnsafeArchiveError(archive, f"member {member!r} links outside the extraction folder "
+                                                  f"({links[member]!r}, through the archive's links)")
+            stack.pop()
+            continue
+        path = "/".join([*stack, part])
+        if path in links:
+            hops += 1
+            if hops > _MAX_LINK_HOPS:
+                raise UnsafeArchiveError(archive, f"member {member!r}: too many levels of links (a loop?)")
+            target = links[path].replace("\\", "/")
+            if target.startswith("/") or (len(target) > 1 and target[1] == ":"):
+                raise UnsafeArchiveError(archive, f"member {member!r} links through {path!r} to an absolute path")
+            remaining = target.split("/") + remaining
+            continue
+        stack.append(part)
+
+
+def _check_links_resolve_inside(root: Path, archives: list[Path]) -> None:
+    """Every link under `root` (the staged tree of all archives) must resolve inside it."""
+    real_root = os.path.realpath(root)
+    for folder, dirs, files in os.walk(root):
+        for name in dirs + files:
+            path = os.path.join(folder, name)
+            if os.path.islink(path):
+                real = os.path.realpath(path)
+                if real != real_root and not real.startswith(real_root + os.sep):
+                    rel = os.path.relpath(path, root)
+                    names = ", ".join(a.name for a in archives)
+                    raise UnsafeArchiveError(Path(names), f"member {rel!r} links outside the extraction folder "
+                                                          "once the archives are merged")
+
+
+def _no_duplicates(archive: Path, entries: Iterable[tuple[str, bool]]) -> None:
+    """Two members with one name: which one lands would depend on the extractor."""
+    seen: dict[str, bool] = {}
+    for rel, is_dir in entries:
+        if rel in seen and not (is_dir and seen[rel]):
+            raise UnsafeArchiveError(archive, f"member {rel!r} appears more than once")
+        seen[rel] = is_dir
+
+
 def _no_member_through_link(archive: Path, names: Iterable[str], links: set[str]) -> None:
     """Reject members written through a link created by the same archive (a classic escape)."""
     for name in names:
@@ -314,7 +420,7 @@ def _no_member_through_link(archive: Path, names: Iterable[str], links: set[str]
                 raise UnsafeArchiveError(archive, f"member {name!r} is written through the link {'/'.join(parts[:i])!r}")
 
 
-def _extract_zip(archive: Path, out: Path, progress: bool) -> None:
+def _extract_zip(archive: Path, out: Path, progress: bool, budget: _Budget) -> None:
     try:
         zf = zipfile.ZipFile(archive)
     except (zipfile.BadZipFile, OSError) as err:
@@ -322,30 +428,43 @@ def _extract_zip(archive: Path, out: Path, progress: bool) -> None:
     with zf:
         infos = zf.infolist()
         links: dict[str, zipfile.ZipInfo] = {}
+        targets: dict[str, str] = {}
         paths = []
         for info in infos:
             rel = _safe_member_path(archive, info.filename)
             paths.append(rel)
             if stat.S_ISLNK(info.external_attr >> 16):
-                _check_link(archive, rel, zf.read(info).decode(), relative_to_member=True)
+                if info.file_size > 4096:
+                    raise UnsafeArchiveError(archive, f"member {info.filename!r} is a link with a {info.file_size}-byte target")
+                targets[rel] = zf.read(info).decode()
+                _check_link(archive, rel, targets[rel], relative_to_member=True)
                 links[rel] = info
+        _no_duplicates(archive, ((rel, info.is_dir()) for rel, info in zip(paths, infos) if rel))
+        for rel in targets:
+            _resolve_link(archive, rel, targets)
         _no_member_through_link(archive, paths, set(links))
+        declared = sum(info.file_size for info in infos)
+        budget.check_disk(archive, declared, out)
+        budget.reserve(archive, declared)
         for info, rel in tqdm(list(zip(infos, paths)), desc=f"extract {archive.name}", unit="file", disable=not progress):
             if not rel:
                 continue
             target = out / rel
             if rel in links:
                 target.parent.mkdir(parents=True, exist_ok=True)
-                os.symlink(zf.read(info).decode(), target)
+                os.symlink(targets[rel], target)
             elif info.is_dir():
                 target.mkdir(parents=True, exist_ok=True)
             else:
                 target.parent.mkdir(parents=True, exist_ok=True)
-                with zf.open(info) as src, open(target, "wb") as dst:
-                    shutil.copyfileobj(src, dst, _CHUNK)
+                try:
+                    with zf.open(info) as src, open(target, "wb") as dst:
+                        _copy_counted(src, dst, archive, info.filename, budget, info.file_size)
+                except (zipfile.BadZipFile, zlib.error, EOFError) as err:
+                    raise DataFormatError(archive, f"member {info.filename!r} is corrupt ({err})") from err
 
 
-def _extract_tar(archive: Path, out: Path, progress: bool) -> None:
+def _extract_tar(archive: Path, out: Path, progress: bool, budget: _Budget) -> None:
     try:
         tf = tarfile.open(archive)
     except (tarfile.TarError, OSError) as err:
@@ -353,6 +472,7 @@ def _extract_tar(archive: Path, out: Path, progress: bool) -> None:
     with tf:
         members = tf.getmembers()
         links = set()
+        targets: dict[str, str] = {}
         paths = []
         for m in members:
             rel = _safe_member_path(archive, m.name)
@@ -360,11 +480,19 @@ def _extract_tar(archive: Path, out: Path, progress: bool) -> None:
             if m.issym():
                 _check_link(archive, rel, m.linkname, relative_to_member=True)
                 links.add(rel)
+                targets[rel] = m.linkname
             elif m.islnk():
                 _check_link(archive, rel, m.linkname, relative_to_member=False)
             elif not (m.isfile() or m.isdir()):
                 raise UnsafeArchiveError(archive, f"member {m.name!r} is a device or fifo")
+        _no_duplicates(archive, ((rel, m.isdir()) for rel, m in zip(paths, members) if rel))
+        for rel in targets:
+            _resolve_link(archive, rel, targets)
         _no_member_through_link(archive, paths, links)
+        # A tar's header sizes are the bytes extracted (no per-member compression to lie about).
+        declared = sum(m.size for m in members if m.isfile())
+        budget.check_disk(archive, declared, out)
+        budget.reserve(archive, declared)
         for m in tqdm(members, desc=f"extract {archive.name}", unit="file", disable=not progress):
             # The 'data' filter repeats the checks above inside tarfile (defence in depth) and
             # drops owners and unsafe modes.

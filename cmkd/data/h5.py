@@ -27,6 +27,7 @@ import h5py
 import numpy as np
 
 from cmkd import __version__
+from cmkd.atomic import remove_stale
 from cmkd.errors import DataFormatError
 
 FORMAT_VERSION = 1
@@ -71,6 +72,7 @@ class PreparedWriter:
 
     def __enter__(self) -> "PreparedWriter":
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale(self.path.parent, prefix=f".{self.path.name}.")  # a killed run's temporary
         self._file = h5py.File(self._tmp, "w")
         attrs = {"code_version": __version__, "format_version": FORMAT_VERSION, **self.attrs}
         for key, value in attrs.items():

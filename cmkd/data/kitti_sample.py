@@ -555,7 +555,8 @@ def download(cfg: Mapping[str, Any], raw_dir: Path, progress: bool = True) -> No
     validate(cfg, KEY)
     raw_dir = Path(raw_dir)
     if cfg.get("sources"):
-        fetch(list(cfg["sources"]), raw_dir, progress=progress, key=f"{KEY}.sources")
+        fetch(list(cfg["sources"]), raw_dir, progress=progress, key=f"{KEY}.sources",
+              max_extract_bytes=cfg.get("max_extract_bytes"))
         return
     raw_dir.mkdir(parents=True, exist_ok=True)
     generate(cfg, raw_dir, progress)

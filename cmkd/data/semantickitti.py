@@ -61,7 +61,7 @@ from tqdm.auto import tqdm
 from cmkd.data.download import fetch, sha256_file, source_roots
 from cmkd.data.h5 import PreparedWriter
 from cmkd.errors import ConfigError, DataFormatError
-from cmkd.parallel import available_cores
+from cmkd.parallel import available_cores, die_with_parent, pid_named_semaphores, remove_dead_shm, shm_name
 from cmkd.geometry import LIDAR_CHANNELS, lidar_image, range_projection
 
 log = logging.getLogger(__name__)
@@ -205,6 +205,22 @@ def read_image(path: str | Path) -> np.ndarray:
             return np.asarray(img if img.mode == "RGB" else img.convert("RGB"))
     except OSError as err:
         raise DataFormatError(path, f"not a readable image ({err})") from err
+
+
+# KITTI's principal points lie within 4 % of the image centre; a resized image moves the centre
+# by a quarter of the image or more (half size: 50 %), so this bound separates the two.
+_CENTRE_TOLERANCE = 0.15
+
+
+def check_image_fits_calib(path: str | Path, width: int, height: int, P2: np.ndarray) -> None:
+    """The image must have the size its calibration implies: P2's principal point near its
+    centre. A resized image (its calib.txt made for the original size) would project the LiDAR
+    points to the wrong pixels without any error."""
+    cx, cy = float(P2[0, 2]) / float(P2[2, 2] or 1.0), float(P2[1, 2]) / float(P2[2, 2] or 1.0)
+    if abs(cx - width / 2) > _CENTRE_TOLERANCE * width or abs(cy - height / 2) > _CENTRE_TOLERANCE * height:
+        raise DataFormatError(path, f"image is {width}x{height} but its sequence's calib.txt (principal point "
+                                    f"{cx:.1f}, {cy:.1f}) is for an image of about {2 * cx:.0f}x{2 * cy:.0f}: "
+                                    "resized image, or calibration of another sequence")
 
 
 def image_size(path: str | Path) -> tuple[int, int]:
@@ -412,6 +428,7 @@ def process_scan(record: ScanRecord, s: PrepareSettings, out: dict[str, np.ndarr
 
     image = read_image(record.image)
     height, width = image.shape[:2]
+    check_image_fits_calib(record.image, width, height, calib["P2"])
     rng = np.random.default_rng([s.seed, int(record.sequence), record.frame]) if s.random_crop else None
     top, left, ch, cw = crop_box(width, height, s.crop, rng, record.image)
 
@@ -461,6 +478,7 @@ _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 
 
 def _init_worker(settings: dict[str, PrepareSettings]) -> None:
+    die_with_parent()  # the forkserver, which ends with the stage: no worker outlives a kill
     _WORKER_SETTINGS.clear()
     _WORKER_SETTINGS.update(settings)
     # A scan allocates and frees some 15 MB of temporaries (points in float64, masks, the
@@ -535,7 +553,7 @@ class _Slots:
         self.maps: list[mmap.mmap] = []
         try:
             for _ in range(count):
-                shm = SharedMemory(create=True, size=size)
+                shm = SharedMemory(name=shm_name(), create=True, size=size)  # named by owner PID
                 self._shms.append(shm)
                 # SharedMemory has no public descriptor, and its own mapping could not be
                 # closed while rows view it: map the segment again and close that one now.
@@ -572,6 +590,7 @@ def iter_prepared(jobs: Sequence[tuple[str, ScanRecord]], settings: dict[str, Pr
             yield process_scan(record, settings[split], out=buffers[split])
         return
     in_flight = ahead * workers
+    remove_dead_shm()  # what a killed run left in /dev/shm (its resource tracker died with it)
     # forkserver: workers start from a clean process (no threads or torch state inherited from
     # the caller), once, and the settings travel once per worker through the initializer.
     methods = multiprocessing.get_all_start_methods()
@@ -583,7 +602,8 @@ def iter_prepared(jobs: Sequence[tuple[str, ScanRecord]], settings: dict[str, Pr
         except OSError as err:  # e.g. a container's small /dev/shm
             slots = None
             log.warning("no shared memory for the rows (%s): they are sent through a pipe", err)
-        pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(settings,))
+        with pid_named_semaphores():  # the pool's queue semaphores stay named until shutdown
+            pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(settings,))
         stack.callback(pool.shutdown, wait=True, cancel_futures=True)
         pending: collections.deque = collections.deque()
 
@@ -697,7 +717,7 @@ def download(cfg: Mapping[str, Any], raw_dir: Path, progress: bool = True, key: 
                                             "archives (velodyne, labels, calib, colour images) or of an extracted "
                                             "dataset folder; or use the offline dataset 'semantickitti-sample'")
     fetch(list(sources), raw_dir, progress=progress, key=f"{key}.sources",
-          keep_downloads=bool(cfg.get("keep_downloads", False)))
+          keep_downloads=bool(cfg.get("keep_downloads", False)), max_extract_bytes=cfg.get("max_extract_bytes"))
 
 
 def source_checksum(raw_dir: Path) -> str:

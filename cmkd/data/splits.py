@@ -5,11 +5,12 @@ from __future__ import annotations
 from typing import Sequence
 
 import numpy as np
-from sklearn.model_selection import train_test_split
 
 
 def stratified_split(labels: np.ndarray, fractions: Sequence[float], seed: int) -> dict[str, np.ndarray]:
     """Indices of a stratified (train, val, test) split with the given fractions."""
+    from sklearn.model_selection import train_test_split  # seconds to import: only where a split is drawn
+
     train_f, val_f, test_f = fractions
     idx = np.arange(len(labels))
     train, rest = train_test_split(idx, train_size=train_f, stratify=labels, random_state=seed)

@@ -507,7 +507,8 @@ def download(cfg: Mapping[str, Any], raw_dir: Path, progress: bool = True) -> No
 
         validate(cfg, "data.<sunrgbd dataset>")
         sources = [dict(s) for s in cfg["sources"]]
-        fetched = Path(fetch(sources, raw_dir, progress=progress))
+        fetched = Path(fetch(sources, raw_dir, progress=progress, key="data.<sunrgbd dataset>.sources",
+                             max_extract_bytes=cfg.get("max_extract_bytes")))
         # An already-extracted folder is used where it lies (fetch records it, copies nothing).
         folders = [Path(s["path"]).expanduser() for s in sources if "path" in s and Path(s["path"]).expanduser().is_dir()]
         root = _first_root([fetched, *folders])

@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import numpy as np
-from sklearn.datasets import make_classification
 
 from cmkd.atomic import write_json
 from cmkd.data.h5 import PreparedWriter
@@ -47,6 +46,8 @@ def ntdh_sklearn(n_samples: int, n_features: int, n_classes: int, gamma: float, 
     make_classification draws 2 * n_features informative features for one labelling; the
     first half (A) is x^b's, the second half (B) the replacement pool.
     """
+    from sklearn.datasets import make_classification  # ~1 s to import: only where data is drawn
+
     x, y = make_classification(
         n_samples=n_samples, n_features=2 * n_features, n_informative=2 * n_features, n_redundant=0,
         n_repeated=0, n_classes=n_classes, n_clusters_per_class=2, class_sep=1.0, flip_y=0.0,
