@@ -327,7 +327,7 @@ def _parse_claim(raw: Mapping[str, Any], path: str | Path, where: str, recorded:
     expected = raw.get("expected_verdict", "reproduced")
     if expected not in VERDICTS:
         raise fail(f"`expected_verdict` must be one of {list(VERDICTS)}, got {expected!r}")
-    reason = raw.get("reason", "")
+    reason = raw.get("reason") or ""
     if expected != "reproduced" and not (isinstance(reason, str) and reason.strip()):
         raise fail(f"expected_verdict {expected} needs a `reason` (what was measured and why it differs)")
     for key in ("paper_reports", "command"):

@@ -153,18 +153,19 @@ def _round(x: float | None) -> float | None:
     return None if x is None else round(float(x), 4)
 
 
-def compact_hyperparameters(hp: Mapping[str, Any]) -> str:
-    """One short cell: `T=4, ce=0, kd=1`; nested entries as `base(...)`, flags by name."""
+def compact_hyperparameters(hp: Mapping[str, Any], top: bool = True) -> str:
+    """One short cell: `T=4, ce=0, kd=1`; nested entries as `base(method=kd, ...)`, flags by name
+    (the row's own method is in its own column)."""
     parts = []
     for key, value in hp.items():
-        if key == "method" and not isinstance(value, Mapping):
+        if key == "method" and top:
             continue
         k = _SHORT.get(key, key)
         if isinstance(value, bool):
             if value:
                 parts.append(k)
         elif isinstance(value, Mapping):
-            parts.append(f"{k}({compact_hyperparameters(value)})")
+            parts.append(f"{k}({compact_hyperparameters(value, top=False)})")
         elif isinstance(value, (list, tuple)):
             parts.append(f"{k}={'/'.join(_num(v) for v in value)}")
         else:
