@@ -43,6 +43,8 @@ def test_exp_run_with_another_run_param_saves_an_experiment(tmp_path):
     git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
     subprocess.run(["git", "init", "-q"], cwd=repo, env=env, check=True)
     dvc(["init", "-q"], repo, env)
+    subprocess.run(["git", "add", "-A"], cwd=repo, env=env, check=True)
+    subprocess.run([*git, "commit", "-qm", "pipeline"], cwd=repo, env=env, check=True)
     dvc(["repro", "evaluate@synthetic"], repo, env)
     subprocess.run(["git", "add", "-A"], cwd=repo, env=env, check=True)
     subprocess.run([*git, "commit", "-qm", "first run"], cwd=repo, env=env, check=True)
