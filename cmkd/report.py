@@ -126,17 +126,17 @@ def _merge_provenance(by_run: Mapping[str, Any]) -> dict[str, Any] | None:
 def metrics_summary(report: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     """The few numbers per row that git and DVC keep (`metrics/<dataset>/<row>.json`): the
     primary metric's mean, its 95% interval and n, and the paired difference to STUDENT with
-    its verdict. Rounded to 4 decimals so `dvc metrics show` stays narrow."""
+    its verdict. Rounded to 4 decimals so `dvc metrics show` stays narrow; no interval for one seed."""
     metric = report["metric"]
     out: dict[str, dict[str, Any]] = {}
     for name, row in report["rows"].items():
         stat = row.get(metric)
         if stat is None:
             continue
-        ci = t_interval(stat["values"])
-        entry: dict[str, Any] = {metric: _round(stat["mean"]), "n": stat["n"],
-                                 "ci95_lo": _round(ci["ci95"][0] if ci["ci95"] else None),
-                                 "ci95_hi": _round(ci["ci95"][1] if ci["ci95"] else None)}
+        ci = t_interval(stat["values"])["ci95"]
+        entry: dict[str, Any] = {metric: _round(stat["mean"]), "n": stat["n"]}
+        if ci:  # one seed has no interval
+            entry.update(ci95_lo=_round(ci[0]), ci95_hi=_round(ci[1]))
         if "vs_student" in row:
             entry["vs_student"] = _round(row["vs_student"]["mean"])
             entry["verdict"] = row["vs_student"]["verdict"]

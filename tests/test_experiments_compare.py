@@ -68,5 +68,9 @@ def test_exp_run_with_another_run_param_saves_an_experiment(tmp_path):
     table = json.loads(dvc(["exp", "show", "--json"], repo, env).stdout)
     text = json.dumps(table)
     assert '"t2"' in text and text.count("metrics/synthetic/kdv1.json") >= 2  # the baseline and the experiment
+    # the README's filter: only what differs between experiments, without the interval columns
+    narrow = dvc(["exp", "show", "--no-pager", "--only-changed", "--drop", ".*(ci95_.*|:n)|Created"], repo,
+                 {**env, "COLUMNS": "200"}).stdout
+    assert "kdv1.json:f1_weighted" in narrow and "runs.kdv1.temperature" in narrow and "ci95" not in narrow
     baseline = next(r for r in table if r.get("rev") != "workspace")
     assert baseline["data"]["metrics"]["metrics/synthetic/kdv1.json"]["data"]["n"] == 2

@@ -114,6 +114,8 @@ def test_metrics_summary_is_small_and_rounded(tmp_path):
     assert set(small["student"]) == {"f1_weighted", "ci95_lo", "ci95_hi", "n"}
     assert small["kdv1"]["f1_weighted"] == 0.7233 and small["kdv1"]["verdict"] == "better"
     assert small["kdv1"]["ci95_lo"] < 0.7233 < small["kdv1"]["ci95_hi"]
+    one = metrics_summary({"metric": "f1_weighted", "rows": {"student": {"f1_weighted": {"mean": 0.5, "values": [0.5], "n": 1}}}})
+    assert one == {"student": {"f1_weighted": 0.5, "n": 1}}
     assert metrics_file_name("discom_kd/teacher_modality") == "discom_kd.teacher_modality.json"
     assert max(len(json.dumps(v)) for v in small.values()) < 200
 
