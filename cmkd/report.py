@@ -52,21 +52,6 @@ def vs_student(row: Mapping[str, Any], student: Mapping[str, Any]) -> dict[str, 
     return {"mean": diff["mean"], "ci95": diff["ci95"], "n": diff["n"], "verdict": diff["verdict"]}
 
 
-def current_provenance() -> dict[str, Any]:
-    """What decides this process's floating-point results: torch, its CPU path, threads."""
-    import platform
-
-    import torch
-
-    return {
-        "torch": torch.__version__,
-        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        "threads": torch.get_num_threads(),
-        "python": platform.python_version(),
-        "machine": platform.machine(),
-    }
-
-
 def collect(run_dirs: Iterable[Path], run_configs: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Read every run's metrics.json into one dict keyed by row name.
 

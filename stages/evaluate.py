@@ -8,9 +8,8 @@ from pathlib import Path
 
 from cmkd.atomic import atomic_dir, atomic_path, write_json, write_text
 from cmkd.data.h5 import read_attrs
-from cmkd.report import (
-    bar_figure, collect, current_provenance, markdown_table, metrics_file_name, metrics_summary, scores_csv,
-)
+from cmkd.determinism import provenance
+from cmkd.report import bar_figure, collect, markdown_table, metrics_file_name, metrics_summary, scores_csv
 from stages._common import DATA, main, parser, start
 
 METRICS = "metrics"
@@ -26,7 +25,7 @@ def run() -> None:
     names = ["teacher", "student"] + list(params["methods"])
     report = collect((runs_dir / name for name in names), params.get("runs"))
     if report["provenance"] is None:  # runs that predate provenance records: this process's
-        report["provenance"] = {**current_provenance(), "recorded_by": "evaluate"}
+        report["provenance"] = {**provenance(), "recorded_by": "evaluate"}
     attrs = read_attrs(Path(DATA) / "prepared" / f"{ds}.h5")
     out = Path(DATA) / "reports" / ds
     write_json(out / "metrics.json", report)
