@@ -373,33 +373,60 @@ def mfh_sweep(cfg: Mapping[str, Any], key: str = "experiments.mfh") -> dict[str,
     return result
 
 
+def _point_values(result: Mapping[str, Any], metric: str) -> np.ndarray:
+    """Per-seed values of `metric` at every point: [points, seeds] (same seed order at every point)."""
+    return np.array([p[metric]["values"] for p in result["points"]], dtype=np.float64)
+
+
 def derive_mfh_gamma(result: Mapping[str, Any]) -> dict[str, Any]:
     """The gamma sweep seen by the claims: KD gain ordered by the share of modality-general
-    decisive features in the teacher, and the gain where that share is 0."""
+    decisive features in the teacher (means), and the per-seed KD gain (a summary with its
+    values) where that share is 0 and where it is largest."""
     s = result["series"]
     order = [int(i) for i in np.argsort(s["general_share"], kind="stable")]
     by_share = {name: [s[name][i] for i in order]
                 for name in ("general_share", "kd_gain", "kd_gain_sem", "teacher_acc", "nokd_acc", "kd_acc")}
     no_general = [i for i in order if s["general_share"][i] == 0.0]
+    points = result["points"]
     return {
         "by_general_share": by_share,
-        "kd_gain_all_specific": s["kd_gain"][no_general[0]] if no_general else None,
-        "kd_gain_all_general": by_share["kd_gain"][-1],
+        "kd_gain_all_specific": dict(points[no_general[0]]["kd_gain"]) if no_general else None,
+        "kd_gain_all_general": dict(points[order[-1]]["kd_gain"]),
     }
 
 
+def band_ratio_bootstrap(gain: np.ndarray, teacher: np.ndarray, n_boot: int = 2000, seed: int = 0) -> dict[str, Any]:
+    """(max - min over points of the mean gain) / (last - first point of the mean teacher
+    accuracy), with its bootstrap standard error over seeds (seeds resampled jointly at every
+    point, so their pairing is kept). gain, teacher: [points, seeds]."""
+    n = gain.shape[1]
+
+    def ratio(g: np.ndarray, t: np.ndarray) -> np.ndarray:
+        teacher_gain = t[-1] - t[0]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return np.where(teacher_gain > 0, (g.max(axis=0) - g.min(axis=0)) / teacher_gain, np.inf)
+
+    estimate = float(ratio(gain.mean(axis=1)[:, None], teacher.mean(axis=1)[:, None])[0])
+    idx = np.random.default_rng(seed).integers(0, n, size=(n_boot, n))
+    boot = ratio(gain[:, idx].mean(axis=2), teacher[:, idx].mean(axis=2))
+    se = float(boot.std(ddof=1)) if n > 1 and np.all(np.isfinite(boot)) else None
+    return {"mean": estimate if math.isfinite(estimate) else None, "sem": se, "n": int(n),
+            "method": f"bootstrap over seeds ({n_boot} resamples)"}
+
+
 def derive_mfh_alpha(result: Mapping[str, Any]) -> dict[str, Any]:
-    """The alpha sweep seen by the claims: the teacher's gain from the first to the last point,
-    and the band (max - min over points) of the KD student's accuracy and of its KD gain."""
+    """The alpha sweep seen by the claims: the teacher's gain from the first to the last point
+    (per seed, a summary), the band (max - min over points) of the KD student's accuracy and of
+    its KD gain (means), and the band over the teacher's gain with a bootstrap standard error."""
     s = result["series"]
-    teacher_gain = s["teacher_acc"][-1] - s["teacher_acc"][0]
-    gain_band = max(s["kd_gain"]) - min(s["kd_gain"])
+    teacher = _point_values(result, "teacher_acc")
+    gain = _point_values(result, "kd_gain")
     return {
-        "teacher_gain": teacher_gain,
-        "kd_student_gain": s["kd_acc"][-1] - s["kd_acc"][0],
+        "teacher_gain": summarize(teacher[-1] - teacher[0]),
+        "kd_student_gain": summarize(_point_values(result, "kd_acc")[-1] - _point_values(result, "kd_acc")[0]),
         "kd_student_band": max(s["kd_acc"]) - min(s["kd_acc"]),
-        "kd_gain_band": gain_band,
-        "kd_gain_band_over_teacher_gain": gain_band / teacher_gain if teacher_gain > 0 else None,
+        "kd_gain_band": max(s["kd_gain"]) - min(s["kd_gain"]),
+        "kd_gain_band_over_teacher_gain": band_ratio_bootstrap(gain, teacher),
     }
 
 
@@ -532,17 +559,17 @@ def ntdh_gap_sweep(cfg: Mapping[str, Any], key: str = "experiments.ntdh_gap") ->
 
 def derive_ntdh_gap(result: Mapping[str, Any]) -> dict[str, Any]:
     """Each divergence's growth from the first to the last gamma (in divergence per unit of
-    gamma when the sweep has `gamma`), and KD with and without the masks at the largest gaps."""
-    s = result["series"]
+    gamma when the sweep has `gamma`), per seed (summaries with values, paired by seed), and
+    KD with and without the masks at the largest gaps (means)."""
     span = 1.0
     if "gamma" in result["points"][0]:
         span = float(result["points"][-1]["gamma"]) - float(result["points"][0]["gamma"]) or 1.0
     masks = result.get("masks") or {}
-    return {
-        "target_div_growth": (s["target_div"][-1] - s["target_div"][0]) / span,
-        "non_target_div_growth": (s["non_target_div"][-1] - s["non_target_div"][0]) / span,
-        "large_gap": dict(masks.get("series", {})),
-    }
+    growth = {}
+    for name in ("target_div", "non_target_div"):
+        v = _point_values(result, name)
+        growth[f"{name}_growth"] = summarize((v[-1] - v[0]) / span)
+    return {**growth, "large_gap": dict(masks.get("series", {}))}
 
 
 # --------------------------------------------------------------------------- digits -> digits-M with noise

@@ -1,65 +1,71 @@
 """Paper claims, checked against the pipeline's results.
 
 A claims file (``claims.yaml`` at the repository root) lists what the papers say, each claim in
-a form a program can decide:
+a form a program can decide, and the configuration the claims were made for:
 
 ```yaml
+configuration:                           # sha256 (16 hex) of each params subset a claim depends on
+  experiments.mfh_gamma: 0123456789abcdef
 claims:
   - id: mfh-gamma-kd-gain-rises          # unique, [a-z0-9_-]
     paper: MFH                           # short paper name
     statement: KD gain over no-KD rises with the share of modality-general features.
     paper_reports: Fig. 2 ...            # optional: what the paper reports, in words / numbers
-    significance: 2.0                    # optional, see "Noisy comparisons"
-    optional: true                       # optional: absent results skip the claim (e.g. a run
-                                         # the user left out of `methods`) instead of failing it
+    tests: definition                    # optional: definition | variant (of the paper's method)
     source:                              # the measurement
       file: data/reports/experiments/mfh_gamma.json
-      path: series.kd_gain_mean          # JSON path, see `resolve_path`
-    against:                             # optional second measurement (pairwise comparisons)
-      file: ...
-      path: ...
+      path: points[*].kd_gain            # JSON path, see `resolve_path`
+    x: {file: ..., path: points[*].general_share}   # trends: the x axis (default: point index)
+    against: {file: ..., path: ...}      # optional second measurement (pairwise comparisons)
     comparison: increasing               # see COMPARISONS
     value: 0.0                           # threshold (or [lo, hi] for `between`)
-    tolerance: 0.01                      # slack in the paper's favour, decided before any run
-    status: reproduces                   # or not_reproduced (with `reason`)
-    reason: ...                          # required when status is not_reproduced
+    tolerance: 0.0                       # slack in the paper's favour (exact numbers only; see below)
+    paired: true                         # optional; false forces Welch's test between two samples
+    expected_verdict: reproduced         # reproduced | not_reproduced | inconclusive | not_run
+    reason: ...                          # required unless expected_verdict is reproduced
+    depends_on: [experiments.mfh_gamma]  # params keys whose values the claim was made for
+    optional: true                       # optional: results absent -> not_run, reported, not enforced
     command: dvc repro exp_mfh_gamma     # what regenerates the number (for the docs)
 ```
 
-Comparisons (``m`` the measured value, ``a`` the `against` value, ``v`` the value, ``t`` the
-tolerance; the tolerance always relaxes the test by ``t`` in the paper's favour):
+Verdicts. Every claim ends as ``reproduced`` (the paper's comparison holds, significantly),
+``not_reproduced`` (significantly the other way; for a threshold, the interval lies on the
+wrong side), ``inconclusive`` (neither) or ``not_run`` (no results). A claim `passed` exactly
+when its verdict equals `expected_verdict`; the check fails on a claim that did not pass, unless
+the claim is not enforced: the current params differ from its recorded configuration (`depends_on`
+keys whose hash differs), or it is optional and its results are absent.
 
-- ``>``, ``>=``, ``<``, ``<=``: scalar m against v (or a): ``m > v - t`` etc.
-- ``==``: ``|m - v| <= t``;  ``between``: ``lo - t <= m <= hi + t`` with value ``[lo, hi]``.
-- ``all >`` / ``all >=`` / ``all <`` / ``all <=`` / ``any >`` / ``any <``: element-wise over a
-  list m, against v or element-wise against a list a of the same length.
-- ``increasing`` / ``decreasing``: a sequence m whose last value exceeds (falls below) the
-  first by more than ``t`` and that never steps back by more than ``t``; here ``t`` is the noise
-  band of one point, so it both forgives a small step back and demands a rise above noise.
-- ``spearman >`` / ``spearman <``: the Spearman rank correlation of m and a against v.
+Measurements are exact numbers or per-seed samples: summaries ``{"mean", "sem" or "std",
+"n", ["values", "seeds"]}`` (the experiments' points, the main tables' rows). Exact numbers are
+compared as written (with the tolerance). Samples are tested at one-sided alpha = 0.05 with the
+t distribution:
 
-Noisy comparisons: a scalar comparison (``>``, ``>=``, ``<``, ``<=``) between summaries
-``{"mean", "std", "n"}`` (the main tables' metrics.json entries) may set ``significance: k``.
-The claim then holds when the difference of the means is beyond k standard errors in the
-paper's direction, fails when it is beyond k standard errors the other way, and is
-"inconclusive (within k s.e.)" otherwise: the seeds cannot decide it, which is reported, not
-counted as a failure.
+- ``>``, ``>=``, ``<``, ``<=`` against a value: one-sample t test of mean - value (n - 1 df);
+  against another sample: paired t test of the per-seed differences when both carry values for
+  the same seeds (``seeds`` when present, else position), else Welch's t test.
+- ``all <op>`` over k points: every point significant (intersection-union test: at most alpha
+  under the null); not reproduced when some point is significant the other way at alpha / k
+  (Bonferroni). ``any <op>``: some point significant at alpha / k; not reproduced when every
+  point is significantly the other way.
+- ``==`` (|m - v| <= tolerance) and ``between`` (value [lo, hi]): both one-sided tests against the
+  bounds (TOST); not reproduced when the mean is significantly outside (alpha / 2 each side).
+- ``increasing`` / ``decreasing``: per seed, the least-squares slope of the values on `x`
+  (the point index by default; per-seed x values when `x` resolves to samples), then a
+  one-sample t test of the slopes against 0. Lists of exact numbers: the last value exceeds
+  (falls below) the first by more than the tolerance and no step goes back by more than it.
 
-Recording what does not reproduce: a claim that a run showed not to hold is kept in the file
-with ``status: not_reproduced`` and a ``reason`` written from the measured numbers; its paper
-expectation (comparison, value, tolerance) stays exactly as the paper states it, never loosened.
-Such a claim passes the check only while the measurement still disagrees with the paper (the
-verdict reads "not reproduced (known)"), so a later change that makes it hold is flagged
-("now reproduces: update claims.yaml") instead of going unnoticed. A claim whose results file
-or path is missing fails with the verdict "missing", unless the claim is `optional` (a claim on a
-main-table run the user may leave out of `methods`): then it is "skipped (results absent)".
+A sample of one seed cannot be tested: inconclusive. Tolerances on samples shift the tested
+bound in the paper's favour and are not used by the repository's claims.
 
 Everything here is pure: `load_claims` parses and validates, `evaluate_claim` decides one claim
-against already-loaded JSON documents, `render_markdown` formats the report.
+against already-loaded JSON documents (and the params it runs under), `render_markdown` formats
+the report, `record_configuration` rewrites a claims file's configuration hashes.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import re
 from dataclasses import dataclass, field
@@ -68,18 +74,21 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import yaml
-from scipy.stats import spearmanr
 
 from cmkd.errors import DataFormatError
+from cmkd.stats import ALPHA, one_sided, seed_slopes, welch
 
 SCALAR_OPS = (">", ">=", "<", "<=")
 ELEMENTWISE = tuple(f"{q} {op}" for q in ("all", "any") for op in SCALAR_OPS)
-COMPARISONS = SCALAR_OPS + ("==", "between") + ELEMENTWISE + ("increasing", "decreasing", "spearman >", "spearman <")
-PAIRWISE_ONLY = ("spearman >", "spearman <")
-STATUSES = ("reproduces", "not_reproduced")
+TRENDS = ("increasing", "decreasing")
+COMPARISONS = SCALAR_OPS + ("==", "between") + ELEMENTWISE + TRENDS
+VERDICTS = ("reproduced", "not_reproduced", "inconclusive", "not_run")
+TESTS = ("definition", "variant")
 _ID = re.compile(r"^[a-z0-9][a-z0-9_\-]*$")
-_KNOWN_KEYS = {"id", "paper", "statement", "paper_reports", "source", "against", "comparison", "value",
-               "tolerance", "status", "reason", "command", "significance", "optional"}
+_KNOWN_KEYS = {"id", "paper", "statement", "paper_reports", "source", "against", "x", "comparison", "value",
+               "tolerance", "expected_verdict", "reason", "command", "optional", "tests", "depends_on", "paired"}
+_REPLACED = {"status": "replaced by `expected_verdict` (reproduced | not_reproduced | inconclusive | not_run)",
+             "significance": "replaced by calibrated t tests at alpha 0.05 (see cmkd/claims.py)"}
 
 _OPS: dict[str, Callable[[float, float, float], bool]] = {
     ">": lambda m, v, t: m > v - t,
@@ -116,29 +125,35 @@ class Claim:
     value: Any = None
     tolerance: float = 0.0
     against: Source | None = None
-    status: str = "reproduces"
+    x: Source | None = None
+    expected_verdict: str = "reproduced"
     reason: str = ""
     paper_reports: str = ""
     command: str = ""
-    significance: float | None = None
     optional: bool = False
+    tests: str = ""
+    paired: bool = True
+    #: (params key, recorded hash) for every key the claim depends on
+    configuration: tuple[tuple[str, str], ...] = ()
 
     def expected_text(self) -> str:
-        """The paper's expectation in one line, e.g. ``spearman(m, a) < -0.7``."""
+        """The paper's expectation in one line, e.g. ``points[*].kd_gain increasing in gamma``."""
         slack = f" (slack {_fmt(self.tolerance)})" if self.tolerance else ""
-        if self.significance:
-            slack += f" beyond {_fmt(self.significance)} s.e."
         rhs = self.against.path if self.against is not None else _fmt(self.value)
-        if self.comparison in ("increasing", "decreasing"):
-            return f"{self.source.path} {self.comparison}{slack}"
-        if self.comparison in PAIRWISE_ONLY:
-            op = self.comparison.split()[1]
-            return f"spearman({self.source.path}, {self.against.path}) {op} {_fmt(self.value)}{slack}"
+        if self.comparison in TRENDS:
+            over = f" in {self.x.path}" if self.x is not None else ""
+            return f"{self.source.path} {self.comparison}{over}{slack}"
         if self.comparison == "between":
             return f"{self.source.path} in {_fmt(self.value)}{slack}"
         if self.comparison == "==":
             return f"{self.source.path} == {rhs} +- {_fmt(self.tolerance)}"
         return f"{self.source.path} {self.comparison} {rhs}{slack}"
+
+    def config_differences(self, params: Mapping[str, Any] | None) -> list[str]:
+        """The `depends_on` keys whose value in `params` differs from the recorded one."""
+        if params is None:
+            return []
+        return [key for key, digest in self.configuration if params_hash(params, key) != digest]
 
 
 @dataclass
@@ -147,12 +162,20 @@ class Outcome:
 
     claim: Claim
     measured: Any
-    holds: bool | None  # the paper's comparison on the measurement; None when it is missing
-    passed: bool
     verdict: str
     detail: str = ""
     against_measured: Any = None
-    extra: dict[str, Any] = field(default_factory=dict)
+    statistics: dict[str, Any] = field(default_factory=dict)
+    enforced: bool = True
+    note: str = ""
+
+    @property
+    def passed(self) -> bool:
+        return self.verdict == self.claim.expected_verdict
+
+    @property
+    def fails_check(self) -> bool:
+        return self.enforced and not self.passed
 
     def to_json(self) -> dict[str, Any]:
         c = self.claim
@@ -162,21 +185,65 @@ class Outcome:
             "statement": c.statement,
             "expected": c.expected_text(),
             "measured": _jsonable(self.measured),
-            "passed": self.passed,
-            "holds": self.holds,
             "verdict": self.verdict,
-            "status": c.status,
+            "expected_verdict": c.expected_verdict,
+            "passed": self.passed,
+            "enforced": self.enforced,
             "source": c.source.describe(),
         }
         if c.against is not None:
             out["against"] = c.against.describe()
             out["against_measured"] = _jsonable(self.against_measured)
-        for key in ("reason", "paper_reports", "command"):
+        for key in ("tests", "reason", "paper_reports", "command"):
             if getattr(c, key):
                 out[key] = getattr(c, key)
+        if self.statistics:
+            out["statistics"] = _jsonable(self.statistics)
         if self.detail:
             out["detail"] = self.detail
+        if self.note:
+            out["note"] = self.note
         return out
+
+
+# --------------------------------------------------------------------------- configuration
+
+def params_hash(params: Mapping[str, Any], key: str) -> str:
+    """sha256 (first 16 hex digits) of the canonical JSON of params at dotted `key` (None if absent)."""
+    node: Any = params
+    for part in key.split("."):
+        node = node.get(part) if isinstance(node, Mapping) else None
+    text = json.dumps(node, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+_CONFIG_LINE = re.compile(r"^(\s+)([A-Za-z0-9_.\-]+):(\s*)(\S*)(\s*#.*)?$")
+
+
+def record_configuration(text: str, params: Mapping[str, Any], path: str | Path = "claims.yaml") -> str:
+    """The claims file `text` with every hash of its `configuration:` block set from `params`
+    (comments and layout kept). Every key some claim depends on must already be listed there."""
+    doc = yaml.safe_load(text)
+    claims = parse_claims(doc, path, check_configuration=False)
+    listed = set((doc.get("configuration") or {}))
+    needed = {key for c in claims for key, _ in c.configuration}
+    missing = sorted(needed - listed)
+    if missing:
+        raise ClaimsError(path, f"`configuration` lacks {missing[0]!r}, which a claim depends on; add a line for it")
+    lines = text.splitlines(keepends=True)
+    inside = False
+    for i, line in enumerate(lines):
+        if line.startswith("configuration:"):
+            inside = True
+            continue
+        if inside:
+            if line.strip() and not line[0].isspace():
+                break
+            m = _CONFIG_LINE.match(line.rstrip("\n"))
+            if m and m.group(2) in listed:
+                indent, key, _, _, comment = m.groups()
+                lines[i] = f"{indent}{key}: {params_hash(params, key)}{comment or ''}\n"
+    return "".join(lines)
 
 
 # --------------------------------------------------------------------------- loading
@@ -193,9 +260,15 @@ def load_claims(path: str | Path) -> list[Claim]:
     return parse_claims(doc, path)
 
 
-def parse_claims(doc: Any, path: str | Path = "claims.yaml") -> list[Claim]:
+def parse_claims(doc: Any, path: str | Path = "claims.yaml", check_configuration: bool = True) -> list[Claim]:
     if not isinstance(doc, Mapping) or not isinstance(doc.get("claims"), list) or not doc["claims"]:
         raise ClaimsError(path, "must be a mapping with a non-empty list under `claims`")
+    unknown = sorted(set(doc) - {"claims", "configuration"})
+    if unknown:
+        raise ClaimsError(path, f"unknown top-level key {unknown[0]!r}; known: claims, configuration")
+    recorded = doc.get("configuration") or {}
+    if not isinstance(recorded, Mapping) or not all(isinstance(v, str) or v is None for v in recorded.values()):
+        raise ClaimsError(path, "`configuration` must map params keys to hashes (strings)")
     claims: list[Claim] = []
     seen: set[str] = set()
     for i, raw in enumerate(doc["claims"]):
@@ -204,7 +277,7 @@ def parse_claims(doc: Any, path: str | Path = "claims.yaml") -> list[Claim]:
             raise ClaimsError(path, f"{where}: must be a mapping")
         if isinstance(raw.get("id"), str):
             where = f"claim {raw['id']!r}"
-        claim = _parse_claim(raw, path, where)
+        claim = _parse_claim(raw, path, where, recorded, check_configuration)
         if claim.id in seen:
             raise ClaimsError(path, f"{where}: duplicate id")
         seen.add(claim.id)
@@ -212,10 +285,14 @@ def parse_claims(doc: Any, path: str | Path = "claims.yaml") -> list[Claim]:
     return claims
 
 
-def _parse_claim(raw: Mapping[str, Any], path: str | Path, where: str) -> Claim:
+def _parse_claim(raw: Mapping[str, Any], path: str | Path, where: str, recorded: Mapping[str, Any],
+                 check_configuration: bool) -> Claim:
     def fail(problem: str) -> ClaimsError:
         return ClaimsError(path, f"{where}: {problem}")
 
+    for key, why in _REPLACED.items():
+        if key in raw:
+            raise fail(f"`{key}` was {why}")
     unknown = sorted(set(raw) - _KNOWN_KEYS)
     if unknown:
         raise fail(f"unknown key {unknown[0]!r}; known: {sorted(_KNOWN_KEYS)}")
@@ -229,16 +306,17 @@ def _parse_claim(raw: Mapping[str, Any], path: str | Path, where: str) -> Claim:
         raise fail(f"unknown comparison {comparison!r}; known: {list(COMPARISONS)}")
     source = _parse_source(raw.get("source"), fail, "source")
     against = _parse_source(raw["against"], fail, "against") if raw.get("against") is not None else None
+    x = _parse_source(raw["x"], fail, "x") if raw.get("x") is not None else None
+    if x is not None and comparison not in TRENDS:
+        raise fail(f"`x` applies to {list(TRENDS)} only")
     value = raw.get("value")
-    if comparison in PAIRWISE_ONLY and against is None:
-        raise fail(f"comparison {comparison!r} needs `against`")
     if comparison == "between":
         if not (isinstance(value, list) and len(value) == 2 and all(_is_number(v) for v in value) and value[0] <= value[1]):
             raise fail("comparison 'between' needs `value: [lo, hi]` with lo <= hi")
-    elif comparison in ("increasing", "decreasing"):
+    elif comparison in TRENDS:
         if value is not None or against is not None:
-            raise fail(f"comparison {comparison!r} takes neither `value` nor `against`")
-    elif comparison in PAIRWISE_ONLY or against is None:
+            raise fail(f"comparison {comparison!r} takes neither `value` nor `against` (its axis is `x`)")
+    elif against is None:
         if not _is_number(value):
             raise fail(f"comparison {comparison!r} needs a numeric `value`")
     elif value is not None:
@@ -246,31 +324,36 @@ def _parse_claim(raw: Mapping[str, Any], path: str | Path, where: str) -> Claim:
     tolerance = raw.get("tolerance", 0.0)
     if not _is_number(tolerance) or tolerance < 0:
         raise fail("`tolerance` must be a number >= 0")
-    if comparison == "==" and against is None and value is None:
-        raise fail("comparison '==' needs `value` or `against`")
-    status = raw.get("status", "reproduces")
-    if status not in STATUSES:
-        raise fail(f"`status` must be one of {list(STATUSES)}")
-    reason = raw.get("reason", "")
-    if status == "not_reproduced" and not (isinstance(reason, str) and reason.strip()):
-        raise fail("status not_reproduced needs a `reason` (what was measured and why it differs)")
+    expected = raw.get("expected_verdict", "reproduced")
+    if expected not in VERDICTS:
+        raise fail(f"`expected_verdict` must be one of {list(VERDICTS)}, got {expected!r}")
+    reason = raw.get("reason") or ""
+    if expected != "reproduced" and not (isinstance(reason, str) and reason.strip()):
+        raise fail(f"expected_verdict {expected} needs a `reason` (what was measured and why it differs)")
     for key in ("paper_reports", "command"):
         if key in raw and not isinstance(raw[key], str):
             raise fail(f"`{key}` must be a string")
-    if not isinstance(raw.get("optional", False), bool):
-        raise fail("`optional` must be true or false")
-    significance = raw.get("significance")
-    if significance is not None:
-        if not _is_number(significance) or significance <= 0:
-            raise fail("`significance` must be a number > 0 (standard errors)")
-        if comparison not in SCALAR_OPS:
-            raise fail(f"`significance` applies to {list(SCALAR_OPS)} only")
+    for key in ("optional", "paired"):
+        if not isinstance(raw.get(key, False), bool):
+            raise fail(f"`{key}` must be true or false")
+    tests = raw.get("tests", "")
+    if tests and tests not in TESTS:
+        raise fail(f"`tests` must be one of {list(TESTS)}, got {tests!r}")
+    depends_on = raw.get("depends_on", [])
+    if not isinstance(depends_on, list) or not all(isinstance(k, str) and k for k in depends_on):
+        raise fail("`depends_on` must be a list of params keys")
+    if check_configuration:
+        for key in depends_on:
+            if not isinstance(recorded.get(key), str):
+                raise fail(f"depends on {key!r}, which has no hash under `configuration` "
+                           "(python -m stages.check --record-configuration writes them)")
     return Claim(
         id=raw["id"], paper=raw["paper"], statement=" ".join(raw["statement"].split()), source=source,
-        comparison=comparison, value=value, tolerance=float(tolerance), against=against, status=status,
-        reason=" ".join(str(reason).split()), paper_reports=" ".join(raw.get("paper_reports", "").split()),
-        command=raw.get("command", ""), significance=None if significance is None else float(significance),
-        optional=raw.get("optional", False),
+        comparison=comparison, value=value, tolerance=float(tolerance), against=against, x=x,
+        expected_verdict=expected, reason=" ".join(str(reason).split()),
+        paper_reports=" ".join(raw.get("paper_reports", "").split()), command=raw.get("command", ""),
+        optional=raw.get("optional", False), tests=tests, paired=raw.get("paired", True),
+        configuration=tuple((k, str(recorded.get(k))) for k in depends_on),
     )
 
 
@@ -347,134 +430,276 @@ def _resolve(node: Any, tokens: Sequence[str | int], path: str) -> Any:
 Loader = Callable[[str], Any]
 
 
-def evaluate_claim(claim: Claim, load: Loader) -> Outcome:
+@dataclass(frozen=True)
+class Sample:
+    """A measurement: an exact number (sem None, n 0) or a per-seed sample's summary."""
+
+    mean: float
+    sem: float | None = None
+    n: int = 0
+    values: tuple[float, ...] | None = None
+    seeds: tuple[str, ...] | None = None
+
+    @property
+    def exact(self) -> bool:
+        return self.n == 0
+
+    @property
+    def testable(self) -> bool:
+        return self.exact or (self.n >= 2 and self.sem is not None)
+
+
+def as_sample(x: Any, what: str) -> Sample:
+    """A number or a summary {"mean", "sem" | "std", "n", ["values", "seeds"]} as a Sample."""
+    if isinstance(x, Mapping) and "mean" in x:
+        mean = _number(x["mean"], f"{what}.mean")
+        values = x.get("values")
+        if isinstance(values, list) and values:
+            v = np.asarray(_numbers(values, f"{what}.values"))
+            n = len(v)
+            sem = float(v.std(ddof=1)) / math.sqrt(n) if n > 1 else None
+            seeds = x.get("seeds")
+            seeds = tuple(str(s) for s in seeds) if isinstance(seeds, list) and len(seeds) == n else None
+            return Sample(mean, sem, n, tuple(float(a) for a in v), seeds)
+        n = x.get("n")
+        if not (_is_number(n) and n >= 1):
+            raise TypeError(f"{what} is a summary without `values` or `n`: {x!r}")
+        if _is_number(x.get("sem")):
+            sem = float(x["sem"])
+        elif _is_number(x.get("std")):
+            sem = float(x["std"]) / math.sqrt(n)
+        else:
+            raise TypeError(f"{what} is a summary without `values`, `sem` or `std`: {x!r}")
+        return Sample(mean, sem if n > 1 else None, int(n))
+    return Sample(_number(x, what))
+
+
+def _pairs(a: Sample, b: Sample) -> tuple[np.ndarray, np.ndarray] | None:
+    """Per-seed values of a and b on the seeds both have (by `seeds`, else by position)."""
+    if a.values is None or b.values is None:
+        return None
+    if a.seeds is not None and b.seeds is not None:
+        other = dict(zip(b.seeds, b.values))
+        common = [(v, other[s]) for s, v in zip(a.seeds, a.values) if s in other]
+        if len(common) < 2:
+            return None
+        return np.array([p for p, _ in common]), np.array([q for _, q in common])
+    if len(a.values) != len(b.values):
+        return None
+    return np.asarray(a.values), np.asarray(b.values)
+
+
+def difference(a: Sample, b: Sample, paired: bool = True) -> tuple[float, float, float, str] | None:
+    """(a - b, standard error, df, test name); None when it cannot be tested (n < 2)."""
+    if a.exact and b.exact:
+        return a.mean - b.mean, 0.0, math.inf, "exact"
+    if not (a.testable and b.testable):
+        return None
+    if b.exact:
+        return a.mean - b.mean, a.sem, a.n - 1, "one-sample t"
+    if a.exact:
+        return a.mean - b.mean, b.sem, b.n - 1, "one-sample t"
+    pairs = _pairs(a, b) if paired else None
+    if pairs is not None:
+        d = pairs[0] - pairs[1]
+        return float(d.mean()), float(d.std(ddof=1)) / math.sqrt(len(d)), len(d) - 1, "paired t"
+    diff, se, df = welch(a.mean, a.sem, a.n, b.mean, b.sem, b.n)
+    return diff, se, df, "Welch t"
+
+
+def scalar_p(op: str, a: Sample, b: Sample, tolerance: float = 0.0, paired: bool = True) -> tuple[float, float, dict[str, Any]]:
+    """(p of the paper's side, p of the other side, statistics) of `a op b` (op in SCALAR_OPS)."""
+    sign = 1.0 if op.startswith(">") else -1.0
+    if a.exact and b.exact:  # exact numbers: the comparison as written
+        holds = _OPS[op](a.mean, b.mean, tolerance)
+        return (0.0, 1.0, {"test": "exact"}) if holds else (1.0, 0.0, {"test": "exact"})
+    d = difference(a, b, paired)
+    if d is None:
+        return 1.0, 1.0, {"test": "untestable (fewer than 2 seeds)"}
+    diff, se, df, name = d
+    p_paper, p_other = one_sided(sign * diff + tolerance, se, df)
+    return p_paper, p_other, {"test": name, "difference": diff, "se": se, "df": df, "p": p_paper}
+
+
+def _decide(p_paper: float, p_other: float, alpha: float = ALPHA) -> str:
+    if p_paper < alpha:
+        return "reproduced"
+    if p_other < alpha:
+        return "not_reproduced"
+    return "inconclusive"
+
+
+def evaluate_claim(claim: Claim, load: Loader, params: Mapping[str, Any] | None = None) -> Outcome:
     """Decide one claim. `load(file)` returns the parsed JSON of a results file or raises
-    FileNotFoundError / ResultMissing."""
+    FileNotFoundError / ResultMissing; `params` (params.yaml) decides whether it is enforced."""
+    differ = claim.config_differences(params)
+    note = f"not enforced: params differ from the claim's configuration: {', '.join(differ)}" if differ else ""
     try:
         measured = resolve_path(load(claim.source.file), claim.source.path)
         against = resolve_path(load(claim.against.file), claim.against.path) if claim.against else None
+        x = resolve_path(load(claim.x.file), claim.x.path) if claim.x else None
     except (FileNotFoundError, ResultMissing) as err:
-        if claim.optional:
-            return Outcome(claim, None, None, True, "skipped (results absent)", detail=f"results not found: {err}")
-        return Outcome(claim, None, None, False, "missing", detail=f"results not found: {err}")
+        if claim.optional and not note:
+            note = "not enforced: results absent (optional claim)"
+        return Outcome(claim, None, "not_run", detail=f"results not found: {err}", enforced=not note, note=note)
     try:
-        if claim.significance:
-            holds, shown, detail = compare_significant(claim.comparison, measured, claim.value, claim.tolerance, against, claim.significance)
-        else:
-            holds, shown, detail = compare(claim.comparison, measured, claim.value, claim.tolerance, against)
+        verdict, shown, detail, statistics = compare(claim.comparison, measured, claim.value, claim.tolerance, against,
+                                                     x=x, paired=claim.paired)
     except (TypeError, ValueError) as err:
-        return Outcome(claim, _jsonable(measured), None, False, "invalid", detail=str(err), against_measured=against)
-    if holds is None:
-        return Outcome(claim, shown, None, True, f"inconclusive (within {_fmt(claim.significance)} s.e.)", detail=detail,
-                       against_measured=against)
-    if claim.status == "reproduces":
-        verdict = "reproduced" if holds else "not reproduced"
-        passed = holds
-    else:
-        verdict = "now reproduces: update claims.yaml" if holds else "not reproduced (known)"
-        passed = not holds
-    return Outcome(claim, shown, holds, passed, verdict, detail=detail, against_measured=against)
+        return Outcome(claim, _jsonable(measured), "not_run", detail=f"invalid measurement: {err}",
+                       against_measured=against, enforced=not note, note=note)
+    return Outcome(claim, shown, verdict, detail=detail, against_measured=_means(against) if against is not None else None,
+                   statistics=statistics, enforced=not note, note=note)
 
 
-def compare(comparison: str, measured: Any, value: Any, tolerance: float, against: Any = None) -> tuple[bool, Any, str]:
-    """Apply a comparison; returns (holds, the measured value to show, a one-line detail).
-
-    Raises ValueError / TypeError when the measurement has the wrong shape for the comparison.
-    """
+def compare(comparison: str, measured: Any, value: Any, tolerance: float, against: Any = None, *, x: Any = None,
+            paired: bool = True, alpha: float = ALPHA) -> tuple[str, Any, str, dict[str, Any]]:
+    """Apply a comparison; returns (verdict, the measured value to show, a one-line detail,
+    the test's statistics). Raises ValueError / TypeError when the measurement has the wrong
+    shape for the comparison."""
     t = float(tolerance)
     if comparison in SCALAR_OPS:
-        m = _number(measured, "measured")
-        rhs = _number(against, "against") if against is not None else float(value)
-        return bool(_OPS[comparison](m, rhs, t)), m, f"{_fmt(m)} {comparison} {_fmt(rhs)}"
-    if comparison == "==":
-        m = _number(measured, "measured")
-        rhs = _number(against, "against") if against is not None else float(value)
-        return abs(m - rhs) <= t, m, f"|{_fmt(m)} - {_fmt(rhs)}| = {_fmt(abs(m - rhs))}"
-    if comparison == "between":
-        m = _number(measured, "measured")
-        lo, hi = float(value[0]), float(value[1])
-        return lo - t <= m <= hi + t, m, f"{_fmt(m)} in [{_fmt(lo)}, {_fmt(hi)}]"
+        a = as_sample(measured, "measured")
+        b = as_sample(against, "against") if against is not None else Sample(float(value))
+        p_paper, p_other, st = scalar_p(comparison, a, b, t, paired)
+        return _decide(p_paper, p_other, alpha), a.mean, _describe(comparison, a, b, st), st
+    if comparison in ("==", "between"):
+        a = as_sample(measured, "measured")
+        if comparison == "==":
+            b = as_sample(against, "against") if against is not None else Sample(float(value))
+            lo_b, hi_b, shift = -t, t, b
+        else:
+            lo_b, hi_b, shift = float(value[0]) - t, float(value[1]) + t, Sample(0.0)
+        # TOST: above the lower bound and below the upper bound, each one-sided at alpha
+        above = scalar_p(">", a, _shifted(shift, lo_b), 0.0, paired)
+        below = scalar_p("<", a, _shifted(shift, hi_b), 0.0, paired)
+        if max(above[0], below[0]) < alpha:
+            verdict = "reproduced"
+        elif min(above[1], below[1]) < alpha / 2:
+            verdict = "not_reproduced"
+        else:
+            verdict = "inconclusive"
+        st = {"test": f"TOST ({above[2]['test']})", "p_above_lower": above[0], "p_below_upper": below[0]}
+        return verdict, a.mean, f"{_fmt(a.mean)} within [{_fmt(lo_b)}, {_fmt(hi_b)}] of {_fmt(shift.mean)}", st
     if comparison in ELEMENTWISE:
         quantifier, op = comparison.split()
-        ms = _numbers(measured, "measured")
+        ms = _list(measured, "measured")
         if against is not None:
-            rhs = _numbers(against, "against")
+            rhs = _list(against, "against")
             if len(rhs) != len(ms):
                 raise ValueError(f"measured has {len(ms)} values but against has {len(rhs)}")
         else:
-            rhs = [float(value)] * len(ms)
-        each = [bool(_OPS[op](m, r, t)) for m, r in zip(ms, rhs)]
-        holds = all(each) if quantifier == "all" else any(each)
-        return holds, ms, f"{sum(each)}/{len(each)} elements satisfy {op}"
-    if comparison in ("increasing", "decreasing"):
-        ms = _numbers(measured, "measured")
-        if len(ms) < 2:
-            raise ValueError("a trend needs at least two values")
-        sign = 1.0 if comparison == "increasing" else -1.0
-        steps = [sign * (b - a) for a, b in zip(ms, ms[1:])]
-        overall = sign * (ms[-1] - ms[0])
-        holds = overall > t and min(steps) >= -t
-        return holds, ms, f"first->last {_fmt(ms[-1] - ms[0])}, worst step {_fmt(sign * min(steps))}"
-    if comparison in PAIRWISE_ONLY:
-        ms, rhs = _numbers(measured, "measured"), _numbers(against, "against")
-        if len(ms) != len(rhs) or len(ms) < 3:
-            raise ValueError(f"spearman needs two sequences of equal length >= 3, got {len(ms)} and {len(rhs)}")
-        rho = float(spearmanr(ms, rhs).statistic)
-        if math.isnan(rho):
-            raise ValueError("spearman correlation is undefined (a constant sequence)")
-        op = comparison.split()[1]
-        return bool(_OPS[op](rho, float(value), t)), rho, f"rho = {_fmt(rho)} over {len(ms)} points"
+            rhs = [Sample(float(value))] * len(ms)
+        tests = [scalar_p(op, m, r, t, paired) for m, r in zip(ms, rhs)]
+        p_paper, p_other = [p for p, _, _ in tests], [q for _, q, _ in tests]
+        k = len(tests)
+        if quantifier == "all":  # intersection-union: every point at alpha; Bonferroni the other way
+            verdict = "reproduced" if max(p_paper) < alpha else "not_reproduced" if min(p_other) < alpha / k else "inconclusive"
+        else:
+            verdict = "reproduced" if min(p_paper) < alpha / k else "not_reproduced" if max(p_other) < alpha else "inconclusive"
+        n_sig = sum(p < alpha for p in p_paper)
+        st = {"test": tests[0][2]["test"], "p": p_paper, "p_other_side": p_other}
+        return verdict, [m.mean for m in ms], f"{n_sig}/{k} points significant ({tests[0][2]['test']})", st
+    if comparison in TRENDS:
+        return _trend(comparison, measured, x, t, alpha)
     raise ValueError(f"unknown comparison {comparison!r}")
 
 
-def compare_significant(comparison: str, measured: Any, value: Any, tolerance: float, against: Any, k: float) -> tuple[bool | None, Any, str]:
-    """`compare` for summaries {"mean", "std", "n"}: True / False when the difference of the
-    means lies beyond k standard errors (plus the tolerance) on the paper's side / the other
-    side, None (inconclusive) in between."""
-    if comparison not in SCALAR_OPS:
-        raise ValueError(f"significance applies to {SCALAR_OPS} only")
-    m_mean, m_var = _summary(measured, "measured")
-    if against is not None:
-        a_mean, a_var = _summary(against, "against")
-    else:
-        a_mean, a_var = float(value), 0.0
-    se = math.sqrt(m_var + a_var)
-    diff = m_mean - a_mean if comparison.startswith(">") else a_mean - m_mean  # > 0: the paper's side
-    margin = k * se
-    detail = f"difference {_fmt(m_mean - a_mean)}, s.e. {_fmt(se)}"
-    if diff + tolerance > margin:
-        return True, m_mean, detail
-    if diff + tolerance < -margin:
-        return False, m_mean, detail
-    return None, m_mean, detail
+def _trend(comparison: str, measured: Any, x: Any, tolerance: float, alpha: float) -> tuple[str, Any, str, dict[str, Any]]:
+    ys = _list(measured, "measured")
+    if len(ys) < 2:
+        raise ValueError("a trend needs at least two points")
+    sign = 1.0 if comparison == "increasing" else -1.0
+    xs = _list(x, "x") if x is not None else [Sample(float(i)) for i in range(len(ys))]
+    if len(xs) != len(ys):
+        raise ValueError(f"measured has {len(ys)} points but x has {len(xs)}")
+    means = [y.mean for y in ys]
+    if all(y.exact for y in ys):  # exact numbers: a monotone rise (fall) beyond the tolerance
+        order = np.argsort([p.mean for p in xs], kind="stable")
+        ms = [means[i] for i in order]
+        steps = [sign * (b - a) for a, b in zip(ms, ms[1:])]
+        holds = sign * (ms[-1] - ms[0]) > tolerance and min(steps) >= -tolerance
+        return ("reproduced" if holds else "not_reproduced"), means, f"first->last {_fmt(ms[-1] - ms[0])}", {"test": "exact"}
+    if any(y.values is None for y in ys) or len({len(y.values) for y in ys}) != 1:
+        raise TypeError("a trend over samples needs per-seed `values`, the same seeds at every point")
+    y = _aligned(ys)
+    xv = _aligned(xs) if all(p.values is not None for p in xs) else np.array([p.mean for p in xs])
+    if y.shape[1] < 2:
+        return "inconclusive", means, "one seed: no slope test", {"test": "untestable (fewer than 2 seeds)"}
+    slopes = seed_slopes(y, xv)
+    n = len(slopes)
+    mean, se = float(slopes.mean()), float(slopes.std(ddof=1)) / math.sqrt(n)
+    p_paper, p_other = one_sided(sign * mean + tolerance, se, n - 1)
+    st = {"test": "t test of per-seed slopes", "slope": mean, "se": se, "df": n - 1, "p": p_paper}
+    return _decide(p_paper, p_other, alpha), means, f"slope {_fmt(mean)} (s.e. {_fmt(se)}, {n} seeds, p {_fmt(p_paper)})", st
 
 
-def _summary(x: Any, what: str) -> tuple[float, float]:
-    """(mean, squared standard error of the mean) of a {"mean", "std", "n"} summary."""
-    if not (isinstance(x, Mapping) and all(_is_number(x.get(k)) for k in ("mean", "std", "n")) and x["n"] >= 2):
-        raise TypeError(f"{what} must be a summary with mean, std and n >= 2 for a significance test, got {x!r}")
-    return float(x["mean"]), float(x["std"]) ** 2 / float(x["n"])
+def _aligned(samples: Sequence[Sample]) -> np.ndarray:
+    """[points, seeds] values, columns matched by `seeds` when every point has them."""
+    if all(s.seeds is not None for s in samples):
+        seeds = [sd for sd in samples[0].seeds if all(sd in s.seeds for s in samples)]
+        return np.array([[dict(zip(s.seeds, s.values))[sd] for sd in seeds] for s in samples])
+    return np.array([s.values for s in samples])
+
+
+def _shifted(s: Sample, by: float) -> Sample:
+    return Sample(s.mean + by, s.sem, s.n, None if s.values is None else tuple(v + by for v in s.values), s.seeds)
+
+
+def _list(x: Any, what: str) -> list[Sample]:
+    if not isinstance(x, list) or not x:
+        raise TypeError(f"{what} must be a non-empty list, got {x!r}")
+    return [as_sample(v, f"{what}[{i}]") for i, v in enumerate(x)]
+
+
+def _means(x: Any) -> Any:
+    if isinstance(x, list):
+        return [_means(v) for v in x]
+    if isinstance(x, Mapping) and "mean" in x:
+        return x["mean"]
+    return x
+
+
+def _describe(op: str, a: Sample, b: Sample, st: Mapping[str, Any]) -> str:
+    if st["test"] == "exact":
+        return f"{_fmt(a.mean)} {op} {_fmt(b.mean)}"
+    if "se" not in st:
+        return f"{_fmt(a.mean)} vs {_fmt(b.mean)}: {st['test']}"
+    return (f"difference {_fmt(st['difference'])} (s.e. {_fmt(st['se'])}, {st['test']}, df {_fmt(float(st['df']))}, "
+            f"p {_fmt(st['p'])})")
 
 
 def filter_claims(claims: Sequence[Claim], prefix: str) -> list[Claim]:
-    """The claims whose results files (source and against) all lie under `prefix`."""
-    return [c for c in claims if c.source.file.startswith(prefix) and (c.against is None or c.against.file.startswith(prefix))]
+    """The claims whose results files (source, against, x) all lie under `prefix`."""
+    return [c for c in claims if all(s is None or s.file.startswith(prefix) for s in (c.source, c.against, c.x))]
 
 
-def evaluate_all(claims: Sequence[Claim], load: Loader) -> list[Outcome]:
-    return [evaluate_claim(c, load) for c in claims]
+def evaluate_all(claims: Sequence[Claim], load: Loader, params: Mapping[str, Any] | None = None) -> list[Outcome]:
+    return [evaluate_claim(c, load, params) for c in claims]
 
 
 def summary(outcomes: Sequence[Outcome]) -> dict[str, Any]:
-    verdicts: dict[str, int] = {}
-    for o in outcomes:
-        verdicts[o.verdict] = verdicts.get(o.verdict, 0) + 1
+    """Counts of each verdict (inconclusive is never reproduced), agreement with the expected
+    verdicts, and the claims that fail the check (enforced and changed)."""
     return {
         "total": len(outcomes),
-        "passed": sum(o.passed for o in outcomes),
-        "failed": sum(not o.passed for o in outcomes),
-        "verdicts": verdicts,
+        "verdicts": {v: sum(o.verdict == v for o in outcomes) for v in VERDICTS},
+        "as_expected": sum(o.passed for o in outcomes),
+        "changed": [o.claim.id for o in outcomes if not o.passed],
+        "not_enforced": [o.claim.id for o in outcomes if not o.enforced],
+        "failed": [o.claim.id for o in outcomes if o.fails_check],
     }
+
+
+def summary_line(outcomes: Sequence[Outcome]) -> str:
+    s = summary(outcomes)
+    counts = ", ".join(f"{n} {v.replace('_', ' ')}" for v, n in s["verdicts"].items())
+    line = f"{counts}; {s['as_expected']} of {s['total']} as expected"
+    if s["not_enforced"]:
+        line += f"; {len(s['not_enforced'])} not enforced"
+    if s["failed"]:
+        line += f"; {len(s['failed'])} changed verdict: {', '.join(s['failed'])}"
+    return line
 
 
 def report_json(outcomes: Sequence[Outcome]) -> dict[str, Any]:
@@ -482,30 +707,31 @@ def report_json(outcomes: Sequence[Outcome]) -> dict[str, Any]:
 
 
 def render_markdown(outcomes: Sequence[Outcome], title: str = "Paper claims") -> str:
-    s = summary(outcomes)
     if not outcomes:
         return f"# {title}\n\nNo claim reads these results.\n"
     lines = [
         f"# {title}",
         "",
-        f"{s['passed']} of {s['total']} claims pass ({', '.join(f'{v}: {n}' for v, n in sorted(s['verdicts'].items()))}).",
+        f"Verdicts: {summary_line(outcomes)}. A verdict is `reproduced` only when the paper's comparison is "
+        "significant (one-sided, alpha 0.05, t distribution over seeds); `inconclusive` is not reproduced.",
         "",
-        "| claim | paper | paper's statement | expected | measured | result |",
-        "|---|---|---|---|---|---|",
+        "| claim | paper | tests | paper's statement | test | measured | verdict | expected | |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for o in outcomes:
         c = o.claim
-        mark = "PASS" if o.passed else "FAIL"
         measured = _fmt(o.measured) if o.measured is not None else "n/a"
         if o.detail:
             measured += f" ({o.detail})"
-        lines.append(f"| `{c.id}` | {c.paper} | {_md(c.statement)} | `{_md(c.expected_text())}` | {_md(measured)} | {mark}: {o.verdict} |")
-    notes = [o for o in outcomes if o.claim.reason or o.verdict in ("missing", "invalid")]
+        mark = "ok" if o.passed else ("changed (not enforced)" if not o.enforced else "**CHANGED**")
+        lines.append(f"| `{c.id}` | {c.paper} | {c.tests or ''} | {_md(c.statement)} | `{_md(c.expected_text())}` | "
+                     f"{_md(measured)} | {o.verdict.replace('_', ' ')} | {c.expected_verdict.replace('_', ' ')} | {mark} |")
+    notes = [o for o in outcomes if o.claim.reason or o.note or o.verdict == "not_run"]
     if notes:
         lines += ["", "## Notes", ""]
         for o in notes:
-            text = o.claim.reason if o.claim.reason else o.detail
-            lines.append(f"- `{o.claim.id}` ({o.verdict}): {_md(text)}")
+            text = " ".join(t for t in (o.claim.reason, o.detail if o.verdict == "not_run" else "", o.note) if t)
+            lines.append(f"- `{o.claim.id}` ({o.verdict.replace('_', ' ')}): {_md(text)}")
     return "\n".join(lines) + "\n"
 
 

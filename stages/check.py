@@ -3,8 +3,12 @@
 Reads params `check.claims` (the claims file) and `check.fail_on_mismatch`; evaluates the
 claims whose results files lie under `--sources` (all by default: `check` takes the synthetic
 experiments, `check_tables@<dataset>` the main table of one dataset); writes claims.json and
-claims.md to `--out-dir`; exits 1 when a claim fails, unless `--report-only` is given or
-`check.fail_on_mismatch` is false. See cmkd/claims.py.
+claims.md to `--out-dir`; exits 1 when an enforced claim's verdict differs from its expected
+verdict, unless `--report-only` is given or `check.fail_on_mismatch` is false. A claim is
+enforced only under the params it was made for (claims.yaml `configuration`, the claim's
+`depends_on`); under any other params it is reported, marked "not enforced".
+`--record-configuration` rewrites the claims file's configuration hashes from the current
+params (after a run whose verdicts are the ones recorded). See cmkd/claims.py.
 """
 
 from __future__ import annotations
@@ -16,7 +20,10 @@ from pathlib import Path
 from typing import Any, Callable
 
 from cmkd.atomic import write_json, write_text
-from cmkd.claims import ResultMissing, evaluate_all, filter_claims, load_claims, render_markdown, report_json
+from cmkd.claims import (
+    ResultMissing, evaluate_all, filter_claims, load_claims, record_configuration, render_markdown, report_json,
+    summary_line,
+)
 from cmkd.errors import ConfigError
 from stages._common import DATA, main, parser, start
 
@@ -47,6 +54,8 @@ def run() -> None:
     p.add_argument("--root", default=".", help="folder the claims' result files are relative to")
     p.add_argument("--report-only", action="store_true", help="write the report but never fail")
     p.add_argument("--sources", default="", help="check only the claims whose results files start with this prefix")
+    p.add_argument("--record-configuration", action="store_true",
+                   help="write the current params' hashes into the claims file's `configuration` and exit")
     args = p.parse_args()
     params = start(args)
     check = params.get("check") or {}
@@ -54,20 +63,28 @@ def run() -> None:
     fail_on_mismatch = check.get("fail_on_mismatch", True)
     if not isinstance(fail_on_mismatch, bool):
         raise ConfigError("check.fail_on_mismatch", f"must be true or false, got {fail_on_mismatch!r}")
+    if args.record_configuration:
+        path = Path(claims_file)
+        text = record_configuration(path.read_text(), params, path)
+        write_text(path, text)
+        log.info("recorded the configuration of %s from %s", path, args.params)
+        return
 
     claims = filter_claims(load_claims(claims_file), args.sources)
-    outcomes = evaluate_all(claims, json_loader(Path(args.root)))
+    outcomes = evaluate_all(claims, json_loader(Path(args.root)), params)
     out = Path(args.out_dir)
     write_json(out / "claims.json", report_json(outcomes))
     title = f"Paper claims on {args.sources.rstrip('/')}" if args.sources else "Paper claims"
     write_text(out / "claims.md", render_markdown(outcomes, title))
 
-    failed = [o for o in outcomes if not o.passed]
     for o in outcomes:
-        log.info("%-4s %s: %s", "ok" if o.passed else "FAIL", o.claim.id, o.verdict)
-    log.info("%d of %d claims pass; report in %s", len(outcomes) - len(failed), len(outcomes), out / "claims.md")
+        mark = "ok" if o.passed else ("changed, not enforced" if not o.enforced else "CHANGED")
+        log.info("%-22s %s: %s (expected %s)%s", mark, o.claim.id, o.verdict, o.claim.expected_verdict,
+                 f"; {o.note}" if o.note else "")
+    log.info("%s; report in %s", summary_line(outcomes), out / "claims.md")
+    failed = [o for o in outcomes if o.fails_check]
     if failed and fail_on_mismatch and not args.report_only:
-        log.error("failed claims: %s", ", ".join(o.claim.id for o in failed))
+        log.error("claims whose verdict changed: %s", ", ".join(o.claim.id for o in failed))
         sys.exit(1)
 
 

@@ -1,12 +1,18 @@
 """Stage `evaluate@<dataset>`: every run's test metrics -> data/reports/<dataset>/
-(metrics.json, table.md, scores.csv for `dvc plots`, methods.png)."""
+(metrics.json with per-seed detail, table.md, scores.csv for `dvc plots`, methods.png) and
+metrics/<dataset>/<row>.json, the few numbers per row that git and DVC keep (`dvc metrics`,
+`dvc exp show`)."""
 
+import json
 from pathlib import Path
 
-from cmkd.atomic import atomic_path, write_json, write_text
+from cmkd.atomic import atomic_dir, atomic_path, write_json, write_text
 from cmkd.data.h5 import read_attrs
-from cmkd.report import bar_figure, collect, markdown_table, scores_csv
+from cmkd.determinism import provenance
+from cmkd.report import bar_figure, collect, markdown_table, metrics_file_name, metrics_summary, scores_csv
 from stages._common import DATA, main, parser, start
+
+METRICS = "metrics"
 
 
 def run() -> None:
@@ -17,7 +23,9 @@ def run() -> None:
     ds = args.dataset
     runs_dir = Path(DATA) / "runs" / ds
     names = ["teacher", "student"] + list(params["methods"])
-    report = collect(runs_dir / name for name in names)
+    report = collect((runs_dir / name for name in names), params.get("runs"))
+    if report["provenance"] is None:  # runs that predate provenance records: this process's
+        report["provenance"] = {**provenance(), "recorded_by": "evaluate"}
     attrs = read_attrs(Path(DATA) / "prepared" / f"{ds}.h5")
     out = Path(DATA) / "reports" / ds
     write_json(out / "metrics.json", report)
@@ -26,6 +34,9 @@ def run() -> None:
     with atomic_path(out / "methods.png") as tmp:
         bar_figure(report, ds, tmp.with_suffix(".png"))
         tmp.with_suffix(".png").replace(tmp)
+    with atomic_dir(Path(METRICS) / ds) as tmp:  # a whole new folder: rows dropped from `methods` go
+        for row, numbers in metrics_summary(report).items():
+            (tmp / metrics_file_name(row)).write_text(json.dumps(numbers, indent=1, sort_keys=True) + "\n")
 
 
 if __name__ == "__main__":

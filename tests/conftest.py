@@ -12,6 +12,13 @@ from pathlib import Path
 import pytest
 import yaml
 
+# The test process runs stage code in-process (e.g. `from stages import check`), and importing
+# the `stages` package pins torch's CPU kernels, which must happen before torch is imported:
+# pin them here, before any test module imports torch, as every stage process does.
+from cmkd.determinism import pin_cpu_kernels
+
+pin_cpu_kernels()
+
 REPO = Path(__file__).resolve().parents[1]
 PIPELINE_FILES = ["cmkd", "stages", "dvc.yaml", "params.yaml", "claims.yaml", "flows"]
 

@@ -212,7 +212,7 @@ def test_mfh_sweep_tiny_is_well_formed_and_deterministic():
     assert len({tuple(p["nokd_acc"]["values"]) for p in result["points"]}) == 1
     derived = derive_mfh_gamma(result)
     assert derived["by_general_share"]["general_share"] == [0.0, 0.5, 1.0]
-    assert derived["kd_gain_all_specific"] == result["points"][0]["kd_gain"]["mean"]
+    assert derived["kd_gain_all_specific"] == result["points"][0]["kd_gain"]  # per-seed values for the claims' t test
     json.dumps(result)  # JSON-ready
 
 
@@ -223,8 +223,14 @@ def test_mfh_alpha_tiny_and_derived():
     assert result["series"]["teacher_specific_share"] == [0.0, 0.5]
     d = derive_mfh_alpha(result)
     s = result["series"]
-    assert d["teacher_gain"] == pytest.approx(s["teacher_acc"][1] - s["teacher_acc"][0])
+    assert d["teacher_gain"]["mean"] == pytest.approx(s["teacher_acc"][1] - s["teacher_acc"][0])
+    t = result["points"]
+    assert d["teacher_gain"]["values"] == pytest.approx(np.subtract(t[1]["teacher_acc"]["values"], t[0]["teacher_acc"]["values"]).tolist())
     assert d["kd_gain_band"] == pytest.approx(abs(s["kd_gain"][1] - s["kd_gain"][0]))
+    ratio = d["kd_gain_band_over_teacher_gain"]
+    if d["teacher_gain"]["mean"] > 0:
+        assert ratio["mean"] == pytest.approx(d["kd_gain_band"] / d["teacher_gain"]["mean"])
+    assert ratio["n"] == 2
 
 
 def test_bad_sweeps_name_the_key():
@@ -316,7 +322,8 @@ def test_ntdh_gap_tiny_with_masks():
         assert p["ntdh_sample_acc"]["n"] == 2
         assert p["ntdh_sample_minus_kd"]["values"] == pytest.approx(np.subtract(p["ntdh_sample_acc"]["values"], p["kd_acc"]["values"]).tolist())
     d = result["derived"]
-    assert d["non_target_div_growth"] == pytest.approx(s["non_target_div"][-1] - s["non_target_div"][0])
+    assert d["non_target_div_growth"]["mean"] == pytest.approx(s["non_target_div"][-1] - s["non_target_div"][0])
+    assert d["non_target_div_growth"]["n"] == 2  # per seed: the claims pair it with target_div_growth
     assert d["large_gap"]["ntdh_sample_acc"] == masks["series"]["ntdh_sample_acc"]
 
 
@@ -437,3 +444,21 @@ def test_per_slice_sample_mask_in_one_pass_equals_the_slice_loop():
         for i in range(s):
             alone = hook.dropped(student[:, :, i:i + 1], teacher[:, :, i:i + 1], target[:, i:i + 1])
             assert torch.equal(hook.dropped_per_column(student, teacher, target)[:, i:i + 1], alone)
+
+
+def test_band_ratio_bootstrap_against_a_plain_loop():
+    from cmkd.analysis import band_ratio_bootstrap
+
+    rng = np.random.default_rng(3)
+    gain = rng.normal(0.0, 0.01, size=(4, 6))
+    teacher = np.linspace(0.5, 0.9, 4)[:, None] + rng.normal(0.0, 0.02, size=(4, 6))
+    out = band_ratio_bootstrap(gain, teacher, n_boot=300, seed=1)
+    g, t = gain.mean(axis=1), teacher.mean(axis=1)
+    assert out["mean"] == pytest.approx((g.max() - g.min()) / (t[-1] - t[0]))
+    idx = np.random.default_rng(1).integers(0, 6, size=(300, 6))
+    ref = []
+    for row in idx:  # the same resamples, one at a time
+        gb, tb = gain[:, row].mean(axis=1), teacher[:, row].mean(axis=1)
+        ref.append((gb.max() - gb.min()) / (tb[-1] - tb[0]))
+    assert out["sem"] == pytest.approx(np.std(ref, ddof=1))
+    assert out["n"] == 6

@@ -1,5 +1,6 @@
-"""Claims machinery: every comparison against hand-made results, the not-reproduced
-bookkeeping, the claims-file validation, and the check stage's exit status."""
+"""Claims machinery: every comparison against hand-made results and scipy's tests, the
+verdicts and expected verdicts, configurations, the claims-file validation, and the check
+stage's exit status. (Calibration under the null: tests/test_claims_calibration.py.)"""
 
 from __future__ import annotations
 
@@ -13,14 +14,18 @@ import numpy as np
 import pytest
 import yaml
 
+from scipy import stats
+
 from cmkd.claims import (
     ClaimsError,
     ResultMissing,
     compare,
     evaluate_claim,
     load_claims,
+    params_hash,
     parse_claims,
     parse_path,
+    record_configuration,
     render_markdown,
     resolve_path,
 )
@@ -30,83 +35,119 @@ REPO = Path(__file__).resolve().parents[1]
 
 # --------------------------------------------------------------------------- comparisons
 
+def sample(values, seeds=None):
+    v = np.asarray(values, dtype=float)
+    out = {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if len(v) > 1 else 0.0, "n": len(v), "values": v.tolist()}
+    if seeds is not None:
+        out["seeds"] = list(seeds)
+    return out
+
+
 @pytest.mark.parametrize(
-    "comparison, measured, value, tol, holds",
+    "comparison, measured, value, tol, verdict",
     [
-        (">", 0.3, 0.2, 0.0, True),
-        (">", 0.2, 0.2, 0.0, False),
-        (">", 0.19, 0.2, 0.02, True),    # slack in the paper's favour
-        (">=", 0.2, 0.2, 0.0, True),
-        ("<", -0.1, 0.0, 0.0, True),
-        ("<", 0.05, 0.0, 0.0, False),
-        ("<", 0.05, 0.0, 0.1, True),
-        ("<=", 0.0, 0.0, 0.0, True),
-        ("<=", 0.01, 0.0, 0.0, False),
-        ("==", 0.52, 0.5, 0.05, True),
-        ("==", 0.6, 0.5, 0.05, False),
-        ("between", 0.3, [0.0, 0.5], 0.0, True),
-        ("between", 0.55, [0.0, 0.5], 0.0, False),
-        ("between", 0.55, [0.0, 0.5], 0.1, True),
-        ("all >", [0.1, 0.2, 0.3], 0.0, 0.0, True),
-        ("all >", [0.1, -0.2, 0.3], 0.0, 0.0, False),
-        ("all >=", [0.0, 0.0], 0.0, 0.0, True),
-        ("all <", [-1.0, -2.0], 0.0, 0.0, True),
-        ("all <=", [-1.0, 0.5], 0.0, 0.0, False),
-        ("any >", [-1.0, 0.5], 0.0, 0.0, True),
-        ("any <", [1.0, 0.5], 0.0, 0.0, False),
-        ("increasing", [0.1, 0.2, 0.3], None, 0.0, True),
-        ("increasing", [0.1, 0.3, 0.25, 0.4], None, 0.0, False),    # one step back
-        ("increasing", [0.1, 0.3, 0.25, 0.4], None, 0.1, True),     # ... within the noise band
-        ("increasing", [0.1, 0.15], None, 0.1, False),              # rise not above the band
-        ("increasing", [0.2, 0.2, 0.2], None, 0.0, False),          # flat is not increasing
-        ("decreasing", [3.0, 2.0, 1.0], None, 0.0, True),
-        ("decreasing", [3.0, 2.0, 2.5], None, 0.0, False),
+        (">", 0.3, 0.2, 0.0, "reproduced"),
+        (">", 0.2, 0.2, 0.0, "not_reproduced"),
+        (">", 0.19, 0.2, 0.02, "reproduced"),    # slack in the paper's favour (exact numbers)
+        (">=", 0.2, 0.2, 0.0, "reproduced"),
+        ("<", -0.1, 0.0, 0.0, "reproduced"),
+        ("<", 0.05, 0.0, 0.0, "not_reproduced"),
+        ("<=", 0.01, 0.0, 0.0, "not_reproduced"),
+        ("==", 0.52, 0.5, 0.05, "reproduced"),
+        ("==", 0.6, 0.5, 0.05, "not_reproduced"),
+        ("between", 0.3, [0.0, 0.5], 0.0, "reproduced"),
+        ("between", 0.55, [0.0, 0.5], 0.0, "not_reproduced"),
+        ("all >", [0.1, 0.2, 0.3], 0.0, 0.0, "reproduced"),
+        ("all >", [0.1, -0.2, 0.3], 0.0, 0.0, "not_reproduced"),
+        ("any >", [-1.0, 0.5], 0.0, 0.0, "reproduced"),
+        ("any <", [1.0, 0.5], 0.0, 0.0, "not_reproduced"),
+        ("increasing", [0.1, 0.2, 0.3], None, 0.0, "reproduced"),
+        ("increasing", [0.1, 0.3, 0.25, 0.4], None, 0.0, "not_reproduced"),    # one step back
+        ("increasing", [0.1, 0.3, 0.25, 0.4], None, 0.1, "reproduced"),        # ... within the tolerance
+        ("decreasing", [3.0, 2.0, 1.0], None, 0.0, "reproduced"),
     ],
 )
-def test_compare_against_value(comparison, measured, value, tol, holds):
-    got, shown, detail = compare(comparison, measured, value, tol)
-    assert got is holds
+def test_exact_numbers_compare_as_written(comparison, measured, value, tol, verdict):
+    got, shown, detail, st = compare(comparison, measured, value, tol)
+    assert got == verdict
     assert detail
 
 
-def test_compare_elementwise_against_list():
-    assert compare("all >", [0.5, 0.6, 0.7], None, 0.0, [0.4, 0.5, 0.6])[0] is True
-    assert compare("all >", [0.5, 0.6, 0.7], None, 0.0, [0.4, 0.65, 0.6])[0] is False
-    assert compare("all >", [0.5, 0.6, 0.7], None, 0.1, [0.4, 0.65, 0.6])[0] is True
+def test_one_sample_threshold_matches_scipy_and_decides_three_ways():
+    x = [0.12, 0.15, 0.13, 0.14, 0.125]
+    p_ref = stats.ttest_1samp(x, 0.10, alternative="greater").pvalue
+    verdict, shown, _, st = compare(">", sample(x), 0.10, 0.0)
+    assert st["p"] == pytest.approx(p_ref) and st["test"] == "one-sample t" and st["df"] == 4
+    assert p_ref < 0.05 and verdict == "reproduced" and shown == pytest.approx(np.mean(x))
+    assert compare("<", sample(x), 0.10, 0.0)[0] == "not_reproduced"   # significant the other way
+    assert compare(">", sample([0.08, 0.13, 0.10, 0.12, 0.07]), 0.10, 0.0)[0] == "inconclusive"
+    assert compare(">", sample([0.5]), 0.1, 0.0)[0] == "inconclusive"  # one seed cannot be tested
+    # a summary without values: its standard error
+    assert compare(">", {"mean": 0.2, "sem": 0.01, "n": 5}, 0.1, 0.0)[3]["p"] == pytest.approx(stats.t.sf(10.0, 4))
+
+
+def test_pairwise_is_paired_by_seed_else_welch():
+    a, b = [0.71, 0.75, 0.69, 0.80, 0.72], [0.70, 0.73, 0.68, 0.78, 0.71]
+    verdict, _, _, st = compare(">", sample(a), None, 0.0, sample(b))
+    assert st["test"] == "paired t"
+    assert st["p"] == pytest.approx(stats.ttest_rel(a, b, alternative="greater").pvalue)
+    assert verdict == "reproduced"
+    # the same numbers unpaired: Welch's test, which the seed-to-seed spread makes inconclusive
+    verdict, _, _, st = compare(">", sample(a), None, 0.0, sample(b), paired=False)
+    assert st["test"] == "Welch t"
+    assert st["p"] == pytest.approx(stats.ttest_ind(a, b, equal_var=False, alternative="greater").pvalue)
+    assert verdict == "inconclusive"
+    # seeds align the pairs, whatever their order
+    shuffled = sample([b[i] for i in (4, 2, 0, 1, 3)], seeds=["4", "2", "0", "1", "3"])
+    assert compare(">", sample(a, seeds=["0", "1", "2", "3", "4"]), None, 0.0, shuffled)[3]["p"] == pytest.approx(
+        stats.ttest_rel(a, b, alternative="greater").pvalue)
+
+
+def test_all_is_intersection_union_and_any_bonferroni():
+    strong, null = sample([0.3, 0.32, 0.29, 0.31, 0.33]), sample([0.01, -0.02, 0.02, -0.01, 0.0])
+    assert compare("all >", [strong, strong], 0.0, 0.0)[0] == "reproduced"
+    assert compare("all >", [strong, null], 0.0, 0.0)[0] == "inconclusive"
+    assert compare("all >", [strong, sample([-0.3, -0.32, -0.29, -0.31, -0.33])], 0.0, 0.0)[0] == "not_reproduced"
+    assert compare("any >", [null, strong], 0.0, 0.0)[0] == "reproduced"
+    # element-wise against a list of samples: paired per point
+    verdict, shown, detail, st = compare("all <", [sample([0.5, 0.6, 0.55]), sample([0.5, 0.6, 0.55])], None, 0.0,
+                                         [sample([0.6, 0.72, 0.64]), sample([0.61, 0.7, 0.66])])
+    assert verdict == "reproduced" and "2/2" in detail
     with pytest.raises(ValueError):
-        compare("all >", [0.5, 0.6], None, 0.0, [0.4, 0.5, 0.6])
+        compare("all >", [strong, strong], None, 0.0, [strong])
 
 
-def test_compare_scalar_against_other_measurement_and_summaries():
-    # metrics.json style {"mean", "std", "values"} entries compare by their mean
-    assert compare(">", {"mean": 0.8, "std": 0.1}, None, 0.0, {"mean": 0.7, "std": 0.2})[0] is True
-    assert compare(">", {"mean": 0.6, "std": 0.1}, None, 0.0, {"mean": 0.7, "std": 0.2})[0] is False
+def test_trend_is_a_t_test_of_per_seed_slopes():
+    rng = np.random.default_rng(0)
+    x = [0.0, 0.25, 0.5, 1.0]
+    seeds = rng.normal(0, 0.05, size=8)  # each seed's own level, shared by its points
+    y = [[s - 0.02 * xi + rng.normal(0, 0.005) for s in seeds] for xi in x]
+    points = [sample(v) for v in y]
+    verdict, shown, detail, st = compare("decreasing", points, None, 0.0, x=x)
+    slopes = [np.polyfit(x, [y[p][k] for p in range(4)], 1)[0] for k in range(8)]
+    assert st["slope"] == pytest.approx(np.mean(slopes))
+    assert st["p"] == pytest.approx(stats.ttest_1samp(slopes, 0.0, alternative="less").pvalue)
+    assert verdict == "reproduced" and shown == pytest.approx([np.mean(v) for v in y])
+    assert compare("increasing", points, None, 0.0, x=x)[0] == "not_reproduced"
+    # x given per seed (e.g. a divergence measured per seed): each seed's slope on its own x
+    xs = [sample([xi + 0.1 * k for k in range(8)]) for xi in x]
+    st2 = compare("decreasing", points, None, 0.0, x=xs)[3]
+    assert st2["slope"] == pytest.approx(st["slope"])  # a shift of x per seed leaves each slope as it is
+    with pytest.raises(TypeError):
+        compare("increasing", [{"mean": 0.1, "std": 0.1, "n": 3}, {"mean": 0.2, "std": 0.1, "n": 3}], None, 0.0)
 
 
-def spearman_reference(x, y):
-    """Plain-NumPy Spearman (no ties): Pearson correlation of the ranks."""
-    rx, ry = np.argsort(np.argsort(x)), np.argsort(np.argsort(y))
-    return float(np.corrcoef(rx, ry)[0, 1])
-
-
-def test_spearman_matches_reference_and_decides():
-    x = [0.05, 0.1, 0.3, 0.2, 0.6]
-    y = [0.04, 0.03, -0.01, 0.02, -0.05]
-    rho_ref = spearman_reference(x, y)  # = -1.0 here: y falls exactly as x rises
-    holds, rho, _ = compare("spearman <", x, -0.7, 0.0, y)
-    assert rho == pytest.approx(rho_ref)
-    assert holds is True
-    y2 = [0.01, 0.03, -0.01, 0.05, 0.02]
-    holds2, rho2, _ = compare("spearman <", x, -0.7, 0.0, y2)
-    assert rho2 == pytest.approx(spearman_reference(x, y2))
-    assert holds2 is False
-    assert compare("spearman >", x, 0.5, 0.0, [1, 2, 4, 3, 5])[0] is True
+def test_equivalence_and_between_on_samples():
+    tight = sample([0.50, 0.51, 0.49, 0.50, 0.505])
+    assert compare("==", tight, 0.5, 0.05)[0] == "reproduced"
+    assert compare("between", tight, [0.4, 0.6], 0.0)[0] == "reproduced"
+    assert compare("between", tight, [0.6, 0.7], 0.0)[0] == "not_reproduced"
+    assert compare("==", sample([0.3, 0.7, 0.5, 0.6, 0.4]), 0.5, 0.05)[0] == "inconclusive"
 
 
 @pytest.mark.parametrize(
     "comparison, measured, against",
-    [(">", [1.0], None), ("all >", 1.0, None), ("increasing", [1.0], None), ("spearman <", [1, 2], [2, 1]),
-     (">", "high", None), ("all >", [], None)],
+    [(">", [1.0], None), ("all >", 1.0, None), ("increasing", [1.0], None), (">", "high", None), ("all >", [], None)],
 )
 def test_compare_rejects_wrong_shapes(comparison, measured, against):
     with pytest.raises((TypeError, ValueError)):
@@ -145,7 +186,7 @@ def claim(**over):
 
 def test_parse_claims_validates(tmp_path):
     ok = parse_claims({"claims": [claim()]})
-    assert ok[0].expected_text() == "gain > 0"
+    assert ok[0].expected_text() == "gain > 0" and ok[0].expected_verdict == "reproduced"
     bad = [
         {"claims": []},
         {"claims": [claim(id="Bad Id")]},
@@ -153,12 +194,19 @@ def test_parse_claims_validates(tmp_path):
         {"claims": [claim(comparison="~")]},
         {"claims": [claim(value=None)]},                       # '>' needs a value
         {"claims": [claim(comparison="increasing")]},          # trend takes no value
-        {"claims": [claim(comparison="spearman <", value=-0.7)]},  # needs against
+        {"claims": [claim(comparison="spearman <", value=-0.7)]},  # not calibrated: removed
         {"claims": [claim(comparison="between", value=[1, 0])]},
         {"claims": [claim(tolerance=-1)]},
-        {"claims": [claim(status="not_reproduced")]},          # needs a reason
+        {"claims": [claim(expected_verdict="not_reproduced")]},  # needs a reason
+        {"claims": [claim(expected_verdict="pass")]},
+        {"claims": [claim(status="reproduces")]},               # replaced by expected_verdict
+        {"claims": [claim(significance=2.0)]},                  # replaced by t tests
+        {"claims": [claim(tests="maybe")]},
+        {"claims": [claim(x={"file": "r.json", "path": "x"})]},  # x is for trends
+        {"claims": [claim(depends_on=["seeds"])]},               # no recorded hash
         {"claims": [claim(extra_key=1)]},
         {"claims": [claim(source={"file": "r.json"})]},
+        {"claims": [claim()], "extra": 1},
     ]
     for doc in bad:
         with pytest.raises(ClaimsError) as err:
@@ -178,51 +226,99 @@ def loader(docs):
     return load
 
 
-def test_evaluate_claim_verdicts():
+def test_verdicts_and_passed_is_agreement_with_the_expected_verdict():
     c = parse_claims({"claims": [claim()]})[0]
-    assert evaluate_claim(c, loader({"r.json": {"gain": 0.1}})).verdict == "reproduced"
+    out = evaluate_claim(c, loader({"r.json": {"gain": 0.1}}))
+    assert (out.verdict, out.passed) == ("reproduced", True)
     out = evaluate_claim(c, loader({"r.json": {"gain": -0.1}}))
-    assert (out.passed, out.verdict, out.measured) == (False, "not reproduced", -0.1)
+    assert (out.passed, out.verdict, out.measured) == (False, "not_reproduced", -0.1)
     missing = evaluate_claim(c, loader({}))
-    assert (missing.passed, missing.verdict) == (False, "missing")
-    assert evaluate_claim(c, loader({"r.json": {"other": 1}})).verdict == "missing"
-    assert evaluate_claim(c, loader({"r.json": {"gain": [1, 2]}})).verdict == "invalid"
+    assert (missing.passed, missing.verdict, missing.enforced) == (False, "not_run", True)
+    assert evaluate_claim(c, loader({"r.json": {"other": 1}})).verdict == "not_run"
+    invalid = evaluate_claim(c, loader({"r.json": {"gain": [1, 2]}}))
+    assert invalid.verdict == "not_run" and "invalid" in invalid.detail
+    known = parse_claims({"claims": [claim(expected_verdict="not_reproduced", reason="measured -0.1 at every seed")]})[0]
+    assert evaluate_claim(known, loader({"r.json": {"gain": -0.1}})).passed is True
+    assert evaluate_claim(known, loader({"r.json": {"gain": 0.2}})).passed is False  # now holds: noticed
+    # inconclusive is its own verdict: expected only where it was recorded
+    noisy = {"r.json": {"gain": sample([0.01, -0.02, 0.03, 0.0, -0.01])}}
+    assert evaluate_claim(c, loader(noisy)).verdict == "inconclusive"
+    assert evaluate_claim(c, loader(noisy)).passed is False
+    j = evaluate_claim(c, loader(noisy)).to_json()
+    assert {"verdict", "expected_verdict", "passed", "measured", "statement", "statistics"} <= set(j)
 
 
-def test_known_not_reproduced_passes_only_while_it_still_disagrees():
-    c = parse_claims({"claims": [claim(status="not_reproduced", reason="measured gain -0.1 at every seed")]})[0]
-    still = evaluate_claim(c, loader({"r.json": {"gain": -0.1}}))
-    assert (still.passed, still.holds, still.verdict) == (True, False, "not reproduced (known)")
-    changed = evaluate_claim(c, loader({"r.json": {"gain": 0.2}}))
-    assert (changed.passed, changed.holds) == (False, True)
-    assert "update claims.yaml" in changed.verdict
+def test_optional_claims_without_results_are_not_run_and_not_enforced():
+    c = parse_claims({"claims": [claim(optional=True)]})[0]
+    out = evaluate_claim(c, loader({"r.json": {"rows": {}}}))
+    assert (out.verdict, out.passed, out.enforced) == ("not_run", False, False)
+    assert "optional" in out.note
+    present = evaluate_claim(c, loader({"r.json": {"gain": -1.0}}))
+    assert (present.verdict, present.enforced, present.fails_check) == ("not_reproduced", True, True)
+    with pytest.raises(ClaimsError, match="optional"):
+        parse_claims({"claims": [claim(optional="yes")]})
 
 
-def test_render_markdown_shows_measured_and_verdicts():
-    claims = parse_claims({"claims": [claim(), claim(id="c2", status="not_reproduced", reason="why not")]})
-    outs = [evaluate_claim(c, loader({"r.json": {"gain": 0.25}})) for c in claims]
+def test_configuration_hashes_decide_enforcement(tmp_path):
+    params = {"runs": {"kdv1": {"temperature": 4.0}, "kdv2": {"temperature": 4.0}}, "seeds": [0, 1, 2, 3, 4]}
+    assert params_hash(params, "runs.kdv1") == params_hash({"runs": {"kdv1": {"temperature": 4.0}}}, "runs.kdv1")
+    assert params_hash(params, "runs.kdv1") != params_hash({"runs": {"kdv1": {"temperature": 2.0}}}, "runs.kdv1")
+    text = ("# header\nconfiguration:\n  runs.kdv1: old   # the run the claim is about\n  seeds: old\n\n"
+            "claims:\n  - {id: c1, paper: P, statement: s, source: {file: r.json, path: gain}, comparison: '>',"
+            " value: 0.0, depends_on: [runs.kdv1, seeds]}\n")
+    recorded = record_configuration(text, params)
+    assert "# header" in recorded and "# the run the claim is about" in recorded
+    assert f"runs.kdv1: {params_hash(params, 'runs.kdv1')}" in recorded
+    c = parse_claims(yaml.safe_load(recorded))[0]
+    fails = {"r.json": {"gain": -1.0}}   # a verdict that differs from the expected one
+    out = evaluate_claim(c, loader(fails), params)
+    assert (out.enforced, out.fails_check) == (True, True)
+    explored = {**params, "runs": {**params["runs"], "kdv1": {"temperature": 2.0}}}
+    out = evaluate_claim(c, loader(fails), explored)
+    assert (out.enforced, out.fails_check, out.passed) == (False, False, False)
+    assert out.note == "not enforced: params differ from the claim's configuration: runs.kdv1"
+    other = {**params, "runs": {**params["runs"], "kdv2": {"temperature": 1.0}}}  # not a key it depends on
+    assert evaluate_claim(c, loader(fails), other).enforced is True
+    with pytest.raises(ClaimsError, match="lacks 'seeds'"):
+        record_configuration(text.replace("  seeds: old\n", ""), params)
+
+
+def test_render_markdown_counts_each_verdict():
+    claims = parse_claims({"claims": [claim(), claim(id="c2", expected_verdict="not_reproduced", reason="why not"),
+                                      claim(id="c3", tests="variant", paper="NTDH"),
+                                      claim(id="c4", source={"file": "r.json", "path": "noisy"})]})
+    docs = {"r.json": {"gain": 0.25, "noisy": sample([0.01, -0.02, 0.03, 0.0, -0.01])}}
+    outs = [evaluate_claim(c, loader(docs)) for c in claims]
     md = render_markdown(outs)
-    assert "| `c1` | MFH |" in md and "0.25" in md
-    assert "PASS: reproduced" in md and "FAIL: now reproduces" in md
+    assert "3 reproduced, 0 not reproduced, 1 inconclusive, 0 not run; 2 of 4 as expected" in md
+    assert "| `c1` | MFH |" in md and "0.25" in md and "**CHANGED**" in md
+    assert "| `c3` | NTDH | variant |" in md
     assert "why not" in md
 
 
 # --------------------------------------------------------------------------- the repository's claims file
 
-def test_repository_claims_file_is_valid():
+def test_repository_claims_file_is_valid_and_recorded_for_the_committed_params():
+    from cmkd.config import load_params
+
     claims = load_claims(REPO / "claims.yaml")
     assert len(claims) >= 8
     papers = {c.paper for c in claims}
     assert {"MFH", "NTDH"} <= papers
+    params = load_params(REPO / "params.yaml")
     for c in claims:
         assert c.command, f"{c.id}: give the command that regenerates it"
+        assert c.configuration, f"{c.id}: record the params it was made for (depends_on)"
+        assert c.config_differences(params) == [], f"{c.id}: python -m stages.check --record-configuration"
+        if c.paper == "NTDH":
+            assert c.tests in ("definition", "variant"), f"{c.id}: say whether it tests NTDH's definition or a variant"
 
 
 # --------------------------------------------------------------------------- the check stage
 
-def write_inputs(tmp_path: Path, claims_doc, results, fail_on_mismatch=True) -> list[str]:
+def write_inputs(tmp_path: Path, claims_doc, results, fail_on_mismatch=True, params=None) -> list[str]:
     (tmp_path / "claims.yaml").write_text(yaml.safe_dump(claims_doc))
-    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params = params or yaml.safe_load((REPO / "params.yaml").read_text())
     params["check"] = {"claims": "claims.yaml", "fail_on_mismatch": fail_on_mismatch}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     for name, doc in results.items():
@@ -233,11 +329,11 @@ def write_inputs(tmp_path: Path, claims_doc, results, fail_on_mismatch=True) -> 
             "--root", str(tmp_path), "--out-dir", str(tmp_path / "reports")]
 
 
-def run_check(tmp_path: Path, claims_doc, results, *extra, fail_on_mismatch=True) -> int:
+def run_check(tmp_path: Path, claims_doc, results, *extra, fail_on_mismatch=True, params=None) -> int:
     """The check stage's exit status, run in this process (as `python -m stages.check` would)."""
     from stages import check
 
-    argv = write_inputs(tmp_path, claims_doc, results, fail_on_mismatch) + list(extra)
+    argv = write_inputs(tmp_path, claims_doc, results, fail_on_mismatch, params) + list(extra)
     old = sys.argv
     sys.argv = ["stages/check.py", *argv]
     try:
@@ -249,7 +345,7 @@ def run_check(tmp_path: Path, claims_doc, results, *extra, fail_on_mismatch=True
     return 0
 
 
-def test_check_stage_fails_when_an_expectation_is_flipped(tmp_path):
+def test_check_stage_fails_when_a_verdict_changes(tmp_path):
     results = {"data/reports/experiments/x.json": {"gain": [0.01, 0.02, 0.05], "rho": -0.9}}
     src = {"file": "data/reports/experiments/x.json", "path": "gain"}
     doc = {"claims": [
@@ -258,22 +354,49 @@ def test_check_stage_fails_when_an_expectation_is_flipped(tmp_path):
     ]}
     assert run_check(tmp_path, doc, results) == 0
     report = json.loads((tmp_path / "reports" / "claims.json").read_text())
-    assert [(c["id"], c["passed"], c["measured"]) for c in report["claims"]] == [
-        ("rises", True, [0.01, 0.02, 0.05]), ("rho", True, -0.9)]
-    assert {"id", "expected", "measured", "passed"} <= set(report["claims"][0])
+    assert [(c["id"], c["verdict"], c["expected_verdict"], c["passed"], c["measured"]) for c in report["claims"]] == [
+        ("rises", "reproduced", "reproduced", True, [0.01, 0.02, 0.05]), ("rho", "reproduced", "reproduced", True, -0.9)]
+    assert report["summary"]["verdicts"] == {"reproduced": 2, "not_reproduced": 0, "inconclusive": 0, "not_run": 0}
 
-    doc["claims"][0]["comparison"] = "decreasing"  # flip one expectation
+    doc["claims"][0]["comparison"] = "decreasing"  # the measured verdict is now not_reproduced
     assert run_check(tmp_path, doc, results) == 1
     report = json.loads((tmp_path / "reports" / "claims.json").read_text())
     assert [c["passed"] for c in report["claims"]] == [False, True]
-    assert "FAIL" in (tmp_path / "reports" / "claims.md").read_text()
+    assert report["summary"]["failed"] == ["rises"]
+    assert "CHANGED" in (tmp_path / "reports" / "claims.md").read_text()
 
     assert run_check(tmp_path, doc, results, "--report-only") == 0
     assert run_check(tmp_path, doc, results, fail_on_mismatch=False) == 0
+    doc["claims"][0].update(expected_verdict="not_reproduced", reason="falls, measured")
+    assert run_check(tmp_path, doc, results) == 0
 
 
 def test_check_stage_reports_a_broken_claims_file(tmp_path):
     assert run_check(tmp_path, {"claims": [claim(comparison="≈")]}, {}) == 2
+
+
+def test_check_stage_under_other_params_reports_but_does_not_fail(tmp_path):
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    doc = {"configuration": {"runs.kdv1": params_hash(params, "runs.kdv1")},
+           "claims": [claim(id="kd", source={"file": "m.json", "path": "rows.kdv1.f1"}, against={"file": "m.json", "path": "rows.student.f1"},
+                            value=None, depends_on=["runs.kdv1"])]}
+    worse = {"m.json": {"rows": {"kdv1": {"f1": sample([0.5, 0.52, 0.51])}, "student": {"f1": sample([0.6, 0.63, 0.61])}}}}
+    assert run_check(tmp_path, doc, worse, params=params) == 1           # the claim's configuration: enforced
+    params["runs"]["kdv1"]["temperature"] = 2.0                          # dvc exp run -S runs.kdv1.temperature=2
+    assert run_check(tmp_path, doc, worse, params=params) == 0
+    report = json.loads((tmp_path / "reports" / "claims.json").read_text())
+    c = report["claims"][0]
+    assert (c["verdict"], c["passed"], c["enforced"]) == ("not_reproduced", False, False)
+    assert c["note"] == "not enforced: params differ from the claim's configuration: runs.kdv1"
+    assert "not enforced" in (tmp_path / "reports" / "claims.md").read_text()
+
+
+def test_record_configuration_cli_rewrites_the_hashes(tmp_path):
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    doc = {"configuration": {"seeds": "0" * 16}, "claims": [claim(depends_on=["seeds"])]}
+    assert run_check(tmp_path, doc, {}, "--record-configuration", params=params) == 0
+    recorded = yaml.safe_load((tmp_path / "claims.yaml").read_text())
+    assert recorded["configuration"] == {"seeds": params_hash(params, "seeds")}
 
 
 def test_check_cli_flipping_a_repository_claim_fails(tmp_path):
@@ -282,7 +405,9 @@ def test_check_cli_flipping_a_repository_claim_fails(tmp_path):
     claims_doc = yaml.safe_load((REPO / "claims.yaml").read_text())
     target = next(c for c in claims_doc["claims"] if c["id"] == "mfh-gamma-kd-gain-rises")
     claims_doc["claims"] = [target]
-    results = {target["source"]["file"]: {"derived": {"by_general_share": {"kd_gain": [-0.02, 0.0, 0.03]}}}}
+    rng = np.random.default_rng(0)
+    points = [{"kd_gain": sample(0.02 * share + rng.normal(0, 0.002, 7)), "general_share": share} for share in (0.0, 0.5, 1.0)]
+    results = {target["source"]["file"]: {"points": points}}
     argv = write_inputs(tmp_path, claims_doc, results)
     cmd = [sys.executable, "-m", "stages.check", *argv]
     ok = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
@@ -292,43 +417,6 @@ def test_check_cli_flipping_a_repository_claim_fails(tmp_path):
     flipped = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
     assert flipped.returncode == 1
     assert "mfh-gamma-kd-gain-rises" in flipped.stderr
-
-
-# --------------------------------------------------------------------------- noisy comparisons and filtering
-
-def summary_stat(values):
-    v = np.asarray(values, dtype=float)
-    return {"mean": float(v.mean()), "std": float(v.std(ddof=1)), "n": len(v), "values": list(v)}
-
-
-def test_significance_decides_only_beyond_k_standard_errors():
-    from cmkd.claims import compare_significant
-
-    a, b = summary_stat([0.80, 0.82, 0.81]), summary_stat([0.70, 0.71, 0.69])
-    se = math.sqrt(a["std"] ** 2 / 3 + b["std"] ** 2 / 3)  # by hand: both s.d. 0.01 -> se = 0.00816
-    assert se == pytest.approx(math.sqrt(2 * 0.01 ** 2 / 3))
-    assert compare_significant(">", a, None, 0.0, b, 2.0)[0] is True      # +0.11 >> 2 se
-    assert compare_significant("<", a, None, 0.0, b, 2.0)[0] is False     # the other side, decided
-    close = summary_stat([0.705, 0.715, 0.695])                           # +0.005 < 2 se
-    assert compare_significant(">", close, None, 0.0, b, 2.0)[0] is None
-    assert compare_significant(">", a, 0.75, 0.0, None, 2.0)[0] is True  # against a plain value
-    with pytest.raises(TypeError):
-        compare_significant(">", 0.8, None, 0.0, b, 2.0)
-
-
-def test_inconclusive_claims_are_reported_not_failed():
-    doc = {"claims": [claim(source={"file": "m.json", "path": "rows.x.f1"}, against={"file": "m.json", "path": "rows.y.f1"},
-                            value=None, significance=2.0)]}
-    c = parse_claims(doc)[0]
-    assert "beyond 2 s.e." in c.expected_text()
-    rows = {"x": {"f1": summary_stat([0.705, 0.715, 0.695])}, "y": {"f1": summary_stat([0.70, 0.71, 0.69])}}
-    out = evaluate_claim(c, loader({"m.json": {"rows": rows}}))
-    assert (out.passed, out.holds) == (True, None) and out.verdict.startswith("inconclusive")
-    rows["x"]["f1"] = summary_stat([0.60, 0.61, 0.59])
-    out = evaluate_claim(c, loader({"m.json": {"rows": rows}}))
-    assert (out.passed, out.holds, out.verdict) == (False, False, "not reproduced")
-    with pytest.raises(ClaimsError, match="significance"):
-        parse_claims({"claims": [claim(comparison="increasing", value=None, significance=2.0)]})
 
 
 def test_filter_and_empty_report():
@@ -354,12 +442,3 @@ def test_check_stage_with_sources_checks_only_that_table(tmp_path):
     report = json.loads((tmp_path / "reports" / "claims.json").read_text())
     assert [c["id"] for c in report["claims"]] == ["table"]
     assert run_check(tmp_path, doc, results) == 1  # the experiment claim fails when all are checked
-
-
-def test_optional_claims_skip_absent_results():
-    c = parse_claims({"claims": [claim(optional=True)]})[0]
-    out = evaluate_claim(c, loader({"r.json": {"rows": {}}}))
-    assert (out.passed, out.verdict) == (True, "skipped (results absent)")
-    assert evaluate_claim(c, loader({"r.json": {"gain": -1.0}})).passed is False  # present: decided as usual
-    with pytest.raises(ClaimsError, match="optional"):
-        parse_claims({"claims": [claim(optional="yes")]})

@@ -1,0 +1,76 @@
+"""The researcher's loop under DVC, in a temporary git + DVC copy of the repo (tiny sizes):
+the small metrics files git keeps make `dvc metrics show/diff` and `dvc exp show` work, and
+`dvc exp run -S <a run's param>` saves an experiment although a claim changes verdict, because
+claims are enforced only under the configuration they were made for."""
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from cmkd.claims import record_configuration
+from tests.conftest import REPO, copy_pipeline, dvc, tiny_params, tool_env
+
+
+def test_metrics_are_declared_small_and_kept_by_git():
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    metrics = stages["evaluate"]["do"]["metrics"]
+    assert metrics == [{"metrics/${item}": {"cache": False}}]
+    # per-seed detail stays a plain (cached) output, not a metric
+    outs = stages["evaluate"]["do"]["outs"]
+    assert "data/reports/${item}/metrics.json" in outs
+    ignored = subprocess.run(["git", "check-ignore", "-q", "metrics/synthetic/kdv1.json"], cwd=REPO)
+    assert ignored.returncode == 1  # not git-ignored
+
+
+@pytest.mark.slow
+def test_exp_run_with_another_run_param_saves_an_experiment(tmp_path):
+    repo = copy_pipeline(tmp_path / "repo")
+    env = tool_env(tmp_path)
+    params = tiny_params(yaml.safe_load((repo / "params.yaml").read_text()), methods=("kdv1",), seeds=(0, 1))
+    params["check"]["fail_on_mismatch"] = True
+    (repo / "params.yaml").write_text(yaml.safe_dump(params))
+    # one claim on kdv1 whose expected verdict cannot hold (results exist, so it is not "not_run")
+    claims = ("configuration:\n  runs.kdv1: x\n  seeds: x\nclaims:\n"
+              "  - id: kd-beats-student\n    paper: KD\n    statement: KDv1 beats STUDENT.\n"
+              "    source: {file: data/reports/synthetic/metrics.json, path: rows.kdv1.f1_weighted}\n"
+              "    against: {file: data/reports/synthetic/metrics.json, path: rows.student.f1_weighted}\n"
+              "    comparison: '>'\n    expected_verdict: not_run\n    reason: recorded wrongly on purpose\n"
+              "    depends_on: [runs.kdv1, seeds]\n    command: dvc repro check_tables@synthetic\n")
+    (repo / "claims.yaml").write_text(record_configuration(claims, params))
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run(["git", "init", "-q"], cwd=repo, env=env, check=True)
+    dvc(["init", "-q"], repo, env)
+    subprocess.run(["git", "add", "-A"], cwd=repo, env=env, check=True)
+    subprocess.run([*git, "commit", "-qm", "pipeline"], cwd=repo, env=env, check=True)
+    dvc(["repro", "evaluate@synthetic"], repo, env)
+    subprocess.run(["git", "add", "-A"], cwd=repo, env=env, check=True)
+    subprocess.run([*git, "commit", "-qm", "first run"], cwd=repo, env=env, check=True)
+    tracked = subprocess.run(["git", "ls-files", "metrics"], cwd=repo, env=env, capture_output=True, text=True).stdout.split()
+    assert "metrics/synthetic/kdv1.json" in tracked
+
+    shown = dvc(["metrics", "show"], repo, env).stdout
+    assert "metrics/synthetic/kdv1.json" in shown and max(len(line) for line in shown.splitlines()) < 120
+
+    # under the claim's own configuration the changed verdict fails the check ...
+    enforced = dvc(["repro", "check_tables@synthetic"], repo, env, check=False)
+    assert enforced.returncode != 0
+    # ... under another value of a param it depends on, it is reported and the experiment saved
+    exp = dvc(["exp", "run", "-n", "t2", "-S", "runs.kdv1.temperature=2", "check_tables@synthetic"], repo, env, check=False)
+    assert exp.returncode == 0, exp.stdout + exp.stderr
+    report = json.loads((repo / "data/reports/synthetic/claims.json").read_text())
+    assert report["claims"][0]["enforced"] is False and "runs.kdv1" in report["claims"][0]["note"]
+
+    diff = json.loads(dvc(["metrics", "diff", "--json"], repo, env).stdout)  # HEAD vs the workspace
+    assert "metrics/synthetic/kdv1.json" in diff
+    table = json.loads(dvc(["exp", "show", "--json"], repo, env).stdout)
+    text = json.dumps(table)
+    assert '"t2"' in text and text.count("metrics/synthetic/kdv1.json") >= 2  # the baseline and the experiment
+    # the README's filter: only what differs between experiments, without the interval columns
+    narrow = dvc(["exp", "show", "--no-pager", "--only-changed", "--drop", ".*(ci95_.*|:n)|Created"], repo,
+                 {**env, "COLUMNS": "200"}).stdout
+    assert "kdv1.json:f1_weighted" in narrow and "runs.kdv1.temperature" in narrow and "ci95" not in narrow
+    baseline = next(r for r in table if r.get("rev") != "workspace")
+    assert baseline["data"]["metrics"]["metrics/synthetic/kdv1.json"]["data"]["n"] == 2
