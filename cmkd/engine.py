@@ -101,8 +101,8 @@ class TrainConfig:
             raise ConfigError(f"{key}.nesterov", f"applies to optimizer sgd only, not {self.optimizer!r}")
         validate_schedule(self.schedule, f"{key}.schedule")
         validate_amp(self.amp, f"{key}.amp")
-        if not isinstance(self.channels_last, bool):
-            raise ConfigError(f"{key}.channels_last", f"must be true or false, got {self.channels_last!r}")
+        if self.channels_last not in (True, False, "auto") or not isinstance(self.channels_last, (bool, str)):
+            raise ConfigError(f"{key}.channels_last", f"must be true, false or auto (on CUDA only), got {self.channels_last!r}")
         if not isinstance(self.grad_clip, (int, float)) or isinstance(self.grad_clip, bool) or self.grad_clip < 0:
             raise ConfigError(f"{key}.grad_clip", f"must be a number >= 0 (0 = off), got {self.grad_clip!r}")
         if not (isinstance(self.compile, bool) or (isinstance(self.compile, str) and self.compile)):
@@ -487,7 +487,8 @@ def fit(
     device = resolve_device(cfg.device)
     rank, world = distributed_info()
     distiller.to(device)
-    if cfg.channels_last:
+    channels_last = cfg.channels_last is True or (cfg.channels_last == "auto" and device.type == "cuda")
+    if channels_last:
         distiller.to(memory_format=torch.channels_last)
     params = [p for p in distiller.parameters() if p.requires_grad]
     optimizer = _optimizer(params, cfg)
@@ -548,7 +549,7 @@ def fit(
             if len(batch["index"]) < 2:
                 continue  # a trailing batch of one row breaks BatchNorm's batch statistics
             batch = _to_device(batch, device)
-            if cfg.channels_last:
+            if channels_last:
                 batch = to_channels_last(batch)
             with precision.autocast():
                 losses = step_module(batch)
@@ -564,7 +565,7 @@ def fit(
             n_steps += 1
         val_metrics = evaluate(main_net, val, main_key, task=task, num_classes=num_classes,
                                ignore_index=ignore_index, batch_size=cfg.eval_batch_size, device=device,
-                               precision=precision, channels_last=cfg.channels_last, loader=loader_cfg)
+                               precision=precision, channels_last=channels_last, loader=loader_cfg)
         record = {"epoch": epoch, **{f"train/{k}": v / max(n_steps, 1) for k, v in sums.items()},
                   **{f"val/{k}": v for k, v in val_metrics.items() if isinstance(v, float)}}
         if scheduler is not None:

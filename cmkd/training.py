@@ -7,7 +7,8 @@ params.yaml (`train.<dataset>.<role>`):
 
     amp: false | bf16 | fp16 | auto     auto: bf16 on GPUs that support it, fp16 + GradScaler
                                         on older GPUs, off on CPU
-    channels_last: false                4-d weights and image inputs in NHWC (tensor cores)
+    channels_last: false                4-d weights and image inputs in NHWC (tensor cores);
+                                        auto: on CUDA only
     grad_clip: 0.0                      max global gradient L2 norm; 0 = off
     compile: false                      true (inductor) or a torch.compile backend name
     schedule:                           stepped every optimiser step; epochs may be fractional

@@ -178,10 +178,12 @@ def test_channels_last_makes_weights_and_inputs_nhwc():
     assert all(not w.is_contiguous() for w in weights)  # NHWC, not also NCHW-contiguous (C_in > 1)
     assert inputs and all(x.is_contiguous(memory_format=torch.channels_last) for x in inputs)
     assert not inputs[0].is_contiguous()
-    # and off by default
-    distiller, model = _cnn_distiller()
-    fit(distiller, train, val, TrainConfig(epochs=1, batch_size=16, seed=0), task="classification", num_classes=2, progress=False)
-    assert all(p.is_contiguous() for p in model.parameters())
+    # and off by default, and with auto on CPU
+    for option in (False, "auto"):
+        distiller, model = _cnn_distiller()
+        fit(distiller, train, val, TrainConfig(epochs=1, batch_size=16, seed=0, channels_last=option),
+            task="classification", num_classes=2, progress=False)
+        assert all(p.is_contiguous() for p in model.parameters())
 
 
 def test_compile_runs_the_step_through_torch_compile():
@@ -214,6 +216,7 @@ def test_compile_runs_the_step_through_torch_compile():
     ({"amp": True}, "train.x.student.amp"),
     ({"grad_clip": -1.0}, "train.x.student.grad_clip"),
     ({"channels_last": "yes"}, "train.x.student.channels_last"),
+    ({"channels_last": 1}, "train.x.student.channels_last"),
     ({"compile": 1}, "train.x.student.compile"),
     ({"nesterov": True}, "train.x.student.nesterov"),
     ({"loader": {"workers": -1}}, "train.x.student.loader.workers"),
