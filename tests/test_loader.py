@@ -123,3 +123,15 @@ def test_loader_config_rejects_bad_values():
     with pytest.raises(ConfigError, match="k.loader.prefetch"):
         LoaderConfig.from_params({"prefetch": 0}, "k.loader")
     assert LoaderConfig.from_params({"workers": 2}, "k").workers == 2
+
+
+def test_gpu_check_says_there_is_no_cuda_and_exits_0(tmp_path):
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu_check.py"), "--out", str(tmp_path / "g.json")],
+                          capture_output=True, text=True, timeout=120, env={"CUDA_VISIBLE_DEVICES": "", "PATH": "/usr/bin:/bin"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "no CUDA device" in proc.stdout and not (tmp_path / "g.json").exists()
