@@ -19,6 +19,7 @@ CPU cost, not a disk's bandwidth.
 
     python benchmarks/loader.py                 # 512 rows, 2 timed steps per worker count
     python benchmarks/loader.py --rows 500 --steps 4
+    python benchmarks/loader.py --simulated-step-s 0.25 --steps 40   # a GPU's step rate
 
 A CPU step of that network on 8 full-size rows takes about a minute on a busy 2-core machine,
 hence the 2 timed steps by default (about 10 minutes in all).
@@ -92,7 +93,7 @@ def pipeline_epoch(data, workers: int) -> dict[str, float]:
     return {"rows": rows, "wall_s": wall, "cpu_s": cpu}
 
 
-def stepped_epoch(data, workers: int, steps: int, model_cfg: dict) -> dict[str, float]:
+def stepped_epoch(data, workers: int, steps: int, model_cfg: dict, simulated_step_s: float = 0.0) -> dict[str, float]:
     seed_everything(0)
     net = build_model(model_cfg, data.sample_shape("student_input"), len(CLASS_NAMES))
     distiller = build_distiller({"method": "supervised"}, student=net, teacher=None, num_classes=len(CLASS_NAMES))
@@ -103,10 +104,14 @@ def stepped_epoch(data, workers: int, steps: int, model_cfg: dict) -> dict[str, 
     waits, totals = [], []
     for _ in range(steps):
         t0 = time.perf_counter()
-        loss = sum(distiller(batch).values())
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        if simulated_step_s:
+            # A GPU step as the training process sees it: it idles while the accelerator works.
+            time.sleep(simulated_step_s)
+        else:
+            loss = sum(distiller(batch).values())
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
         t1 = time.perf_counter()
         batch = next(batches)
         t2 = time.perf_counter()
@@ -122,9 +127,13 @@ def main() -> None:
     p.add_argument("--rows", type=int, default=512)
     p.add_argument("--steps", type=int, default=2)
     p.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--out", default=str(HERE / "results" / "loader.json"))
+    p.add_argument("--simulated-step-s", type=float, default=0.0,
+                   help="instead of the CPU step, idle this long per step (a GPU's step time); "
+                        "default output then benchmarks/results/loader_simulated_step.json")
+    p.add_argument("--out", default=None)
     args = p.parse_args()
-    if args.rows < 2 * BATCH * (args.steps + 2):
+    args.out = args.out or str(HERE / "results" / ("loader_simulated_step.json" if args.simulated_step_s else "loader.json"))
+    if args.rows < BATCH * (args.steps + 2):
         raise SystemExit(f"error: --rows {args.rows} is too few for {args.steps} steps of batch {BATCH}")
     torch.set_num_threads(1)
     params = yaml.safe_load((HERE.parent / "params.yaml").read_text())
@@ -132,7 +141,8 @@ def main() -> None:
     results: dict = {"rows": args.rows, "workers": {}}
     context: dict = {"batch_size": BATCH, "row_shape": {"rgb": [3, H, W], "lidar": [5, H, W], "labels": [H, W]},
                      "model": model_cfg, "steps": args.steps, "machine": platform.platform(),
-                     "cpus": os.cpu_count(), "torch_threads": 1, "per_workers": {}}
+                     "cpus": os.cpu_count(), "torch_threads": 1, "simulated_step_s": args.simulated_step_s,
+                     "load_average_at_start": os.getloadavg(), "per_workers": {}}
     with tempfile.TemporaryDirectory(prefix="cmkd-loader-") as tmp:
         path = Path(tmp) / "semantickitti.h5"
         t0 = time.perf_counter()
@@ -142,7 +152,7 @@ def main() -> None:
         data = load_split(path, "train", read_attrs(path), in_memory=False)
         for w in args.workers:
             epoch = pipeline_epoch(data, w)
-            step = stepped_epoch(data, w, args.steps, model_cfg)
+            step = stepped_epoch(data, w, args.steps, model_cfg, args.simulated_step_s)
             results["workers"][str(w)] = {
                 "samples_per_s": round(epoch["rows"] / epoch["wall_s"], 2),
                 "cpu_ms_per_sample": round(1000 * epoch["cpu_s"] / epoch["rows"], 2),

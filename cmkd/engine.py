@@ -27,7 +27,7 @@ from torch import nn
 
 from cmkd.atomic import atomic_path
 from cmkd.data.h5 import PreparedSplit
-from cmkd.data.loader import H5Batches, LoaderConfig, PlanSampler, batch_plan, finish_batch, make_loader
+from cmkd.data.loader import H5Batches, LoaderConfig, PlanSampler, batch_plan, finish_batch, make_loader, normalise_batch
 from cmkd.errors import ConfigError
 from cmkd.metrics import MetricAccumulator, primary_metric
 from cmkd.training import (
@@ -240,14 +240,17 @@ class SplitData:
     def batches(
         self, batch_size: int, shuffle: bool = False, seed: int = 0, rank: int = 0, world: int = 1, *,
         even: bool = True, augment: str | None = None, aug_seed: int = 0, loader: LoaderConfig | None = None,
+        device: torch.device | None = None,
     ) -> Iterator[dict[str, torch.Tensor]]:
         """Yield batches. With `world` > 1 each rank gets a disjoint share: equally long when
         `even` (training), covering every row once otherwise (evaluation). `augment` applies
         `augment_batch` with a generator seeded by `aug_seed`. Streamed splits go through
-        the torch.utils.data pipeline of cmkd.data.loader (`loader`: its workers, prefetch...)."""
+        the torch.utils.data pipeline of cmkd.data.loader (`loader`: its workers, prefetch...),
+        and their batches are normalised on `device` when given (they arrive there)."""
         if self.stream is not None:
-            yield from self._stream_batches(batch_size, shuffle, seed, rank, world, even, augment, aug_seed,
-                                            loader or LoaderConfig())
+            for batch in self._stream_batches(batch_size, shuffle, seed, rank, world, even, augment, aug_seed,
+                                              loader or LoaderConfig()):
+                yield normalise_batch(batch, self.normalise, device)
             return
         generator = torch.Generator().manual_seed(aug_seed) if augment is not None else None
         for batch in self._memory_batches(batch_size, shuffle, seed, rank, world, even):
@@ -286,8 +289,7 @@ class SplitData:
         if key not in loaders:
             sampler = PlanSampler(dict(n_rows=split.length, chunk_rows=split.chunk_rows, batch_size=batch_size,
                                        shuffle=shuffle, rank=rank, world=world, buffer_chunks=cfg.buffer_chunks, even=even))
-            dataset = H5Batches(split.path, split.group_path, self.stream["names"], self.stream.get("logits"),
-                                self.normalise, augment)
+            dataset = H5Batches(split.path, split.group_path, self.stream["names"], self.stream.get("logits"), augment)
             loaders[key] = (sampler, make_loader(dataset, sampler, cfg))
         sampler, data_loader = loaders[key]
         sampler.set_epoch(seed, aug_seed)
@@ -364,7 +366,7 @@ def evaluate(
     was_training = model.training
     model.eval()
     acc = MetricAccumulator(task, num_classes, ignore_index if ignore_index is not None else -1, device)
-    for batch in data.batches(batch_size, rank=rank, world=world, even=False, loader=loader):
+    for batch in data.batches(batch_size, rank=rank, world=world, even=False, loader=loader, device=device):
         x = batch[input_key].to(device)
         if channels_last and x.dim() == 4:
             x = x.contiguous(memory_format=torch.channels_last)
@@ -545,7 +547,7 @@ def fit(
         n_steps = 0
         # Augmented as the batches are made (in the loader's workers for streamed splits).
         for batch in train.batches(cfg.batch_size, shuffle=True, seed=epoch_seed, rank=rank, world=world,
-                                   augment=cfg.augment, aug_seed=epoch_seed + 1, loader=loader_cfg):
+                                   augment=cfg.augment, aug_seed=epoch_seed + 1, loader=loader_cfg, device=device):
             if len(batch["index"]) < 2:
                 continue  # a trailing batch of one row breaks BatchNorm's batch statistics
             batch = _to_device(batch, device)
