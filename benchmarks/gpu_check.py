@@ -94,7 +94,6 @@ def _build(params, ds: str, role: str, in_shape, num_classes: int, amp, channels
 def semantickitti(params, args, tmp: Path) -> dict:
     from benchmarks.loader import write_rows
     from cmkd.data.h5 import read_attrs
-    from cmkd.data.loader import LoaderConfig
     from cmkd.engine import load_split
 
     path = tmp / "semantickitti.h5"
@@ -125,7 +124,8 @@ def _batches(data, workers: int, batch_size: int):
     epoch = 0
     while True:  # as many epochs as the steps need
         yield from data.batches(batch_size, shuffle=True, seed=epoch, augment="flip", aug_seed=epoch + 1,
-                                loader=LoaderConfig(workers=workers, pin_memory=True, persistent=True, buffer_chunks=16))
+                                loader=LoaderConfig(workers=workers, pin_memory=True, persistent=True, buffer_chunks=16),
+                                device=torch.device("cuda"))  # narrow rows copied to the GPU, normalised there
         epoch += 1
 
 
