@@ -12,7 +12,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-import math
 import os
 import random
 from dataclasses import dataclass, field
@@ -27,12 +26,18 @@ from torch import nn
 
 from cmkd.atomic import atomic_path
 from cmkd.data.h5 import PreparedSplit
+from cmkd.data.loader import H5Batches, LoaderConfig, PlanSampler, batch_plan, finish_batch, make_loader, normalise_batch
 from cmkd.errors import ConfigError, DataFormatError
 from cmkd.metrics import MetricAccumulator, primary_metric
+from cmkd.training import (
+    Precision, backward_and_step, build_scheduler, maybe_compile, to_channels_last, validate_amp, validate_schedule,
+)
 
 log = logging.getLogger(__name__)
 
 AUGMENTS = (None, "flip", "flip_rot90")
+OPTIMIZERS = ("adam", "adamw", "sgd")
+_REAL_SCALE_KEYS = ("nesterov", "schedule", "amp", "channels_last", "grad_clip", "compile")
 # Splits up to this size are read into memory; larger ones are streamed chunk by chunk.
 IN_MEMORY_LIMIT_BYTES = 2 * 1024**3
 
@@ -49,6 +54,14 @@ class TrainConfig:
     device: str = "auto"
     augment: str | None = None
     eval_batch_size: int = 512
+    # Real-scale options (cmkd/training.py, cmkd/data/loader.py); the defaults change nothing.
+    nesterov: bool = False
+    schedule: Any = None
+    amp: Any = False
+    channels_last: bool = False
+    grad_clip: float = 0.0
+    compile: Any = False
+    loader: Any = None
 
     @classmethod
     def from_params(cls, params: Mapping[str, Any], key: str, **overrides: Any) -> "TrainConfig":
@@ -58,7 +71,7 @@ class TrainConfig:
             raise ConfigError(f"{key}.{unknown[0]}", f"unknown training parameter; known: {sorted(names)}")
         merged = {**params, **overrides}
         # YAML 1.1 (PyYAML) reads DVC-written numbers such as 1e-05 as strings.
-        for name in ("lr", "weight_decay", "momentum"):
+        for name in ("lr", "weight_decay", "momentum", "grad_clip"):
             if isinstance(merged.get(name), str):
                 try:
                     merged[name] = float(merged[name])
@@ -77,15 +90,40 @@ class TrainConfig:
             raise ConfigError(f"{key}.lr", f"must be > 0, got {self.lr!r}")
         if float(self.weight_decay) < 0:
             raise ConfigError(f"{key}.weight_decay", f"must be >= 0, got {self.weight_decay!r}")
-        if self.optimizer not in ("adam", "sgd"):
-            raise ConfigError(f"{key}.optimizer", f"must be adam or sgd, got {self.optimizer!r}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ConfigError(f"{key}.optimizer", f"must be one of {OPTIMIZERS}, got {self.optimizer!r}")
         if self.augment not in AUGMENTS:
             raise ConfigError(f"{key}.augment", f"must be one of {AUGMENTS}, got {self.augment!r}")
+        if not isinstance(self.nesterov, bool):
+            raise ConfigError(f"{key}.nesterov", f"must be true or false, got {self.nesterov!r}")
+        if self.nesterov and self.optimizer != "sgd":
+            raise ConfigError(f"{key}.nesterov", f"applies to optimizer sgd only, not {self.optimizer!r}")
+        validate_schedule(self.schedule, f"{key}.schedule")
+        validate_amp(self.amp, f"{key}.amp")
+        if self.channels_last not in (True, False, "auto") or not isinstance(self.channels_last, (bool, str)):
+            raise ConfigError(f"{key}.channels_last", f"must be true, false or auto (on CUDA only), got {self.channels_last!r}")
+        if not isinstance(self.grad_clip, (int, float)) or isinstance(self.grad_clip, bool) or self.grad_clip < 0:
+            raise ConfigError(f"{key}.grad_clip", f"must be a number >= 0 (0 = off), got {self.grad_clip!r}")
+        if not (isinstance(self.compile, bool) or (isinstance(self.compile, str) and self.compile)):
+            raise ConfigError(f"{key}.compile", f"must be true, false or a torch.compile backend name, got {self.compile!r}")
+        LoaderConfig.from_params(self.loader, f"{key}.loader")
+
+    @property
+    def schedule_spec(self) -> dict[str, Any] | None:
+        return validate_schedule(self.schedule, "schedule")
+
+    @property
+    def loader_config(self) -> LoaderConfig:
+        return LoaderConfig.from_params(self.loader, "loader")
 
     def fingerprint(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d.pop("device")
         d.pop("eval_batch_size")
+        d.pop("loader")  # how batches arrive, not which: the same with any number of workers
+        for f in dataclasses.fields(self):  # options left at their defaults keep the old hash
+            if f.name in _REAL_SCALE_KEYS and d.get(f.name) == f.default:
+                d.pop(f.name)
         return d
 
 
@@ -190,79 +228,75 @@ class SplitData:
             if len(logits) != self.length:
                 raise ValueError(f"teacher logits have {len(logits)} rows for a split of {self.length}")
             return SplitData(tensors={**self.tensors, "teacher_logits": logits}, normalise=self.normalise)
-        return SplitData(stream={**self.stream, "logits": str(logits)}, normalise=self.normalise)
+        return SplitData(stream={**self._stream_spec(), "logits": str(logits)}, normalise=self.normalise)
+
+    def _stream_spec(self) -> dict[str, Any]:
+        return {k: v for k, v in self.stream.items() if k != "loaders"}
 
     def without(self, key: str) -> "SplitData":
         if self.tensors is not None:
             return SplitData(tensors={k: v for k, v in self.tensors.items() if k != key}, normalise=self.normalise)
         if key == "teacher_logits":
-            return SplitData(stream={k: v for k, v in self.stream.items() if k != "logits"}, normalise=self.normalise)
+            return SplitData(stream={k: v for k, v in self._stream_spec().items() if k != "logits"}, normalise=self.normalise)
         return self
 
     def batches(
-        self, batch_size: int, shuffle: bool = False, seed: int = 0, rank: int = 0, world: int = 1
+        self, batch_size: int, shuffle: bool = False, seed: int = 0, rank: int = 0, world: int = 1, *,
+        even: bool = True, augment: str | None = None, aug_seed: int = 0, loader: LoaderConfig | None = None,
+        device: torch.device | None = None,
     ) -> Iterator[dict[str, torch.Tensor]]:
-        """Yield batches. With `world` > 1 each rank gets a disjoint, equally long share."""
-        if self.tensors is not None:
-            batches = self._memory_batches(batch_size, shuffle, seed, rank, world)
-        else:
-            batches = self._stream_batches(batch_size, shuffle, seed, rank, world)
-        for batch in batches:
-            for key, (a, b) in self.normalise.items():
-                shape = (1, -1) + (1,) * (batch[key].dim() - 2)
-                batch[key] = batch[key].to(torch.float32, copy=True).mul_(a.view(shape)).sub_(b.view(shape))
-            if "target" in batch:
-                batch["target"] = batch["target"].long()
-            yield batch
+        """Yield batches. With `world` > 1 each rank gets a disjoint share: equally long when
+        `even` (training), covering every row once otherwise (evaluation). `augment` applies
+        `augment_batch` with a generator seeded by `aug_seed`. Streamed splits go through
+        the torch.utils.data pipeline of cmkd.data.loader (`loader`: its workers, prefetch...),
+        and their batches are normalised on `device` when given (they arrive there)."""
+        if self.stream is not None:
+            for batch in self._stream_batches(batch_size, shuffle, seed, rank, world, even, augment, aug_seed,
+                                              loader or LoaderConfig()):
+                yield normalise_batch(batch, self.normalise, device)
+            return
+        generator = torch.Generator().manual_seed(aug_seed) if augment is not None else None
+        for batch in self._memory_batches(batch_size, shuffle, seed, rank, world, even):
+            yield finish_batch(batch, self.normalise, augment, generator)
 
-    def _memory_batches(self, batch_size, shuffle, seed, rank, world):
+    def steps_per_epoch(self, batch_size: int, rank: int = 0, world: int = 1) -> int:
+        """Training batches of one epoch of this rank (batches of one row are skipped)."""
+        if self.stream is not None:
+            split: PreparedSplit = self.stream["split"]
+            plan = batch_plan(split.length, split.chunk_rows, batch_size, shuffle=False, seed=0, rank=rank, world=world)
+            return sum(len(b) >= 2 for b in plan)
+        rows = self.length // world if world > 1 else self.length
+        return rows // batch_size + (rows % batch_size >= 2)
+
+    def _memory_batches(self, batch_size, shuffle, seed, rank, world, even=True):
         n = self.length
         if shuffle:
             order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
         else:
             order = torch.arange(n)
         if world > 1:
-            per_rank = n // world
-            order = order[rank::world][:per_rank]
+            order = order[rank::world]
+            if even:
+                order = order[: n // world]
         for start in range(0, len(order), batch_size):
             idx = order[start:start + batch_size]
             batch = {k: v.index_select(0, idx) for k, v in self.tensors.items()}
             batch["index"] = idx
             yield batch
 
-    def _stream_batches(self, batch_size, shuffle, seed, rank, world):
+    def _stream_batches(self, batch_size, shuffle, seed, rank, world, even, augment, aug_seed, cfg: LoaderConfig):
+        # One DataLoader per way of iterating, kept so persistent workers live across epochs.
         split: PreparedSplit = self.stream["split"]
-        names: dict[str, str] = self.stream["names"]
-        rng = np.random.default_rng(seed)
-        n_blocks = math.ceil(split.length / split.chunk_rows)
-        order = rng.permutation(n_blocks) if shuffle else np.arange(n_blocks)
-        if world > 1:
-            order = order[rank::world][: n_blocks // world]
-        logits_file = h5py.File(self.stream["logits"], "r") if self.stream.get("logits") else None
-        try:
-            buffer: list[dict[str, torch.Tensor]] = []
-            buffered = 0
-            for rows, arrays in split.iter_chunks(list(names.values()), order=order):
-                block = {key: torch.from_numpy(arrays[h5name]) for key, h5name in names.items()}
-                block["index"] = torch.from_numpy(rows)
-                if logits_file is not None:
-                    block["teacher_logits"] = torch.from_numpy(logits_file["logits"][rows[0]:rows[-1] + 1])
-                if shuffle:
-                    perm = torch.from_numpy(rng.permutation(len(rows)))
-                    block = {k: v.index_select(0, perm) for k, v in block.items()}
-                buffer.append(block)
-                buffered += len(rows)
-                while buffered >= batch_size:
-                    merged = {k: torch.cat([b[k] for b in buffer]) for k in buffer[0]}
-                    yield {k: v[:batch_size] for k, v in merged.items()}
-                    rest = {k: v[batch_size:] for k, v in merged.items()}
-                    buffered -= batch_size
-                    buffer = [rest] if buffered else []
-            if buffered:
-                yield {k: torch.cat([b[k] for b in buffer]) for k in buffer[0]}
-        finally:
-            if logits_file is not None:
-                logits_file.close()
+        key = (batch_size, shuffle, rank, world, even, augment, cfg)
+        loaders = self.stream.setdefault("loaders", {})
+        if key not in loaders:
+            sampler = PlanSampler(dict(n_rows=split.length, chunk_rows=split.chunk_rows, batch_size=batch_size,
+                                       shuffle=shuffle, rank=rank, world=world, buffer_chunks=cfg.buffer_chunks, even=even))
+            dataset = H5Batches(split.path, split.group_path, self.stream["names"], self.stream.get("logits"), augment)
+            loaders[key] = (sampler, make_loader(dataset, sampler, cfg))
+        sampler, data_loader = loaders[key]
+        sampler.set_epoch(seed, aug_seed)
+        yield from data_loader
 
 
 def load_split(path: str | Path, split: str, attrs: Mapping[str, Any], root: str = "", in_memory: bool | None = None) -> SplitData:
@@ -325,13 +359,23 @@ def _to_device(batch: Mapping[str, torch.Tensor], device: torch.device) -> dict[
 def evaluate(
     model: nn.Module, data: SplitData, input_key: str, *, task: str, num_classes: int,
     ignore_index: int | None = -1, batch_size: int = 512, device: torch.device | None = None,
+    precision: Precision | None = None, channels_last: bool = False, loader: LoaderConfig | None = None,
 ) -> dict[str, Any]:
+    """Metrics of `model` on `data`. Under torch.distributed every rank evaluates its own share
+    of the rows (together: every row once) and torchmetrics sums the states across ranks in
+    `compute`, so all ranks return the metrics of the whole split; call it on every rank."""
     device = device or next(model.parameters()).device
+    rank, world = distributed_info()
     was_training = model.training
     model.eval()
     acc = MetricAccumulator(task, num_classes, ignore_index if ignore_index is not None else -1, device)
-    for batch in data.batches(batch_size):
-        acc.update(model(batch[input_key].to(device)), batch["target"].to(device))
+    for batch in data.batches(batch_size, rank=rank, world=world, even=False, loader=loader, device=device):
+        x = batch[input_key].to(device)
+        if channels_last and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with (precision or Precision(False, device)).autocast():
+            logits = model(x)
+        acc.update(logits, batch["target"].to(device))
     model.train(was_training)
     return acc.compute()
 
@@ -416,6 +460,10 @@ class FitResult:
 def _optimizer(params, cfg: TrainConfig) -> torch.optim.Optimizer:
     if cfg.optimizer == "adam":
         return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.nesterov:
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=True)
     return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
 
@@ -508,6 +556,23 @@ def _live_record(live, record: Mapping[str, Any]) -> None:
     live.next_step()
 
 
+def _run_state(scheduler, precision: Precision) -> dict[str, Any]:
+    """What a checkpoint needs besides weights and optimiser to resume the exact run."""
+    state = {}
+    if scheduler is not None:
+        state["scheduler"] = scheduler.state_dict()
+    if precision.scaler is not None:
+        state["scaler"] = precision.scaler.state_dict()
+    return state
+
+
+def _load_run_state(state: Mapping[str, Any], scheduler, precision: Precision) -> None:
+    if scheduler is not None:
+        scheduler.load_state_dict(state["scheduler"])
+    if precision.scaler is not None:
+        precision.scaler.load_state_dict(state["scaler"])
+
+
 def fit(
     distiller: nn.Module,
     train: SplitData,
@@ -533,8 +598,14 @@ def fit(
     device = resolve_device(cfg.device)
     rank, world = distributed_info()
     distiller.to(device)
+    channels_last = cfg.channels_last is True or (cfg.channels_last == "auto" and device.type == "cuda")
+    if channels_last:
+        distiller.to(memory_format=torch.channels_last)
     params = [p for p in distiller.parameters() if p.requires_grad]
     optimizer = _optimizer(params, cfg)
+    precision = Precision(cfg.amp, device)
+    scheduler = build_scheduler(optimizer, cfg.schedule_spec, cfg.epochs, train.steps_per_epoch(cfg.batch_size, rank, world))
+    loader_cfg = cfg.loader_config
     select = primary_metric(task)
     main_name, (main_net, main_key) = next(iter(distiller.deployables().items()))
     if cfg.augment is not None and "teacher_logits" in train.keys:
@@ -551,6 +622,7 @@ def fit(
         best_epoch = int(state["best_epoch"])
         best_state = state["best_state"]
         history = json.loads(state["history"])
+        _load_run_state(state, scheduler, precision)
         resumed = start_epoch
         log.info("%s: resumed after epoch %d from %s", desc, start_epoch - 1, ckpt_path)
 
@@ -560,6 +632,7 @@ def fit(
     step_module: nn.Module = distiller
     if world > 1:
         step_module = nn.parallel.DistributedDataParallel(distiller, find_unused_parameters=True)
+    step_module = maybe_compile(step_module, cfg.compile)
 
     live = open_live(log_dir, history) if log_dir is not None and rank == 0 else None
 
@@ -568,30 +641,37 @@ def fit(
     for epoch in bar:
         epoch_seed = cfg.seed * 1_000_003 + epoch
         torch.manual_seed(epoch_seed)
-        aug_gen = torch.Generator().manual_seed(epoch_seed + 1)
         distiller.on_epoch_start(epoch, cfg.epochs)
         distiller.train()
         sums: dict[str, float] = {}
         n_steps = 0
-        for batch in train.batches(cfg.batch_size, shuffle=True, seed=epoch_seed, rank=rank, world=world):
+        # Augmented as the batches are made (in the loader's workers for streamed splits).
+        for batch in train.batches(cfg.batch_size, shuffle=True, seed=epoch_seed, rank=rank, world=world,
+                                   augment=cfg.augment, aug_seed=epoch_seed + 1, loader=loader_cfg, device=device):
             if len(batch["index"]) < 2:
                 continue  # a trailing batch of one row breaks BatchNorm's batch statistics
-            batch = _to_device(augment_batch(batch, cfg.augment, aug_gen), device)
-            losses = step_module(batch)
-            loss = sum(losses.values())
+            batch = _to_device(batch, device)
+            if channels_last:
+                batch = to_channels_last(batch)
+            with precision.autocast():
+                losses = step_module(batch)
+                loss = sum(losses.values())
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"{desc}: non-finite loss at epoch {epoch}: { {k: float(v) for k, v in losses.items()} }")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            backward_and_step(loss, optimizer, params, precision, cfg.grad_clip)
+            if scheduler is not None:
+                scheduler.step()
             for k, v in losses.items():
                 sums[k] = sums.get(k, 0.0) + float(v.detach())
             sums["loss"] = sums.get("loss", 0.0) + float(loss.detach())
             n_steps += 1
         val_metrics = evaluate(main_net, val, main_key, task=task, num_classes=num_classes,
-                               ignore_index=ignore_index, batch_size=cfg.eval_batch_size, device=device)
+                               ignore_index=ignore_index, batch_size=cfg.eval_batch_size, device=device,
+                               precision=precision, channels_last=channels_last, loader=loader_cfg)
         record = {"epoch": epoch, **{f"train/{k}": v / max(n_steps, 1) for k, v in sums.items()},
                   **{f"val/{k}": v for k, v in val_metrics.items() if isinstance(v, float)}}
+        if scheduler is not None:
+            record["train/lr"] = optimizer.param_groups[0]["lr"]  # for the next epoch's first step
         history.append(record)
         if best_val is None or val_metrics[select] > best_val[select]:
             best_val, best_epoch, best_state = val_metrics, epoch, _cpu_state(distiller)
@@ -603,6 +683,7 @@ def fit(
                 "fingerprint": fingerprint, "epoch": epoch, "distiller": _cpu_state(distiller),
                 "optimizer": optimizer.state_dict(), "best_val": json.dumps(best_val),
                 "best_epoch": best_epoch, "best_state": best_state, "history": json.dumps(history),
+                **_run_state(scheduler, precision),
             })
     bar.close()
     if live is not None:

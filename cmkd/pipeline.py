@@ -33,6 +33,7 @@ from cmkd.engine import (
 from cmkd.methods import build_distiller
 from cmkd.models import build_model
 from cmkd.parallel import die_with_parent
+from cmkd.training import Precision
 
 log = logging.getLogger(__name__)
 
@@ -174,7 +175,11 @@ def _train_seed(
     device = resolve_device(seed_cfg.device)
     for name, (net, input_key) in distiller.deployables().items():
         seed_result["test"][name] = evaluate(net, splits["test"], input_key, task=task, num_classes=num_classes,
-                                             ignore_index=ignore_index, batch_size=seed_cfg.eval_batch_size, device=device)
+                                             ignore_index=ignore_index, batch_size=seed_cfg.eval_batch_size, device=device,
+                                             precision=Precision(seed_cfg.amp, device),
+                                             channels_last=seed_cfg.channels_last is True or (
+                                                 seed_cfg.channels_last == "auto" and device.type == "cuda"),
+                                             loader=seed_cfg.loader_config)
         if rank == 0:
             (out_dir / f"seed{seed}").mkdir(parents=True, exist_ok=True)
             torch.save({k: v.cpu() for k, v in net.state_dict().items()}, out_dir / f"seed{seed}" / f"{name}.pt")

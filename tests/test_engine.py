@@ -136,6 +136,33 @@ def test_ddp_two_cpu_processes_agree(tmp_path):
     assert not np.allclose(np.array(r0["params"]), _initial_params(), atol=1e-3)
 
 
+@pytest.mark.slow
+def test_ddp_ranks_evaluate_their_share_and_reduce_the_metrics(tmp_path):
+    """Under torchrun every rank evaluates its own rows (together each row once, in memory and
+    streamed with a loader worker) and torchmetrics sums the states: each rank reports the
+    metrics of the whole split, equal to one process's. Training on a streamed split with
+    loader workers, augmentation and a schedule runs on both ranks and keeps them in sync."""
+    from tests.ddp_eval_worker import evaluate_all, write_data
+
+    write_data(tmp_path / "d.h5")
+    env = tool_env(tmp_path)
+    env["PYTHONPATH"] = str(REPO)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(REPO / "tests" / "ddp_eval_worker.py"), str(tmp_path)],
+                          env=env, capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"eval_rank{r}.json").read_text()) for r in (0, 1)]
+    single = evaluate_all(tmp_path / "d.h5")
+    for kind in ("memory", "stream"):
+        assert single[kind]["rows"] == 37
+        assert ranks[0]["eval"][kind]["rows"] + ranks[1]["eval"][kind]["rows"] == 37  # shares, not copies
+        assert min(r["eval"][kind]["rows"] for r in ranks) > 0
+        for r in ranks:
+            assert r["eval"][kind]["miou"] == pytest.approx(single[kind]["miou"], abs=1e-12)
+            assert r["eval"][kind]["accuracy"] == pytest.approx(single[kind]["accuracy"], abs=1e-12)
+    assert ranks[0]["train"] == ranks[1]["train"]  # replicas identical, same reduced validation metric
+
+
 def _initial_params():
     seed_everything(0)
     model = build_model({"arch": "mlp", "hidden": [16]}, (8,), 3)

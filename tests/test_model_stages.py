@@ -13,6 +13,9 @@ CASES = [
     ({"arch": "small_cnn", "width": 4}, (1, 16, 16), ["block1", "block2", "block3", "features"]),
     ({"arch": "resnet18", "width": 4, "small_input": True}, (3, 16, 16), ["stem", "layer1", "layer2", "layer3", "layer4", "features"]),
     ({"arch": "seg_resnet", "width": 4, "stem_stride": 2}, (5, 16, 32), ["stem", "layer1", "layer2", "layer3", "layer4", "features"]),
+    ({"arch": "resnet34", "width": 4, "small_input": True}, (3, 16, 16), ["stem", "layer1", "layer2", "layer3", "layer4", "features"]),
+    ({"arch": "seg_resnet", "width": 4, "blocks": [3, 4, 6, 3], "stem_stride": 2}, (3, 16, 32),
+     ["stem", "layer1", "layer2", "layer3", "layer4", "features"]),
     ({"arch": "fusion_resnet18", "split": [3, 1], "width": 4, "small_input": True}, (4, 16, 16),
      ["stem", "layer1", "layer2", "layer3", "layer4", "features"]),
 ]
@@ -48,3 +51,15 @@ def test_stage_outputs_names_unknown_stage():
     model = build_model({"arch": "small_cnn", "width": 4}, (1, 8, 8), 3)
     with pytest.raises(ConfigError, match="no stage 'layer3'.*block1"):
         stage_outputs(model, torch.randn(2, 1, 8, 8), ["layer3"])
+
+
+def test_resnet34_has_the_papers_block_layout():
+    """ResNet-34 = BasicBlocks [3, 4, 6, 3]: 21.8M parameters at width 64 with 1000 classes
+    (torchvision's resnet34 has 21,797,672), in the classifier and the segmentation encoder."""
+    net = build_model({"arch": "resnet34"}, (3, 224, 224), 1000)
+    assert [len(stage) for stage in net.stages] == [3, 4, 6, 3]
+    assert sum(p.numel() for p in net.parameters()) == 21_797_672
+    seg = build_model({"arch": "seg_resnet", "width": 64, "blocks": [3, 4, 6, 3], "stem_stride": 2}, (3, 64, 128), 19)
+    assert [len(stage) for stage in seg.stages] == [3, 4, 6, 3]
+    with pytest.raises(ConfigError, match="blocks"):
+        build_model({"arch": "seg_resnet", "blocks": [3, 4]}, (3, 16, 16), 2)

@@ -1,7 +1,10 @@
-"""ResNet-18 (He et al. 2016) with its first convolution adapted to any channel count.
+"""ResNet-18 and ResNet-34 (He et al. 2016; BasicBlocks [2, 2, 2, 2] and [3, 4, 6, 3]) with
+their first convolution adapted to any channel count.
 
 Written here rather than taken from torchvision: torchvision's wheels do not import beside the
-CPU build of torch this project pins (see README, "Why torch 2.13 CPU").
+CPU build of torch this project pins (see README, "Why torch 2.13 CPU"), and timm depends on
+torchvision. The layers match torchvision's (conv-bn-relu stem, 7x7/2 and max-pool, the same
+blocks and strides), so a converted ImageNet state dict would fit their shapes.
 """
 
 from __future__ import annotations
@@ -29,11 +32,16 @@ class BasicBlock(nn.Module):
         return torch.relu(out + self.shortcut(x))
 
 
-class ResNet18(nn.Module):
-    """ResNet-18. `width` scales every stage (64 is the standard network); `small_input`
-    replaces the 7x7/2 stem and max-pool by a 3x3/1 stem for images of 32 px or less."""
+RESNET_BLOCKS = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3)}
 
-    def __init__(self, in_channels: int, num_classes: int, width: int = 64, small_input: bool = False):
+
+class ResNet18(nn.Module):
+    """ResNet-18 (or, with `blocks` (3, 4, 6, 3), ResNet-34). `width` scales every stage (64 is
+    the standard network); `small_input` replaces the 7x7/2 stem and max-pool by a 3x3/1 stem
+    for images of 32 px or less."""
+
+    def __init__(self, in_channels: int, num_classes: int, width: int = 64, small_input: bool = False,
+                 blocks: tuple[int, ...] = RESNET_BLOCKS[18]):
         super().__init__()
         if small_input:
             self.stem = nn.Sequential(nn.Conv2d(in_channels, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU())
@@ -46,7 +54,8 @@ class ResNet18(nn.Module):
         in_planes = width
         for i, planes in enumerate([width, 2 * width, 4 * width, 8 * width]):
             stride = 1 if i == 0 else 2
-            stages.append(nn.Sequential(BasicBlock(in_planes, planes, stride), BasicBlock(planes, planes, 1)))
+            stages.append(nn.Sequential(BasicBlock(in_planes, planes, stride),
+                                        *(BasicBlock(planes, planes, 1) for _ in range(blocks[i] - 1))))
             in_planes = planes
         self.stages = nn.Sequential(*stages)
         self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
@@ -84,3 +93,15 @@ class ResNet18(nn.Module):
 @register_arch("resnet18")
 def build_resnet18(in_shape: tuple[int, ...], num_classes: int, width: int = 64, small_input: bool = False) -> ResNet18:
     return ResNet18(in_shape[0], num_classes, width, small_input)
+
+
+class ResNet34(ResNet18):
+    """ResNet-34: the ResNet-18 network with BasicBlocks [3, 4, 6, 3] (PMF's camera backbone)."""
+
+    def __init__(self, in_channels: int, num_classes: int, width: int = 64, small_input: bool = False):
+        super().__init__(in_channels, num_classes, width, small_input, RESNET_BLOCKS[34])
+
+
+@register_arch("resnet34")
+def build_resnet34(in_shape: tuple[int, ...], num_classes: int, width: int = 64, small_input: bool = False) -> ResNet34:
+    return ResNet34(in_shape[0], num_classes, width, small_input)

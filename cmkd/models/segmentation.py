@@ -15,6 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from typing import Sequence
+
+from cmkd.errors import ConfigError
 from cmkd.models import register_arch, select_stages
 from cmkd.models.resnet import BasicBlock
 
@@ -25,14 +28,18 @@ def _conv_bn_relu(cin: int, cout: int, kernel: int, stride: int = 1) -> nn.Seque
 
 class SegResNet(nn.Module):
     """`width` scales the encoder (stages of width, 2, 4, 8 x width channels); `blocks` is the
-    number of BasicBlocks per stage; `stem_stride` 2 or 4 halves or quarters the resolution the
-    encoder starts at (cheaper on large images)."""
+    number of BasicBlocks per stage, one number or one per stage ([3, 4, 6, 3] with width 64:
+    a ResNet-34 encoder, PMF's camera branch); `stem_stride` 2 or 4 halves or quarters the
+    resolution the encoder starts at (cheaper on large images)."""
 
-    def __init__(self, in_channels: int, num_classes: int, width: int = 16, blocks: int = 1,
+    def __init__(self, in_channels: int, num_classes: int, width: int = 16, blocks: int | Sequence[int] = 1,
                  decoder_dim: int | None = None, stem_stride: int = 1):
         super().__init__()
         if stem_stride not in (1, 2, 4):
             raise ValueError(f"stem_stride must be 1, 2 or 4, got {stem_stride}")
+        per_stage = [blocks] * 4 if isinstance(blocks, int) else list(blocks)
+        if len(per_stage) != 4 or not all(isinstance(b, int) and b >= 1 for b in per_stage):
+            raise ConfigError("blocks", f"must be a positive integer or four of them (e.g. [3, 4, 6, 3]), got {blocks!r}")
         stem = [_conv_bn_relu(in_channels, width, 3, min(stem_stride, 2))]
         if stem_stride == 4:
             stem.append(_conv_bn_relu(width, width, 3, 2))
@@ -42,7 +49,7 @@ class SegResNet(nn.Module):
         widths = [width, 2 * width, 4 * width, 8 * width]
         for i, planes in enumerate(widths):
             layers = [BasicBlock(in_planes, planes, 1 if i == 0 else 2)]
-            layers += [BasicBlock(planes, planes, 1) for _ in range(blocks - 1)]
+            layers += [BasicBlock(planes, planes, 1) for _ in range(per_stage[i] - 1)]
             self.stages.append(nn.Sequential(*layers))
             in_planes = planes
         dim = decoder_dim or 2 * width
@@ -88,6 +95,6 @@ class SegResNet(nn.Module):
 
 
 @register_arch("seg_resnet")
-def build_seg_resnet(in_shape: tuple[int, ...], num_classes: int, width: int = 16, blocks: int = 1,
+def build_seg_resnet(in_shape: tuple[int, ...], num_classes: int, width: int = 16, blocks: int | Sequence[int] = 1,
                      decoder_dim: int | None = None, stem_stride: int = 1) -> SegResNet:
     return SegResNet(in_shape[0], num_classes, width, blocks, decoder_dim, stem_stride)

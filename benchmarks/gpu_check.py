@@ -1,0 +1,185 @@
+"""GPU check: a short real-size training run on a CUDA machine, AMP off and on.
+
+For two workloads, with the networks of params.yaml's presets and the engine's own step
+(cmkd.training: autocast, GradScaler for fp16, channels_last):
+
+- `semantickitti`: the preset's camera teacher (ResNet-34 seg encoder) and LiDAR student on
+  batches of 8 full-size rows (rgb uint8 3 x 256 x 1024, LiDAR float16 5 x 256 x 1024, labels)
+  streamed from a prepared HDF5 file in a temporary directory through the loader
+  (cmkd/data/loader.py: workers, pinned memory, prefetch), as `fit` reads a large split;
+- `sunrgbd`: the DisCoM-KD preset's ResNet-18 on batches of 128 RGB 224 x 224 images (an
+  in-memory split, as `fit` keeps SUN RGB-D).
+
+Each workload runs `--steps` optimiser steps after `--warmup` steps, with amp off (float32)
+and on (`auto`: bf16 where supported, else fp16 + GradScaler), and reports the median step
+time, samples per second, peak GPU memory and the loader wait share (the fraction of step
+wall time spent waiting for the next batch).
+
+    python benchmarks/gpu_check.py                       # on a CUDA machine
+    python benchmarks/gpu_check.py --steps 20 --workers 4
+
+Without CUDA it says so and exits 0. Result: benchmarks/results/gpu_check.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, installed or not
+
+HERE = Path(__file__).resolve().parent
+
+
+def _step_loop(distiller, batches, precision, optimizer, params, steps: int, warmup: int, channels_last: bool,
+               batch_size: int) -> dict:
+    from cmkd.engine import _to_device
+    from cmkd.training import backward_and_step, to_channels_last
+
+    device = torch.device("cuda")
+    torch.cuda.reset_peak_memory_stats()
+    it = iter(batches)
+    step_times, waits = [], []
+    batch = next(it)
+    for i in range(warmup + steps):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        b = _to_device(batch, device)
+        if channels_last:
+            b = to_channels_last(b)
+        with precision.autocast():
+            loss = sum(distiller(b).values())
+        backward_and_step(loss, optimizer, params, precision, 0.0)
+        t1 = time.perf_counter()
+        batch = next(it)  # the loader prepares it while the GPU works
+        t2 = time.perf_counter()
+        torch.cuda.synchronize()
+        t3 = time.perf_counter()
+        if i >= warmup:
+            step_times.append(t3 - t0)
+            waits.append(t2 - t1)
+    if hasattr(it, "close"):
+        it.close()
+    step = float(np.median(step_times))
+    return {"step_s": round(step, 4), "samples_per_s": round(batch_size / step, 1),
+            "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
+            "loader_wait_share": round(sum(waits) / sum(step_times), 4), "loss_finite": bool(torch.isfinite(loss))}
+
+
+def _build(params, ds: str, role: str, in_shape, num_classes: int, amp, channels_last: bool):
+    from cmkd.engine import TrainConfig, _optimizer, seed_everything
+    from cmkd.methods import build_distiller
+    from cmkd.models import build_model
+    from cmkd.training import Precision
+
+    seed_everything(0)
+    net = build_model(params["models"][ds][role], in_shape, num_classes)
+    distiller = build_distiller({"method": "supervised"}, student=net, teacher=None, num_classes=num_classes).cuda()
+    if channels_last:
+        distiller.to(memory_format=torch.channels_last)
+    cfg = TrainConfig.from_params({**params["train"][ds][role], "amp": amp}, f"train.{ds}.{role}")
+    trainable = [p for p in distiller.parameters() if p.requires_grad]
+    return distiller, Precision(cfg.amp, torch.device("cuda")), _optimizer(trainable, cfg), trainable, cfg
+
+
+def semantickitti(params, args, tmp: Path) -> dict:
+    from benchmarks.loader import write_rows
+    from cmkd.data.h5 import read_attrs
+    from cmkd.engine import load_split
+
+    path = tmp / "semantickitti.h5"
+    n_rows = 8 * (args.steps + args.warmup + 2)
+    write_rows(path, n_rows)
+    data = load_split(path, "train", read_attrs(path), in_memory=False)
+    out = {"rows": n_rows, "batch_size": 8}
+    for role, key in (("teacher", "teacher_input"), ("student", "student_input")):
+        for amp in (False, "auto"):
+            distiller, precision, opt, trainable, cfg = _build(params, "semantickitti", role, data.sample_shape(key), 19,
+                                                              amp, True)
+            if role == "teacher":  # the supervised distiller trains on student_input: feed it the camera rows
+                source = ({**b, "student_input": b["teacher_input"]} for b in _batches(data, args.workers, 8))
+            else:
+                source = _batches(data, args.workers, 8)
+            res = _step_loop(distiller, source, precision, opt, trainable, args.steps, args.warmup, True, 8)
+            res["autocast"] = str(precision.dtype).replace("torch.", "") if precision.dtype else "float32"
+            out[f"{role}_amp_{'on' if amp else 'off'}"] = res
+            print("semantickitti", role, "amp", amp, res, flush=True)
+            del distiller, opt
+            torch.cuda.empty_cache()
+    return out
+
+
+def _batches(data, workers: int, batch_size: int):
+    from cmkd.data.loader import LoaderConfig
+
+    epoch = 0
+    while True:  # as many epochs as the steps need
+        yield from data.batches(batch_size, shuffle=True, seed=epoch, augment="flip", aug_seed=epoch + 1,
+                                loader=LoaderConfig(workers=workers, pin_memory=True, persistent=True, buffer_chunks=16),
+                                device=torch.device("cuda"))  # narrow rows copied to the GPU, normalised there
+        epoch += 1
+
+
+def sunrgbd(params, args) -> dict:
+    from cmkd.engine import SplitData
+
+    rng = np.random.default_rng(0)
+    n = 128 * 4
+    x = rng.normal(size=(n, 3, 224, 224)).astype(np.float32)
+    y = rng.integers(0, 10, n)
+    data = SplitData.from_arrays(teacher_input=x, student_input=x, target=y)
+    out = {"batch_size": 128}
+
+    def source():
+        epoch = 0
+        while True:
+            yield from data.batches(128, shuffle=True, seed=epoch, augment="flip_rot90", aug_seed=epoch + 1)
+            epoch += 1
+
+    for amp in (False, "auto"):
+        distiller, precision, opt, trainable, cfg = _build(params, "sunrgbd", "student", (3, 224, 224), 10, amp, True)
+        res = _step_loop(distiller, source(), precision, opt, trainable, args.steps, args.warmup, True, 128)
+        res["autocast"] = str(precision.dtype).replace("torch.", "") if precision.dtype else "float32"
+        out[f"student_amp_{'on' if amp else 'off'}"] = res
+        print("sunrgbd amp", amp, res, flush=True)
+        del distiller, opt
+        torch.cuda.empty_cache()
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--workers", type=int, default=4)
+    p.add_argument("--out", default=str(HERE / "results" / "gpu_check.json"))
+    args = p.parse_args()
+    if not torch.cuda.is_available():
+        print("gpu_check: no CUDA device here (torch.cuda.is_available() is False); nothing to measure.")
+        return
+    sys.path.insert(0, str(HERE.parent))
+    torch.backends.cudnn.benchmark = True
+    params = yaml.safe_load((HERE.parent / "params.yaml").read_text())
+    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "machine": platform.platform(),
+              "bf16_supported": torch.cuda.is_bf16_supported(), "steps": args.steps, "warmup": args.warmup,
+              "loader_workers": args.workers}
+    with tempfile.TemporaryDirectory(prefix="cmkd-gpu-check-") as tmp:
+        result["semantickitti"] = semantickitti(params, args, Path(tmp))
+    result["sunrgbd"] = sunrgbd(params, args)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
