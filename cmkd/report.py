@@ -44,6 +44,9 @@ def collect(run_dirs: Iterable[Path]) -> dict[str, Any]:
         path = Path(run_dir) / "metrics.json"
         metrics = json.loads(path.read_text())
         task = metrics["task"]
+        if metrics.get("skipped"):  # the method is not defined for this task: an n/a row
+            rows[metrics["run"]] = {"method": metrics["method"], "skipped": metrics["skipped"]}
+            continue
         agg = aggregate_run(metrics)
         main = "model" if "model" in agg else "student"
         rows[metrics["run"]] = {"method": metrics["method"], **agg[main]}
@@ -71,6 +74,9 @@ def markdown_table(report: Mapping[str, Any], dataset: str, modalities: tuple[st
     order = [r for r in BASELINES if r in rows] + sorted(r for r in rows if r not in BASELINES)
     for name in order:
         stat = rows[name].get(metric)
+        if rows[name].get("skipped"):
+            lines.append(f"| {name} | {rows[name]['method']} | n/a | skipped: {rows[name]['skipped']} |")
+            continue
         if stat is None:
             continue
         arrow = ""
