@@ -26,7 +26,10 @@ $(VENV)/.installed: pyproject.toml | system-deps
 	$(BIN)/pip install -q -e ".[dev]"
 	@touch $@
 
+# params.yaml is checked first: DVC reads it while loading dvc.yaml, and a typo such as
+# `datasets: [synthetc]` would otherwise be DVC's "Parameters 'data.synthetc' are missing".
 repro: setup
+	$(BIN)/python -m stages validate
 	$(BIN)/dvc repro
 
 test: setup

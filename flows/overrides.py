@@ -186,7 +186,12 @@ def validate_overrides(params_path: str | Path, overrides: Sequence[str]) -> Non
     with tempfile.TemporaryDirectory(prefix="cmkd-params-") as tmp:
         scratch = Path(tmp) / Path(params_path).name
         shutil.copy2(params_path, scratch)
-        apply_overrides(scratch, overrides)
+        if overrides:
+            apply_overrides(scratch, overrides)
+        # the whole file as the stages will see it: `--datasets synthetc` is refused here
+        from cmkd.config import load_params, validate_params
+
+        validate_params(load_params(scratch))
 
 
 @contextlib.contextmanager

@@ -9,7 +9,7 @@ import sys
 from typing import Any
 
 from cmkd.config import load_params, validate_params
-from cmkd.errors import CmkdError
+from cmkd.errors import CmkdError, ConfigError, DataFormatError
 from cmkd.parallel import available_cores
 
 DATA = "data"
@@ -54,4 +54,10 @@ def main(run) -> None:
         run()
     except CmkdError as err:
         print(f"error: {err}", file=sys.stderr)
+        # A bad params value or bad input file fails the same way every time: tell the flow
+        # that started us (flows/dvc_stage.py) not to retry it.
+        marker = os.environ.get("CMKD_ERROR_FILE")
+        if marker and isinstance(err, (ConfigError, DataFormatError)):
+            with open(marker, "w") as out:
+                out.write(f"{type(err).__name__}: {err}\n")
         sys.exit(2)
