@@ -1,9 +1,10 @@
 """Stage `evaluate@<dataset>`: every run's test metrics -> data/reports/<dataset>/
-(metrics.json, table.md, scores.csv for `dvc plots`, methods.png)."""
+(metrics.json, table.md, scores.csv and curves.csv for `dvc plots`, methods.png)."""
 
 from pathlib import Path
 
 from cmkd.atomic import atomic_path, write_json, write_text
+from cmkd.curves import curves_csv
 from cmkd.data.h5 import read_attrs
 from cmkd.report import bar_figure, collect, markdown_table, scores_csv
 from stages._common import DATA, main, parser, start
@@ -23,6 +24,8 @@ def run() -> None:
     write_json(out / "metrics.json", report)
     write_text(out / "table.md", markdown_table(report, ds, (attrs["teacher_modality"], attrs["student_modality"])))
     write_text(out / "scores.csv", scores_csv(report))
+    # DVCLive's per-epoch validation score of every run (mean over seeds), one line per run
+    write_text(out / "curves.csv", curves_csv((runs_dir / name for name in names), "val", report["metric"]))
     with atomic_path(out / "methods.png") as tmp:
         bar_figure(report, ds, tmp.with_suffix(".png"))
         tmp.with_suffix(".png").replace(tmp)
