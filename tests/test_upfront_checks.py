@@ -66,3 +66,15 @@ def test_a_method_undefined_for_the_task_is_skipped_and_shown_as_na(tmp_path):
     assert report["rows"]["discom_kd"]["skipped"].startswith("method 'discom_kd' supports classification only")
     table = markdown_table(report, "d", ("rgb", "lidar"))
     assert "| discom_kd | discom_kd | n/a | skipped: method 'discom_kd' supports classification only" in table
+
+
+def test_generated_samples_are_smoke_tests_and_real_data_is_not():
+    from cmkd.config import load_params
+    from cmkd.data.registry import is_smoke_test
+
+    data = load_params(REPO / "params.yaml")["data"]
+    assert is_smoke_test("semantickitti-sample", data["semantickitti-sample"])
+    assert is_smoke_test("sunrgbd-sample", data["sunrgbd-sample"])
+    assert not is_smoke_test("sunrgbd", data["sunrgbd"])
+    assert not is_smoke_test("semantickitti", data["semantickitti"])
+    assert not is_smoke_test("digits", data["digits"])
