@@ -81,7 +81,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.tasks import exponential_backoff
 
 from cmkd.errors import CmkdError, ConfigError
-from flows.dvc_cli import DvcCommandError, dvc_args, run_checked, run_streaming
+from flows.dvc_cli import DvcCommandError, dvc_args, run_checked, run_streaming, stopping, terminate_children
 from flows.overrides import (
     OverrideSession,
     build_overrides,
@@ -191,7 +191,10 @@ NOT_RETRYABLE = 3
 
 
 def _retryable(task, task_run, state) -> bool:
-    """Prefect's retry_condition_fn: a configuration or input error fails the same way again."""
+    """Prefect's retry_condition_fn: a configuration or input error fails the same way again,
+    and nothing is retried while the flow is being stopped."""
+    if stopping():
+        return False
     try:
         state.result()
     except StageFailedError as exc:
@@ -229,7 +232,13 @@ def _run_stages(
                     "force": force,
                 },
             )
-        wait(list(futures.values()))
+        try:
+            wait(list(futures.values()))
+        except BaseException:
+            # SIGTERM (Prefect's TerminationSignal) or Ctrl-C: end the running stages now;
+            # the pool's threads then return at once instead of after their stages finish.
+            terminate_children()
+            raise
     outcomes, failed = [], {}
     for name, future in futures.items():
         state = future.state
