@@ -78,3 +78,38 @@ def test_generated_samples_are_smoke_tests_and_real_data_is_not():
     assert not is_smoke_test("sunrgbd", data["sunrgbd"])
     assert not is_smoke_test("semantickitti", data["semantickitti"])
     assert not is_smoke_test("digits", data["digits"])
+
+
+def test_an_unreachable_host_is_one_error_naming_it_without_resume_attempts(tmp_path, caplog):
+    import socket
+
+    from cmkd.data.download import DownloadError, download
+
+    with socket.socket() as s:  # a local port nobody listens on: connection refused at once
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"http://127.0.0.1:{port}/SUNRGBD.zip"
+    with caplog.at_level("WARNING"), pytest.raises(DownloadError) as err:
+        download(url, tmp_path, progress=False, retries=5, timeout=5)
+    assert str(err.value).count("\n") == 0 and url in str(err.value) and "'127.0.0.1'" in str(err.value)
+    assert "refused" in str(err.value)
+    assert not [r for r in caplog.records if "resuming" in r.getMessage()]
+
+
+def test_a_failed_name_lookup_is_reported_once(tmp_path, monkeypatch, caplog):
+    import socket
+    import urllib.error
+    import urllib.request
+
+    from cmkd.data.download import DownloadError, download
+
+    calls = []
+
+    def no_dns(*args, **kwargs):
+        calls.append(args)
+        raise urllib.error.URLError(socket.gaierror(-2, "Name or service not known"))
+
+    monkeypatch.setattr(urllib.request, "urlopen", no_dns)
+    with caplog.at_level("WARNING"), pytest.raises(DownloadError, match="host 'rgbd.example': cannot resolve the host name"):
+        download("http://rgbd.example/SUNRGBD.zip", tmp_path, progress=False, retries=5)
+    assert len(calls) == 1 and not caplog.records
