@@ -126,3 +126,17 @@ def test_a_new_method_module_reruns_only_its_own_stages(tmp_path):
     # (evaluate reruns only if the retrained runs' outputs differ: a comment leaves them identical)
     assert stages_run(out.stdout) - {"evaluate@synthetic"} == {
         "method_code", "distill@synthetic-kdv1", "distill@synthetic-kdv1_ntdh"}
+
+
+def test_experiment_stages_declare_every_method_module_they_use():
+    from cmkd.codedeps import closure, module_path
+
+    registry = registered_methods(REPO)
+    used = methods_of_run(PARAMS["experiments"]) + ["teacher", "supervised"]
+    modules = closure(REPO, ["cmkd.analysis"] + [registry[m] for m in used if m in registry])
+    needed = {module_path(REPO, m).relative_to(REPO).as_posix() for m in modules if m.startswith("cmkd.methods")}
+    for name, stage in DVC_YAML["stages"].items():
+        if name.startswith("exp_"):
+            deps = set(stage["deps"])
+            assert "cmkd/methods" not in deps
+            assert needed <= deps, f"{name}: add {sorted(needed - deps)} to its deps"
