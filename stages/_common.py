@@ -37,8 +37,9 @@ def start(args: argparse.Namespace, threads: int = 1) -> dict[str, Any]:
     return params
 
 
-# Memory one seed worker may need: the largest peak RSS of a training stage in
-# benchmarks/results/stage_memory.json, rounded up (CMKD_SEED_WORKER_GB overrides).
+# Memory one seed worker may need (CMKD_SEED_WORKER_GB overrides): the largest peak measured,
+# MG-KD on semantickitti-sample with its saliency passes bounded, was 1.96 GB for one seed
+# (/usr/bin/time -v; benchmarks/stage_memory.py measures every stage), rounded up with margin.
 SEED_WORKER_GB = 3.0
 
 
