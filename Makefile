@@ -8,9 +8,9 @@ export PATH := $(abspath $(BIN)):$(PATH)
 export DVC_NO_ANALYTICS := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
-.PHONY: setup system-deps repro test test-all bench clean-venv
+.PHONY: setup system-deps repro plots test test-all bench clean-venv
 
-setup: $(VENV)/.installed
+setup: $(VENV)/.installed .dvc/plots_offline.html
 
 # Open3D needs the system library libusb-1.0. Installed when we are root and it is missing;
 # otherwise the exact command is printed.
@@ -26,11 +26,22 @@ $(VENV)/.installed: pyproject.toml | system-deps
 	$(BIN)/pip install -q -e ".[dev]"
 	@touch $@
 
+# params.yaml is checked first: DVC reads it while loading dvc.yaml, and a typo such as
+# `datasets: [synthetc]` would otherwise be DVC's "Parameters 'data.synthetc' are missing".
+# The page `dvc plots show` fills (.dvc/config plots.html_template): Vega inlined, no CDN.
+.dvc/plots_offline.html: $(VENV)/.installed stages/plots_page.py
+	$(BIN)/python -m stages plots_page
+
 # A second `make repro` in the same workspace waits for the running one (DVC alone would fail
 # with "... is busy"); ARGS passes targets or options: make repro ARGS="exp_mfh_gamma".
 ARGS ?=
 repro: setup
+	$(BIN)/python -m stages validate
 	$(BIN)/python -m flows.lock $(BIN)/dvc repro $(ARGS)
+
+# Every plot of the last run in dvc_plots/index.html (opens offline).
+plots: setup
+	$(BIN)/dvc plots show
 
 test: setup
 	$(BIN)/python -m pytest

@@ -30,7 +30,7 @@ from cmkd.engine import (
     SplitData, TrainConfig, cache_logits, evaluate, fit, load_split, resolve_device, run_fingerprint, seed_everything,
     distributed_info,
 )
-from cmkd.methods import build_distiller
+from cmkd.methods import build_distiller, get_method
 from cmkd.models import build_model
 from cmkd.parallel import die_with_parent
 from cmkd.training import Precision
@@ -96,6 +96,14 @@ def train_run(
     task = attrs["task"]
     rank, world = distributed_info()
     results: dict[str, Any] = {"dataset": dataset, "run": run_name, "method": run_cfg["method"], "task": task, "seeds": {}}
+    supported = get_method(run_cfg["method"]).tasks
+    if task not in supported:
+        # Not an error: the default `methods` list spans datasets of both tasks. The row says why.
+        results["skipped"] = f"method {run_cfg['method']!r} supports {' and '.join(supported)} only; {dataset} is {task}"
+        log.warning("%s on %s: skipped (%s)", run_name, dataset, results["skipped"])
+        if rank == 0:
+            write_json(out_dir / "metrics.json", results)
+        return results
     job = functools.partial(
         _train_seed, dataset=dataset, prepared=prepared, run_name=run_name, run_cfg=dict(run_cfg), models=dict(models),
         train_cfg=train_cfg, out_dir=out_dir, checkpoint_root=checkpoint_root, teacher_dir=teacher_dir,

@@ -73,6 +73,9 @@ def collect(run_dirs: Iterable[Path], run_configs: Mapping[str, Any] | None = No
         run = metrics["run"]
         if isinstance(metrics.get("provenance"), Mapping):
             provenance[run] = metrics["provenance"]
+        if metrics.get("skipped"):  # the method is not defined for this task: an n/a row
+            rows[metrics["run"]] = {"method": metrics["method"], "skipped": metrics["skipped"]}
+            continue
         agg = aggregate_run(metrics)
         main = "model" if "model" in agg else "student"
         extra: dict[str, Any] = {}
@@ -189,6 +192,9 @@ def markdown_table(report: Mapping[str, Any], dataset: str, modalities: tuple[st
     for name in order:
         row = rows[name]
         stat = row.get(metric)
+        if rows[name].get("skipped"):
+            lines.append(f"| {name} | {rows[name]['method']} | n/a | skipped: {rows[name]['skipped']} |")
+            continue
         if stat is None:
             continue
         cell = ""

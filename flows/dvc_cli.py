@@ -14,8 +14,10 @@ import codecs
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
+import threading
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -119,6 +121,44 @@ class _LineSplitter:
         self._buffer = ""
 
 
+# Children of run_streaming still running, so a flow that is stopped (SIGTERM, Ctrl-C) ends
+# them at once instead of waiting minutes for stages to finish (terminate_children).
+_RUNNING: set[subprocess.Popen] = set()
+_RUNNING_LOCK = threading.Lock()
+# Seconds a stopped child's process group has to exit after SIGTERM before SIGKILL.
+TERMINATE_GRACE_S = 5.0
+_STOPPING = threading.Event()
+
+
+class StoppedError(RuntimeError):
+    """The flow is being stopped: no new command starts."""
+
+
+def stopping() -> bool:
+    return _STOPPING.is_set()
+
+
+def terminate_children(grace_s: float = TERMINATE_GRACE_S) -> int:
+    """SIGTERM every running child's process group (DVC, the stage, its seed workers), then
+    SIGKILL what is left after `grace_s`. Returns how many children were running."""
+    with _RUNNING_LOCK:
+        _STOPPING.set()  # nothing new starts from here on (a retry, a queued stage)
+        procs = list(_RUNNING)
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for proc in procs:
+            if proc.poll() is None:
+                try:
+                    os.killpg(proc.pid, sig)
+                except (ProcessLookupError, PermissionError):
+                    pass
+        deadline = time.monotonic() + grace_s
+        while time.monotonic() < deadline and any(p.poll() is None for p in procs):
+            time.sleep(0.05)
+        if all(p.poll() is not None for p in procs):
+            break
+    return len(procs)
+
+
 def run_streaming(
     args: Sequence[str],
     cwd: str | Path,
@@ -129,6 +169,9 @@ def run_streaming(
     """Run `args` in `cwd`, passing each output line (stdout and stderr) to `on_line`."""
     start = time.monotonic()
     splitter = _LineSplitter(on_line, progress_interval)
+    with _RUNNING_LOCK:
+        if _STOPPING.is_set():
+            raise StoppedError("the flow is stopping; not started: " + " ".join(map(str, args)))
     with subprocess.Popen(
         list(args),
         cwd=cwd,
@@ -136,12 +179,19 @@ def run_streaming(
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
+        start_new_session=True,  # its own process group: terminate_children ends all of it
     ) as proc:
-        assert proc.stdout is not None
-        while chunk := proc.stdout.read1(65536):
-            splitter.feed(chunk)
-        splitter.close()
-        returncode = proc.wait()
+        with _RUNNING_LOCK:
+            _RUNNING.add(proc)
+        try:
+            assert proc.stdout is not None
+            while chunk := proc.stdout.read1(65536):
+                splitter.feed(chunk)
+            splitter.close()
+            returncode = proc.wait()
+        finally:
+            with _RUNNING_LOCK:
+                _RUNNING.discard(proc)
     return CommandResult(returncode, "\n".join(splitter.tail), time.monotonic() - start)
 
 

@@ -27,6 +27,9 @@ if sys.path and os.path.abspath(sys.path[0] or ".") == _HERE:
     del sys.path[0]
 
 
+NOT_RETRYABLE = 3  # flows/pipeline.py reads it
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="dvc_stage.py", description=__doc__.splitlines()[0])
     parser.add_argument("stage")
@@ -38,6 +41,10 @@ def main(argv: list[str] | None = None) -> int:
     from dvc.repo import Repo
 
     logger = logging.getLogger("dvc")
+    # The stage command writes here when it failed on a bad params value or input file
+    # (stages/_common.py): exit code NOT_RETRYABLE, and the flow does not retry it.
+    marker = args.result_json + ".config-error"
+    os.environ["CMKD_ERROR_FILE"] = marker
     try:
         try:
             repo = Repo(os.getcwd(), _wait_for_lock=True)
@@ -47,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
             reproduced = repo.reproduce(args.stage, single_item=True, force=args.force)
     except DvcException:
         logger.exception("")
-        return 255
+        return NOT_RETRYABLE if os.path.exists(marker) else 255
     with open(args.result_json, "w") as out:
         json.dump({"reproduced": [stage.addressing for stage in reproduced]}, out)
     return 0

@@ -186,7 +186,35 @@ def validate_overrides(params_path: str | Path, overrides: Sequence[str]) -> Non
     with tempfile.TemporaryDirectory(prefix="cmkd-params-") as tmp:
         scratch = Path(tmp) / Path(params_path).name
         shutil.copy2(params_path, scratch)
-        apply_overrides(scratch, overrides)
+        if overrides:
+            apply_overrides(scratch, overrides)
+        # the whole file as the stages will see it: `--datasets synthetc` is refused here
+        check_project_params(Path(params_path).parent, scratch)
+
+
+class ParamsCheckError(CmkdError):
+    """The project's own params check (`python -m stages validate`) refused the values."""
+
+
+def check_project_params(repo_root: str | Path, params_path: str | Path) -> None:
+    """Run the project's up-front check of params.yaml, `python -m stages validate --params
+    PATH`, where the project has one (this repository does; the flows also run any other DVC
+    project, which is then not checked). Its code, in its own process, decides; its one-line
+    error becomes ParamsCheckError."""
+    import subprocess
+    import sys
+
+    from flows.dvc_cli import child_env
+
+    root = Path(repo_root)
+    if not (root / "stages" / "validate.py").is_file():
+        return
+    proc = subprocess.run([sys.executable, "-m", "stages", "validate", "--params", str(params_path)], cwd=root,
+                          env=child_env(), stdin=subprocess.DEVNULL, capture_output=True, text=True)
+    if proc.returncode != 0:
+        lines = [line for line in (proc.stderr or proc.stdout).strip().splitlines() if line.strip()]
+        message = lines[-1] if lines else f"`python -m stages validate` exited with {proc.returncode}"
+        raise ParamsCheckError(message.removeprefix("error: "))
 
 
 @contextlib.contextmanager

@@ -32,7 +32,9 @@ How it works
   `StageFailedError` carrying the last lines of that output, so the error is visible in the
   exception, the task's state and the UI.
 * Retries: `retries` attempts more, with exponential back-off (`retry_backoff_s`, doubled each
-  time), for transient failures (a lost file system, an out-of-memory kill, a busy GPU).
+  time), for transient failures (a lost file system, an out-of-memory kill, a busy GPU). A stage
+  that failed on a bad params value or input file (cmkd's ConfigError / DataFormatError) is
+  not retried: `flows/dvc_stage.py` exits 3 and `_retryable` declines.
 * At the end: a Markdown artifact `cmkd-pipeline` with the stage outcomes, every dataset's
   `data/reports/<dataset>/table.md` and the claim results (`data/reports/claims.md` or
   `claims.json`), written also when a stage failed (the claims are most wanted then); the
@@ -79,7 +81,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.tasks import exponential_backoff
 
 from cmkd.errors import CmkdError, ConfigError
-from flows.dvc_cli import DvcCommandError, dvc_args, run_checked, run_streaming
+from flows.dvc_cli import DvcCommandError, dvc_args, run_checked, run_streaming, stopping, terminate_children
 from flows.overrides import (
     OverrideSession,
     build_overrides,
@@ -184,6 +186,26 @@ def run_stage(
             "from_run_cache": bool(seen_run_cache)}
 
 
+# flows/dvc_stage.py's exit code when the stage failed on a bad params value or input file.
+NOT_RETRYABLE = 3
+
+
+def _retryable(task, task_run, state) -> bool:
+    """Prefect's retry_condition_fn: a configuration or input error fails the same way again,
+    and nothing is retried while the flow is being stopped."""
+    if stopping():
+        return False
+    try:
+        state.result()
+    except StageFailedError as exc:
+        return exc.returncode != NOT_RETRYABLE
+    except CmkdError:
+        return False
+    except Exception:
+        return True
+    return True
+
+
 def _run_stages(
     root: Path, plan: list[PlannedStage], start: dict[str, list], *, force: bool, jobs: int,
     retries: int, retry_backoff_s: float,
@@ -191,6 +213,7 @@ def _run_stages(
     """Submit one task per stage in DVC's order; return outcomes and failed stage errors."""
     stage_task = run_stage.with_options(
         retries=retries,
+        retry_condition_fn=_retryable,
         retry_delay_seconds=exponential_backoff(backoff_factor=retry_backoff_s)(retries)
         if retries else 0,
     )
@@ -209,7 +232,13 @@ def _run_stages(
                     "force": force,
                 },
             )
-        wait(list(futures.values()))
+        try:
+            wait(list(futures.values()))
+        except BaseException:
+            # SIGTERM (Prefect's TerminationSignal) or Ctrl-C: end the running stages now;
+            # the pool's threads then return at once instead of after their stages finish.
+            terminate_children()
+            raise
     outcomes, failed = [], {}
     for name, future in futures.items():
         state = future.state
@@ -264,9 +293,10 @@ def pipeline_flow(
     root = Path(repo).resolve()
     overrides = build_overrides(root / "params.yaml", datasets=datasets, methods=methods,
                                 seeds=seeds, params=params)
+    # Every value checked up front, also without overrides (one line naming the key).
+    validate_overrides(root / "params.yaml", overrides)
     if overrides:
         require_git_commit(root)
-        validate_overrides(root / "params.yaml", overrides)
     with workspace_lock(root):
         check_not_interrupted(root)
         session = OverrideSession(root, overrides, logger.info) if overrides else None

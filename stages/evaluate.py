@@ -1,18 +1,22 @@
 """Stage `evaluate@<dataset>`: every run's test metrics -> data/reports/<dataset>/
-(metrics.json with per-seed detail, table.md, scores.csv for `dvc plots`, methods.png) and
-metrics/<dataset>/<row>.json, the few numbers per row that git and DVC keep (`dvc metrics`,
-`dvc exp show`)."""
+(metrics.json with per-seed detail, table.md, scores.csv and curves.csv for `dvc plots`,
+methods.png) and metrics/<dataset>/<row>.json, the few numbers per row that git and DVC keep
+(`dvc metrics`, `dvc exp show`)."""
 
 import json
 from pathlib import Path
 
 from cmkd.atomic import atomic_dir, atomic_path, write_json, write_text
+from cmkd.curves import curves_csv
 from cmkd.data.h5 import read_attrs
+from cmkd.data.registry import is_smoke_test
 from cmkd.determinism import provenance
 from cmkd.report import bar_figure, collect, markdown_table, metrics_file_name, metrics_summary, scores_csv
 from stages._common import DATA, main, parser, start
 
 METRICS = "metrics"
+SMOKE_NOTE = ("**Smoke test, not a result.** `{ds}` is a small sample generated offline to exercise "
+              "the code path end to end; its numbers say nothing about the methods.\n\n")
 
 
 def run() -> None:
@@ -28,9 +32,15 @@ def run() -> None:
         report["provenance"] = {**provenance(), "recorded_by": "evaluate"}
     attrs = read_attrs(Path(DATA) / "prepared" / f"{ds}.h5")
     out = Path(DATA) / "reports" / ds
+    table = markdown_table(report, ds, (attrs["teacher_modality"], attrs["student_modality"]))
+    if is_smoke_test(ds, params["data"][ds]):
+        report["smoke_test"] = True
+        table = SMOKE_NOTE.format(ds=ds) + table
     write_json(out / "metrics.json", report)
-    write_text(out / "table.md", markdown_table(report, ds, (attrs["teacher_modality"], attrs["student_modality"])))
+    write_text(out / "table.md", table)
     write_text(out / "scores.csv", scores_csv(report))
+    # DVCLive's per-epoch validation score of every run (mean over seeds), one line per run
+    write_text(out / "curves.csv", curves_csv((runs_dir / name for name in names), "val", report["metric"]))
     with atomic_path(out / "methods.png") as tmp:
         bar_figure(report, ds, tmp.with_suffix(".png"))
         tmp.with_suffix(".png").replace(tmp)

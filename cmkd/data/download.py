@@ -37,6 +37,7 @@ import logging
 import os
 import posixpath
 import shutil
+import socket
 import stat
 import tarfile
 import tempfile
@@ -52,7 +53,7 @@ from typing import Any, Iterable, Mapping
 from tqdm.auto import tqdm
 
 from cmkd.atomic import write_json
-from cmkd.errors import ChecksumError, ConfigError, DataFormatError, UnsafeArchiveError
+from cmkd.errors import ChecksumError, CmkdError, ConfigError, DataFormatError, UnsafeArchiveError
 
 log = logging.getLogger(__name__)
 
@@ -200,6 +201,21 @@ def _cache_name(url: str) -> str:
     return f"{hashlib.sha1(url.encode()).hexdigest()[:10]}-{_url_basename(url)}"
 
 
+class DownloadError(CmkdError):
+    """The server of a source URL cannot be reached at all (one line naming the URL and host)."""
+
+
+def _unreachable(err: BaseException) -> str | None:
+    """Why the host cannot be reached at all (name lookup failed, connection refused), or None
+    for errors after which resuming may work (dropped connection, timeout, short read)."""
+    reason = getattr(err, "reason", err) if isinstance(err, urllib.error.URLError) else err
+    if isinstance(reason, socket.gaierror):
+        return f"cannot resolve the host name ({reason.strerror or reason})"
+    if isinstance(reason, ConnectionRefusedError):
+        return "the host refused the connection"
+    return None
+
+
 def download(url: str, cache_dir: Path, progress: bool = True, retries: int = 5, timeout: float = 60.0) -> Path:
     """Download `url` into `cache_dir`, resuming a previous `.part`; return the finished file."""
     cache_dir = Path(cache_dir)
@@ -214,6 +230,11 @@ def download(url: str, cache_dir: Path, progress: bool = True, retries: int = 5,
             _download_once(url, part, progress, timeout)
             break
         except _TRANSIENT as err:
+            unreachable = _unreachable(err)
+            if unreachable:  # no name or no server: resuming cannot help; say what failed, once
+                host = urllib.parse.urlsplit(url).hostname
+                raise DownloadError(f"download of {url}: host {host!r}: {unreachable}; check the URL and the network "
+                                    "(or give a local copy as `path:`)") from err
             attempt += 1
             if attempt > retries:
                 raise DataFormatError(part, f"download of {url} failed after {retries} retries ({err}); "

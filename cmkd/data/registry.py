@@ -5,7 +5,9 @@ Each module provides
         fill `raw_dir` (the stage renames it into place, so a failure leaves nothing);
     prepare(cfg: dict, raw_dir: Path, out_path: Path, progress: bool = True) -> None
         write the prepared HDF5 file (cmkd.data.h5.PreparedWriter);
-and optionally validate(cfg: dict, key: str) -> None, raising ConfigError.
+and optionally validate(cfg: dict, key: str) -> None, raising ConfigError, and
+    is_smoke_test(cfg: dict) -> bool: True for an offline sample that only exercises the code
+    path (its reports then say it is a smoke test, not a result).
 `cfg` is the dataset's `data.<name>` entry of params.yaml.
 """
 
@@ -36,3 +38,9 @@ def dataset_module(name: str, key: str = "datasets") -> ModuleType:
     if name not in DATASETS:
         raise ConfigError(key, f"unknown dataset {name!r}; known: {sorted(DATASETS)}")
     return importlib.import_module(DATASETS[name])
+
+
+def is_smoke_test(name: str, cfg) -> bool:
+    """Whether dataset `name` with settings `cfg` is a generated sample (a smoke test)."""
+    check = getattr(dataset_module(name), "is_smoke_test", None)
+    return bool(check(cfg)) if check is not None else False

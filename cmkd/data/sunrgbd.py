@@ -595,6 +595,11 @@ def standardise(x: np.ndarray, stats: Mapping[str, Sequence[float]]) -> np.ndarr
     return ((x - mean) / std).astype(np.float32)
 
 
+def is_smoke_test(cfg: Mapping[str, Any]) -> bool:
+    """The rendered offline sample (`sample:` settings) is a smoke test; the real data is not."""
+    return "sample" in cfg
+
+
 def prepare(cfg: Mapping[str, Any], raw_dir: Path, out_path: Path, progress: bool = True) -> None:
     raw_dir, out_path = Path(raw_dir), Path(out_path)
     validate_prepare(cfg, "data.<sunrgbd dataset>")

@@ -1,5 +1,11 @@
 """The method registry: one module per method, each registering a `Distiller` subclass.
 
+Every module of this package is found without an index: a lookup imports only the module whose
+`@register("name")` names the method (read from the source, cmkd/codedeps.py), and
+`available_methods()` imports every module `pkgutil` finds. A new method is one new file and
+nothing to edit here (docs/extending.md). Importing only what a run uses keeps what it runs
+equal to what its DVC stage depends on (stage `method_code`).
+
 A distiller's `forward(batch)` returns a dict of named, already-weighted loss terms (the
 engine sums them and logs each), so adding a method never touches the training loop.
 """
@@ -7,25 +13,13 @@ engine sums them and logs each), so adding a method never touches the training l
 from __future__ import annotations
 
 import importlib
+import pkgutil
 from typing import Any, Mapping
 
 from cmkd.errors import ConfigError
 from cmkd.methods.base import Distiller
 
 _REGISTRY: dict[str, type[Distiller]] = {}
-
-# Modules that register methods when imported; imported lazily on the first lookup.
-_METHOD_MODULES = (
-    "cmkd.methods.supervised",
-    "cmkd.methods.kd",
-    "cmkd.methods.dkd",
-    "cmkd.methods.ctkd",
-    "cmkd.methods.mlkd",
-    "cmkd.methods.ntdh",
-    "cmkd.methods.c2kd",
-    "cmkd.methods.discom",
-    "cmkd.methods.mfh",
-)
 
 
 def register(name: str):
@@ -39,8 +33,14 @@ def register(name: str):
     return wrap
 
 
+def method_modules() -> list[str]:
+    """Every module of this package (found, not imported); importing them registers the methods."""
+    return sorted(f"{__name__}.{info.name}" for info in pkgutil.iter_modules(__path__)
+                  if not info.name.startswith("_"))
+
+
 def _load() -> None:
-    for module in _METHOD_MODULES:
+    for module in method_modules():
         importlib.import_module(module)
 
 
@@ -49,8 +49,23 @@ def available_methods() -> list[str]:
     return sorted(_REGISTRY)
 
 
+def _load_for(name: str) -> None:
+    from pathlib import Path
+
+    from cmkd.codedeps import registered_methods
+
+    module = registered_methods(Path(__file__).resolve().parents[2], __name__).get(name)
+    if module is not None:
+        importlib.import_module(module)
+    if name not in _REGISTRY:  # registered some other way than the decorator: import them all
+        _load()
+
+
 def get_method(name: str, key: str = "runs") -> type[Distiller]:
-    _load()
+    if not isinstance(name, str):
+        raise ConfigError(key, f"must be a method name, got {name!r}")
+    if name not in _REGISTRY:
+        _load_for(name)
     if name not in _REGISTRY:
         raise ConfigError(key, f"unknown method {name!r}; known: {sorted(_REGISTRY)}")
     return _REGISTRY[name]
@@ -64,4 +79,4 @@ def build_distiller(run_cfg: Mapping[str, Any], student, teacher, num_classes: i
     return cls(student=student, teacher=teacher, cfg=cfg, num_classes=num_classes)
 
 
-__all__ = ["Distiller", "register", "available_methods", "get_method", "build_distiller"]
+__all__ = ["Distiller", "register", "available_methods", "method_modules", "get_method", "build_distiller"]

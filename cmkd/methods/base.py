@@ -34,6 +34,8 @@ class Distiller(nn.Module):
     trains_teacher: ClassVar[bool] = False
     #: the method reads only the frozen teacher's logits, so cached logits are valid.
     uses_teacher_logits_only: ClassVar[bool] = True
+    #: the tasks the method is defined for; on another task its run is skipped (shown as n/a).
+    tasks: ClassVar[tuple[str, ...]] = ("classification", "segmentation")
     #: hyper-parameters with their defaults; anything else in the config is an error.
     defaults: ClassVar[dict[str, Any]] = {}
 
@@ -54,6 +56,18 @@ class Distiller(nn.Module):
         if unknown:
             raise ConfigError(f"{key}.{unknown[0]}", f"not a parameter of method {cls.method_name!r}; known: {sorted(cls.defaults)}")
         merged = {**cls.defaults, **cfg}
+        # A value of the wrong kind (`temperature: four`) is one line naming the key, not a
+        # float() traceback in a subclass's range check. Numbers and switches only: string
+        # defaults such as `strong_aug: auto` also accept other kinds.
+        for name, value in cfg.items():
+            default = cls.defaults.get(name)
+            if value is None or default is None:
+                continue
+            if isinstance(default, bool):
+                if not isinstance(value, bool):
+                    raise ConfigError(f"{key}.{name}", f"must be true or false, got {value!r}")
+            elif isinstance(default, (int, float)) and (isinstance(value, bool) or not isinstance(value, (int, float))):
+                raise ConfigError(f"{key}.{name}", f"must be a number, got {value!r}")
         if "temperature" in merged and not float(merged["temperature"]) > 0:
             raise ConfigError(f"{key}.temperature", f"must be > 0, got {merged['temperature']}")
         for name, value in merged.items():

@@ -154,6 +154,9 @@ class DisComKD(Distiller):
     needs_teacher = False
     trains_teacher = True  # the teacher-modality branch is trained (and never frozen)
     uses_teacher_logits_only = False
+    # The paper defines per-sample embeddings and classifiers only; on a segmentation dataset
+    # the run is skipped with this reason and its row reads n/a (cmkd/pipeline.py).
+    tasks = ("classification",)
     defaults = {
         "embedding_dim": None,  # None: half the specific encoders' feature width
         "grl_strength": 1.0,

@@ -84,6 +84,18 @@ def _loss_fn(loss: str | PerSampleLoss) -> PerSampleLoss:
     return SALIENCY_LOSSES[loss]
 
 
+# Values of input per forward pass in the saliency loops. A "row" of a segmentation batch is
+# a whole image: 8192 rows of [64, 32, 128] features through a decoder took ~12 GB per seed
+# worker on semantickitti-sample. Vector and small-image rows stay at `batch_size` rows (same
+# passes, same bytes as before); large rows get fewer rows per pass.
+MAX_PASS_ELEMENTS = 1 << 23
+
+
+def _rows_per_pass(x: torch.Tensor, batch_size: int) -> int:
+    row = max(1, x[0].numel()) if x.shape[0] else 1
+    return max(1, min(int(batch_size), MAX_PASS_ELEMENTS // row))
+
+
 def _forward_rows(model: nn.Module, x: torch.Tensor, batch_size: int) -> torch.Tensor:
     return torch.cat([model(x[i:i + batch_size]) for i in range(0, x.shape[0], batch_size)])
 
@@ -118,6 +130,7 @@ def permutation_saliency(
     model.eval()
     try:
         n, c = inputs.shape[:2]
+        batch_size = _rows_per_pass(inputs, batch_size)  # bounds the copies below as well
         base = loss_fn(_forward_rows(model, inputs, batch_size), targets).mean()
         chunk = max(1, min(c, batch_size // max(1, n)))
         total = torch.zeros(c, dtype=torch.float64, device=inputs.device)
@@ -234,9 +247,9 @@ def algorithm1(
     teacher.eval()
     student.eval()
     with torch.no_grad():
-        reference = _forward_rows(student, student_inputs, batch_size)
+        reference = _forward_rows(student, student_inputs, _rows_per_pass(student_inputs, batch_size))
         if level == "feature":
-            inputs, model = _forward_rows(teacher.features, teacher_inputs, batch_size), teacher.head
+            inputs, model = _forward_rows(teacher.features, teacher_inputs, _rows_per_pass(teacher_inputs, batch_size)), teacher.head
         else:
             inputs, model = teacher_inputs, teacher
     teacher.train(was[0])

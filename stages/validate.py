@@ -1,0 +1,21 @@
+"""`python -m stages validate`: check params.yaml as a whole before any work starts.
+
+`make repro` and the README's commands run it before `dvc repro`: DVC reads params.yaml while
+it loads dvc.yaml, so a typo such as `datasets: [synthetc]` would otherwise surface as DVC's
+"Parameters 'data.synthetc' are missing" instead of our one line naming the key and the known
+names. Exit status 2 and one line `error: <key>: <problem>` on a bad value; nothing is written."""
+
+import sys
+
+from cmkd.config import load_params, validate_params
+from stages._common import main, parser
+
+
+def run() -> None:
+    args = parser(__doc__).parse_args()
+    validate_params(load_params(args.params))
+    print(f"{args.params}: ok", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main(run)
