@@ -25,6 +25,10 @@ _METHOD_MODULES = (
     "cmkd.methods.c2kd",
     "cmkd.methods.discom",
     "cmkd.methods.mfh",
+    "cmkd.methods.fitnet",
+    "cmkd.methods.at",
+    "cmkd.methods.rkd",
+    "cmkd.methods.crd",
 )
 
 
