@@ -112,13 +112,13 @@ def test_reader_aligns_matlab_order_arrays(tmp_path):
 
 
 def test_reverse_direction_and_13_classes(tmp_path):
-    raw, _, depth, labels = hand_made(tmp_path, n=4, train=(1, 2, 4), test=(3,))
-    cfg = {**CFG, "classes": 13, "image_size": [6, 8], "teacher_modality": "depth", "student_modality": "rgb"}
+    raw, _, depth, labels = hand_made(tmp_path, n=4, h=20, w=36, train=(1, 2, 4), test=(3,))
+    cfg = {**CFG, "classes": 13, "image_size": [10, 12], "teacher_modality": "depth", "student_modality": "rgb"}
     nyudv2.prepare(cfg, raw, tmp_path / "x.h5", progress=False)
     attrs = read_attrs(tmp_path / "x.h5")
     assert (attrs["teacher_modality"], attrs["student_modality"]) == ("depth", "rgb") and len(attrs["class_names"]) == 13
     got = PreparedSplit(tmp_path / "x.h5", "test").load(["depth", "labels"])
-    rows, cols = np.arange(6) * 12 // 6, np.arange(8) * 16 // 8
+    rows, cols = np.arange(10) * 20 // 10, np.arange(12) * 36 // 12
     np.testing.assert_array_equal(got["depth"][0, 0], depth[:, :, 2][np.ix_(rows, cols)])
     np.testing.assert_array_equal(got["labels"][0], raw_to_train_ids(13)[labels[:, :, 2]][np.ix_(rows, cols)])
 
