@@ -308,3 +308,19 @@ def test_methods_train_through_engine_fit(kind):
         assert any(not torch.equal(a, b.detach()) for a, b in zip(s_before, student.parameters())), method
         if method == "crd":
             assert d.memory.rows == n_train
+
+
+def test_params_yaml_feature_runs_build():
+    from pathlib import Path
+
+    import yaml
+
+    runs = yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())["runs"]
+    for name in FEATURE_METHODS:
+        cfg = dict(runs[name])
+        get_method(cfg["method"]).validate({k: v for k, v in cfg.items() if k != "method"}, f"runs.{name}")
+        student, teacher, ss, ts = _nets("image")
+        batch = _batch("image", ss, ts)
+        d = build_distiller(cfg, student, teacher, C).train()
+        _crd_ready(d, batch)
+        assert all(torch.isfinite(v) for v in d(batch).values()), name
