@@ -284,3 +284,72 @@ def _kendall_tau_rows(ab: torch.Tensor) -> torch.Tensor:
 def _pairwise_signs(x: torch.Tensor) -> torch.Tensor:
     """[..., C] -> [..., C, C] matrix of sign(x_i - x_j)."""
     return (x.unsqueeze(-1) - x.unsqueeze(-2)).sign_()
+
+
+# --- Feature-based losses (RKD, AT) ----------------------------------------------------------
+
+
+def _pairwise_distances(x: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
+    """[N, D] -> [N, N] Euclidean distances: 0 on the diagonal and between coinciding rows
+    (squared distance <= eps), where the square root's gradient is cut to stay finite."""
+    sq = x.pow(2).sum(dim=1)
+    d2 = sq.unsqueeze(1) + sq.unsqueeze(0) - 2.0 * x @ x.t()
+    eye = torch.eye(x.shape[0], dtype=torch.bool, device=x.device)
+    apart = (d2 > eps) & ~eye
+    return torch.where(apart, d2.clamp_min(eps).sqrt(), torch.zeros_like(d2))
+
+
+def _mean_normalised_distances(x: torch.Tensor) -> torch.Tensor:
+    """Pairwise distances divided by their mean over the positive ones (RKD's mu); when no
+    pair is apart (N = 1, or every row equal) the distances are all 0 and stay 0."""
+    d = _pairwise_distances(x)
+    positive = d > 0
+    mean = (d * positive).sum() / positive.sum().clamp_min(1)
+    return d / torch.where(positive.any(), mean, torch.ones_like(mean))
+
+
+def _angles(x: torch.Tensor) -> torch.Tensor:
+    """[N, D] -> [N, N, N] cosines <e(x_j - x_i), e(x_k - x_i)> of unit difference vectors
+    (a zero difference gives a zero vector, hence cosine 0)."""
+    diff = F.normalize(x.unsqueeze(0) - x.unsqueeze(1), p=2, dim=2)  # [i, j] = x_j - x_i
+    return diff @ diff.transpose(1, 2)
+
+
+def rkd_loss(student_emb: torch.Tensor, teacher_emb: torch.Tensor, distance_weight: float = 25.0,
+             angle_weight: float = 50.0) -> torch.Tensor:
+    """Relational KD (Park et al., CVPR 2019) on [N, D_s] / [N, D_t] embeddings (any trailing
+    dimensions are flattened; D_s and D_t may differ). Scalar:
+
+        distance_weight * smoothL1(psi_D(s), psi_D(t))   over all N x N pairs, distances divided
+                                                         by each side's mean positive distance
+      + angle_weight * smoothL1(psi_A(s), psi_A(t))      over all N x N x N triples, cosines of
+                                                         normalised difference vectors
+
+    The teacher side is a target (detached), as in the authors' code.
+    """
+    if student_emb.shape[0] != teacher_emb.shape[0]:
+        raise ValueError(f"rkd_loss needs the same number of rows, got {student_emb.shape[0]} and {teacher_emb.shape[0]}")
+    s = student_emb.reshape(student_emb.shape[0], -1)
+    t = teacher_emb.detach().reshape(teacher_emb.shape[0], -1).to(s.dtype)
+    distance = F.smooth_l1_loss(_mean_normalised_distances(s), _mean_normalised_distances(t))
+    angle = F.smooth_l1_loss(_angles(s), _angles(t))
+    return distance_weight * distance + angle_weight * angle
+
+
+def attention_map(feat: torch.Tensor, p: float = 2.0) -> torch.Tensor:
+    """AT's spatial attention (Zagoruyko & Komodakis, ICLR 2017): [N, C, H, W] -> [N, H*W],
+    the channel mean of |x|^p, L2-normalised per sample (a zero map stays zero)."""
+    if feat.dim() != 4:
+        raise ValueError(f"attention maps need [N, C, H, W] features, got shape {tuple(feat.shape)}")
+    return F.normalize(feat.abs().pow(p).mean(dim=1).flatten(1), p=2, dim=1)
+
+
+def at_loss(student_feat: torch.Tensor, teacher_feat: torch.Tensor, p: float = 2.0) -> torch.Tensor:
+    """Attention transfer: mean over samples and positions of the squared difference of the
+    two attention maps (`attention_map`). Channel counts may differ; spatial sizes must match
+    (the AT method interpolates first). The teacher side is detached."""
+    if student_feat.shape[0] != teacher_feat.shape[0] or student_feat.shape[2:] != teacher_feat.shape[2:]:
+        raise ValueError(f"at_loss needs the same batch and spatial size, got {tuple(student_feat.shape)} and {tuple(teacher_feat.shape)}")
+    a_s = attention_map(student_feat, p)
+    a_t = attention_map(teacher_feat.detach().to(student_feat.dtype), p)
+    return (a_s - a_t).pow(2).mean()

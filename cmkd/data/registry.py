@@ -31,7 +31,15 @@ DATASETS: dict[str, str] = {
     "sunrgbd-sample": "cmkd.data.sunrgbd",
     "sunrgbd-sample-mm": "cmkd.data.sunrgbd",
     "sunrgbd-sample-mm-rgb": "cmkd.data.sunrgbd",
+    # NYU-Depth-V2 RGB -> depth segmentation (40 or 13 classes), and the offline rendered sample.
+    "nyudv2": "cmkd.data.nyudv2",
+    "nyudv2-sample": "cmkd.data.nyudv2",
 }
+
+
+def available_datasets() -> list[str]:
+    """The dataset names `datasets` in params.yaml may list."""
+    return sorted(DATASETS)
 
 
 def dataset_module(name: str, key: str = "datasets") -> ModuleType:
