@@ -47,7 +47,7 @@ PRELOAD = ("numpy", "scipy.stats", "sklearn.datasets", "h5py", "yaml", "tqdm.aut
            "dvclive", "matplotlib", "matplotlib.pyplot")
 # Environment read when those libraries are imported or the process starts: a server imported
 # under other values must not serve this client.
-_ENV_PREFIXES = ("OMP_", "MKL_", "KMP_", "OPENBLAS_", "CUDA_", "TORCH", "PYTORCH", "PYTHON", "LD_", "MPL", "HDF5_", "NUMEXPR_")
+_ENV_PREFIXES = ("OMP_", "MKL_", "ATEN_", "ONEDNN_", "CMKD_CPU", "KMP_", "OPENBLAS_", "CUDA_", "TORCH", "PYTORCH", "PYTHON", "LD_", "MPL", "HDF5_", "NUMEXPR_")
 _STATUS = struct.Struct("!i")
 _PID = struct.Struct("!q")
 
