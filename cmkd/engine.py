@@ -423,7 +423,11 @@ def fit(
     device = resolve_device(cfg.device)
     rank, world = distributed_info()
     distiller.to(device)
-    params = [p for p in distiller.parameters() if p.requires_grad]
+    # A distiller may give some parameters their own learning rate (CTKD's temperature).
+    if hasattr(distiller, "param_groups"):
+        params = distiller.param_groups(cfg.lr)
+    else:
+        params = [p for p in distiller.parameters() if p.requires_grad]
     optimizer = _optimizer(params, cfg)
     select = primary_metric(task)
     main_name, (main_net, main_key) = next(iter(distiller.deployables().items()))
@@ -491,6 +495,8 @@ def fit(
                                ignore_index=ignore_index, batch_size=cfg.eval_batch_size, device=device)
         record = {"epoch": epoch, **{f"train/{k}": v / max(n_steps, 1) for k, v in sums.items()},
                   **{f"val/{k}": v for k, v in val_metrics.items() if isinstance(v, float)}}
+        if hasattr(distiller, "epoch_log"):  # a method's own per-epoch values (CTKD's tau)
+            record.update({f"train/{k}": float(v) for k, v in distiller.epoch_log().items()})
         history.append(record)
         if best_val is None or val_metrics[select] > best_val[select]:
             best_val, best_epoch, best_state = val_metrics, epoch, _cpu_state(distiller)
