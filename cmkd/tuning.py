@@ -24,9 +24,10 @@ of the best epoch, averaged over the tuning seeds; the highest mean wins, ties t
 grid order. Training during tuning never evaluates the test split (`evaluate_test=False`), so
 no test number can reach the selection.
 
-The selection is `tuned.yaml`: `<dataset>: {<run>: {param: value}}` (dotted keys), merged over
-`runs.<run>` by the distill stages; an empty mapping means "not tuned" (the run's values from
-params.yaml, `selected_on: default`).
+The selection is `tuned.yaml`: `<run>: {<dataset>: {param: value}}` (dotted keys), merged over
+`runs.<run>` by the distill stages; a dataset absent under a run means "not tuned" (the run's
+values from params.yaml, `selected_on: default`). Run-major, with every key of `runs` present,
+so that the distill stages can list `tuned.yaml: [<run>]` as DVC params for any dataset.
 """
 
 from __future__ import annotations
@@ -158,27 +159,42 @@ def load_tuned(path: str | Path = TUNED_FILE) -> dict[str, Any]:
     except yaml.YAMLError as err:
         raise ConfigError(str(path), f"is not valid YAML: {err}") from err
     if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):
-        raise ConfigError(str(path), "must map datasets to {run: {param: value}} mappings")
+        raise ConfigError(str(path), "must map runs to {dataset: {param: value}} mappings")
     return data
 
 
 def tuned_run_config(run_cfg: Mapping[str, Any], tuned: Mapping[str, Any], dataset: str, run: str) -> tuple[dict[str, Any], str]:
     """The run's configuration with its selected values merged in, and where they came from:
-    ("val" when tuned.yaml holds a selection for (dataset, run), else "default")."""
-    selection = (tuned.get(dataset) or {}).get(run) or {}
+    ("val" when tuned.yaml holds a selection for (run, dataset), else "default")."""
+    selection = (tuned.get(run) or {}).get(dataset) or {}
     if not isinstance(selection, Mapping):
-        raise ConfigError(f"{TUNED_FILE}: {dataset}.{run}", f"must be a mapping of parameter values, got {selection!r}")
+        raise ConfigError(f"{TUNED_FILE}: {run}.{dataset}", f"must be a mapping of parameter values, got {selection!r}")
     if not selection:
         return _deep_copy(run_cfg), "default"
     return apply_overrides(run_cfg, selection), "val"
 
 
-def render_tuned(selected: Mapping[str, Mapping[str, Mapping[str, Any]]]) -> str:
+def update_tuned(tuned: Mapping[str, Any], runs: Sequence[str], dataset: str,
+                 selected: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    """tuned.yaml's content after a selection on `dataset`: one key per run of params.yaml's
+    `runs` (others dropped), `selected[run]` under `dataset` for the tuned runs, and `dataset`
+    removed under every other run (its values are then params.yaml's)."""
+    out = {}
+    for run in runs:
+        by_dataset = {d: dict(v) for d, v in (tuned.get(run) or {}).items() if d != dataset}
+        if selected.get(run):
+            by_dataset[dataset] = dict(selected[run])
+        out[run] = by_dataset
+    return out
+
+
+def render_tuned(tuned: Mapping[str, Mapping[str, Mapping[str, Any]]]) -> str:
     header = ("# Hyper-parameters selected on the validation split by the tuning protocol (README,\n"
-              "# \"Tuning protocol\"). Written by `python -m stages tune --dataset D --select`; regenerate\n"
-              "# with `dvc repro tuning/dvc.yaml`. Merged over params.yaml's runs.<run> by the distill\n"
-              "# stages; {} = not tuned (params.yaml's values, selected_on: default).\n")
-    return header + yaml.safe_dump({d: {r: dict(v) for r, v in runs.items()} for d, runs in selected.items()},
+              "# \"Tuning protocol\"): <run>: {<dataset>: {param: value}}. Written by\n"
+              "# `python -m stages tune --dataset D --select`; regenerate with `dvc repro tuning/dvc.yaml`.\n"
+              "# The distill stages merge it over params.yaml's runs.<run>; a dataset absent under a run\n"
+              "# = not tuned (params.yaml's values, selected_on: default). Every run of `runs` has a key.\n")
+    return header + yaml.safe_dump({r: {d: dict(v) for d, v in by_ds.items()} for r, by_ds in tuned.items()},
                                    sort_keys=True, default_flow_style=None, width=120)
 
 

@@ -18,7 +18,7 @@ from cmkd.atomic import atomic_dir, write_json, write_text
 from cmkd.engine import TrainConfig
 from cmkd.errors import ConfigError
 from cmkd.pipeline import TEACHER_RUN, train_run
-from cmkd.tuning import TUNED_FILE, grid_for, load_tuned, render_tuned, report_markdown, tune_run
+from cmkd.tuning import TUNED_FILE, grid_for, load_tuned, render_tuned, report_markdown, tune_run, update_tuned
 from stages._common import DATA, main, parser, seed_workers, start
 
 REPORTS = Path("reports") / "tuning"
@@ -88,8 +88,7 @@ def select(params, ds: str) -> None:
     if untuned:
         extra["not tuned (params.yaml values)"] = ", ".join(untuned)
     write_text(REPORTS / f"{ds}.md", report_markdown(ds, runs, extra))
-    tuned = load_tuned(TUNED_FILE)
-    tuned[ds] = {run: (runs[run]["selected"] if run in runs else {}) for run in params["methods"]}
+    tuned = update_tuned(load_tuned(TUNED_FILE), list(params["runs"]), ds, {r: e["selected"] for r, e in runs.items()})
     write_text(TUNED_FILE, render_tuned(tuned))
     print(f"{ds}: selection of {len(runs)} runs written to {TUNED_FILE} ({len(untuned)} not tuned)")
 

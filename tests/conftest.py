@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
-PIPELINE_FILES = ["cmkd", "stages", "dvc.yaml", "params.yaml", "claims.yaml", "flows"]
+PIPELINE_FILES = ["cmkd", "stages", "dvc.yaml", "params.yaml", "tuned.yaml", "claims.yaml", "flows"]
 
 
 def tool_env(tmp: Path) -> dict[str, str]:
