@@ -269,3 +269,48 @@ def test_distill_stage_merges_tuned_yaml(tmp_path, tiny_data):
         else:
             assert metrics["selected_on"] == "default"
             assert metrics["hyperparameters"]["temperature"] == PARAMS["runs"]["kdv1"]["temperature"]
+
+
+# ---------------------------------------------------------------------------- the DVC pipelines
+
+
+@pytest.mark.slow
+def test_root_repro_never_runs_the_tuning_pipeline(tmp_path):
+    """`dvc repro` runs no tuning stage; `dvc repro tuning/dvc.yaml` does and writes tuned.yaml;
+    the next `dvc repro` reruns exactly the distill stage whose selection changed."""
+    from tests.conftest import copy_pipeline, dvc, stages_run, tiny_params
+
+    repo = copy_pipeline(tmp_path / "repo")
+    shutil.copytree(REPO / "tuning", repo / "tuning", ignore=shutil.ignore_patterns("dvc.lock"))
+    env = tool_env(tmp_path)
+    params = tiny_params(yaml.safe_load((repo / "params.yaml").read_text()), methods=("kdv1", "kdv2"), epochs=1)
+    params["tuning"].update(seeds=[100], budget=2)
+    (repo / "params.yaml").write_text(yaml.safe_dump(params))
+    (repo / "tuned.yaml").write_text(render_tuned({run: {} for run in params["runs"]}))
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run(["git", "init", "-q"], cwd=repo, env=env, check=True)
+    dvc(["init", "-q"], repo, env)
+    subprocess.run(["git", "add", "-A"], cwd=repo, env=env, check=True)
+    subprocess.run([*git, "commit", "-qm", "pipeline"], cwd=repo, env=env, check=True)
+
+    first = stages_run(dvc(["repro", "evaluate@synthetic"], repo, env).stdout)
+    assert "distill@synthetic-kdv1" in first and not any("tune" in s for s in first)
+    assert not any("tune" in s for s in stages_run(dvc(["repro"], repo, env).stdout))
+    before = json.loads((repo / "data/runs/synthetic/kdv1/metrics.json").read_text())
+    assert before["selected_on"] == "default"
+
+    tuned_run = stages_run(dvc(["repro", "tuning/dvc.yaml:tune_select@synthetic"], repo, env).stdout)
+    assert {"tuning/dvc.yaml:tune_teacher@synthetic", "tuning/dvc.yaml:tune@synthetic-kdv1",
+            "tuning/dvc.yaml:tune@synthetic-kdv2", "tuning/dvc.yaml:tune_select@synthetic"} <= tuned_run
+    assert not any(s.startswith("distill") or s.startswith("train_") for s in tuned_run)
+    selection = load_tuned(repo / "tuned.yaml")
+    assert set(selection["kdv1"]["synthetic"]) == {"temperature"}
+    evidence = json.loads((repo / "reports/tuning/synthetic.json").read_text())
+    assert len(evidence["runs"]["kdv1"]["configurations"]) == 2
+
+    after = stages_run(dvc(["repro", "evaluate@synthetic"], repo, env).stdout)
+    assert {"distill@synthetic-kdv1", "distill@synthetic-kdv2"} <= after
+    assert not any(s.startswith("train_") or "tune" in s for s in after)
+    metrics = json.loads((repo / "data/runs/synthetic/kdv1/metrics.json").read_text())
+    assert metrics["selected_on"] == "val"
+    assert metrics["hyperparameters"]["temperature"] == selection["kdv1"]["synthetic"]["temperature"]
