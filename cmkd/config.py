@@ -74,6 +74,10 @@ def validate_params(params: Mapping[str, Any], data_only: bool = False) -> None:
         cls = get_method(cfg.pop("method"), f"runs.{name}.method")
         cls.validate(cfg, f"runs.{name}")
 
+    from cmkd.tuning import validate_tuning
+
+    validate_tuning(params)  # grids, budget, tuning seeds disjoint from `seeds`
+
     archs = set(available_archs())
     for ds in datasets:
         for role in ("teacher", "student"):

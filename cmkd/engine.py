@@ -601,7 +601,11 @@ def fit(
     channels_last = cfg.channels_last is True or (cfg.channels_last == "auto" and device.type == "cuda")
     if channels_last:
         distiller.to(memory_format=torch.channels_last)
-    params = [p for p in distiller.parameters() if p.requires_grad]
+    # A distiller may give some parameters their own learning rate (CTKD's temperature).
+    if hasattr(distiller, "param_groups"):
+        params = distiller.param_groups(cfg.lr)
+    else:
+        params = [p for p in distiller.parameters() if p.requires_grad]
     optimizer = _optimizer(params, cfg)
     precision = Precision(cfg.amp, device)
     scheduler = build_scheduler(optimizer, cfg.schedule_spec, cfg.epochs, train.steps_per_epoch(cfg.batch_size, rank, world))
@@ -670,6 +674,8 @@ def fit(
                                precision=precision, channels_last=channels_last, loader=loader_cfg)
         record = {"epoch": epoch, **{f"train/{k}": v / max(n_steps, 1) for k, v in sums.items()},
                   **{f"val/{k}": v for k, v in val_metrics.items() if isinstance(v, float)}}
+        if hasattr(distiller, "epoch_log"):  # a method's own per-epoch values (CTKD's tau)
+            record.update({f"train/{k}": float(v) for k, v in distiller.epoch_log().items()})
         if scheduler is not None:
             record["train/lr"] = optimizer.param_groups[0]["lr"]  # for the next epoch's first step
         history.append(record)

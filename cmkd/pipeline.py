@@ -83,6 +83,9 @@ def train_run(
     cache_train_logits: bool = False,
     progress: bool = True,
     seed_workers: int = 1,
+    selected_on: str = "default",
+    evaluate_test: bool = True,
+    write_metrics: bool = True,
 ) -> dict[str, Any]:
     """Train one run (teacher, student or a distillation method) for every seed into `out_dir`.
 
@@ -91,11 +94,20 @@ def train_run(
     identical whatever the number of workers. Forking is only safe while this process has not
     started an OpenMP thread team: callers use workers > 1 only in a process that set
     torch.set_num_threads(1) before any computation (as the stage scripts do).
+
+    metrics.json records at top level `hyperparameters` (the method's defaults with the run's
+    values over them: what was actually used) and `selected_on` ("val" when the values came
+    from the tuning protocol's selection, "default" otherwise). The tuning protocol trains with
+    `evaluate_test=False` (the test split is never evaluated) and `write_metrics=False`.
     """
     attrs = read_attrs(prepared)
     task = attrs["task"]
     rank, world = distributed_info()
-    results: dict[str, Any] = {"dataset": dataset, "run": run_name, "method": run_cfg["method"], "task": task, "seeds": {}}
+    if selected_on not in ("val", "default"):
+        raise ValueError(f"selected_on must be 'val' or 'default', got {selected_on!r}")
+    results: dict[str, Any] = {"dataset": dataset, "run": run_name, "method": run_cfg["method"], "task": task,
+                               "hyperparameters": resolved_hyperparameters(run_cfg), "selected_on": selected_on,
+                               "seeds": {}}
     supported = get_method(run_cfg["method"]).tasks
     if task not in supported:
         # Not an error: the default `methods` list spans datasets of both tasks. The row says why.
@@ -107,7 +119,8 @@ def train_run(
     job = functools.partial(
         _train_seed, dataset=dataset, prepared=prepared, run_name=run_name, run_cfg=dict(run_cfg), models=dict(models),
         train_cfg=train_cfg, out_dir=out_dir, checkpoint_root=checkpoint_root, teacher_dir=teacher_dir,
-        teacher_train_cfg=teacher_train_cfg, cache_train_logits=cache_train_logits, progress=progress)
+        teacher_train_cfg=teacher_train_cfg, cache_train_logits=cache_train_logits, progress=progress,
+        evaluate_test=evaluate_test)
     workers = _seed_workers(seed_workers, len(seeds), resolve_device(train_cfg.device), world)
     if workers <= 1:
         seed_results = [job(seed) for seed in seeds]
@@ -120,7 +133,7 @@ def train_run(
     for seed, seed_result in zip(seeds, seed_results):
         results["seeds"][str(seed)] = seed_result
     results["provenance"] = provenance()
-    if rank == 0:
+    if rank == 0 and write_metrics:
         write_json(out_dir / "metrics.json", results)
     return results
 
@@ -135,6 +148,15 @@ def import_before_fork() -> None:
     import torchmetrics.classification  # noqa: F401
 
 
+def resolved_hyperparameters(run_cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """The method's defaults with the run's values over them (what the distiller uses)."""
+    from cmkd.methods import get_method
+
+    cfg = dict(run_cfg)
+    cls = get_method(cfg["method"], "runs")
+    return _jsonable({"method": cfg.pop("method"), **cls.defaults, **cfg})
+
+
 def _seed_workers(requested: int, n_seeds: int, device: torch.device, world: int) -> int:
     # Forking is only safe before CUDA is initialised, and DDP ranks already share the work.
     if device.type != "cpu" or world > 1 or sys.platform != "linux":
@@ -145,7 +167,7 @@ def _seed_workers(requested: int, n_seeds: int, device: torch.device, world: int
 def _train_seed(
     seed: int, *, dataset: str, prepared: Path, run_name: str, run_cfg: Mapping[str, Any], models: Mapping[str, Any],
     train_cfg: TrainConfig, out_dir: Path, checkpoint_root: Path | None, teacher_dir: Path | None,
-    teacher_train_cfg: TrainConfig | None, cache_train_logits: bool, progress: bool,
+    teacher_train_cfg: TrainConfig | None, cache_train_logits: bool, progress: bool, evaluate_test: bool = True,
 ) -> dict[str, Any]:
     """Train, test and save one seed of a run; returns its entry of metrics.json."""
     attrs = read_attrs(prepared)
@@ -154,7 +176,8 @@ def _train_seed(
     ignore_index = -1 if task == "segmentation" else None
     rank, _ = distributed_info()
     root = seed_root(attrs, seed)
-    splits = {s: load_split(prepared, s, attrs, root) for s in ("train", "val", "test")}
+    # Tuning never loads the test split, so no test number can reach a selection.
+    splits = {s: load_split(prepared, s, attrs, root) for s in (("train", "val", "test") if evaluate_test else ("train", "val"))}
     seed_everything(seed)
     teacher, student = build_networks(attrs, splits["train"], models, dataset)
     cfg = dict(run_cfg)
@@ -191,14 +214,17 @@ def _train_seed(
     seed_result: dict[str, Any] = {"best_epoch": result.best_epoch, "val": result.best_val, "test": {}}
     if prepared_info is not None:
         seed_result["prepare"] = prepared_info
+    if hasattr(distiller, "summary"):  # a method's own end-of-run values (CTKD's tau trajectory)
+        seed_result["method"] = _jsonable(distiller.summary(result.history))
     device = resolve_device(seed_cfg.device)
     for name, (net, input_key) in distiller.deployables().items():
-        seed_result["test"][name] = evaluate(net, splits["test"], input_key, task=task, num_classes=num_classes,
-                                             ignore_index=ignore_index, batch_size=seed_cfg.eval_batch_size, device=device,
-                                             precision=Precision(seed_cfg.amp, device),
-                                             channels_last=seed_cfg.channels_last is True or (
-                                                 seed_cfg.channels_last == "auto" and device.type == "cuda"),
-                                             loader=seed_cfg.loader_config)
+        if evaluate_test:
+            seed_result["test"][name] = evaluate(net, splits["test"], input_key, task=task, num_classes=num_classes,
+                                                 ignore_index=ignore_index, batch_size=seed_cfg.eval_batch_size, device=device,
+                                                 precision=Precision(seed_cfg.amp, device),
+                                                 channels_last=seed_cfg.channels_last is True or (
+                                                     seed_cfg.channels_last == "auto" and device.type == "cuda"),
+                                                 loader=seed_cfg.loader_config)
         if rank == 0:
             (out_dir / f"seed{seed}").mkdir(parents=True, exist_ok=True)
             torch.save({k: v.cpu() for k, v in net.state_dict().items()}, out_dir / f"seed{seed}" / f"{name}.pt")

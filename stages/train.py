@@ -11,7 +11,9 @@ from pathlib import Path
 
 from cmkd.atomic import atomic_dir
 from cmkd.engine import TrainConfig, distributed_info, init_distributed_from_env
+from cmkd.errors import ConfigError
 from cmkd.pipeline import STUDENT_RUN, TEACHER_RUN, train_run
+from cmkd.tuning import TUNED_FILE, load_tuned, tuned_run_config
 from stages._common import DATA, SCRATCH, main, parser, seed_workers, start
 
 
@@ -26,12 +28,18 @@ def run() -> None:
     init_distributed_from_env()
     ds = args.dataset
     name = args.role or args.run
+    selected_on = "default"
     if args.role == "teacher":
         run_cfg, train_key = TEACHER_RUN, "teacher"
     elif args.role == "student":
         run_cfg, train_key = STUDENT_RUN, "student"
     else:
-        run_cfg, train_key = params["runs"][args.run], "student"
+        if args.run not in params["runs"]:
+            raise ConfigError(f"runs.{args.run}", "missing: --run must name a key of `runs`")
+        # The tuning protocol's selection (tuned.yaml, beside params.yaml) over runs.<run>.
+        tuned = load_tuned(Path(args.params).with_name(TUNED_FILE))
+        run_cfg, selected_on = tuned_run_config(params["runs"][args.run], tuned, ds, args.run)
+        train_key = "student"
     train_cfg = TrainConfig.from_params(params["train"][ds][train_key], f"train.{ds}.{train_key}")
     teacher_cfg = TrainConfig.from_params(params["train"][ds]["teacher"], f"train.{ds}.teacher")
     runs_dir = Path(DATA) / "runs" / ds
@@ -47,7 +55,7 @@ def run() -> None:
             checkpoint_root=checkpoints,
             teacher_dir=runs_dir / "teacher" if args.run else None, teacher_train_cfg=teacher_cfg,
             cache_train_logits=args.role == "teacher", progress=not args.no_progress,
-            seed_workers=seed_workers(),
+            seed_workers=seed_workers(), selected_on=selected_on,
         )
     # The outputs are in place; checkpoints only served to resume an interrupted run.
     if rank == 0:

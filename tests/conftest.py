@@ -20,7 +20,7 @@ from cmkd.determinism import pin_cpu_kernels
 pin_cpu_kernels()
 
 REPO = Path(__file__).resolve().parents[1]
-PIPELINE_FILES = ["cmkd", "stages", "dvc.yaml", "params.yaml", "claims.yaml", "flows"]
+PIPELINE_FILES = ["cmkd", "stages", "dvc.yaml", "params.yaml", "tuned.yaml", "claims.yaml", "flows"]
 
 
 def tool_env(tmp: Path) -> dict[str, str]:

@@ -37,7 +37,8 @@ def n_shared(n_decisive: int, gamma: float) -> int:
 
 
 @register_generator("ntdh")
-def ntdh_sklearn(n_samples: int, n_features: int, n_classes: int, gamma: float, seed: int, **_: Any) -> Generated:
+def ntdh_sklearn(n_samples: int, n_features: int, n_classes: int, gamma: float, seed: int,
+                 student_noise: float = 0.0, **_: Any) -> Generated:
     """NTDH's scikit-learn setting: the student modality x^b is fixed; the teacher modality
     x^a keeps the first (1 - gamma) share of x^b's decisive features and replaces the rest by
     other decisive features of the same labels, so the label information stays while the
@@ -45,6 +46,12 @@ def ntdh_sklearn(n_samples: int, n_features: int, n_classes: int, gamma: float, 
 
     make_classification draws 2 * n_features informative features for one labelling; the
     first half (A) is x^b's, the second half (B) the replacement pool.
+
+    student_noise: std of Gaussian noise, in units of each feature's own std, added to the
+    student modality only (a weaker sensor: depth next to RGB). 0 is NTDH's setting, where both
+    modalities carry the same amount of label information and the teacher has nothing to
+    teach; > 0 makes the teacher the better model while the student still sees (noisy copies
+    of) the modality-general decisive features the teacher shares with it.
     """
     from sklearn.datasets import make_classification  # ~1 s to import: only where data is drawn
 
@@ -60,6 +67,10 @@ def ntdh_sklearn(n_samples: int, n_features: int, n_classes: int, gamma: float, 
     k = n_shared(n_features, gamma)
     teacher = np.concatenate([a[:, :k], b[:, k:]], axis=1)
     student = a
+    if student_noise:
+        # Its own stream (seed, 2): the teacher and the labels do not depend on the knob.
+        noise = np.random.default_rng([seed, 2]).standard_normal(a.shape)
+        student = a + float(student_noise) * a.std(axis=0, keepdims=True) * noise
     return teacher.astype(np.float32), student.astype(np.float32), y.astype(np.int64)
 
 
@@ -179,6 +190,7 @@ def _layout_params(params: Mapping[str, Any]) -> dict[str, Any]:
     return {k: params[k] for k in _MFH_PARAMS if k in params and k != "label_weights"}
 
 
+_NTDH_PARAMS = ("student_noise",)
 _MFH_PARAMS = ("n_decisive", "alpha", "n_latent", "n_extra", "student_features", "label_weights")
 
 
@@ -245,6 +257,13 @@ def validate(cfg: Mapping[str, Any], key: str) -> None:
     extra = cfg.get("generator_params") or {}
     if not isinstance(extra, Mapping):
         raise ConfigError(f"{key}.generator_params", "must be a mapping of generator keyword arguments")
+    if cfg.get("generator", "ntdh") == "ntdh":
+        unknown = sorted(set(extra) - set(_NTDH_PARAMS))
+        if unknown:
+            raise ConfigError(f"{key}.generator_params.{unknown[0]}", f"not a parameter of the ntdh generator {_NTDH_PARAMS}")
+        noise = extra.get("student_noise", 0.0)
+        if not isinstance(noise, (int, float)) or isinstance(noise, bool) or noise < 0:
+            raise ConfigError(f"{key}.generator_params.student_noise", f"must be a number >= 0, got {noise!r}")
     if cfg.get("generator", "ntdh") == "mfh":
         unknown = sorted(set(extra) - set(_MFH_PARAMS))
         if unknown:

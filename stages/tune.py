@@ -1,0 +1,119 @@
+"""Stages of the tuning pipeline (tuning/dvc.yaml; README, "Tuning protocol").
+
+    python -m stages tune --dataset digits                  # everything below, for every run of `methods`
+    python -m stages tune --dataset digits --teacher        # TEACHER on the tuning seeds -> data/tuning/digits/teacher
+    python -m stages tune --dataset digits --run dkd [--run ctkd ...]   # -> reports/tuning/digits/<run>.json
+    python -m stages tune --dataset digits --select         # -> reports/tuning/digits.{json,md} and tuned.yaml
+
+`--run` tunes only the named runs (their evidence files are replaced, the others kept); the
+selection then reads every run's evidence file. tuned.yaml is deliberately not a DVC output:
+the main pipeline reads it as a params file, so a plain `dvc repro` never runs the tuning.
+"""
+
+import json
+import tempfile
+from pathlib import Path
+
+from cmkd.atomic import atomic_dir, write_json, write_text
+from cmkd.engine import TrainConfig
+from cmkd.errors import ConfigError
+from cmkd.pipeline import TEACHER_RUN, train_run
+from cmkd.tuning import TUNED_FILE, grid_for, load_tuned, render_tuned, report_markdown, tune_run, update_tuned
+from stages._common import DATA, main, parser, seed_workers, start
+
+REPORTS = Path("reports") / "tuning"
+
+
+def teacher_dir(ds: str) -> Path:
+    return Path(DATA) / "tuning" / ds / "teacher"
+
+
+def train_teacher(params, ds: str, progress: bool) -> None:
+    """The TEACHER on the tuning seeds (the reporting seeds' teachers are never used here)."""
+    cfg = TrainConfig.from_params(params["train"][ds]["teacher"], f"train.{ds}.teacher")
+    with atomic_dir(teacher_dir(ds)) as out:
+        train_run(dataset=ds, prepared=Path(DATA) / "prepared" / f"{ds}.h5", run_name="teacher", run_cfg=TEACHER_RUN,
+                  models=params["models"][ds], train_cfg=cfg, seeds=params["tuning"]["seeds"], out_dir=Path(out),
+                  checkpoint_root=None, cache_train_logits=True, progress=progress, seed_workers=seed_workers(),
+                  evaluate_test=False)
+
+
+def tune(params, ds: str, run: str, progress: bool) -> None:
+    if run not in params["runs"]:
+        raise ConfigError(f"runs.{run}", "missing: --run must name a key of `runs`")
+    tuning = params["tuning"]
+    if not (teacher_dir(ds) / "metrics.json").exists():
+        train_teacher(params, ds, progress)
+    with tempfile.TemporaryDirectory(prefix=f"tune-{ds}-{run}-") as work:
+        evidence = tune_run(
+            dataset=ds, prepared=Path(DATA) / "prepared" / f"{ds}.h5", run_name=run, run_cfg=params["runs"][run],
+            grid=grid_for(params, run), budget=int(tuning["budget"]), subsample_seed=int(tuning.get("subsample_seed", 0)),
+            seeds=tuning["seeds"], models=params["models"][ds],
+            train_cfg=TrainConfig.from_params(params["train"][ds]["student"], f"train.{ds}.student"),
+            teacher_dir=teacher_dir(ds),
+            teacher_train_cfg=TrainConfig.from_params(params["train"][ds]["teacher"], f"train.{ds}.teacher"),
+            work_dir=Path(work), seed_workers=seed_workers(), progress=progress)
+    evidence["run_config"] = params["runs"][run]
+    write_json(REPORTS / ds / f"{run}.json", evidence)
+    print(f"{ds}/{run}: selected {evidence['selected']} (val {100 * evidence['selected_val_mean']:.2f}) "
+          f"in {evidence['seconds']:.0f} s")
+
+
+def select(params, ds: str) -> None:
+    """Gather every run's evidence into the dataset's report and its section of tuned.yaml."""
+    tuning = params["tuning"]
+    runs, untuned = {}, []
+    for run in params["methods"]:
+        path = REPORTS / ds / f"{run}.json"
+        if not path.exists():
+            untuned.append(run)
+            continue
+        evidence = json.loads(path.read_text())
+        current = {"grid": {k: list(v) for k, v in grid_for(params, run).items()}, "seeds": list(tuning["seeds"]),
+                   "budget": int(tuning["budget"]), "run_config": params["runs"][run],
+                   "epochs": int(params["train"][ds]["student"]["epochs"])}
+        stale = [k for k, v in current.items() if json.loads(json.dumps(v)) != evidence.get(k)]
+        if stale:
+            raise ConfigError(f"tuning.grids.{run}", f"{path} was made with other {', '.join(stale)}: re-tune it "
+                              f"(python -m stages tune --dataset {ds} --run {run})")
+        runs[run] = evidence
+    seconds = sum(r["seconds"] for r in runs.values())
+    summary = {"dataset": ds, "split": "val", "seeds": list(tuning["seeds"]), "budget": int(tuning["budget"]),
+               "selected": {r: e["selected"] for r, e in runs.items()}, "untuned": untuned,
+               "seconds_total": round(seconds, 1), "runs": runs}
+    write_json(REPORTS / f"{ds}.json", summary)
+    extra = {"tuning seeds": list(tuning["seeds"]), "budget": f"{tuning['budget']} configurations x "
+             f"{len(tuning['seeds'])} seeds x {params['train'][ds]['student']['epochs']} epochs per run",
+             "training seconds (all runs)": f"{seconds:.0f}"}
+    if untuned:
+        extra["not tuned (params.yaml values)"] = ", ".join(untuned)
+    write_text(REPORTS / f"{ds}.md", report_markdown(ds, runs, extra))
+    tuned = update_tuned(load_tuned(TUNED_FILE), list(params["runs"]), ds, {r: e["selected"] for r, e in runs.items()})
+    write_text(TUNED_FILE, render_tuned(tuned))
+    print(f"{ds}: selection of {len(runs)} runs written to {TUNED_FILE} ({len(untuned)} not tuned)")
+
+
+def run() -> None:
+    p = parser(__doc__)
+    p.add_argument("--dataset", required=True)
+    p.add_argument("--run", action="append", help="tune only this run (repeatable)")
+    p.add_argument("--teacher", action="store_true", help="only train the TEACHER on the tuning seeds")
+    p.add_argument("--select", action="store_true", help="only gather the evidence into the report and tuned.yaml")
+    args = p.parse_args()
+    params = start(args)
+    if "tuning" not in params:
+        raise ConfigError("tuning", "missing: the tuning protocol needs seeds, budget and grids")
+    ds, progress = args.dataset, not args.no_progress
+    if args.teacher:
+        train_teacher(params, ds, progress)
+    for name in args.run or []:
+        tune(params, ds, name, progress)
+    if not (args.teacher or args.run or args.select):
+        for name in params["methods"]:
+            tune(params, ds, name, progress)
+    if args.select or not (args.teacher or args.run):
+        select(params, ds)
+
+
+if __name__ == "__main__":
+    main(run)
