@@ -125,9 +125,10 @@ def test_c2kd_ofsd_loss_matches_reference_on_the_proxies():
     batch = _batch()
     d.eval()  # BatchNorm of the proxies uses running statistics: the same values twice
     losses = d(batch)
+    assert d.student_stage == "hidden1" and d.teacher_stage == "hidden1"  # the MLPs' intermediate stage
     with torch.no_grad():
-        ps = d.student_proxy(d.student.features(batch["student_input"])).double().numpy()
-        pt = d.teacher_proxy(d.teacher.features(batch["teacher_input"])).double().numpy()
+        ps = d.student_proxy(d.student.forward_stages(batch["student_input"], ["hidden1"])["hidden1"]).double().numpy()
+        pt = d.teacher_proxy(d.teacher.forward_stages(batch["teacher_input"], ["hidden1"])["hidden1"]).double().numpy()
     y = batch["target"].numpy()
     tau = np.array([kendalltau(ps[i], pt[i]).statistic for i in range(len(y))])
     keep = tau > -0.3
@@ -167,16 +168,21 @@ def test_c2kd_trains_on_a_batch_of_one():
 
 
 class _TinySeg(nn.Module):
-    """Dense toy network: features at half resolution, 1x1-conv head."""
+    """Dense toy network: features at half resolution, 1x1-conv head (one stage: features)."""
 
     def __init__(self, in_ch: int, width: int = 8):
         super().__init__()
         self.body = nn.Sequential(nn.Conv2d(in_ch, width, 3, stride=2, padding=1), nn.ReLU())
         self.feature_dim = width
         self.head = nn.Conv2d(width, C, 1)
+        self.stage_names, self.stage_channels, self.intermediate_stage = ["features"], {"features": width}, "features"
 
     def features(self, x):
         return self.body(x)
+
+    def forward_stages(self, x, names=None):
+        f = self.features(x)
+        return {"features": f, "logits": self.head(f)}
 
     def forward(self, x):
         return self.head(self.features(x))
@@ -192,6 +198,56 @@ def test_c2kd_segmentation_uses_valid_pixels():
     assert all(torch.isfinite(v) for v in losses.values())
     assert 0 <= d.last_kept_fraction <= 1
     sum(losses.values()).backward()
+
+
+def _grad_sum(module: nn.Module) -> float:
+    return sum(float(p.grad.abs().sum()) for p in module.parameters() if p.grad is not None)
+
+
+@pytest.mark.parametrize("task", ["classification", "segmentation"])
+def test_c2kd_proxies_sit_on_layer3_by_default(task):
+    """C2KD's proxies on the output of layer3 (its code's `Tea` / `Stu`): the cross-modal proxy
+    loss trains layer3 and below, never layer4 or the main head; `proxy_stage: features` is
+    the old placement (the penultimate features, after layer4)."""
+    torch.manual_seed(0)
+    if task == "classification":
+        cfg = {"arch": "resnet18", "width": 4, "small_input": True}
+        shapes, target = ((2, 16, 16), (3, 16, 16)), torch.randint(0, C, (4,))
+    else:
+        cfg = {"arch": "seg_resnet", "width": 4}
+        shapes, target = ((2, 16, 24), (3, 16, 24)), torch.randint(0, C, (4, 16, 24))
+        target[:, :3] = -1
+    student, teacher = build_model(cfg, shapes[0], C), build_model(cfg, shapes[1], C)
+    d = build_distiller({"method": "c2kd", "threshold": -1.0 + 1e-6}, student, teacher, C).train()
+    assert (d.student_stage, d.teacher_stage) == ("layer3", "layer3")
+    assert d.student_proxy.net[0].in_channels == student.stage_channels["layer3"] == 16
+    batch = {"student_input": torch.randn(4, *shapes[0]), "teacher_input": torch.randn(4, *shapes[1]), "target": target}
+    maps = student.forward_stages(batch["student_input"], ["layer3"])["layer3"]
+    proxy = d.student_proxy(maps, task == "classification")
+    if task == "classification":
+        assert maps.dim() == 4 and proxy.shape == (4, C)  # the layer3 map pooled to one prediction
+    else:
+        assert proxy.shape == (4, C, *maps.shape[-2:]) and maps.shape[-1] < 24  # per pixel, at layer3's resolution
+    losses = d(batch)
+    assert all(torch.isfinite(v) for v in losses.values())
+    losses["ofsd_student"].backward()
+    layer3, layer4 = student.stages[2], student.stages[3]
+    assert _grad_sum(layer3) > 0 and _grad_sum(d.student_proxy) > 0
+    assert _grad_sum(layer4) == 0 and _grad_sum(student.head) == 0 and _grad_sum(teacher) == 0
+    # the old placement: proxies on the penultimate features, whose gradient reaches layer4
+    old = build_distiller({"method": "c2kd", "threshold": -1.0 + 1e-6, "proxy_stage": "features"}, student, teacher, C).train()
+    student.zero_grad()
+    old(batch)["ofsd_student"].backward()
+    assert old.student_stage == "features" and _grad_sum(layer4) > 0
+
+
+def test_c2kd_proxy_stage_errors_name_the_key():
+    with pytest.raises(ConfigError) as err:
+        build_distiller({"method": "c2kd", "proxy_stage": "layer9"}, _mlp(6), _mlp(7), C)
+    assert err.value.key == "c2kd.proxy_stage" and "hidden1" in str(err.value)
+    with pytest.raises(ConfigError) as err:
+        get_method("c2kd").validate({"proxy_stage": 3}, "runs.c2kd")
+    assert err.value.key == "runs.c2kd.proxy_stage"
 
 
 # ------------------------------------------------------------------------------- DisCoM-KD
