@@ -640,6 +640,12 @@ def test_pipeline_train_run_c2kd_and_discom_deployables(tmp_path):
     train_run(run_name="teacher", run_cfg={"method": "teacher"}, out_dir=tmp_path / "teacher", cache_train_logits=True, **common)
     c2kd = train_run(run_name="c2kd", run_cfg={"method": "c2kd"}, out_dir=tmp_path / "c2kd", teacher_dir=tmp_path / "teacher", **common)
     assert set(c2kd["seeds"]["0"]["test"]) == {"student"}
+    # NTDH's feature mask through the pipeline: prepare() runs Algorithm 1 and retrains the teacher
+    feat = train_run(run_name="kdv1_ntdh_feat", run_cfg={"method": "ntdh_mask", "mode": "both", "pair_epochs": 2, "n_repeats": 1,
+                                                         "pair_batch_size": 64},
+                     out_dir=tmp_path / "feat", teacher_dir=tmp_path / "teacher", **common)
+    prepared = feat["seeds"]["0"]["prepare"]
+    assert prepared["level"] == "input" and prepared["distance"] == "ntdh" and len(prepared["channels"]) == 4
     out = train_run(dataset="synthetic", prepared=tmp_path / "d.h5", run_name="discom_kd", run_cfg={"method": "discom_kd"},
                     models=models, train_cfg=TrainConfig(epochs=1, batch_size=64), seeds=[0], out_dir=tmp_path / "out",
                     checkpoint_root=None, progress=False)
