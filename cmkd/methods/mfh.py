@@ -5,8 +5,9 @@ features, those that the student's modality also carries. Algorithm 1 finds them
 how the data were generated, by permutation saliency:
 
 1. train a teacher-modality network f_a and a student-modality network f_b jointly on
-   CE(f_a(x_a), y) + CE(f_b(x_b), y) + dist(f_a(x_a), f_b(x_b)) (dist: mean squared error of
-   the logits), so that the two networks agree where the modalities agree;
+   CE(f_a(x_a), y) + CE(f_b(x_b), y) + dist(f_a(x_a), f_b(x_b)) (dist: MFH's mean squared error
+   of the logits; NTDH runs the same algorithm with its non-target divergence, `distance="ntdh"`,
+   for its feature mask), so that the two networks agree where the modalities agree;
 2. for every teacher input channel k, permute channel k of x_a across samples (n_repeats
    times) and measure dist(f_a(x_a permuted), f_b(x_b)); the salience of k is its mean,
    min-max normalised to [0, 1]. Breaking a channel both networks rely on breaks their agreement,
@@ -14,7 +15,9 @@ how the data were generated, by permutation saliency:
 3. the top-k channels are the modality-general ones.
 
 MG-KD then retrains the teacher on those channels only (the others zeroed, which for the first
-layer is the same as removing them) and distils from it: method `mgkd`.
+layer is the same as removing them) and distils from it: method `mgkd`. The NTDH feature mask
+(`cmkd.methods.ntdh`, mode feature) is the same pipeline with NTDH's distance: both call
+`modality_general_teacher`.
 
 Library functions (shapes: N samples, C channels along dim 1 of the inputs, i.e. the features
 of [N, D] vectors or the channels of [N, C, H, W] images):
