@@ -9,14 +9,17 @@ A. Recovered fraction with known ground truth: the pipeline's `synthetic` data (
 B. Cost per seed of the feature-level Algorithm 1 on the `digits` CNN pair (small_cnn, as
    params.yaml `models.digits`), 20 epochs of 64-row minibatches, NTDH's distance.
 
-    PYTHONPATH=. python benchmarks/bench_algorithm1.py [--seeds 3]  -> benchmarks/results/algorithm1.json
+    OMP_NUM_THREADS=1 PYTHONPATH=. python benchmarks/bench_algorithm1.py [--seeds 3] [--only synthetic|digits]
+        -> benchmarks/results/algorithm1.json (a part run alone replaces only its own entry)
 
-Times are wall-clock on this machine at its current load (recorded: os.getloadavg()).
+Costs are the process's CPU seconds (one thread: what the step costs an idle core, whatever the
+machine's load) and wall-clock seconds at the current load (recorded: os.getloadavg()).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import time
 from pathlib import Path
@@ -43,7 +46,7 @@ def recovered(params: dict, seeds: list[int]) -> dict:
     out = {"shared_channels": shared, "train_rows": n_train, "results": []}
     for distance in ("mse", "ntdh"):
         for label, (epochs, batch) in PAIRS.items():
-            fractions, seconds = [], []
+            fractions, seconds, cpu = [], [], []
             for seed in seeds:
                 x_t, x_s, y = GENERATORS["ntdh"](n_samples=int(data["n_samples"]), n_features=int(data["n_features"]),
                                                  n_classes=int(data["n_classes"]), gamma=float(data["gamma"]), seed=seed)
@@ -51,13 +54,15 @@ def recovered(params: dict, seeds: list[int]) -> dict:
                 torch.manual_seed(seed)
                 t = build_model(models["teacher"], (x_t.shape[1],), int(data["n_classes"]))
                 s = build_model(models["student"], (x_s.shape[1],), int(data["n_classes"]))
-                start = time.perf_counter()
+                start, start_cpu = time.perf_counter(), time.process_time()
                 channels, _ = algorithm1(t, s, x_t, x_s, y, shared, distance=distance, pair_epochs=epochs, pair_lr=0.01,
                                          pair_batch_size=batch, generator=torch.Generator().manual_seed(seed))
                 seconds.append(time.perf_counter() - start)
+                cpu.append(time.process_time() - start_cpu)
                 fractions.append(len(set(channels.tolist()) & set(range(shared))) / shared)
             row = {"distance": distance, "pair": label, "recovered_fraction": fractions,
-                   "recovered_mean": float(np.mean(fractions)), "seconds_per_seed": float(np.mean(seconds))}
+                   "recovered_mean": float(np.mean(fractions)), "wall_s_per_seed": float(np.mean(seconds)),
+                   "cpu_s_per_seed": float(np.mean(cpu))}
             print(row, flush=True)
             out["results"].append(row)
     return out
@@ -65,7 +70,7 @@ def recovered(params: dict, seeds: list[int]) -> dict:
 
 def digits_cost(params: dict, seeds: list[int]) -> dict:
     models = params["models"]["digits"]
-    rows = []
+    rows, cpu = [], []
     for seed in seeds:
         gray, colour, labels, split = digits_arrays(params["data"]["digits"], 0.0, seed)
         tr = split["train"]
@@ -73,26 +78,33 @@ def digits_cost(params: dict, seeds: list[int]) -> dict:
         torch.manual_seed(seed)
         t = build_model(models["teacher"], tuple(x_t.shape[1:]), 10)
         s = build_model(models["student"], tuple(x_s.shape[1:]), 10)
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         channels, _ = algorithm1(t, s, x_t, x_s, y, t.feature_dim // 2, level="feature", distance="ntdh", pair_epochs=20,
                                  pair_lr=0.01, pair_batch_size=64, generator=torch.Generator().manual_seed(seed))
         rows.append(time.perf_counter() - start)
-        print({"digits seed": seed, "seconds": rows[-1]}, flush=True)
+        cpu.append(time.process_time() - start_cpu)
+        print({"digits seed": seed, "wall_s": rows[-1], "cpu_s": cpu[-1]}, flush=True)
     return {"train_rows": int(len(tr)), "feature_channels": int(t.feature_dim), "pair": "20 epochs of 64-row minibatches",
-            "distance": "ntdh", "seconds_per_seed": rows}
+            "distance": "ntdh", "wall_s_per_seed": rows, "cpu_s_per_seed": cpu}
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--only", choices=["synthetic", "digits"])
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "algorithm1.json"))
     args = p.parse_args()
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     seeds = list(range(args.seeds))
-    load_before = os.getloadavg()
-    result = {"synthetic_recovery": recovered(params, seeds), "digits_feature_level": digits_cost(params, seeds),
-              "torch_threads": torch.get_num_threads(), "loadavg_before": load_before, "loadavg_after": os.getloadavg()}
-    write_json(Path(args.out), result)
+    out = Path(args.out)
+    result = json.loads(out.read_text()) if args.only and out.exists() else {}
+    parts = {"synthetic_recovery": recovered, "digits_feature_level": digits_cost}
+    for name, fn in parts.items():
+        if args.only in (None, name.split("_")[0]):
+            load_before = os.getloadavg()
+            result[name] = {**fn(params, seeds), "seeds": seeds, "torch_threads": torch.get_num_threads(),
+                            "loadavg_before": load_before, "loadavg_after": os.getloadavg()}
+    write_json(out, result)
 
 
 if __name__ == "__main__":
