@@ -5,9 +5,10 @@ A. Recovered fraction with known ground truth: the pipeline's `synthetic` data (
    generator, 32 features, gamma 0.5: teacher input channels 0-15 are the student's too), the
    `synthetic` MLP pair of params.yaml, the top 16 channels, for MFH's distance (mse, MG-KD) and
    NTDH's (ntdh, the NTDH feature mask), with the joint pair trained 20 full-batch epochs (MG-KD's
-   old setting), 200 full-batch epochs, or 20 epochs of 64-row minibatches (the runs' setting).
+   old setting), 200 full-batch epochs, or minibatch epochs.
 B. Cost per seed of the feature-level Algorithm 1 on the `digits` CNN pair (small_cnn, as
-   params.yaml `models.digits`), 20 epochs of 64-row minibatches, NTDH's distance.
+   params.yaml `models.digits`), with the pair budget of params.yaml `runs.kdv1_ntdh_feat`,
+   NTDH's distance.
 
     OMP_NUM_THREADS=1 PYTHONPATH=. python benchmarks/bench_algorithm1.py [--seeds 3] [--only synthetic|digits]
         -> benchmarks/results/algorithm1.json (a part run alone replaces only its own entry)
@@ -35,7 +36,8 @@ from cmkd.methods.mfh import algorithm1
 from cmkd.models import build_model
 
 ROOT = Path(__file__).resolve().parents[1]
-PAIRS = {"20 full-batch epochs": (20, None), "200 full-batch epochs": (200, None), "20 epochs of 64-row minibatches": (20, 64)}
+PAIRS = {"20 full-batch epochs": (20, None), "200 full-batch epochs": (200, None), "20 epochs of 64-row minibatches": (20, 64),
+         "5 epochs of 32-row minibatches": (5, 32)}
 
 
 def recovered(params: dict, seeds: list[int]) -> dict:
@@ -70,6 +72,7 @@ def recovered(params: dict, seeds: list[int]) -> dict:
 
 def digits_cost(params: dict, seeds: list[int]) -> dict:
     models = params["models"]["digits"]
+    run = params["runs"]["kdv1_ntdh_feat"]  # the pair budget the pipeline's NTDH feature mask uses
     rows, cpu = [], []
     for seed in seeds:
         gray, colour, labels, split = digits_arrays(params["data"]["digits"], 0.0, seed)
@@ -79,12 +82,14 @@ def digits_cost(params: dict, seeds: list[int]) -> dict:
         t = build_model(models["teacher"], tuple(x_t.shape[1:]), 10)
         s = build_model(models["student"], tuple(x_s.shape[1:]), 10)
         start, start_cpu = time.perf_counter(), time.process_time()
-        channels, _ = algorithm1(t, s, x_t, x_s, y, t.feature_dim // 2, level="feature", distance="ntdh", pair_epochs=20,
-                                 pair_lr=0.01, pair_batch_size=64, generator=torch.Generator().manual_seed(seed))
+        channels, _ = algorithm1(t, s, x_t, x_s, y, t.feature_dim // 2, level="feature", distance="ntdh", pair_epochs=int(run["pair_epochs"]),
+                                 pair_lr=float(run["pair_lr"]), pair_batch_size=run["pair_batch_size"],
+                                 generator=torch.Generator().manual_seed(seed))
         rows.append(time.perf_counter() - start)
         cpu.append(time.process_time() - start_cpu)
         print({"digits seed": seed, "wall_s": rows[-1], "cpu_s": cpu[-1]}, flush=True)
-    return {"train_rows": int(len(tr)), "feature_channels": int(t.feature_dim), "pair": "20 epochs of 64-row minibatches",
+    return {"train_rows": int(len(tr)), "feature_channels": int(t.feature_dim),
+            "pair": f"{run['pair_epochs']} epochs of {run['pair_batch_size']}-row minibatches, lr {run['pair_lr']}",
             "distance": "ntdh", "wall_s_per_seed": rows, "cpu_s_per_seed": cpu}
 
 
