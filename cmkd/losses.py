@@ -147,31 +147,82 @@ def _per_row_shape(logits: torch.Tensor) -> tuple[int, ...]:
     return (logits.shape[0], *logits.shape[2:])
 
 
+DIVERGENCE_FORMS = ("js", "ntdh")
+
+
+def _divergence_from_log_probs(log_ps: torch.Tensor, log_pt: torch.Tensor, form: str) -> torch.Tensor:
+    """Per-row divergence between two distributions given as log-probabilities.
+
+    "js": textbook Jensen-Shannon, 0.5 [KL(p_s || m) + KL(p_t || m)], in [0, ln 2].
+    "ntdh": NTDH's code (its `js_divergence`, `F.kl_div(log p, m)` = KL(m || p)):
+    0.5 [KL(m || p_s) + KL(m || p_t)], the KLs reversed; unbounded as a p tends to 0 where
+    the other does not. m = (p_s + p_t) / 2 in both.
+    """
+    if form == "js":
+        return js_from_log_probs(log_pt, log_ps)
+    if form == "ntdh":
+        log_m = torch.logaddexp(log_ps, log_pt) - math.log(2.0)
+        div = 0.5 * kl_from_log_probs(log_m, log_ps) + 0.5 * kl_from_log_probs(log_m, log_pt)
+        return div.clamp_min(0.0)  # rounding can leave -1e-9 where the rows are equal
+    raise ValueError(f"unknown divergence form {form!r}; known: {list(DIVERGENCE_FORMS)}")
+
+
 def target_divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor, target: torch.Tensor,
-                      temperature: float = 1.0) -> torch.Tensor:
-    """NTDH target divergence: per-sample (per-pixel) JS between the binary target
+                      temperature: float = 1.0, form: str = "js") -> torch.Tensor:
+    """NTDH target divergence: per-sample (per-pixel) divergence between the binary target
     distributions [p_gt, 1 - p_gt] of teacher and student, p = softmax(z / T).
 
+    `form`: "js" (textbook Jensen-Shannon) or "ntdh" (NTDH's own code, see
+    `_divergence_from_log_probs`; NTDH defines its target divergence like its non-target one).
     Returns [N] or [N, H, W]; rows whose target is negative (ignore) get 0.
     """
+    if form not in DIVERGENCE_FORMS:
+        raise ValueError(f"unknown divergence form {form!r}; known: {list(DIVERGENCE_FORMS)}")
     s, t = to_rows(student_logits), to_rows(teacher_logits)
     tgt, valid = _target_rows(target, s.shape[0])
-    js = js_from_log_probs(binary_target_log_probs(t, tgt, temperature), binary_target_log_probs(s, tgt, temperature))
-    return (js * valid).reshape(_per_row_shape(student_logits))
+    div = _divergence_from_log_probs(binary_target_log_probs(s, tgt, temperature), binary_target_log_probs(t, tgt, temperature), form)
+    return (div * valid).reshape(_per_row_shape(student_logits))
 
 
 def non_target_divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor, target: torch.Tensor,
-                          temperature: float = 1.0) -> torch.Tensor:
-    """NTDH non-target divergence: per-sample (per-pixel) JS between teacher and student
-    softmax over the non-target classes (target column removed, then renormalised).
+                          temperature: float = 1.0, form: str = "js") -> torch.Tensor:
+    """NTDH non-target divergence: per-sample (per-pixel) divergence between teacher and
+    student softmax over the non-target classes (target column removed, then renormalised),
+    p = softmax(z / T).
 
+    `form`: "js" (textbook Jensen-Shannon, 0.5 [KL(p_s || m) + KL(p_t || m)]) or "ntdh"
+    (NTDH's definition as its code computes it: 0.5 [KL(m || p_s) + KL(m || p_t)]),
+    m = (p_s + p_t) / 2. (NTDH's code only ever uses T = 1; it multiplies by T^2 without
+    dividing the logits by T, so at T != 1 ours is the temperature-scaled distribution.)
     With C = 2 the non-target distribution has a single class, so the divergence is 0.
     Returns [N] or [N, H, W]; rows whose target is negative (ignore) get 0.
     """
+    if form not in DIVERGENCE_FORMS:
+        raise ValueError(f"unknown divergence form {form!r}; known: {list(DIVERGENCE_FORMS)}")
     s, t = to_rows(student_logits), to_rows(teacher_logits)
     tgt, valid = _target_rows(target, s.shape[0])
-    js = js_from_log_probs(non_target_log_probs(t, tgt, temperature), non_target_log_probs(s, tgt, temperature))
-    return (js * valid).reshape(_per_row_shape(student_logits))
+    div = _divergence_from_log_probs(non_target_log_probs(s, tgt, temperature), non_target_log_probs(t, tgt, temperature), form)
+    return (div * valid).reshape(_per_row_shape(student_logits))
+
+
+def pssm_weights(student_logits: torch.Tensor, teacher_logits: torch.Tensor, target: torch.Tensor,
+                 cos_threshold: float = 0.996) -> torch.Tensor:
+    """NTDH's sample mask (PSSM, `pd_diff` in its code): one weight per sample (pixel).
+
+    1 where the teacher is right (argmax of its logits == target); where it is wrong,
+    (1 + cos(z_t, z_s)) / 2 if the cosine of the two raw logit rows is >= `cos_threshold`,
+    else 0. A zero logit row has cosine 0. Rows whose target is negative (ignore) get 0.
+    [N, C] -> [N]; [N, C, H, W] -> [N, H, W]. Pass detached logits for a mask (as a weight it
+    is not meant to be trained through).
+    """
+    s, t = to_rows(student_logits), to_rows(teacher_logits)
+    tgt, valid = _target_rows(target, s.shape[0])
+    norms = s.norm(dim=1) * t.norm(dim=1)
+    cos = (s * t).sum(dim=1) / torch.where(norms > 0, norms, torch.ones_like(norms))  # 0 / 1 = 0 for a zero row
+    right = t.argmax(dim=1) == tgt
+    wrong_weight = torch.where(cos >= cos_threshold, (1.0 + cos) / 2.0, torch.zeros_like(cos))
+    weights = torch.where(right, torch.ones_like(cos), wrong_weight)
+    return (weights * valid).reshape(_per_row_shape(student_logits))
 
 
 def dkd_terms(student_logits: torch.Tensor, teacher_logits: torch.Tensor, target: torch.Tensor,

@@ -78,6 +78,9 @@ def shrink_experiments(experiments: dict, epochs: int = 2) -> None:
             cfg["split"] = {"train": 60, "test": 60}
         if "algorithm1" in cfg:
             cfg["algorithm1"].update(pair_epochs=epochs, n_repeats=1)
+        for mask in (cfg.get("masks") or {}).values():  # the NTDH feature mask's Algorithm 1
+            if "pair_epochs" in mask:
+                mask.update(pair_epochs=epochs, n_repeats=1)
 
 
 def dvc(args: list[str], cwd: Path, env: dict[str, str], check: bool = True) -> subprocess.CompletedProcess:

@@ -35,6 +35,7 @@ from cmkd.errors import ConfigError
 from cmkd.losses import kd_loss
 from cmkd.methods import build_distiller
 from cmkd.models import build_model
+from torch import nn
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -152,20 +153,35 @@ def test_slice_metrics_match_per_slice_computation():
     for i in range(s):
         pt, ps = torch.softmax(zt[:, :, i, 0], 1).numpy(), torch.softmax(zs[:, :, i, 0], 1).numpy()
         t = y[:, i, 0].numpy()
-        js_target, js_non = [], []
+        js_target, js_non, nt_target, nt_non = [], [], [], []
         for r in range(n):  # plain NumPy reference, one sample at a time
             bt = np.array([pt[r, t[r]], 1 - pt[r, t[r]]])
             bs = np.array([ps[r, t[r]], 1 - ps[r, t[r]]])
-            js_target.append(js(bt, bs))
             keep = np.arange(c) != t[r]
-            js_non.append(js(pt[r, keep] / pt[r, keep].sum(), ps[r, keep] / ps[r, keep].sum()))
-        assert div["target_div"][i] == pytest.approx(np.mean(js_target), rel=1e-4, abs=1e-6)
-        assert div["non_target_div"][i] == pytest.approx(np.mean(js_non), rel=1e-4, abs=1e-6)
+            qt, qs = pt[r, keep] / pt[r, keep].sum(), ps[r, keep] / ps[r, keep].sum()
+            js_target.append(js(bt, bs))
+            js_non.append(js(qt, qs))
+            nt_target.append(ntdh_div(bt, bs))
+            nt_non.append(ntdh_div(qt, qs))
+        # NTDH's form by default, textbook JS under the `_js` names
+        assert div["target_div"][i] == pytest.approx(np.mean(nt_target), rel=1e-4, abs=1e-6)
+        assert div["non_target_div"][i] == pytest.approx(np.mean(nt_non), rel=1e-4, abs=1e-6)
+        assert div["target_div_js"][i] == pytest.approx(np.mean(js_target), rel=1e-4, abs=1e-6)
+        assert div["non_target_div_js"][i] == pytest.approx(np.mean(js_non), rel=1e-4, abs=1e-6)
+    swapped = slice_divergences(zt, zs, y, form="js")
+    assert np.array_equal(swapped["non_target_div"], div["non_target_div_js"])
+    assert np.array_equal(swapped["non_target_div_ntdh"], div["non_target_div"])
 
 
 def js(p, q):
     m = 0.5 * (p + q)
     return 0.5 * float(np.sum(p * np.log(p / m))) + 0.5 * float(np.sum(q * np.log(q / m)))
+
+
+def ntdh_div(p, q):
+    """NTDH's code: 0.5 [KL(m || p) + KL(m || q)]."""
+    m = 0.5 * (p + q)
+    return 0.5 * float(np.sum(m * np.log(m / p))) + 0.5 * float(np.sum(m * np.log(m / q)))
 
 
 # --------------------------------------------------------------------------- statistics and plumbing
@@ -306,12 +322,15 @@ def test_ntdh_gap_tiny_with_masks():
         "sweep": {"gamma": [0.0, 0.5, 1.0]}, "split": {"train": 90, "test": 60},
         "nets": {"teacher": SMALL_MLP, "student": SMALL_MLP}, "kd": KD, "seeds": 2, "mask_points": 2,
         "masks": {"ntdh_sample": {"method": "ntdh_mask", "mode": "sample", "base": KD},
-                  "ntdh_feature": {"method": "ntdh_mask", "mode": "feature", "base": KD}},
+                  "ntdh_feature": {"method": "ntdh_mask", "mode": "feature", "base": KD, "pair_epochs": 10, "n_repeats": 2}},
     }
     result = run_experiment("ntdh_gap", cfg)
     s = result["series"]
     assert s["gamma"] == [0.0, 0.5, 1.0]
-    assert all(0.0 <= v <= math.log(2) + 1e-6 for v in s["target_div"] + s["non_target_div"])
+    # NTDH's form by default (unbounded), textbook JS (at most ln 2) recorded beside it
+    assert result["divergence_form"] == "ntdh"
+    assert all(0.0 <= v <= math.log(2) + 1e-6 for v in s["target_div_js"] + s["non_target_div_js"])
+    assert all(v >= 0.0 for v in s["target_div"] + s["non_target_div"]) and s["non_target_div"] != s["non_target_div_js"]
     masks = result["masks"]
     assert masks["names"] == ["ntdh_feature", "ntdh_sample"]
     assert [p["gamma"] for p in masks["points"]] == [0.5, 1.0]
@@ -375,32 +394,76 @@ def test_digits_noise_tiny():
     assert len(result["points"]) == 2 and result["points"][0]["kd_acc"]["n"] == 1
 
 
-@pytest.mark.parametrize("mode", ["sample", "feature", "both"])
+@pytest.mark.parametrize("mode", ["sample", "sample_drop", "feature", "both"])
 def test_batched_ntdh_masks_train_each_slice_exactly_as_alone(mode):
-    """A slice of `fit_mask_slices` equals the `ntdh_mask` method trained on that slice alone."""
+    """A slice of `fit_mask_slices` equals the `ntdh_mask` method trained on that slice alone;
+    for the feature mask, alone = Algorithm 1 with NTDH's distance on a fresh pair, a teacher
+    trained on the kept channels, then the base KD (PSSM too with `both`) from it."""
     from cmkd.analysis import fit_mask_slices, fit_slices, TEACHER_RUN
-    from cmkd.engine import SplitData
+    from cmkd.methods.mfh import algorithm1
 
     n, s, d, c = 48, 3, 6, 4
     torch.manual_seed(3)
     data = Slices(torch.randn(n, s, d), torch.randn(n, s, d), torch.randint(0, c, (n, s, 1)))
     net = {"model": {"arch": "mlp", "hidden": [8]}, "train": {"epochs": 12, "lr": 0.02, "optimizer": "adam"}}
+    nets = {"teacher": net, "student": net}
     seeds = [5, 6, 7]
     teacher = fit_slices(TEACHER_RUN, net, data, seeds, c)
-    run = {"method": "ntdh_mask", "mode": mode, "drop_ratio": 0.25, "keep_ratio": 0.5, "saliency_batch_size": 16,
-           "base": {"method": "kd", "ce_weight": 1.0, "kd_weight": 1.0, "temperature": 2.0}}
-    batched, masked = fit_mask_slices(run, net, data.with_teacher(teacher), seeds, c, teacher)
-    assert (masked is None) == (mode == "sample")
+    base = {"method": "kd", "ce_weight": 1.0, "kd_weight": 1.0, "temperature": 2.0}
+    run = {"method": "ntdh_mask", "mode": mode, "base": base, "keep_ratio": 0.5, "pair_epochs": 6, "pair_lr": 0.05, "n_repeats": 2}
+    if mode == "sample":
+        run["cos_threshold"] = 0.2  # low enough that some teacher-wrong rows get a fractional weight
+    if mode == "sample_drop":
+        run["drop_ratio"] = 0.25
+    batched, feature = fit_mask_slices(run, nets, data.with_teacher(teacher), seeds, c, teacher)
+    assert (feature is None) == (mode in ("sample", "sample_drop"))
 
     i = 2
     x_t, x_s, y = data.slice(i)
+    kd_teacher, alone_run = teacher.unstack(i), run
+    if feature is not None:
+        torch.manual_seed(seeds[i])
+        pair_t, pair_s = build_model(net["model"], (d,), c), build_model(net["model"], (d,), c)
+        channels, _ = algorithm1(pair_t, pair_s, x_t, x_s, y, 3, n_repeats=2, pair_epochs=6, pair_lr=0.05, distance="ntdh",
+                                 generator=torch.Generator().manual_seed(seeds[i]))
+        assert feature[1][i].tolist() == channels.tolist()
+        torch.manual_seed(seeds[i])
+        kd_teacher = build_model(net["model"], (3,), c)
+        x_t = x_t[:, channels]
+        train_batched(build_distiller(TEACHER_RUN, kd_teacher, None, c), {"teacher_input": x_t, "student_input": x_s, "target": y},
+                      1, seed=seeds[0], **net["train"])
+        kd_teacher.eval()
+        alone_run = {**run, "mode": "sample"} if mode == "both" else base
     torch.manual_seed(seeds[i])
     alone = build_model(net["model"], (d,), c)
-    distiller = build_distiller(run, alone, teacher.unstack(i), c)
-    distiller.on_train_start(SplitData.from_arrays(teacher_input=x_t, student_input=x_s, target=y))
+    distiller = build_distiller(alone_run, alone, kd_teacher, c)
     train_batched(distiller, {"teacher_input": x_t, "student_input": x_s, "target": y}, 1, seed=seeds[0], **net["train"])
     with torch.no_grad():
         assert torch.allclose(batched(data.student)[:, :, i, 0], alone(x_s), atol=1e-4)
+
+
+def test_pssm_in_the_batched_layout_weights_each_slice_as_alone():
+    """PSSM's KD term over stacked slices = the mean over slices of each slice's
+    sum(w * KD) / N (NTDH's normalisation), so `train_batched`'s x S gives each slice its own loss."""
+    from cmkd.analysis import PerSliceWeights
+    from cmkd.losses import kd_rows, pssm_weights
+
+    g = torch.Generator().manual_seed(1)
+    n, c, s = 20, 4, 3
+    zs, zt = torch.randn(n, c, s, 1, generator=g), torch.randn(n, c, s, 1, generator=g)
+    zs[:, :, 1] = zt[:, :, 1] * 2  # slice 1: aligned, teacher-wrong rows keep ~1
+    y = torch.randint(0, c, (n, s, 1), generator=g)
+    y[:3, 0] = -1
+    d = build_distiller({"method": "ntdh_mask", "base": {"method": "kd", "temperature": 1.0}}, nn.Identity(), nn.Identity(), c)
+    d.inner.sample_weight_hook = PerSliceWeights(d.inner.sample_weight_hook)
+    got = float(d({"student_input": zs, "teacher_input": zt, "target": y})["kd"])
+    per_slice = []
+    for i in range(s):
+        w = pssm_weights(zs[:, :, i], zt[:, :, i], y[:, i, 0])
+        per_slice.append(float((kd_rows(zs[:, :, i], zt[:, :, i], 1.0) * w).sum() / (y[:, i, 0] >= 0).sum()))
+    # the weighted mean over all valid rows: slices weigh by their valid rows (17, 20, 20 here)
+    valid = torch.tensor([float((y[:, i, 0] >= 0).sum()) for i in range(s)])
+    assert got == pytest.approx(float((torch.tensor(per_slice) * valid).sum() / valid.sum()), rel=1e-6)
 
 
 def test_batched_pair_training_equals_algorithm1_step1_alone():

@@ -587,6 +587,9 @@ def shrink_experiments(params: dict) -> None:
             net["train"]["epochs"] = min(net["train"]["epochs"], 20)
         if "algorithm1" in exp:
             exp["algorithm1"].update(n_repeats=2, pair_epochs=20)
+        for mask in (exp.get("masks") or {}).values():  # the NTDH feature mask's Algorithm 1
+            if "pair_epochs" in mask:
+                mask.update(n_repeats=2, pair_epochs=2)
         for key, values in exp.get("sweep", {}).items():
             exp["sweep"][key] = [values[0], values[-1]]
         if isinstance(exp.get("noise_std"), list):

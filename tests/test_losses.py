@@ -292,3 +292,132 @@ def test_correlation_losses_gradients_and_zero_weights():
     assert torch.isfinite(ps.grad).all() and ps.grad.abs().sum() > 0
     assert float(L.batch_correlation_loss(ps, pt, torch.zeros(5)).detach()) == 0.0
     assert float(L.batch_correlation_loss(pt, pt, torch.ones(5))) == pytest.approx(0.0, abs=1e-6)
+
+
+# ---------------------------------------------------------------- NTDH's divergence form and PSSM
+
+
+def np_ntdh_div(p, q):
+    """NTDH's code: 0.5 [KL(m || p) + KL(m || q)], m the mean (the reverse of textbook JS)."""
+    m = 0.5 * (np.asarray(p, np.float64) + np.asarray(q, np.float64))
+    return 0.5 * np_kl(m, p) + 0.5 * np_kl(m, q)
+
+
+def np_divergences_ntdh(zs, zt, y, temperature=1.0):
+    rows = list(zip(np_rows(zs), np_rows(zt), np.ravel(y)))
+    target = [np_ntdh_div(np_binary(s, c, temperature), np_binary(t, c, temperature)) if c >= 0 else 0.0 for s, t, c in rows]
+    non_target = [np_ntdh_div(np_non_target(s, c, temperature), np_non_target(t, c, temperature)) if c >= 0 else 0.0 for s, t, c in rows]
+    return np.array(target), np.array(non_target)
+
+
+def test_ntdh_form_matches_numpy_and_differs_from_js(rng):
+    for c, temperature in [(4, 1.0), (10, 1.0), (6, 3.0)]:
+        zs, zt = rng.normal(size=(9, c)) * 3, rng.normal(size=(9, c)) * 3
+        y = rng.integers(0, c, 9)
+        td, ntd = np_divergences_ntdh(zs, zt, y, temperature)
+        close(L.non_target_divergence(t64(zs), t64(zt), torch.tensor(y), temperature, form="ntdh"), ntd)
+        close(L.target_divergence(t64(zs), t64(zt), torch.tensor(y), temperature, form="ntdh"), td)
+        # the default stays textbook JS, and the two forms really differ on these rows
+        js = L.non_target_divergence(t64(zs), t64(zt), torch.tensor(y), temperature)
+        close(js, np_non_target_divergence(zs, zt, y, temperature))
+        assert not np.allclose(js.numpy(), ntd, rtol=1e-3)
+
+
+def test_ntdh_form_matches_ntdh_reference_formula_on_probabilities(rng):
+    """NTDH's code path: softmax of the logits with the target pushed to -1000, then
+    F.kl_div(log p, m, 'sum') / N per side; per-sample mean = the batch value NTDH logs."""
+    zs, zt = rng.normal(size=(7, 5)), rng.normal(size=(7, 5))
+    y = rng.integers(0, 5, 7)
+    gt = np.eye(5)[y]
+    ps, pt = np_softmax(zs - 1000.0 * gt), np_softmax(zt - 1000.0 * gt)
+    m = 0.5 * (ps + pt)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        kl = lambda p: np.where(m > 0, m * (np.log(np.where(m > 0, m, 1)) - np.log(np.where(p > 0, p, 1))), 0).sum() / len(y)
+    batch_value = 0.5 * (kl(ps) + kl(pt))
+    ntd = L.non_target_divergence(t64(zs), t64(zt), torch.tensor(y), form="ntdh")
+    assert math.isclose(float(ntd.mean()), batch_value, rel_tol=1e-9)
+
+
+def test_ntdh_form_segmentation_ignore_and_edge_cases(rng):
+    zs, zt = rng.normal(size=(2, 4, 2, 3)), rng.normal(size=(2, 4, 2, 3))
+    y = rng.integers(0, 4, (2, 2, 3))
+    y[0, 1, 2] = -1
+    ntd = L.non_target_divergence(t64(zs), t64(zt), torch.tensor(y), form="ntdh")
+    assert ntd.shape == (2, 2, 3) and ntd[0, 1, 2] == 0
+    close(ntd.reshape(-1), np_divergences_ntdh(zs, zt, y)[1])
+    # equal rows: 0; two classes: no non-target distribution, 0; dominant logits stay finite
+    z = rng.normal(size=(3, 4))
+    assert torch.allclose(L.non_target_divergence(t64(z), t64(z), torch.tensor([0, 1, 2]), form="ntdh"), torch.zeros(3, dtype=torch.float64))
+    assert torch.equal(L.non_target_divergence(t64(z[:, :2]), t64(-z[:, :2]), torch.tensor([0, 1, 0]), form="ntdh"), torch.zeros(3, dtype=torch.float64))
+    big = torch.tensor([[80.0, -80.0, 0.0, 1.0]], dtype=torch.float64, requires_grad=True)
+    out = L.non_target_divergence(big, torch.tensor([[0.0, 90.0, -90.0, 0.0]], dtype=torch.float64), torch.tensor([0]), form="ntdh")
+    out.sum().backward()
+    assert torch.isfinite(out).all() and torch.isfinite(big.grad).all() and out.item() > 10
+
+
+def test_unknown_divergence_form_is_rejected():
+    z = torch.zeros(2, 3)
+    for fn in (L.non_target_divergence, L.target_divergence):
+        with pytest.raises(ValueError, match="unknown divergence form 'kl'"):
+            fn(z, z, torch.tensor([0, 1]), form="kl")
+
+
+def np_pssm(zs, zt, y, threshold=0.996):
+    """Independent reference: NTDH's `pd_diff` rule, per row, plain Python/NumPy."""
+    out = []
+    for s, t, c in zip(np_rows(zs), np_rows(zt), np.ravel(y)):
+        s, t = np.asarray(s, np.float64), np.asarray(t, np.float64)
+        if c < 0:
+            out.append(0.0)
+            continue
+        n = np.linalg.norm(s) * np.linalg.norm(t)
+        cos = float(s @ t / n) if n > 0 else 0.0
+        if int(np.argmax(t)) == c:
+            out.append(1.0)
+        elif cos >= threshold:
+            out.append((1.0 + cos) / 2.0)
+        else:
+            out.append(0.0)
+    return np.array(out)
+
+
+def test_pssm_weights_match_numpy(rng):
+    zt = rng.normal(size=(200, 5))
+    # a third of the students near the teacher (cosine above 0.996), the rest random
+    zs = np.where(np.arange(200)[:, None] % 3 == 0, zt + 0.01 * rng.normal(size=(200, 5)), rng.normal(size=(200, 5)))
+    y = rng.integers(0, 5, 200)
+    w = L.pssm_weights(t64(zs), t64(zt), torch.tensor(y))
+    ref = np_pssm(zs, zt, y)
+    close(w, ref)
+    wrong = np.argmax(zt, 1) != y
+    # every kind of row occurs: right (1), wrong but aligned (in (0.998, 1)), wrong and not (0)
+    assert (ref[~wrong] == 1).all() and ((ref[wrong] > 0.998) & (ref[wrong] < 1)).any() and (ref[wrong] == 0).any()
+    close(L.pssm_weights(t64(zs), t64(zt), torch.tensor(y), cos_threshold=0.5), np_pssm(zs, zt, y, 0.5))
+
+
+def test_pssm_weights_edge_cases():
+    y = torch.tensor([1, 1, 1, 0])
+    zt = t64([[1.0, 0.0], [1.0, 0.0], [1.0, 0.0], [0.0, 0.0]])   # teacher wrong on rows 0-2; row 3: zero row, argmax 0 = right
+    cos_at = 0.996
+    angle = math.acos(cos_at)
+    zs = t64([[math.cos(angle), math.sin(angle)],        # cosine exactly at the threshold (within rounding)
+              [0.0, 0.0],                                # zero student row: cosine 0 -> weight 0
+              [-1.0, 0.0],                               # opposite: weight 0
+              [3.0, 1.0]])
+    w = L.pssm_weights(zs, zt, y, cos_threshold=cos_at - 1e-12)
+    close(w, [(1 + cos_at) / 2, 0.0, 0.0, 1.0], 1e-9)
+    assert L.pssm_weights(zs, zt, y, cos_threshold=cos_at + 1e-9)[0] == 0  # just above: dropped
+    # all wrong and unaligned: every weight 0
+    assert torch.equal(L.pssm_weights(-zt[:3], zt[:3], y[:3]), torch.zeros(3, dtype=torch.float64))
+
+
+def test_pssm_weights_segmentation_with_ignore(rng):
+    zs, zt = rng.normal(size=(2, 3, 4, 5)), rng.normal(size=(2, 3, 4, 5))
+    zs[1] = zt[1] * 2.0 + 1e-3  # cosine ~1: the teacher-wrong pixels of image 1 keep ~(1 + 1) / 2
+    y = rng.integers(0, 3, (2, 4, 5))
+    y[0, 0, :3] = -1
+    w = L.pssm_weights(t64(zs), t64(zt), torch.tensor(y))
+    assert w.shape == (2, 4, 5)
+    assert torch.equal(w[0, 0, :3], torch.zeros(3, dtype=torch.float64))
+    close(w.reshape(-1), np_pssm(zs, zt, y))
+    assert L.pssm_weights(torch.tensor(zs, dtype=torch.float32), torch.tensor(zt, dtype=torch.float32), torch.tensor(y)).dtype == torch.float32

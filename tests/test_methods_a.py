@@ -15,7 +15,8 @@ from cmkd.methods import build_distiller, get_method
 from cmkd.methods.ctkd import GlobalTemperature, cosine_ramp, gradient_reversal
 from cmkd.methods.dkd import linear_warmup
 from cmkd.methods.mlkd import strong_augment, teacher_confidence_mask
-from cmkd.methods.ntdh import MaskedTeacher, NonTargetSampleMask, permutation_saliency
+from cmkd.methods.mfh import ChannelMasked, channel_mask
+from cmkd.methods.ntdh import NonTargetSampleMask, PSSMSampleMask
 from cmkd.models import build_model
 
 C = 4
@@ -90,8 +91,8 @@ RUNS = [
     {"method": "ctkd", "lskd": True},
     {"method": "mlkd", "confidence_threshold": 0.0},
     {"method": "mlkd", "lskd": True, "strong_aug": True, "confidence_threshold": 0.0},
-    *[{"method": "ntdh_mask", "base": {"method": m}, "mode": mode, "drop_ratio": 0.25, "saliency_batch_size": 4}
-      for m in ("kd", "dkd", "mlkd", "ctkd") for mode in ("sample", "feature", "both")],
+    *[{"method": "ntdh_mask", "base": {"method": m}, "mode": mode, "drop_ratio": 0.25}
+      for m in ("kd", "dkd", "mlkd", "ctkd") for mode in ("sample", "sample_drop", "feature", "both")],
 ]
 
 
@@ -109,6 +110,8 @@ def test_forward_backward_reaches_student_not_teacher(setup, run_cfg):
     cls = get_method(cfg["method"])
     cls.validate({k: v for k, v in cfg.items() if k != "method"}, "runs.test")
     distiller = build_distiller(cfg, student, teacher, C)
+    if cfg.get("mode") in ("feature", "both"):  # what prepare() installs: a teacher on some of its channels
+        distiller.set_teacher(ChannelMasked(teacher, channel_mask([0, 1], batch["teacher_input"].shape[1]), "input"))
     distiller.train()
     distiller.on_epoch_start(2, 10)  # past epoch 0, so warm-ups and ramps are non-zero
     losses = distiller(batch)
@@ -314,110 +317,118 @@ def test_ntdh_sample_mask_segmentation_counts_valid_pixels():
     assert dropped.reshape(-1).tolist() == [False, True, False, True, False, True]
 
 
-def test_ntdh_wrapping_kd_equals_kd_on_kept_rows():
+class Fixed(nn.Module):
+    """A 'network' returning fixed logits (plus a trainable bias, so gradients exist)."""
+
+    def __init__(self, logits):
+        super().__init__()
+        self.bias = nn.Parameter(torch.zeros(()))
+        self.logits = logits
+
+    def forward(self, x):
+        return self.logits + self.bias
+
+
+def test_ntdh_sample_drop_variant_equals_kd_on_kept_rows():
     s, t, y = hand_made_batch()
-
-    class Fixed(nn.Module):
-        def __init__(self, logits):
-            super().__init__()
-            self.bias = nn.Parameter(torch.zeros(()))
-            self.logits = logits
-
-        def forward(self, x):
-            return self.logits + self.bias
-
-    student = Fixed(s)
-    d = build_distiller({"method": "ntdh_mask", "base": {"method": "kd", "temperature": 2.0}, "drop_ratio": 0.4}, student, Fixed(t), C)
+    d = build_distiller({"method": "ntdh_mask", "base": {"method": "kd", "temperature": 2.0}, "mode": "sample_drop",
+                         "divergence_form": "js", "drop_ratio": 0.4}, Fixed(s), Fixed(t), C)
     batch = {"student_input": torch.zeros(6, 1), "teacher_input": torch.zeros(6, 1), "target": y}
     got = d(batch)["kd"]
     keep = torch.tensor([0, 2])
     assert float(got.detach()) == pytest.approx(float(kd_loss(s[keep], t[keep], 2.0)), rel=1e-6)
 
 
+def test_ntdh_pssm_default_weights_kd_as_ntdh_code_and_leaves_ce():
+    """mode sample (the default) is PSSM; the KD term is sum(w * KD_i) / valid rows as in NTDH's
+    code, CE is the plain mean over valid rows."""
+    from cmkd.losses import cross_entropy, kd_rows, pssm_weights
+
+    s, t, y = hand_made_batch()
+    s = s.clone()
+    s[2] = -t[2]  # teacher right on row 2 (weight 1 regardless of the student)
+    s[5] = t[5] * 1.5 + 0.01  # teacher wrong on row 5, student aligned: (1 + cos) / 2
+    d = build_distiller({"method": "ntdh_mask", "base": {"method": "kd", "temperature": 2.0, "ce_weight": 1.0}}, Fixed(s), Fixed(t), C)
+    assert isinstance(d.inner.sample_weight_hook, PSSMSampleMask) and d.cfg["mode"] == "sample"
+    batch = {"student_input": torch.zeros(6, 1), "teacher_input": torch.zeros(6, 1), "target": y}
+    losses = d(batch)
+    w = pssm_weights(s, t, y)
+    assert 0.99 < float(w[5]) < 1.0 and float(w[2]) == 1.0 and float(w[4]) == 0.0  # row 4 ignored
+    valid = (y >= 0).float()
+    expected = float((kd_rows(s, t, 2.0) * w).sum() / valid.sum())
+    assert float(losses["kd"].detach()) == pytest.approx(expected, rel=1e-6)
+    assert float(losses["ce"].detach()) == pytest.approx(float(cross_entropy(s, y)), rel=1e-6)
+    # a teacher-wrong, unaligned row gets no KD at all
+    s2 = s.clone()
+    s2[5] = -t[5]
+    w2 = pssm_weights(s2, t, y)
+    assert float(w2[5]) == 0.0
+    d2 = build_distiller({"method": "ntdh_mask", "base": {"method": "kd", "temperature": 2.0}}, Fixed(s2), Fixed(t), C)
+    assert float(d2(batch)["kd"].detach()) == pytest.approx(float((kd_rows(s2, t, 2.0) * w2).sum() / valid.sum()), rel=1e-6)
+
+
+def test_ntdh_pssm_segmentation_normalises_by_valid_pixels():
+    from cmkd.losses import kd_rows, pssm_weights
+
+    s, t, y = hand_made_batch()
+    seg = lambda z: z.T.reshape(1, C, 2, 3)
+    ys = y.reshape(1, 2, 3)
+    d = build_distiller({"method": "ntdh_mask", "base": {"method": "dkd", "warmup_epochs": 0, "ce_weight": 0.0}}, Fixed(seg(s)), Fixed(seg(t)), C)
+    d.on_epoch_start(1, 2)
+    got = float(d({"student_input": torch.zeros(1, 1), "teacher_input": torch.zeros(1, 1), "target": ys})["dkd"].detach())
+    from cmkd.losses import dkd_loss
+    w = pssm_weights(seg(s), seg(t), ys)
+    # dkd_loss with weights divides by sum(w); NTDH divides by the 5 valid pixels
+    expected = float(dkd_loss(seg(s), seg(t), ys, 1.0, 8.0, 4.0, mask=w)) * float(w.sum()) / 5
+    assert got == pytest.approx(expected, rel=1e-6)
+
+
 # ---------------------------------------------------------------- NTDH feature mask
 
 
-class ToyTeacher(nn.Module):
-    """features = the input's 8 channels; the head reads channel 5 strongly, the rest weakly."""
+def _shared_channel_split(n, g):
+    """Teacher input: 8 channels, 0-3 the student's too (decisive), 4-7 noise."""
+    from cmkd.engine import SplitData
 
-    def __init__(self, seg: bool = False):
-        super().__init__()
-        self.feature_dim = 8
-        self.head = nn.Conv2d(8, 3, 1) if seg else nn.Linear(8, 3)
-        g = torch.Generator().manual_seed(3)
-        with torch.no_grad():
-            w = 0.05 * torch.randn(3, 8, generator=g)
-            w[:, 5] = torch.tensor([4.0, -4.0, 0.0])
-            self.head.weight.copy_(w.view_as(self.head.weight))
-            self.head.bias.zero_()
-
-    def features(self, x):
-        return x
-
-    def forward(self, x):
-        return self.head(self.features(x))
+    z = torch.randn(n, 4, generator=g)
+    y = (z @ torch.tensor([[1.0, 0, -1], [0, 1.0, -1], [1.0, -1, 0], [0, 1.0, 1]])).argmax(1)
+    x_t = torch.cat([z, torch.randn(n, 4, generator=g)], 1)
+    x_s = torch.cat([z, torch.randn(n, 2, generator=g)], 1)
+    return SplitData.from_arrays(teacher_input=x_t, student_input=x_s, target=y)
 
 
-@pytest.mark.parametrize("seg", [False, True], ids=["cls", "seg"])
-def test_permutation_saliency_ranks_planted_channel_first(seg):
+def test_ntdh_feature_mask_is_algorithm1_with_ntdh_distance_and_a_retrained_teacher():
+    from cmkd.engine import TrainConfig
+
     g = torch.Generator().manual_seed(0)
-    teacher = ToyTeacher(seg)
-    x = torch.randn(300, 8, 2, 2, generator=g) if seg else torch.randn(300, 8, generator=g)
-    with torch.no_grad():
-        y = teacher(x).argmax(1)
-    if seg:
-        y[:10, 0, 0] = -1
-    saliency = permutation_saliency(teacher, x, y, batch_size=64, generator=torch.Generator().manual_seed(1))
-    assert saliency.shape == (8,)
-    assert int(saliency.argmax()) == 5
-    assert float(saliency[5]) > 10 * float(saliency[torch.arange(8) != 5].abs().max())
-
-
-def test_feature_mask_keeps_salient_channels_and_ignores_cached_logits():
-    g = torch.Generator().manual_seed(0)
-    teacher = ToyTeacher()
-    x = torch.randn(200, 8, generator=g)
-    with torch.no_grad():
-        y = teacher(x).argmax(1)
-    student = build_model({"arch": "mlp", "hidden": [8]}, (8,), 3)
-    d = build_distiller({"method": "ntdh_mask", "base": {"method": "kd"}, "mode": "feature", "keep_ratio": 0.25}, student, teacher, 3)
-    assert d.uses_teacher_logits_only is False
+    train, val = _shared_channel_split(400, g), _shared_channel_split(200, g)
+    torch.manual_seed(0)
+    teacher = build_model({"arch": "mlp", "hidden": [16]}, (8,), 3)
+    student = build_model({"arch": "mlp", "hidden": [16]}, (6,), 3)
+    run = {"method": "ntdh_mask", "base": {"method": "kd", "temperature": 1.0}, "mode": "feature", "keep_ratio": 0.5,
+           "pair_epochs": 15, "pair_lr": 0.05, "pair_batch_size": 50, "n_repeats": 3}
+    d = build_distiller(run, student, teacher, 3)
+    assert d.needs_teacher is False and d.uses_teacher_logits_only is False
     assert get_method("ntdh_mask").cfg_uses_teacher_logits_only({"mode": "feature"}) is False
     assert get_method("ntdh_mask").cfg_uses_teacher_logits_only({"mode": "sample"}) is True
-
-    class Split:  # the SplitData interface the engine passes
-        def batches(self, batch_size, shuffle=False, seed=0):
-            order = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed)) if shuffle else torch.arange(len(y))
-            for i in range(0, len(y), batch_size):
-                yield {"teacher_input": x[order[i:i + batch_size]], "target": y[order[i:i + batch_size]]}
-
-    d.on_train_start(Split())
-    mask = d.masked_teacher.channel_mask
-    assert int(mask.sum()) == 2 and float(mask[5]) == 1.0
-    with torch.no_grad():
-        assert torch.allclose(d.masked_teacher(x[:4]), teacher.head(x[:4] * mask))
-    batch = {"student_input": x[:16], "teacher_input": x[:16], "target": y[:16]}
-    clean = d(batch)["kd"]
-    poisoned = d({**batch, "teacher_logits": torch.full((16, 3), 100.0)})["kd"]
+    with pytest.raises(RuntimeError, match="prepare"):
+        d({"student_input": torch.zeros(2, 6), "teacher_input": torch.zeros(2, 8), "target": torch.zeros(2, dtype=torch.long)})
+    selection = d.prepare(train, val, TrainConfig(epochs=15, batch_size=50, lr=0.01, device="cpu", seed=0),
+                          task="classification", num_classes=3, progress=False)
+    assert selection["level"] == "input" and selection["distance"] == "ntdh"
+    assert sorted(selection["channels"]) == [0, 1, 2, 3]  # the modality-general ones
+    new_teacher = d.inner.teacher
+    assert isinstance(new_teacher, ChannelMasked) and new_teacher is d.teacher and new_teacher.model is not teacher
+    assert new_teacher.mask.tolist() == [True] * 4 + [False] * 4
+    assert selection["teacher_val"]["accuracy"] > 0.6  # retrained, not just masked
+    assert all(not p.requires_grad for p in new_teacher.parameters())
+    # the retrained teacher's logits are used, never cached ones
+    x = next(iter(val.batches(16)))
+    clean = d(x)["kd"]
+    poisoned = d({**x, "teacher_logits": torch.full((16, 3), 100.0)})["kd"]
     assert float(clean.detach()) == pytest.approx(float(poisoned.detach()))
-    capped = build_distiller({"method": "ntdh_mask", "mode": "feature", "saliency_samples": 150, "saliency_batch_size": 64},
-                             build_model({"arch": "mlp", "hidden": [8]}, (8,), 3), ToyTeacher(), 3)
-    assert [len(b[1]) for b in capped._first_rows(Split())] == [64, 64, 22]
-    # without on_train_start the first batch estimates the mask (with a warning)
-    lazy = build_distiller({"method": "ntdh_mask", "mode": "feature", "keep_ratio": 0.125},
-                           build_model({"arch": "mlp", "hidden": [8]}, (8,), 3), ToyTeacher(), 3)
-    lazy({"student_input": x[:100], "teacher_input": x[:100], "target": y[:100]})
-    assert bool(lazy.masked_teacher.fitted) and lazy.masked_teacher.channel_mask.tolist() == [0, 0, 0, 0, 0, 1, 0, 0]
-    # a checkpoint restores the mask and does not re-estimate it
-    fresh = build_distiller({"method": "ntdh_mask", "base": {"method": "kd"}, "mode": "feature", "keep_ratio": 0.25},
-                            build_model({"arch": "mlp", "hidden": [8]}, (8,), 3), ToyTeacher(), 3)
-    fresh.load_state_dict(d.state_dict())
-    assert bool(fresh.masked_teacher.fitted) and torch.equal(fresh.masked_teacher.channel_mask, mask)
-
-
-def test_masked_teacher_needs_feature_dim():
-    with pytest.raises(ValueError, match="feature"):
-        MaskedTeacher(nn.Sequential(nn.Linear(2, 2)))
+    # the sample masks have nothing to prepare
+    assert build_distiller({"method": "ntdh_mask"}, student, teacher, 3).prepare(train, val, None, task="classification", num_classes=3) is None
 
 
 # ---------------------------------------------------------------- config
@@ -434,6 +445,10 @@ def test_masked_teacher_needs_feature_dim():
     ({"method": "ntdh_mask", "mode": "pixels"}, "runs.r.mode"),
     ({"method": "ntdh_mask", "drop_ratio": 1.0}, "runs.r.drop_ratio"),
     ({"method": "ntdh_mask", "keep_ratio": 0.0}, "runs.r.keep_ratio"),
+    ({"method": "ntdh_mask", "divergence_form": "kl"}, "runs.r.divergence_form"),
+    ({"method": "ntdh_mask", "cos_threshold": 2}, "runs.r.cos_threshold"),
+    ({"method": "ntdh_mask", "pair_epochs": 0}, "runs.r.pair_epochs"),
+    ({"method": "ntdh_mask", "level": "pixel"}, "runs.r.level"),
 ])
 def test_bad_config_names_the_key(cfg, key):
     cfg = dict(cfg)
@@ -447,14 +462,19 @@ def test_params_yaml_runs_build():
     from pathlib import Path
 
     params = yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())
-    names = ["dkd", "dkd_lskd", "ctkd", "ctkd_lskd", "mlkd", "mlkd_lskd", "kdv1_ntdh", "kdv1_ntdh_feat"]
+    names = ["dkd", "dkd_lskd", "ctkd", "ctkd_lskd", "mlkd", "mlkd_lskd", "kdv1_ntdh", "kdv1_ntdh_feat", "kdv1_ntdh_drop"]
     for name in names:
         cfg = dict(params["runs"][name])
         get_method(cfg["method"]).validate({k: v for k, v in cfg.items() if k != "method"}, f"runs.{name}")
         student, teacher, batch = classification_setup()
         d = build_distiller(cfg, student, teacher, C)
+        if getattr(d, "uses_feature_mask", False):
+            d.set_teacher(ChannelMasked(teacher, channel_mask([0], 7), "input"))
         assert all(torch.isfinite(v) for v in d(batch).values())
     assert params["runs"]["kdv1_ntdh"]["base"] == {k: v for k, v in params["runs"]["kdv1"].items()}
+    # NTDH's definitions are the runs in the table; the old drop rule is a named variant outside it
+    assert params["runs"]["kdv1_ntdh"]["mode"] == "sample" and params["runs"]["kdv1_ntdh_feat"]["mode"] == "feature"
+    assert params["runs"]["kdv1_ntdh_drop"]["mode"] == "sample_drop" and "kdv1_ntdh_drop" not in params["methods"]
 
 
 # ---------------------------------------------------------------- through the engine
@@ -462,7 +482,7 @@ def test_params_yaml_runs_build():
 
 def test_methods_train_through_engine_fit():
     """A smoke run of cmkd.engine.fit: the optimiser reaches CTKD's theta, the NTDH feature mask
-    is estimated, and every run ends with a finite history."""
+    is prepared, and every run ends with a finite history."""
     from cmkd.engine import SplitData, TrainConfig, fit
 
     g = torch.Generator().manual_seed(0)
@@ -478,10 +498,12 @@ def test_methods_train_through_engine_fit():
     cfg = TrainConfig(epochs=2, batch_size=32, device="cpu")
     for run in ({"method": "ctkd", "ramp_epochs": 1}, {"method": "ntdh_mask", "base": {"method": "dkd"}, "mode": "both"}):
         d = build_distiller(run, build_model({"arch": "mlp", "hidden": [16]}, (5,), C), teacher, C)
+        if run["method"] == "ntdh_mask":
+            d.prepare(train, val, TrainConfig(epochs=2, batch_size=32, device="cpu", seed=0), task="classification", num_classes=C)
         theta0 = float(d.temperature_module.theta.detach()) if run["method"] == "ctkd" else None
         result = fit(d, train, val, cfg, task="classification", num_classes=C, progress=False)
         assert len(result.history) == 2 and all(math.isfinite(v) for h in result.history for v in h.values() if isinstance(v, float))
         if theta0 is not None:
             assert float(d.temperature_module.theta.detach()) != theta0
         else:
-            assert bool(d.masked_teacher.fitted) and int(d.masked_teacher.channel_mask.sum()) == 8
+            assert len(d.selection["channels"]) == 4 and int(d.teacher.mask.sum()) == 4  # half of the 7 input channels

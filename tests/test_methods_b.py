@@ -125,9 +125,10 @@ def test_c2kd_ofsd_loss_matches_reference_on_the_proxies():
     batch = _batch()
     d.eval()  # BatchNorm of the proxies uses running statistics: the same values twice
     losses = d(batch)
+    assert d.student_stage == "hidden1" and d.teacher_stage == "hidden1"  # the MLPs' intermediate stage
     with torch.no_grad():
-        ps = d.student_proxy(d.student.features(batch["student_input"])).double().numpy()
-        pt = d.teacher_proxy(d.teacher.features(batch["teacher_input"])).double().numpy()
+        ps = d.student_proxy(d.student.forward_stages(batch["student_input"], ["hidden1"])["hidden1"]).double().numpy()
+        pt = d.teacher_proxy(d.teacher.forward_stages(batch["teacher_input"], ["hidden1"])["hidden1"]).double().numpy()
     y = batch["target"].numpy()
     tau = np.array([kendalltau(ps[i], pt[i]).statistic for i in range(len(y))])
     keep = tau > -0.3
@@ -167,16 +168,21 @@ def test_c2kd_trains_on_a_batch_of_one():
 
 
 class _TinySeg(nn.Module):
-    """Dense toy network: features at half resolution, 1x1-conv head."""
+    """Dense toy network: features at half resolution, 1x1-conv head (one stage: features)."""
 
     def __init__(self, in_ch: int, width: int = 8):
         super().__init__()
         self.body = nn.Sequential(nn.Conv2d(in_ch, width, 3, stride=2, padding=1), nn.ReLU())
         self.feature_dim = width
         self.head = nn.Conv2d(width, C, 1)
+        self.stage_names, self.stage_channels, self.intermediate_stage = ["features"], {"features": width}, "features"
 
     def features(self, x):
         return self.body(x)
+
+    def forward_stages(self, x, names=None):
+        f = self.features(x)
+        return {"features": f, "logits": self.head(f)}
 
     def forward(self, x):
         return self.head(self.features(x))
@@ -192,6 +198,56 @@ def test_c2kd_segmentation_uses_valid_pixels():
     assert all(torch.isfinite(v) for v in losses.values())
     assert 0 <= d.last_kept_fraction <= 1
     sum(losses.values()).backward()
+
+
+def _grad_sum(module: nn.Module) -> float:
+    return sum(float(p.grad.abs().sum()) for p in module.parameters() if p.grad is not None)
+
+
+@pytest.mark.parametrize("task", ["classification", "segmentation"])
+def test_c2kd_proxies_sit_on_layer3_by_default(task):
+    """C2KD's proxies on the output of layer3 (its code's `Tea` / `Stu`): the cross-modal proxy
+    loss trains layer3 and below, never layer4 or the main head; `proxy_stage: features` is
+    the old placement (the penultimate features, after layer4)."""
+    torch.manual_seed(0)
+    if task == "classification":
+        cfg = {"arch": "resnet18", "width": 4, "small_input": True}
+        shapes, target = ((2, 16, 16), (3, 16, 16)), torch.randint(0, C, (4,))
+    else:
+        cfg = {"arch": "seg_resnet", "width": 4}
+        shapes, target = ((2, 16, 24), (3, 16, 24)), torch.randint(0, C, (4, 16, 24))
+        target[:, :3] = -1
+    student, teacher = build_model(cfg, shapes[0], C), build_model(cfg, shapes[1], C)
+    d = build_distiller({"method": "c2kd", "threshold": -1.0 + 1e-6}, student, teacher, C).train()
+    assert (d.student_stage, d.teacher_stage) == ("layer3", "layer3")
+    assert d.student_proxy.net[0].in_channels == student.stage_channels["layer3"] == 16
+    batch = {"student_input": torch.randn(4, *shapes[0]), "teacher_input": torch.randn(4, *shapes[1]), "target": target}
+    maps = student.forward_stages(batch["student_input"], ["layer3"])["layer3"]
+    proxy = d.student_proxy(maps, task == "classification")
+    if task == "classification":
+        assert maps.dim() == 4 and proxy.shape == (4, C)  # the layer3 map pooled to one prediction
+    else:
+        assert proxy.shape == (4, C, *maps.shape[-2:]) and maps.shape[-1] < 24  # per pixel, at layer3's resolution
+    losses = d(batch)
+    assert all(torch.isfinite(v) for v in losses.values())
+    losses["ofsd_student"].backward()
+    layer3, layer4 = student.stages[2], student.stages[3]
+    assert _grad_sum(layer3) > 0 and _grad_sum(d.student_proxy) > 0
+    assert _grad_sum(layer4) == 0 and _grad_sum(student.head) == 0 and _grad_sum(teacher) == 0
+    # the old placement: proxies on the penultimate features, whose gradient reaches layer4
+    old = build_distiller({"method": "c2kd", "threshold": -1.0 + 1e-6, "proxy_stage": "features"}, student, teacher, C).train()
+    student.zero_grad()
+    old(batch)["ofsd_student"].backward()
+    assert old.student_stage == "features" and _grad_sum(layer4) > 0
+
+
+def test_c2kd_proxy_stage_errors_name_the_key():
+    with pytest.raises(ConfigError) as err:
+        build_distiller({"method": "c2kd", "proxy_stage": "layer9"}, _mlp(6), _mlp(7), C)
+    assert err.value.key == "c2kd.proxy_stage" and "hidden1" in str(err.value)
+    with pytest.raises(ConfigError) as err:
+        get_method("c2kd").validate({"proxy_stage": 3}, "runs.c2kd")
+    assert err.value.key == "runs.c2kd.proxy_stage"
 
 
 # ------------------------------------------------------------------------------- DisCoM-KD
@@ -402,6 +458,52 @@ def test_algorithm1_recovers_modality_general_channels():
         algorithm1(nn.Linear(20, 2), nn.Linear(20, 2), x_t, x_s, y, k=21, train_pair=False)
 
 
+def _four_class_shared(n=400, shared=5, specific=5, noise=10, seed=0):
+    """4 classes decided by 10 features; the teacher sees all 10, the student the first `shared`."""
+    rng = np.random.default_rng(seed)
+    xs = rng.standard_normal((n, shared + specific))
+    w = rng.standard_normal((shared + specific, 4))
+    y = torch.tensor((xs @ w).argmax(1).astype(np.int64))
+    x_t = rng.standard_normal((n, shared + specific + noise))
+    x_t[:, : shared + specific] = xs
+    x_s = rng.standard_normal((n, shared + specific + noise))
+    x_s[:, :shared] = xs[:, :shared]
+    return torch.tensor(x_t, dtype=torch.float32), torch.tensor(x_s, dtype=torch.float32), y
+
+
+def test_algorithm1_with_ntdh_distance_recovers_shared_channels():
+    """NTDH's feature mask: Algorithm 1 with its non-target divergence as the distance."""
+    x_t, x_s, y = _four_class_shared()
+    torch.manual_seed(0)
+    channels, saliency = algorithm1(nn.Linear(20, 4), nn.Linear(20, 4), x_t, x_s, y, k=5, n_repeats=3, distance="ntdh",
+                                    pair_epochs=10, pair_lr=0.05, pair_batch_size=50, generator=torch.Generator().manual_seed(0))
+    # at least 4 of the 5 shared channels (a teacher-only decisive channel can outrank one: it
+    # changes the teacher's non-target distribution too), and no pure-noise channel
+    assert len(set(channels.tolist()) & set(range(5))) >= 4 and max(channels.tolist()) < 10
+    assert float(saliency[:5].mean()) > 3 * float(saliency[10:].max())
+    assert float(saliency.max()) == 1.0 and float(saliency.min()) == 0.0
+    with pytest.raises(ValueError, match="unknown Algorithm 1 distance"):
+        algorithm1(nn.Linear(20, 4), nn.Linear(20, 4), x_t, x_s, y, k=5, distance="kl")
+
+
+def test_permutation_saliency_with_labels_matches_naive():
+    """The label-aware path (NTDH's distance) against one channel at a time."""
+    from cmkd.losses import non_target_divergence
+
+    torch.manual_seed(0)
+    model, ref_model = _mlp(6), _mlp(6)
+    x, y = torch.randn(30, 6), torch.randint(0, C, (30,))
+    with torch.no_grad():
+        reference_out = ref_model(x)
+    dist = lambda o, r, lab: non_target_divergence(r, o, lab, form="ntdh")
+    sal = permutation_saliency(model, x, reference_out, n_repeats=2, generator=torch.Generator().manual_seed(1), loss=dist,
+                               labels=y, batch_size=25)
+    ref = _naive_saliency(model, x, reference_out, 2, 1, lambda o, t: dist(o, t, y))
+    torch.testing.assert_close(sal, ref, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="callable"):
+        permutation_saliency(model, x, reference_out, loss="mse", labels=y)
+
+
 def test_algorithm1_feature_level_ranks_feature_channels():
     torch.manual_seed(0)
     teacher, student = _mlp(7, hidden=(12,)), _mlp(6)
@@ -538,6 +640,12 @@ def test_pipeline_train_run_c2kd_and_discom_deployables(tmp_path):
     train_run(run_name="teacher", run_cfg={"method": "teacher"}, out_dir=tmp_path / "teacher", cache_train_logits=True, **common)
     c2kd = train_run(run_name="c2kd", run_cfg={"method": "c2kd"}, out_dir=tmp_path / "c2kd", teacher_dir=tmp_path / "teacher", **common)
     assert set(c2kd["seeds"]["0"]["test"]) == {"student"}
+    # NTDH's feature mask through the pipeline: prepare() runs Algorithm 1 and retrains the teacher
+    feat = train_run(run_name="kdv1_ntdh_feat", run_cfg={"method": "ntdh_mask", "mode": "both", "pair_epochs": 2, "n_repeats": 1,
+                                                         "pair_batch_size": 64},
+                     out_dir=tmp_path / "feat", teacher_dir=tmp_path / "teacher", **common)
+    prepared = feat["seeds"]["0"]["prepare"]
+    assert prepared["level"] == "input" and prepared["distance"] == "ntdh" and len(prepared["channels"]) == 4
     out = train_run(dataset="synthetic", prepared=tmp_path / "d.h5", run_name="discom_kd", run_cfg={"method": "discom_kd"},
                     models=models, train_cfg=TrainConfig(epochs=1, batch_size=64), seeds=[0], out_dir=tmp_path / "out",
                     checkpoint_root=None, progress=False)

@@ -2,7 +2,9 @@
 
 Both networks train: the student from scratch and the pre-trained teacher, which keeps learning
 so that it can "customise" its knowledge for the student. Each network carries a small proxy
-head on its `features()`; per network the loss is
+head on an intermediate stage (`proxy_stage`; `auto` = the architecture's `intermediate_stage`,
+the output of layer3 of a ResNet as in C2KD's code, the first hidden layer of an MLP;
+`features` = the penultimate features); per network the loss is
 
     CE(main, y)                                     unimodal supervision (teacher too)
   + KL(proxy <- main) + KL(main <- proxy)           the proxy inherits the network's unimodal
@@ -22,6 +24,11 @@ non-target distribution (the reference code multiplies its logit by zero, which 
 in the softmax); Kendall's tau is computed batched on the device (the reference loops over samples
 with scipy on the CPU); the OFSD loss is averaged over the kept samples (the reference divides by
 the batch size, so its weight silently shrinks as fewer samples are kept).
+
+The proxy follows C2KD's (`Tea` / `Stu` in its code: global average pool of the layer3 map,
+1x1 conv without bias, BatchNorm, LeakyReLU(0.1), linear classifier): for classification a
+spatial stage is pooled to [N, C_stage] first; for segmentation the same layers run per pixel
+(1x1 convolutions) and give per-pixel logits at the stage's resolution.
 
 Segmentation: the same losses per pixel (valid pixels, target >= 0); logits computed on a
 lower-resolution feature map (main head or proxy) are upsampled bilinearly to the label size.
@@ -50,20 +57,24 @@ class _BatchNorm(nn.BatchNorm1d):
 
 
 class ProxyHead(nn.Module):
-    """A small classifier on a network's features: 1x1 conv (= linear), BN, LeakyReLU, 1x1 conv.
+    """C2KD's proxy classifier: 1x1 conv (no bias), BN, LeakyReLU(0.1), 1x1 conv (= linear).
 
-    Takes [N, D] or [N, D, H, W] features and returns [N, C] or [N, C, H, W] logits.
+    [N, D] -> [N, C]. [N, D, H, W]: with `pool` (classification) the map is average-pooled to
+    [N, D] first (C2KD's proxy on layer3) -> [N, C]; without (segmentation) the layers run per
+    pixel -> [N, C, H, W].
     """
 
     def __init__(self, feature_dim: int, num_classes: int, hidden: int | None = None):
         super().__init__()
         hidden = hidden or feature_dim
         self.net = nn.Sequential(
-            nn.Conv1d(feature_dim, hidden, 1), _BatchNorm(hidden), nn.LeakyReLU(0.1),
+            nn.Conv1d(feature_dim, hidden, 1, bias=False), _BatchNorm(hidden), nn.LeakyReLU(0.1),
             nn.Conv1d(hidden, num_classes, 1),
         )
 
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
+    def forward(self, features: torch.Tensor, pool: bool = False) -> torch.Tensor:
+        if features.dim() > 2 and pool:
+            features = features.flatten(2).mean(2)
         if features.dim() == 2:
             return self.net(features.unsqueeze(-1)).squeeze(-1)
         n, _, *spatial = features.shape
@@ -71,11 +82,15 @@ class ProxyHead(nn.Module):
         return out.reshape(n, -1, *spatial)
 
 
-def feature_dim_of(model: nn.Module, name: str) -> int:
-    dim = getattr(model, "feature_dim", None)
-    if not isinstance(dim, int):
-        raise ConfigError("models", f"the {name} network ({type(model).__name__}) has no integer `feature_dim`; C2KD needs it for its proxy head")
-    return dim
+def proxy_stage_of(model: nn.Module, requested: str, name: str) -> tuple[str, int]:
+    """(stage name, its channels) of the `proxy_stage` parameter for one network."""
+    stages = list(getattr(model, "stage_names", ()))
+    if not stages or not hasattr(model, "forward_stages"):
+        raise ConfigError("models", f"the {name} network ({type(model).__name__}) exposes no intermediate stages (forward_stages); C2KD's proxy needs them")
+    stage = model.intermediate_stage if requested == "auto" else requested
+    if stage not in stages:
+        raise ConfigError("c2kd.proxy_stage", f"the {name} network ({type(model).__name__}) has no stage {stage!r}; known: {stages} or auto")
+    return stage, int(model.stage_channels[stage])
 
 
 def nontarget_kl_rows(student_logits: torch.Tensor, teacher_logits: torch.Tensor, target: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -117,7 +132,9 @@ class C2KD(Distiller):
     Parameters: temperature (of every KL, 1 in the paper's code), threshold (OFSD: keep samples
     with Kendall tau > threshold, 0 in the paper), ce_weight / teacher_ce_weight (CE of the
     student / teacher), proxy_weight (both directions between a network's main head and its
-    proxy), crossmodal_weight (the OFSD non-target KL, each direction).
+    proxy), crossmodal_weight (the OFSD non-target KL, each direction), proxy_stage (where both
+    proxies sit: auto = each network's `intermediate_stage`, or a stage name both networks have,
+    e.g. `features` for the penultimate features).
     """
 
     trains_teacher = True
@@ -131,6 +148,7 @@ class C2KD(Distiller):
         "crossmodal_weight": 1.0,
         # false: distil every valid sample (C2KD without OFSD; the ablation and the benchmark's baseline)
         "ofsd": True,
+        "proxy_stage": "auto",
     }
 
     @classmethod
@@ -139,13 +157,18 @@ class C2KD(Distiller):
         threshold = {**cls.defaults, **cfg}["threshold"]
         if not -1.0 <= float(threshold) < 1.0:
             raise ConfigError(f"{key}.threshold", f"a Kendall tau threshold must lie in [-1, 1), got {threshold}")
+        stage = {**cls.defaults, **cfg}["proxy_stage"]
+        if not isinstance(stage, str) or not stage:
+            raise ConfigError(f"{key}.proxy_stage", f"must be auto or a stage name, got {stage!r}")
 
     def __init__(self, student, teacher, cfg, num_classes):
         if teacher is None:
             raise ConfigError("runs", "method 'c2kd' needs the pre-trained teacher network")
         super().__init__(student, teacher, cfg, num_classes)
-        self.student_proxy = ProxyHead(feature_dim_of(student, "student"), num_classes)
-        self.teacher_proxy = ProxyHead(feature_dim_of(teacher, "teacher"), num_classes)
+        self.student_stage, s_channels = proxy_stage_of(student, str(self.cfg["proxy_stage"]), "student")
+        self.teacher_stage, t_channels = proxy_stage_of(teacher, str(self.cfg["proxy_stage"]), "teacher")
+        self.student_proxy = ProxyHead(s_channels, num_classes)
+        self.teacher_proxy = ProxyHead(t_channels, num_classes)
         #: fraction of valid samples (pixels) OFSD kept in the last batch, for logging.
         self.last_kept_fraction = float("nan")
 
@@ -154,12 +177,14 @@ class C2KD(Distiller):
         cfg = self.cfg
         temperature = float(cfg["temperature"])
 
-        s_feat = self.student.features(batch["student_input"])
-        t_feat = self.teacher.features(batch["teacher_input"])
-        s_main = _match_size(self.student.head(s_feat), target)
-        t_main = _match_size(self.teacher.head(t_feat), target)
-        s_proxy = _match_size(self.student_proxy(s_feat), target)
-        t_proxy = _match_size(self.teacher_proxy(t_feat), target)
+        # one pass per network: its logits and the proxy's stage
+        s_out = self.student.forward_stages(batch["student_input"], [self.student_stage])
+        t_out = self.teacher.forward_stages(batch["teacher_input"], [self.teacher_stage])
+        pool = target.dim() == 1  # classification: one proxy prediction per sample
+        s_main = _match_size(s_out["logits"], target)
+        t_main = _match_size(t_out["logits"], target)
+        s_proxy = _match_size(self.student_proxy(s_out[self.student_stage], pool), target)
+        t_proxy = _match_size(self.teacher_proxy(t_out[self.teacher_stage], pool), target)
 
         rows = {name: to_rows(x) for name, x in (("s_main", s_main), ("t_main", t_main), ("s_proxy", s_proxy), ("t_proxy", t_proxy))}
         flat_target = target.reshape(-1)

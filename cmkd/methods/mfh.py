@@ -5,8 +5,9 @@ features, those that the student's modality also carries. Algorithm 1 finds them
 how the data were generated, by permutation saliency:
 
 1. train a teacher-modality network f_a and a student-modality network f_b jointly on
-   CE(f_a(x_a), y) + CE(f_b(x_b), y) + dist(f_a(x_a), f_b(x_b)) (dist: mean squared error of
-   the logits), so that the two networks agree where the modalities agree;
+   CE(f_a(x_a), y) + CE(f_b(x_b), y) + dist(f_a(x_a), f_b(x_b)) (dist: MFH's mean squared error
+   of the logits; NTDH runs the same algorithm with its non-target divergence, `distance="ntdh"`,
+   for its feature mask), so that the two networks agree where the modalities agree;
 2. for every teacher input channel k, permute channel k of x_a across samples (n_repeats
    times) and measure dist(f_a(x_a permuted), f_b(x_b)); the salience of k is its mean,
    min-max normalised to [0, 1]. Breaking a channel both networks rely on breaks their agreement,
@@ -14,7 +15,9 @@ how the data were generated, by permutation saliency:
 3. the top-k channels are the modality-general ones.
 
 MG-KD then retrains the teacher on those channels only (the others zeroed, which for the first
-layer is the same as removing them) and distils from it: method `mgkd`.
+layer is the same as removing them) and distils from it: method `mgkd`. The NTDH feature mask
+(`cmkd.methods.ntdh`, mode feature) is the same pipeline with NTDH's distance: both call
+`modality_general_teacher`.
 
 Library functions (shapes: N samples, C channels along dim 1 of the inputs, i.e. the features
 of [N, D] vectors or the channels of [N, C, H, W] images):
@@ -37,14 +40,14 @@ model and its `features(x)` as the inputs.
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from cmkd.errors import ConfigError
-from cmkd.losses import cross_entropy, kd_loss, standardize_logits
+from cmkd.losses import cross_entropy, kd_loss, non_target_divergence, standardize_logits
 from cmkd.methods import register
 from cmkd.methods.base import Distiller
 from cmkd.methods.discom import reinitialised_copy
@@ -74,6 +77,40 @@ def per_sample_l1(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 
 SALIENCY_LOSSES: dict[str, PerSampleLoss] = {"ce": per_sample_cross_entropy, "mse": per_sample_mse, "l1": per_sample_l1}
+
+#: (teacher outputs [B, ...], student outputs [B, ...], labels [B, ...]) -> per-sample distance [B]
+PairDistance = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def _per_sample_rows(values: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """[B] stays; [B, H, W] per-pixel values -> the mean over each sample's valid pixels."""
+    if values.dim() == 1:
+        return values
+    valid = (labels >= 0).to(values.dtype)
+    return (values * valid).flatten(1).sum(1) / valid.flatten(1).sum(1).clamp_min(1)
+
+
+def _non_target(form: str) -> PairDistance:
+    def distance(out_t: torch.Tensor, out_s: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return _per_sample_rows(non_target_divergence(out_s, out_t, labels, form=form), labels)
+    return distance
+
+
+#: Algorithm 1's distances between the two networks' outputs: MFH's (mse; l1) and NTDH's
+#: (`ntdh`: its non-target divergence 0.5 [KL(m || p_s) + KL(m || p_t)], as NTDH's code runs
+#: Algorithm 1; `non_target_js`: the textbook-JS form of it). The last two need the labels.
+PAIR_DISTANCES: dict[str, PairDistance] = {
+    "mse": lambda a, b, y: per_sample_mse(a, b),
+    "l1": lambda a, b, y: per_sample_l1(a, b),
+    "ntdh": _non_target("ntdh"),
+    "non_target_js": _non_target("js"),
+}
+
+
+def pair_distance(name: str) -> PairDistance:
+    if name not in PAIR_DISTANCES:
+        raise ValueError(f"unknown Algorithm 1 distance {name!r}; known: {sorted(PAIR_DISTANCES)}")
+    return PAIR_DISTANCES[name]
 
 
 def _loss_fn(loss: str | PerSampleLoss) -> PerSampleLoss:
@@ -110,6 +147,7 @@ def permutation_saliency(
     *,
     loss: str | PerSampleLoss = "ce",
     batch_size: int = 8192,
+    labels: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Permutation importance of every input channel: [C] mean loss increase.
 
@@ -119,19 +157,23 @@ def permutation_saliency(
     with the unpermuted loss. Channels are evaluated together: a chunk of channels becomes one
     batch of stacked permuted copies (at most `batch_size` rows per forward pass). The model runs
     in eval mode (restored afterwards). `loss`: "ce" (targets = labels), "mse" or "l1" (targets =
-    reference outputs), or a callable returning per-sample losses.
+    reference outputs), or a callable returning per-sample losses. With `labels` ([N, ...], e.g.
+    the class labels NTDH's distance needs) the callable is `loss(outputs, targets, labels)`.
     """
     if inputs.dim() < 2:
         raise ValueError(f"inputs must be [N, C, ...], got shape {tuple(inputs.shape)}")
     if n_repeats < 1:
         raise ValueError(f"n_repeats must be >= 1, got {n_repeats}")
-    loss_fn = _loss_fn(loss)
+    loss_fn = _loss_fn(loss) if labels is None else loss
+    if labels is not None and not callable(loss):
+        raise ValueError("permutation_saliency: `labels` needs a callable loss(outputs, targets, labels)")
     was_training = model.training
     model.eval()
     try:
         n, c = inputs.shape[:2]
         batch_size = _rows_per_pass(inputs, batch_size)  # bounds the copies below as well
-        base = loss_fn(_forward_rows(model, inputs, batch_size), targets).mean()
+        extra = () if labels is None else (labels,)
+        base = loss_fn(_forward_rows(model, inputs, batch_size), targets, *extra).mean()
         chunk = max(1, min(c, batch_size // max(1, n)))
         total = torch.zeros(c, dtype=torch.float64, device=inputs.device)
         for _ in range(n_repeats):
@@ -146,16 +188,12 @@ def permutation_saliency(
                 copies[copy_idx, :, chans] = permuted
                 out = _forward_rows(model, copies.flatten(0, 1), batch_size)
                 rep_targets = targets.unsqueeze(0).expand(k, *targets.shape).flatten(0, 1)
-                per_copy = loss_fn(out, rep_targets).view(k, n).mean(1)
+                rep_extra = tuple(e.unsqueeze(0).expand(k, *e.shape).flatten(0, 1) for e in extra)
+                per_copy = loss_fn(out, rep_targets, *rep_extra).view(k, n).mean(1)
                 total[c0:c0 + k] += (per_copy - base).double()
         return (total / n_repeats).float()
     finally:
         model.train(was_training)
-
-
-def _distance(name: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    fn = _loss_fn(name)
-    return lambda a, b: fn(a, b).mean()
 
 
 def train_modality_pair(
@@ -176,10 +214,12 @@ def train_modality_pair(
 ) -> list[float]:
     """Step 1 of Algorithm 1: train both networks in place on
     CE(teacher(x_a), y) + CE(student(x_b), y) + distance_weight * dist(teacher(x_a), student(x_b))
-    with SGD (momentum), full batch when `batch_size` is None. Returns the loss per epoch."""
+    with SGD (momentum), full batch when `batch_size` is None, else shuffled minibatches of
+    `batch_size` rows every epoch (drawn from `generator`). `distance`: a `PAIR_DISTANCES` name
+    (mse: MFH; ntdh: NTDH). Returns the loss per epoch."""
     from tqdm.auto import tqdm
 
-    dist_fn = _distance(distance)
+    dist_fn = pair_distance(distance)
     params = list(teacher.parameters()) + list(student.parameters())
     opt = torch.optim.SGD(params, lr=lr, momentum=momentum)
     teacher.train()
@@ -193,7 +233,8 @@ def train_modality_pair(
         for start in range(0, n, bs):
             idx = order[start:start + bs]
             out_t, out_s = teacher(teacher_inputs[idx]), student(student_inputs[idx])
-            loss = cross_entropy(out_t, targets[idx]) + cross_entropy(out_s, targets[idx]) + distance_weight * dist_fn(out_t, out_s)
+            loss = (cross_entropy(out_t, targets[idx]) + cross_entropy(out_s, targets[idx])
+                    + distance_weight * dist_fn(out_t, out_s, targets[idx]).mean())
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -257,7 +298,12 @@ def algorithm1(
     num_channels = inputs.shape[1]
     if not 1 <= k <= num_channels:
         raise ValueError(f"k must be in [1, {num_channels}] (the teacher's {level} channels), got {k}")
-    increase = permutation_saliency(model, inputs, reference, n_repeats, generator, loss=distance, batch_size=batch_size)
+    dist_fn = pair_distance(distance)
+    if distance in SALIENCY_LOSSES:  # label-free (MFH's): the exact computation exp_mfh_alg1 always ran
+        increase = permutation_saliency(model, inputs, reference, n_repeats, generator, loss=distance, batch_size=batch_size)
+    else:
+        increase = permutation_saliency(model, inputs, reference, n_repeats, generator, loss=lambda out, ref, y: dist_fn(out, ref, y),
+                                        batch_size=batch_size, labels=targets)
     span = increase.max() - increase.min()
     saliency = (increase - increase.min()) / span if span > 0 else torch.zeros_like(increase)
     channels = torch.argsort(increase, descending=True, stable=True)[:k]
@@ -353,6 +399,91 @@ def _leading_rows(data: Any, n: int, seed: int) -> dict[str, torch.Tensor]:
     return next(iter(data.batches(min(n, len(data)), shuffle=True, seed=seed)))
 
 
+#: The parameters of `modality_general_teacher` (shared by MG-KD and NTDH's feature mask).
+ALGORITHM1_DEFAULTS: dict[str, Any] = {
+    "level": "auto",
+    "k_fraction": 0.5,
+    "channels": None,
+    "n_repeats": 10,
+    "pair_epochs": 200,
+    "pair_lr": 0.01,
+    "pair_batch_size": None,
+    "saliency_samples": 4096,
+}
+
+
+def validate_algorithm1_cfg(merged: Mapping[str, Any], key: str, fraction_key: str = "k_fraction") -> None:
+    """ConfigError for a bad `ALGORITHM1_DEFAULTS` entry (`fraction_key`: the name of k_fraction)."""
+    if merged["level"] not in ("auto",) + LEVELS:
+        raise ConfigError(f"{key}.level", f"must be auto, input or feature, got {merged['level']!r}")
+    if not 0.0 < float(merged[fraction_key]) <= 1.0:
+        raise ConfigError(f"{key}.{fraction_key}", f"must be in (0, 1], got {merged[fraction_key]}")
+    ch = merged["channels"]
+    if ch is not None and (not isinstance(ch, list) or not ch or not all(isinstance(i, int) and i >= 0 for i in ch)):
+        raise ConfigError(f"{key}.channels", f"must be null or a non-empty list of channel indices, got {ch!r}")
+    for name in ("n_repeats", "pair_epochs", "saliency_samples"):
+        if not isinstance(merged[name], int) or isinstance(merged[name], bool) or merged[name] < 1:
+            raise ConfigError(f"{key}.{name}", f"must be a positive integer, got {merged[name]!r}")
+    pbs = merged["pair_batch_size"]
+    if pbs is not None and (not isinstance(pbs, int) or pbs < 1):
+        raise ConfigError(f"{key}.pair_batch_size", f"must be null (full batch) or a positive integer, got {pbs!r}")
+
+
+def modality_general_teacher(
+    teacher: nn.Module, student: nn.Module, train: Any, val: Any, train_cfg: Any, cfg: Mapping[str, Any], *,
+    distance: str, task: str, num_classes: int, ignore_index: int | None = -1, checkpoint_dir: Any = None,
+    progress: bool = False, name: str = "algorithm1", fraction_key: str = "k_fraction",
+) -> tuple[ChannelMasked, dict[str, Any]]:
+    """Algorithm 1 followed by a teacher retrained on the kept channels: MG-KD's teacher
+    (distance "mse", MFH) and NTDH's feature-masked teacher (distance "ntdh").
+
+    `teacher` / `student` give the architectures: Algorithm 1 runs on fresh copies of them
+    (`reinitialised_copy`) on up to `saliency_samples` shuffled rows of `train`, keeps the top
+    `cfg[fraction_key]` of the teacher's channels (or takes `cfg["channels"]`) and retrains the
+    teacher on them with `cmkd.engine.fit` (`train_cfg`: engine TrainConfig). `cfg` holds the
+    `ALGORITHM1_DEFAULTS` keys. Deterministic given torch's global seed and `train_cfg.seed`.
+    Returns (the trained ChannelMasked teacher, {"level", "channels", "saliency", "teacher_val"}).
+    """
+    from cmkd.engine import resolve_device
+
+    rows = _leading_rows(train, int(cfg["saliency_samples"]), seed=int(train_cfg.seed))
+    device = resolve_device(train_cfg.device)
+    x_t, x_s, y = (rows[k].to(device) for k in ("teacher_input", "student_input", "target"))
+    level = cfg["level"] if cfg["level"] != "auto" else ("input" if x_t.dim() == 2 else "feature")
+    pair_teacher = reinitialised_copy(teacher).to(device)
+    pair_student = reinitialised_copy(student).to(device)
+    pair = dict(epochs=int(cfg["pair_epochs"]), lr=float(cfg["pair_lr"]), batch_size=cfg["pair_batch_size"], distance=distance)
+    saliency = None
+    if cfg["channels"] is not None:
+        channels = torch.tensor(cfg["channels"], dtype=torch.long)
+        if level == "feature":  # feature channels need the network they index
+            train_modality_pair(pair_teacher, pair_student, x_t, x_s, y, generator=torch.Generator().manual_seed(int(train_cfg.seed)), **pair)
+    else:
+        with torch.no_grad():
+            width = x_t.shape[1] if level == "input" else pair_teacher.eval().features(x_t[:2]).shape[1]
+        k = max(1, int(round(float(cfg[fraction_key]) * width)))
+        channels, saliency = algorithm1(
+            pair_teacher, pair_student, x_t, x_s, y, k, level=level, n_repeats=int(cfg["n_repeats"]),
+            pair_epochs=pair["epochs"], pair_lr=pair["lr"], pair_batch_size=pair["batch_size"], distance=distance,
+            generator=torch.Generator().manual_seed(int(train_cfg.seed)), progress=progress,
+        )
+    with torch.no_grad():
+        num_channels = x_t.shape[1] if level == "input" else pair_teacher.eval().features(x_t[:2]).shape[1]
+    masked, result = retrain_teacher_on_channels(
+        pair_teacher, channels, num_channels, train, val, train_cfg, task=task, num_classes=num_classes, level=level,
+        ignore_index=ignore_index, checkpoint_dir=checkpoint_dir, progress=progress,
+    )
+    selection = {
+        "level": level,
+        "distance": distance,
+        "channels": [int(c) for c in channels],
+        "saliency": None if saliency is None else [float(s) for s in saliency],
+        "teacher_val": result.best_val,
+    }
+    log.info("%s: teacher retrained on %s channels %s (distance %s), val %s", name, level, selection["channels"], distance, result.best_val)
+    return masked, selection
+
+
 @register("mgkd")
 class MGKD(Distiller):
     """MG-KD: Hinton KD from the modality-general teacher (MFH's implication, Table 2).
@@ -372,38 +503,12 @@ class MGKD(Distiller):
 
     needs_teacher = False  # the teacher is trained by prepare(); `teacher` only gives its architecture
     uses_teacher_logits_only = False
-    defaults = {
-        "ce_weight": 0.0,
-        "kd_weight": 1.0,
-        "temperature": 4.0,
-        "lskd": False,
-        "level": "auto",
-        "k_fraction": 0.5,
-        "channels": None,
-        "n_repeats": 10,
-        "pair_epochs": 200,
-        "pair_lr": 0.01,
-        "pair_batch_size": None,
-        "saliency_samples": 4096,
-    }
+    defaults = {"ce_weight": 0.0, "kd_weight": 1.0, "temperature": 4.0, "lskd": False, **ALGORITHM1_DEFAULTS}
 
     @classmethod
     def validate(cls, cfg, key):
         super().validate(cfg, key)
-        merged = {**cls.defaults, **cfg}
-        if merged["level"] not in ("auto",) + LEVELS:
-            raise ConfigError(f"{key}.level", f"must be auto, input or feature, got {merged['level']!r}")
-        if not 0.0 < float(merged["k_fraction"]) <= 1.0:
-            raise ConfigError(f"{key}.k_fraction", f"must be in (0, 1], got {merged['k_fraction']}")
-        ch = merged["channels"]
-        if ch is not None and (not isinstance(ch, list) or not ch or not all(isinstance(i, int) and i >= 0 for i in ch)):
-            raise ConfigError(f"{key}.channels", f"must be null or a non-empty list of channel indices, got {ch!r}")
-        for name in ("n_repeats", "pair_epochs", "saliency_samples"):
-            if not isinstance(merged[name], int) or merged[name] < 1:
-                raise ConfigError(f"{key}.{name}", f"must be a positive integer, got {merged[name]!r}")
-        pbs = merged["pair_batch_size"]
-        if pbs is not None and (not isinstance(pbs, int) or pbs < 1):
-            raise ConfigError(f"{key}.pair_batch_size", f"must be null (full batch) or a positive integer, got {pbs!r}")
+        validate_algorithm1_cfg({**cls.defaults, **cfg}, key)
 
     def __init__(self, student, teacher, cfg, num_classes):
         if teacher is None:
@@ -427,46 +532,10 @@ class MGKD(Distiller):
         """Algorithm 1 on (up to `saliency_samples` rows of) `train`, then retrain the teacher on the
         selected channels (`train_cfg`: engine TrainConfig, normally the teacher's). Deterministic
         given torch's global seed and `train_cfg.seed`. Returns `self.selection`."""
-        from cmkd.engine import resolve_device
-
-        cfg = self.cfg
-        rows = _leading_rows(train, int(cfg["saliency_samples"]), seed=int(train_cfg.seed))
-        device = resolve_device(train_cfg.device)
-        x_t, x_s, y = (rows[k].to(device) for k in ("teacher_input", "student_input", "target"))
-        level = cfg["level"] if cfg["level"] != "auto" else ("input" if x_t.dim() == 2 else "feature")
-        pair_teacher = reinitialised_copy(self.teacher).to(device)
-        pair_student = reinitialised_copy(self.student).to(device)
-        saliency = None
-        if cfg["channels"] is not None:
-            channels = torch.tensor(cfg["channels"], dtype=torch.long)
-            train_pair_now = level == "feature"  # feature channels need the network they index
-            if train_pair_now:
-                train_modality_pair(pair_teacher, pair_student, x_t, x_s, y, epochs=int(cfg["pair_epochs"]), lr=float(cfg["pair_lr"]),
-                                    batch_size=cfg["pair_batch_size"], generator=torch.Generator().manual_seed(int(train_cfg.seed)))
-        else:
-            with torch.no_grad():
-                width = x_t.shape[1] if level == "input" else pair_teacher.eval().features(x_t[:2]).shape[1]
-            k = max(1, int(round(float(cfg["k_fraction"]) * width)))
-            channels, saliency = algorithm1(
-                pair_teacher, pair_student, x_t, x_s, y, k, level=level,
-                n_repeats=int(cfg["n_repeats"]), pair_epochs=int(cfg["pair_epochs"]), pair_lr=float(cfg["pair_lr"]),
-                pair_batch_size=cfg["pair_batch_size"], generator=torch.Generator().manual_seed(int(train_cfg.seed)),
-                progress=progress,
-            )
-        with torch.no_grad():
-            num_channels = x_t.shape[1] if level == "input" else pair_teacher.eval().features(x_t[:2]).shape[1]
-        masked, result = retrain_teacher_on_channels(
-            pair_teacher, channels, num_channels, train, val, train_cfg, task=task, num_classes=num_classes, level=level,
-            ignore_index=ignore_index, checkpoint_dir=checkpoint_dir, progress=progress,
-        )
+        masked, self.selection = modality_general_teacher(
+            self.teacher, self.student, train, val, train_cfg, self.cfg, distance="mse", task=task, num_classes=num_classes,
+            ignore_index=ignore_index, checkpoint_dir=checkpoint_dir, progress=progress, name="mgkd")
         self.set_teacher(masked)
-        self.selection = {
-            "level": level,
-            "channels": [int(c) for c in channels],
-            "saliency": None if saliency is None else [float(s) for s in saliency],
-            "teacher_val": result.best_val,
-        }
-        log.info("mgkd: modality-general teacher %s channels %s, val %s", level, self.selection["channels"], result.best_val)
         return self.selection
 
     def teacher_logits(self, batch):
