@@ -58,7 +58,7 @@ def test_exp_run_with_another_run_param_saves_an_experiment(tmp_path):
     enforced = dvc(["repro", "check_tables@synthetic"], repo, env, check=False)
     assert enforced.returncode != 0
     # ... under another value of a param it depends on, it is reported and the experiment saved
-    exp = dvc(["exp", "run", "-n", "t2", "-S", "runs.kdv1.temperature=2", "check_tables@synthetic"], repo, env, check=False)
+    exp = dvc(["exp", "run", "-n", "t2", "-S", "runs.kdv1.ce_weight=0.5", "check_tables@synthetic"], repo, env, check=False)
     assert exp.returncode == 0, exp.stdout + exp.stderr
     report = json.loads((repo / "data/reports/synthetic/claims.json").read_text())
     assert report["claims"][0]["enforced"] is False and "runs.kdv1" in report["claims"][0]["note"]
@@ -71,6 +71,6 @@ def test_exp_run_with_another_run_param_saves_an_experiment(tmp_path):
     # the README's filter: only what differs between experiments, without the interval columns
     narrow = dvc(["exp", "show", "--no-pager", "--only-changed", "--drop", ".*(ci95_.*|:n)|Created"], repo,
                  {**env, "COLUMNS": "200"}).stdout
-    assert "kdv1.json:f1_weighted" in narrow and "runs.kdv1.temperature" in narrow and "ci95" not in narrow
+    assert "kdv1.json:f1_weighted" in narrow and "runs.kdv1.ce_weight" in narrow and "ci95" not in narrow
     baseline = next(r for r in table if r.get("rev") != "workspace")
     assert baseline["data"]["metrics"]["metrics/synthetic/kdv1.json"]["data"]["n"] == 2
