@@ -10,7 +10,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
 .PHONY: setup system-deps repro plots test test-all bench clean-venv
 
-setup: $(VENV)/.installed .dvc/plots_offline.html
+setup: $(VENV)/.installed
 
 # Open3D needs the system library libusb-1.0. Installed when we are root and it is missing;
 # otherwise the exact command is printed.
@@ -28,10 +28,6 @@ $(VENV)/.installed: pyproject.toml | system-deps
 
 # params.yaml is checked first: DVC reads it while loading dvc.yaml, and a typo such as
 # `datasets: [synthetc]` would otherwise be DVC's "Parameters 'data.synthetc' are missing".
-# The page `dvc plots show` fills (.dvc/config plots.html_template): Vega inlined, no CDN.
-.dvc/plots_offline.html: $(VENV)/.installed stages/plots_page.py
-	$(BIN)/python -m stages plots_page
-
 # A second `make repro` in the same workspace waits for the running one (DVC alone would fail
 # with "... is busy"); ARGS passes targets or options: make repro ARGS="exp_mfh_gamma".
 ARGS ?=
@@ -41,6 +37,7 @@ repro: setup
 
 # Every plot of the last run in dvc_plots/index.html (opens offline).
 plots: setup
+	$(BIN)/python -m flows.lock $(BIN)/dvc repro plots_page
 	$(BIN)/dvc plots show
 
 test: setup

@@ -2,8 +2,9 @@
 Vega-Embed inlined, so the plots render offline (DVC's default page loads them from a CDN).
 
 The JavaScript comes from the vl-convert-python package (`vl_convert.javascript_bundle()`,
-bundled in its wheel: nothing is downloaded). Written to .dvc/plots_offline.html (git-ignored,
-made by `make setup`), which .dvc/config names as `plots.html_template`."""
+bundled in its wheel: nothing is downloaded). Written to data/plots_offline.html by the DVC
+stage `plots_page` (so a plain `dvc repro` makes it), which .dvc/config names as
+`plots.html_template`."""
 
 import sys
 from pathlib import Path
@@ -11,7 +12,7 @@ from pathlib import Path
 from cmkd.atomic import write_text
 from stages._common import main, parser
 
-PAGE = Path(".dvc") / "plots_offline.html"
+PAGE = Path("data") / "plots_offline.html"
 
 # DVC's own page (dvc_render.html.PAGE_HTML) with the scripts inlined instead of `{scripts}`.
 TEMPLATE = """<!DOCTYPE html>
