@@ -23,6 +23,32 @@ REPO = Path(__file__).resolve().parents[1]
 PIPELINE_FILES = ["cmkd", "stages", "dvc.yaml", "params.yaml", "tuned.yaml", "claims.yaml", "flows"]
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module of tiny tensors: extra threads only spin, and on a loaded
+    2-core machine that makes many small optimiser steps ten times slower."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_synthetic_file(path: Path) -> Path:
+    """A 300-row, 3-class NTDH sklearn dataset in the prepared HDF5 format (200/50/50 split)."""
+    from cmkd.data.h5 import PreparedWriter
+    from cmkd.data.synthetic import ntdh_sklearn
+
+    t, s, y = ntdh_sklearn(n_samples=300, n_features=8, n_classes=3, gamma=0.5, seed=0)
+    attrs = {"task": "classification", "class_names": ["a", "b", "c"], "modalities": ["teacher", "student"],
+             "teacher_modality": "teacher", "student_modality": "student", "ignore_index": None, "source_checksum": "t"}
+    with PreparedWriter(path, attrs) as w:
+        for split, sl in (("train", slice(0, 200)), ("val", slice(200, 250)), ("test", slice(250, 300))):
+            w.write(split, {"teacher": t[sl], "student": s[sl], "labels": y[sl]})
+    return path
+
+
 def tool_env(tmp: Path) -> dict[str, str]:
     """Environment for subprocesses: the running interpreter's bin first, private homes."""
     env = dict(os.environ)

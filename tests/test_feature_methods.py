@@ -21,12 +21,7 @@ C = 4
 FEATURE_METHODS = ("fitnet", "at", "rkd", "crd")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _nets(kind, seed=0):

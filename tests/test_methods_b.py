@@ -20,14 +20,7 @@ from cmkd.models import build_model
 C = 5
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Every tensor here is tiny: extra intra-op threads only spin, and on a loaded 2-core machine
-    # that makes the many small optimiser steps ten times slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _f(t: torch.Tensor) -> float:
@@ -622,17 +615,11 @@ def test_mgkd_prepare_selects_retrains_and_freezes_the_teacher():
 
 
 def test_pipeline_train_run_c2kd_and_discom_deployables(tmp_path):
-    from cmkd.data.h5 import PreparedWriter
-    from cmkd.data.synthetic import ntdh_sklearn
+    from tests.conftest import tiny_synthetic_file
     from cmkd.engine import TrainConfig
     from cmkd.pipeline import train_run
 
-    t, s, y = ntdh_sklearn(n_samples=300, n_features=8, n_classes=3, gamma=0.5, seed=0)
-    attrs = {"task": "classification", "class_names": ["a", "b", "c"], "modalities": ["teacher", "student"],
-             "teacher_modality": "teacher", "student_modality": "student", "ignore_index": None, "source_checksum": "t"}
-    with PreparedWriter(tmp_path / "d.h5", attrs) as w:
-        for split, sl in (("train", slice(0, 200)), ("val", slice(200, 250)), ("test", slice(250, 300))):
-            w.write(split, {"teacher": t[sl], "student": s[sl], "labels": y[sl]})
+    tiny_synthetic_file(tmp_path / "d.h5")
     models = {"teacher": {"arch": "mlp", "hidden": [16]}, "student": {"arch": "mlp", "hidden": [16]}}
     common = dict(dataset="synthetic", prepared=tmp_path / "d.h5", models=models, train_cfg=TrainConfig(epochs=1, batch_size=64),
                   seeds=[0], checkpoint_root=None, progress=False)

@@ -22,12 +22,7 @@ CFG = {"classes": 40, "image_size": [480, 640], "val_fraction": 0.5, "split_seed
        "teacher_modality": "rgb", "student_modality": "depth"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ------------------------------------------------------------------------------ label maps

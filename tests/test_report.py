@@ -158,17 +158,11 @@ def test_same_seed_kd_without_kd_term_trains_bit_identically_to_student(tmp_path
     weights and see the same batches, so KD with kd_weight 0 and ce_weight 1 is STUDENT."""
     import torch
 
-    from cmkd.data.h5 import PreparedWriter
-    from cmkd.data.synthetic import ntdh_sklearn
+    from tests.conftest import tiny_synthetic_file
     from cmkd.engine import TrainConfig
     from cmkd.pipeline import STUDENT_RUN, TEACHER_RUN, train_run
 
-    t, s, y = ntdh_sklearn(n_samples=300, n_features=8, n_classes=3, gamma=0.5, seed=0)
-    attrs = {"task": "classification", "class_names": ["a", "b", "c"], "modalities": ["teacher", "student"],
-             "teacher_modality": "teacher", "student_modality": "student", "ignore_index": None, "source_checksum": "t"}
-    with PreparedWriter(tmp_path / "d.h5", attrs) as w:
-        for split, sl in (("train", slice(0, 200)), ("val", slice(200, 250)), ("test", slice(250, 300))):
-            w.write(split, {"teacher": t[sl], "student": s[sl], "labels": y[sl]})
+    tiny_synthetic_file(tmp_path / "d.h5")
     models = {"teacher": {"arch": "mlp", "hidden": [16]}, "student": {"arch": "mlp", "hidden": [16]}}
     common = dict(dataset="synthetic", prepared=tmp_path / "d.h5", models=models, train_cfg=TrainConfig(epochs=2, batch_size=32),
                   seeds=[0, 1], checkpoint_root=None, progress=False)
