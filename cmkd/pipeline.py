@@ -24,7 +24,7 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from cmkd.atomic import write_json
-from cmkd.data.h5 import read_attrs
+from cmkd.data.h5 import read_attrs, sample_shapes
 from cmkd.determinism import provenance
 from cmkd.engine import (
     SplitData, TrainConfig, cache_logits, evaluate, fit, load_split, resolve_device, run_fingerprint, seed_everything,
@@ -108,10 +108,11 @@ def train_run(
     results: dict[str, Any] = {"dataset": dataset, "run": run_name, "method": run_cfg["method"], "task": task,
                                "hyperparameters": resolved_hyperparameters(run_cfg), "selected_on": selected_on,
                                "seeds": {}}
-    supported = get_method(run_cfg["method"]).tasks
-    if task not in supported:
-        # Not an error: the default `methods` list spans datasets of both tasks. The row says why.
-        results["skipped"] = f"method {run_cfg['method']!r} supports {' and '.join(supported)} only; {dataset} is {task}"
+    skipped = skip_reason(run_cfg["method"], dataset, prepared, attrs)
+    if skipped:
+        # Not an error: the default `methods` list spans datasets of both tasks and of vector
+        # and image inputs. The row says why.
+        results["skipped"] = skipped
         log.warning("%s on %s: skipped (%s)", run_name, dataset, results["skipped"])
         if rank == 0:
             write_json(out_dir / "metrics.json", results)
@@ -136,6 +137,24 @@ def train_run(
     if rank == 0 and write_metrics:
         write_json(out_dir / "metrics.json", results)
     return results
+
+
+def input_kind(prepared: Path, attrs: Mapping[str, Any]) -> str:
+    """"vector" when the student's rows are 1-D feature vectors, else "image"."""
+    shapes = sample_shapes(prepared, "train", seed_root(attrs, 0))
+    shape = shapes.get(attrs["student_modality"])
+    return "vector" if shape is not None and len(shape) == 1 else "image"
+
+
+def skip_reason(method: str, dataset: str, prepared: Path, attrs: Mapping[str, Any]) -> str | None:
+    """Why `method` does not apply to this dataset (its task or its inputs), or None."""
+    cls = get_method(method)
+    if attrs["task"] not in cls.tasks:
+        return f"method {method!r} supports {' and '.join(cls.tasks)} only; {dataset} is {attrs['task']}"
+    kind = input_kind(prepared, attrs)
+    if kind not in cls.inputs:
+        return f"method {method!r} needs {' or '.join(cls.inputs)} inputs; {dataset} has {kind} inputs"
+    return None
 
 
 def import_before_fork() -> None:

@@ -226,9 +226,19 @@ def tune_run(*, dataset: str, prepared: Path, run_name: str, run_cfg: Mapping[st
     from cmkd.metrics import primary_metric
     from cmkd.pipeline import train_run
 
-    metric = primary_metric(read_attrs(prepared)["task"])
-    _preload()
+    from cmkd.pipeline import skip_reason
+
+    attrs = read_attrs(prepared)
+    metric = primary_metric(attrs["task"])
     configs = budgeted_configs(grid, budget, subsample_seed, f"tuning.grids.{run_name}")
+    skipped = skip_reason(run_cfg["method"], dataset, prepared, attrs)
+    if skipped:  # n/a here (AT on vector data): nothing to select, the row is skipped
+        return {"dataset": dataset, "run": run_name, "method": run_cfg["method"], "metric": metric, "split": "val",
+                "seeds": list(seeds), "budget": budget, "epochs": int(train_cfg.epochs),
+                "grid": {k: list(v) for k, v in grid.items()}, "grid_size": len(expand_grid(grid)),
+                "configurations": [], "selected_index": None, "selected": {}, "selected_val_mean": None,
+                "skipped": skipped, "seconds": 0.0}
+    _preload()
     entries = []
     start = time.perf_counter()
     for i, overrides in enumerate(configs):
@@ -281,9 +291,14 @@ def report_markdown(dataset: str, runs: Mapping[str, Mapping[str, Any]], extra: 
         lines.append("")
     lines += ["| run | selected | val × 100 | configurations | seconds |", "|---|---|---|---|---|"]
     for name, r in runs.items():
+        if r.get("skipped"):
+            lines.append(f"| {name} | n/a ({r['skipped']}) | | | |")
+            continue
         sel = ", ".join(f"{k}={v}" for k, v in r["selected"].items())
         lines.append(f"| {name} | {sel} | {100 * r['selected_val_mean']:.2f} | {len(r['configurations'])} of {r['grid_size']} | {r['seconds']:.0f} |")
     for name, r in runs.items():
+        if r.get("skipped"):
+            continue
         seeds = [str(s) for s in r["seeds"]]
         lines += ["", f"## {name} (`{r['method']}`)", "",
                   "| configuration | " + " | ".join(f"seed {s}" for s in seeds) + " | mean |",

@@ -55,6 +55,9 @@ def tune(params, ds: str, run: str, progress: bool) -> None:
             work_dir=Path(work), seed_workers=seed_workers(), progress=progress)
     evidence["run_config"] = params["runs"][run]
     write_json(REPORTS / ds / f"{run}.json", evidence)
+    if evidence.get("skipped"):
+        print(f"{ds}/{run}: n/a ({evidence['skipped']})")
+        return
     print(f"{ds}/{run}: selected {evidence['selected']} (val {100 * evidence['selected_val_mean']:.2f}) "
           f"in {evidence['seconds']:.0f} s")
 

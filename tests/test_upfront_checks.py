@@ -113,3 +113,28 @@ def test_a_failed_name_lookup_is_reported_once(tmp_path, monkeypatch, caplog):
     with caplog.at_level("WARNING"), pytest.raises(DownloadError, match="host 'rgbd.example': cannot resolve the host name"):
         download("http://rgbd.example/SUNRGBD.zip", tmp_path, progress=False, retries=5)
     assert len(calls) == 1 and not caplog.records
+
+
+def test_at_on_vector_data_is_skipped_in_training_and_in_tuning(tmp_path):
+    from conftest import tiny_synthetic_file
+
+    from cmkd.data.h5 import read_attrs
+    from cmkd.engine import TrainConfig
+    from cmkd.pipeline import skip_reason, train_run
+    from cmkd.tuning import tune_run
+
+    prepared = tiny_synthetic_file(tmp_path / "synthetic.h5")
+    attrs = read_attrs(prepared)
+    assert skip_reason("at", "synthetic", prepared, attrs) == "method 'at' needs image inputs; synthetic has vector inputs"
+    assert skip_reason("fitnet", "synthetic", prepared, attrs) is None and skip_reason("kd", "synthetic", prepared, attrs) is None
+    models = {"teacher": {"arch": "mlp", "hidden": [8]}, "student": {"arch": "mlp", "hidden": [8]}}
+    cfg = TrainConfig.from_params({"epochs": 1, "batch_size": 32, "lr": 0.01}, "train")
+    out = tmp_path / "at"
+    out.mkdir()
+    result = train_run(dataset="synthetic", prepared=prepared, run_name="at", run_cfg={"method": "at"}, models=models,
+                       train_cfg=cfg, seeds=[0], out_dir=out, checkpoint_root=None, progress=False)
+    assert result["skipped"].startswith("method 'at' needs image inputs") and result["seeds"] == {}
+    evidence = tune_run(dataset="synthetic", prepared=prepared, run_name="at", run_cfg={"method": "at"},
+                        grid={"at_weight": [1.0, 10.0]}, budget=2, subsample_seed=0, seeds=[100], models=models,
+                        train_cfg=cfg, teacher_dir=None, teacher_train_cfg=cfg, work_dir=tmp_path / "w")
+    assert evidence["skipped"] and evidence["selected"] == {} and evidence["configurations"] == []

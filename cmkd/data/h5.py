@@ -130,6 +130,17 @@ def read_attrs(path: str | Path) -> dict[str, Any]:
         raise DataFormatError(path, f"not a readable HDF5 file ({err})") from err
 
 
+def sample_shapes(path: str | Path, split: str = "train", root: str = "") -> dict[str, tuple[int, ...]]:
+    """Per array of one split, the shape of one row (without reading the data)."""
+    path = Path(path)
+    try:
+        with h5py.File(path, "r") as f:
+            group = f[_group_path(root, split)]
+            return {name: tuple(ds.shape[1:]) for name, ds in group.items() if isinstance(ds, h5py.Dataset)}
+    except (OSError, KeyError) as err:
+        raise DataFormatError(path, f"cannot read split {split!r} ({err})") from err
+
+
 class PreparedSplit:
     """Read one split of a prepared-data file: whole (`load`) or chunk by chunk (`iter_chunks`)."""
 

@@ -26,6 +26,7 @@ _NOT_GROUPS = ("stem", "features")
 @register("at")
 class AT(FeatureDistiller):
     defaults = {"ce_weight": 1.0, "at_weight": 1000.0, "p": 2.0, "stages": "auto"}
+    inputs = ("image",)  # in the default tables, n/a on vector datasets (synthetic)
 
     @classmethod
     def validate(cls, cfg, key):

@@ -36,6 +36,9 @@ class Distiller(nn.Module):
     uses_teacher_logits_only: ClassVar[bool] = True
     #: the tasks the method is defined for; on another task its run is skipped (shown as n/a).
     tasks: ClassVar[tuple[str, ...]] = ("classification", "segmentation")
+    #: the inputs the method is defined for: "vector" ([N, F] rows) and/or "image" ([N, C, H, W]
+    #: maps); on other inputs its run is skipped (n/a), as for `tasks`.
+    inputs: ClassVar[tuple[str, ...]] = ("vector", "image")
     #: hyper-parameters with their defaults; anything else in the config is an error.
     defaults: ClassVar[dict[str, Any]] = {}
 
