@@ -314,3 +314,16 @@ def test_committed_predictor_matches_params():
     model = json.loads((REPO / "diagnosis_predictor.json").read_text())["model"]
     assert model["features"] == params["features"] and model["penalty"] == params["penalty"]
     assert len(model["weights"]) == len(params["features"]) + 1 and math.isfinite(model["sigma2"])
+
+
+def test_pipeline_artifact_shows_the_diagnosis_first(tmp_path):
+    from flows.reports import pipeline_markdown
+
+    (tmp_path / "params.yaml").write_text("datasets: [synthetic]\n")
+    stages = [{"stage": "diagnose@synthetic", "status": "ok", "seconds": 1.0, "attempts": 1}]
+    assert "Will KD help" not in pipeline_markdown(tmp_path, stages)
+    (tmp_path / "data" / "diagnosis").mkdir(parents=True)
+    (tmp_path / "data" / "diagnosis" / "synthetic.md").write_text("# Will KD help on `synthetic`?\n\nPREDICTED\n")
+    md = pipeline_markdown(tmp_path, stages)
+    assert md.index("## Will KD help? (diagnosis)") < md.index("PREDICTED") < md.index("## Stages")
+    assert "### Will KD help on `synthetic`?" in md
