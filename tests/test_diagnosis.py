@@ -289,21 +289,28 @@ def test_diagnose_stage_end_to_end(tmp_path, monkeypatch, one_thread):
 
 
 def test_dvc_diagnose_depends_on_no_distill_or_experiment_output():
+    """Every output of every stage but prepare / train_teacher / train_student (distill runs for
+    each dataset and method, experiments, reports...) is forbidden as a diagnose dependency."""
     stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
     deps = stages["diagnose"]["do"]["deps"]
     assert "data/runs/${item}/teacher" in deps and "data/runs/${item}/student" in deps
     assert "diagnosis_predictor.json" in deps
-    forbidden = []
-    for name, stage in stages.items():
-        if name in ("diagnose", "train_teacher", "train_student"):
-            continue
-        body = stage.get("do", stage)
-        for out in body.get("outs", []):
-            path = out if isinstance(out, str) else next(iter(out))
-            forbidden.append(path.replace("${item.dataset}", "${item}").replace("${item.run}", "*"))
-    for dep in deps:
-        assert not any(dep == f or dep.startswith(f.rstrip("*")) and "*" in f for f in forbidden), dep
-        assert "experiments" not in dep and "/reports/" not in dep
+    allowed_producers = {"download", "prepare", "train_teacher", "train_student"}
+    forbidden = set()
+    for ds in params["datasets"]:
+        for name, stage in stages.items():
+            if name in allowed_producers:
+                continue
+            body = stage.get("do", stage)
+            for out in body.get("outs", []):
+                path = out if isinstance(out, str) else next(iter(out))
+                for run in params["methods"]:
+                    forbidden.add(path.replace("${item.dataset}", ds).replace("${item.run}", run).replace("${item}", ds))
+        resolved = [d.replace("${item}", ds) for d in deps]
+        assert "data/runs/" + ds + "/kdv1" in forbidden  # the check sees the distill outputs
+        for dep in resolved:
+            assert not any(dep == f or dep.startswith(f + "/") or f.startswith(dep + "/") for f in forbidden), dep
     assert stages["diagnose"]["do"]["params"][0] == "diagnosis"
     # the predictor is committed, not produced by any stage
     assert all("diagnosis_predictor.json" not in json.dumps(s.get("do", s).get("outs", [])) for s in stages.values())
