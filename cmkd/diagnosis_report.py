@@ -215,23 +215,23 @@ def experiment_conditions(result: Mapping[str, Any], sweep: str) -> list[dict[st
     return out
 
 
-def collect_conditions(experiments_dir: Path, main: Mapping[str, tuple[Path, Path]]) -> list[dict[str, Any]]:
-    """Every condition: the sweeps' points, and each main dataset whose diagnosis and kdv1 both exist.
-    main: dataset -> (data/diagnosis/<ds>.json, data/reports/<ds>/metrics.json)."""
+def collect_conditions(experiments_dir: Path, main: Mapping[str, Path]) -> list[dict[str, Any]]:
+    """Every condition: the sweeps' points, and each main dataset whose diagnosis report (dataset ->
+    data/diagnosis/measured/<ds>.json, written by diagnosis_report) has a measured kdv1 gain."""
     conditions = []
     for sweep in SWEEPS:
         path = Path(experiments_dir) / f"{sweep}.json"
         if not path.is_file():
             raise DataFormatError(path, f"missing: run exp_{sweep}")
         conditions += experiment_conditions(json.loads(path.read_text()), sweep)
-    for ds, (diag_path, metrics_path) in main.items():
-        if not Path(diag_path).is_file() or not Path(metrics_path).is_file():
+    for ds, path in main.items():
+        if not Path(path).is_file():
             continue
-        measured = measured_kd_gain(json.loads(Path(metrics_path).read_text()))
-        if measured is None or measured["accuracy"] is None:
+        report = json.loads(Path(path).read_text())
+        if report.get("measured_kd_gain") is None:
             continue
-        conditions.append({"sweep": MAIN, "point": ds, "coords": {}, "indicators": json.loads(Path(diag_path).read_text())["indicators"],
-                           "gain": measured["accuracy"], "n_seeds": measured["n"]})
+        conditions.append({"sweep": MAIN, "point": ds, "coords": {}, "indicators": report["indicators"],
+                           "gain": report["measured_kd_gain"], "n_seeds": (report.get("measured_detail") or {}).get("n")})
     return conditions
 
 

@@ -1,6 +1,7 @@
 """Stage `diagnosis_report@<dataset>`: the diagnosis beside the measured KD gain ->
 data/reports/<dataset>/diagnosis.json and .md: {"indicators", "predicted_kd_gain": {"mean",
-"ci95"}, "measured_kd_gain": kdv1 - STUDENT (paired mean, accuracy) or null when kdv1 did not run}.
+"ci95"}, "measured_kd_gain": kdv1 - STUDENT (paired mean, accuracy) or null when kdv1 did not run};
+the same JSON as data/diagnosis/measured/<dataset>.json, where diagnosis_validation reads it.
 
     python -m stages diagnosis_report --dataset synthetic
 """
@@ -30,6 +31,7 @@ def run() -> None:
     out = Path(DATA) / "reports" / ds
     write_json(out / "diagnosis.json", report)
     write_text(out / "diagnosis.md", diagnosis_markdown({**diagnosis, **report}))
+    write_json(Path(DATA) / "diagnosis" / "measured" / f"{ds}.json", report)  # diagnosis_validation's input
 
 
 if __name__ == "__main__":

@@ -28,8 +28,7 @@ def run(write_predictor: bool = False) -> None:
     args = p.parse_args()
     params = start(args)
     cfg = check_config(params.get("diagnosis"))
-    main_inputs = {ds: (Path(DATA) / "diagnosis" / f"{ds}.json", Path(DATA) / "reports" / ds / "metrics.json")
-                   for ds in params["datasets"]}
+    main_inputs = {ds: Path(DATA) / "diagnosis" / "measured" / f"{ds}.json" for ds in params["datasets"]}
     conditions = collect_conditions(Path(args.experiments_dir), main_inputs)
     predictor_path = Path(args.params).with_name(PREDICTOR_FILE)
     if write_predictor or args.write_predictor:

@@ -334,3 +334,33 @@ def test_pipeline_artifact_shows_the_diagnosis_first(tmp_path):
     md = pipeline_markdown(tmp_path, stages)
     assert md.index("## Will KD help? (diagnosis)") < md.index("PREDICTED") < md.index("## Stages")
     assert "### Will KD help on `synthetic`?" in md
+
+
+def test_collect_conditions_reads_sweeps_and_measured_main_datasets(tmp_path):
+    from cmkd.diagnosis_report import SWEEPS, collect_conditions
+
+    point = {**{f"diag_{n}": {"mean": 0.1} for n in INDICATORS}, "kd_gain": {"mean": 0.02, "sem": 0.01, "n": 3}, "gamma": 0.5}
+    for sweep in SWEEPS:
+        (tmp_path / f"{sweep}.json").write_text(json.dumps({"points": [point, point]}))
+    (tmp_path / "syn.json").write_text(json.dumps({"indicators": {n: 0.2 for n in INDICATORS}, "measured_kd_gain": -0.01,
+                                                   "measured_detail": {"n": 5}}))
+    (tmp_path / "dig.json").write_text(json.dumps({"indicators": {n: 0.2 for n in INDICATORS}, "measured_kd_gain": None}))
+    conds = collect_conditions(tmp_path, {"syn": tmp_path / "syn.json", "dig": tmp_path / "dig.json", "none": tmp_path / "x.json"})
+    assert len(conds) == 2 * len(SWEEPS) + 1
+    main = [c for c in conds if c["sweep"] == "main"]
+    assert main == [{"sweep": "main", "point": "syn", "coords": {}, "indicators": {n: 0.2 for n in INDICATORS}, "gain": -0.01, "n_seeds": 5}]
+    (tmp_path / "mfh_gamma.json").write_text(json.dumps({"points": [{"kd_gain": {"mean": 0.0}}]}))
+    with pytest.raises(Exception, match="rerun exp_mfh_gamma"):
+        collect_conditions(tmp_path, {})
+
+
+def test_diagnosis_params_are_checked_naming_the_key():
+    from cmkd.diagnosis_report import check_config
+    from cmkd.errors import ConfigError
+
+    cfg = yaml.safe_load((REPO / "params.yaml").read_text())["diagnosis"]
+    assert check_config(cfg) == cfg
+    with pytest.raises(ConfigError, match="diagnosis.predictor.features"):
+        check_config({**cfg, "predictor": {"features": ["acc_gap", "nope"], "penalty": 1.0}})
+    with pytest.raises(ConfigError, match="diagnosis.bins"):
+        check_config({**cfg, "bins": 3})
