@@ -364,3 +364,30 @@ def test_diagnosis_params_are_checked_naming_the_key():
         check_config({**cfg, "predictor": {"features": ["acc_gap", "nope"], "penalty": 1.0}})
     with pytest.raises(ConfigError, match="diagnosis.bins"):
         check_config({**cfg, "bins": 3})
+
+
+@pytest.mark.slow
+def test_tiny_pipeline_writes_both_reports_and_diagnose_ignores_distill_changes(tmp_path):
+    """A fresh tiny pipeline: `dvc repro` of the diagnosis targets trains what they need, writes
+    diagnosis.json (the issue's format) and validation.json with a `main` condition; a second
+    repro runs nothing; a distillation param change leaves diagnose up to date."""
+    from tests.conftest import copy_pipeline, dvc, stages_run, tiny_params, tool_env
+
+    repo = copy_pipeline(tmp_path / "repo")
+    env = {**tool_env(tmp_path), "CMKD_SEED_WORKERS": "1"}
+    params = tiny_params(yaml.safe_load((repo / "params.yaml").read_text()))
+    (repo / "params.yaml").write_text(yaml.safe_dump(params))
+    dvc(["init", "--no-scm", "-q"], repo, env)
+    targets = ["diagnosis_validation", "diagnosis_report@synthetic"]
+    ran = stages_run(dvc(["repro", *targets], repo, env).stdout)
+    assert {"diagnose@synthetic", "diagnosis_report@synthetic", "diagnosis_validation", "distill@synthetic-kdv1"} <= ran
+    report = json.loads((repo / "data/reports/synthetic/diagnosis.json").read_text())
+    assert set(report["predicted_kd_gain"]) == {"mean", "ci95"} and isinstance(report["measured_kd_gain"], float)
+    assert set(report["indicators"]) == set(INDICATORS)
+    v = json.loads((repo / "data/reports/diagnosis/validation.json").read_text())
+    assert v["conditions"] == 28 and v["per_sweep"]["main"]["n"] == 1
+    assert (repo / "data/reports/diagnosis/validation.png").read_bytes()[:4] == b"\x89PNG"
+    assert stages_run(dvc(["repro", *targets], repo, env).stdout) == set()
+    params["runs"]["kdv1"]["temperature"] = 2.0
+    (repo / "params.yaml").write_text(yaml.safe_dump(params))
+    assert "diagnose@synthetic" not in dvc(["status", "diagnose@synthetic"], repo, env).stdout
