@@ -273,6 +273,21 @@ def slice_divergences(teacher_logits: torch.Tensor, student_logits: torch.Tensor
     return out
 
 
+@torch.no_grad()
+def diagnosis_indicators(teacher: BatchedMLP, nokd: BatchedMLP, test: Slices) -> dict[str, np.ndarray]:
+    """`cmkd.diagnosis.indicators` of every slice's teacher and no-KD student on the test
+    split (one vectorised call; the no-KD student's penultimate features feed the probes),
+    as `diag_<name>` per slice: the conditions the KD-gain predictor is fit and checked on."""
+    from cmkd.diagnosis import indicators
+
+    def slice_major(z: torch.Tensor) -> torch.Tensor:  # [N, C, S, 1] -> [S, N, C]
+        return z.squeeze(-1).permute(2, 0, 1)
+
+    values = indicators(slice_major(teacher(test.teacher)), slice_major(nokd(test.student)), test.target[..., 0].t(),
+                        nokd.features(test.student))
+    return {f"diag_{name}": v for name, v in values.items()}
+
+
 def teacher_student_kd(splits: Mapping[str, Slices], nets: Mapping[str, Any], kd: Mapping[str, Any], num_classes: int,
                        seeds: Sequence[int], key: str, with_nokd: bool = True) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """Teacher, no-KD student (unless `with_nokd` is False) and KD student of every slice;
@@ -289,6 +304,7 @@ def teacher_student_kd(splits: Mapping[str, Slices], nets: Mapping[str, Any], kd
     acc = {f"{name}_acc": slice_accuracy(z, test.target).numpy() for name, z in logits.items()}
     if with_nokd:
         acc["kd_gain"] = acc["kd_acc"] - acc["nokd_acc"]
+        acc.update(diagnosis_indicators(models["teacher"], models["nokd"], test))
     return acc, {**models, "cached": cached, "test_logits": logits}
 
 

@@ -73,6 +73,14 @@ class BatchedMLP(nn.Module):
                 h = torch.relu_(h)
         return h.permute(1, 2, 0).unsqueeze(-1)
 
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """x [N, S, D] -> the input of the last layer, slice-major [S, N, H] (the inputs
+        themselves for a network without hidden layers)."""
+        h = x.flatten(2).transpose(0, 1)
+        for w, b in zip(self.weights[:-1], self.biases[:-1]):
+            h = torch.relu(torch.baddbmm(b.unsqueeze(1), h, w))
+        return h
+
     def unstack(self, index: int) -> MLP:
         """Slice `index` as a plain `cmkd.models.mlp.MLP` on [N, D] inputs (with `features`,
         `head` and `feature_dim`, for tools that take one network)."""

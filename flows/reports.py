@@ -70,12 +70,36 @@ def _claims_markdown(reports: Path) -> str | None:
     return "```json\n" + json.dumps(claims, indent=2, sort_keys=True) + "\n```\n"
 
 
+def _demote(markdown: str) -> str:
+    """Headings one level down, so an embedded report nests under the artifact's sections."""
+    return "\n".join("#" + line if line.startswith("#") else line for line in markdown.strip().splitlines()) + "\n"
+
+
+def diagnosis_markdown(root: Path, datasets: Sequence[str]) -> str | None:
+    """The diagnosis section ("Will KD help?"): each dataset's diagnosis (beside the measured
+    gain when diagnosis_report ran) and the predictor's validation; None when none exists."""
+    parts = []
+    for dataset in datasets:
+        for path in (root / REPORTS_DIR / dataset / "diagnosis.md", root / "data" / "diagnosis" / f"{dataset}.md"):
+            if path.is_file():
+                parts.append(_demote(_demote(path.read_text())))
+                break
+    validation = root / REPORTS_DIR / "diagnosis" / "validation.md"
+    if validation.is_file():
+        parts.append(_demote(_demote(validation.read_text())))
+    return "## Will KD help? (diagnosis)\n\n" + "\n".join(parts) if parts else None
+
+
 def pipeline_markdown(repo_root: str | Path, stages: Sequence[Mapping[str, Any]],
                       experiment: str | None = None, failed: bool = False) -> str:
-    """The pipeline run's artifact: stage outcomes, every dataset's table, the claim results."""
+    """The pipeline run's artifact: the diagnosis first (when diagnose ran), then stage outcomes,
+    every dataset's table, the claim results."""
     root = Path(repo_root)
     reports = root / REPORTS_DIR
     parts = ["# cmkd pipeline run\n"]
+    diagnosis = diagnosis_markdown(root, _datasets(root) or sorted(p.stem for p in (root / "data" / "diagnosis").glob("*.md")))
+    if diagnosis is not None:
+        parts.append(diagnosis)
     if experiment:
         parts.append(f"Parameter overrides were run as DVC experiment `{experiment}` "
                      f"(`dvc exp show`, `dvc exp apply {experiment}`).\n")

@@ -1,0 +1,43 @@
+"""Stage `diagnose@<dataset>`: will KD help here? From the trained TEACHER and the no-KD STUDENT
+(data/runs/<dataset>/{teacher,student}) on the validation split, the indicators of
+cmkd/diagnosis.py and the predicted KD gain of the committed predictor (diagnosis_predictor.json)
+-> data/diagnosis/<dataset>.json and .md. Runs before, and independent of, every distill stage.
+
+    python -m stages diagnose --dataset synthetic
+"""
+
+import time
+from pathlib import Path
+
+from cmkd.atomic import write_json, write_text
+from cmkd.diagnosis_report import apply_predictor, check_config, diagnosis_markdown, load_predictor, measure_dataset
+from cmkd.errors import ConfigError
+from stages._common import DATA, main, parser, start
+
+PREDICTOR_FILE = "diagnosis_predictor.json"
+
+
+def run() -> None:
+    p = parser(__doc__.splitlines()[0])
+    p.add_argument("--dataset", required=True)
+    p.add_argument("--out-dir", default=f"{DATA}/diagnosis")
+    args = p.parse_args()
+    params = start(args)
+    ds = args.dataset
+    if ds not in params["models"]:
+        raise ConfigError(f"models.{ds}", "missing")
+    cfg = check_config(params.get("diagnosis"))
+    predictor = load_predictor(Path(args.params).with_name(PREDICTOR_FILE))
+    started = time.process_time()
+    runs = Path(DATA) / "runs" / ds
+    result = measure_dataset(Path(DATA) / "prepared" / f"{ds}.h5", runs / "teacher", runs / "student", params["models"][ds],
+                             params["seeds"], ds, cfg)
+    result = apply_predictor(result, predictor, cfg)
+    result["cpu_seconds"] = time.process_time() - started
+    out = Path(args.out_dir)
+    write_json(out / f"{ds}.json", result)
+    write_text(out / f"{ds}.md", diagnosis_markdown(result))
+
+
+if __name__ == "__main__":
+    main(run)

@@ -1,0 +1,46 @@
+"""Stage `diagnosis_validation`: does the diagnosis predict the KD gain? Every sweep point of the
+batched experiments (data/reports/experiments/*.json) and every main dataset with a diagnosis and
+a kdv1 row is a condition; the predictor is fit leaving one whole sweep out and predicts it ->
+data/reports/diagnosis/validation.json, validation.md and validation.png (predicted vs measured).
+
+    python -m stages diagnosis_validation
+    python -m stages diagnosis_validation --write-predictor   # = python -m stages diagnosis_fit
+
+It also fits the predictor on every condition and records whether the committed
+diagnosis_predictor.json is that fit (`predictor_up_to_date`); `--write-predictor` rewrites it.
+"""
+
+import json
+from pathlib import Path
+
+from cmkd.atomic import atomic_path, write_json, write_text
+from cmkd.diagnosis_report import check_config, collect_conditions, fit_committed, validate, validation_figure, validation_markdown
+from stages._common import DATA, main, parser, start
+
+PREDICTOR_FILE = "diagnosis_predictor.json"
+
+
+def run(write_predictor: bool = False) -> None:
+    p = parser(__doc__.splitlines()[0])
+    p.add_argument("--experiments-dir", default=f"{DATA}/reports/experiments")
+    p.add_argument("--out-dir", default=f"{DATA}/reports/diagnosis")
+    p.add_argument("--write-predictor", action="store_true", help=f"rewrite {PREDICTOR_FILE} from every condition, then validate")
+    args = p.parse_args()
+    params = start(args)
+    cfg = check_config(params.get("diagnosis"))
+    main_inputs = {ds: Path(DATA) / "diagnosis" / "measured" / f"{ds}.json" for ds in params["datasets"]}
+    conditions = collect_conditions(Path(args.experiments_dir), main_inputs)
+    predictor_path = Path(args.params).with_name(PREDICTOR_FILE)
+    if write_predictor or args.write_predictor:
+        write_json(predictor_path, fit_committed(conditions, cfg))
+    committed = json.loads(predictor_path.read_text()) if predictor_path.is_file() else None
+    result = validate(conditions, cfg, committed)
+    out = Path(args.out_dir)
+    write_json(out / "validation.json", result)
+    write_text(out / "validation.md", validation_markdown(result))
+    with atomic_path(out / "validation.png") as tmp:
+        validation_figure(result, tmp)
+
+
+if __name__ == "__main__":
+    main(run)
