@@ -185,9 +185,14 @@ class CRD(FeatureDistiller):
         index = batch["index"].to(v_s.device).long()
         idx = torch.cat([index[:, None], self.sample_negatives(index, batch["target"].to(v_s.device))], dim=1)
         temperature, n = float(self.cfg["nce_t"]), self.memory.rows
-        # student embedding against the teacher's bank, and the teacher's against the student's
-        scores_s = torch.exp(torch.bmm(self.memory.teacher[idx].detach(), v_s[:, :, None]).squeeze(2) / temperature)
-        scores_t = torch.exp(torch.bmm(self.memory.student[idx].detach(), v_t[:, :, None]).squeeze(2) / temperature)
+        # student embedding against the teacher's bank, and the teacher's against the student's:
+        # every row's dot product with the whole bank in one [B, D] x [D, rows] product, then the
+        # sampled columns. The same numbers as gathering [B, 1 + K, D] bank rows for a batched
+        # product, without that copy: K is up to 16384 (or all rows of a small dataset) per row.
+        # The banks are cloned (rows x D, far less than B x K x D) because the update below
+        # changes them in place while backward still needs these values.
+        scores_s = torch.exp((v_s @ self.memory.teacher.detach().clone().T).gather(1, idx) / temperature)
+        scores_t = torch.exp((v_t @ self.memory.student.detach().clone().T).gather(1, idx) / temperature)
         with torch.no_grad():
             if self.memory.z[0] < 0:  # fixed once, from the first batch, as the authors' code
                 self.memory.z.copy_(torch.stack([scores_s.mean(), scores_t.mean()]) * n)
