@@ -5,7 +5,7 @@
     [--out benchmarks/results/stage_memory.json] [--keep DIR]
 
 The pipeline (this checkout's cmkd/, stages/, dvc.yaml, params.yaml with `datasets` replaced)
-is copied into a temporary DVC project and `dvc repro check_tables@<ds>` runs there for each
+is copied into a temporary DVC project and `dvc repro check_tables@<ds> diagnosis_report@<ds>` runs there for each
 dataset, one after the other, with the stage server off (each stage is then a child process).
 Every 0.2 s the process tree is sampled; a stage's memory is the summed RSS of its process
 and all its descendants (the forked seed workers), and its peak is the largest such sum seen.
@@ -32,7 +32,7 @@ import psutil
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
-FILES = ["cmkd", "stages", "dvc.yaml", "params.yaml", "claims.yaml"]
+FILES = ["cmkd", "stages", "dvc.yaml", "params.yaml", "claims.yaml", "tuned.yaml", "diagnosis_predictor.json"]
 
 
 def stage_label(cmdline: list[str]) -> str | None:
@@ -97,7 +97,7 @@ def main() -> int:
             subprocess.run([*git, "commit", "-qm", ds], cwd=work, check=True)
             load = os.getloadavg()
             start = time.perf_counter()
-            proc = subprocess.Popen([sys.executable, "-m", "dvc", "repro", f"check_tables@{ds}"], cwd=work, env=env,
+            proc = subprocess.Popen([sys.executable, "-m", "dvc", "repro", f"check_tables@{ds}", f"diagnosis_report@{ds}"], cwd=work, env=env,
                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
             sampler = Sampler(proc.pid)
             sampler.start()
