@@ -6,7 +6,6 @@ cmkd/diagnosis.py and the predicted KD gain of the committed predictor (diagnosi
     python -m stages diagnose --dataset synthetic
 """
 
-import time
 from pathlib import Path
 
 from cmkd.atomic import write_json, write_text
@@ -28,12 +27,10 @@ def run() -> None:
         raise ConfigError(f"models.{ds}", "missing")
     cfg = check_config(params.get("diagnosis"))
     predictor = load_predictor(Path(args.params).with_name(PREDICTOR_FILE))
-    started = time.process_time()
     runs = Path(DATA) / "runs" / ds
     result = measure_dataset(Path(DATA) / "prepared" / f"{ds}.h5", runs / "teacher", runs / "student", params["models"][ds],
                              params["seeds"], ds, cfg)
     result = apply_predictor(result, predictor, cfg)
-    result["cpu_seconds"] = time.process_time() - started
     out = Path(args.out_dir)
     write_json(out / f"{ds}.json", result)
     write_text(out / f"{ds}.md", diagnosis_markdown(result))
