@@ -11,7 +11,9 @@ Every 0.2 s the process tree is sampled; a stage's memory is the summed RSS of i
 and all its descendants (the forked seed workers), and its peak is the largest such sum seen.
 So short peaks between samples can be missed, and shared pages of forked workers count once
 per worker (an upper bound). Also recorded: each dataset's wall time from `dvc repro` start
-to end (download to the claims check), CMKD_SEED_WORKERS as set, and the load average.
+to end (download to the claims check), each stage's wall time (first to last sample of its
+process), CMKD_SEED_WORKERS as set, and the load average. The committed dvc.lock is copied in,
+as after the default run (`--no-lock`: start without it).
 """
 
 from __future__ import annotations
@@ -32,7 +34,11 @@ import psutil
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
-FILES = ["cmkd", "stages", "dvc.yaml", "params.yaml", "claims.yaml", "tuned.yaml", "diagnosis_predictor.json"]
+# dvc.lock too: DVC parses and rewrites the whole lock after every stage, so a sample run after
+# the default run (the committed lock, ~60 stage entries) pays for its length; the entries of
+# the default datasets' stages stay in it while `datasets` names only the sample.
+FILES = ["cmkd", "stages", "dvc.yaml", "dvc.lock", "params.yaml", "claims.yaml", "tuned.yaml",
+         "diagnosis_predictor.json"]
 
 
 def stage_label(cmdline: list[str]) -> str | None:
@@ -50,6 +56,7 @@ class Sampler(threading.Thread):
         self.root = root_pid
         self.interval = interval
         self.peaks: dict[str, float] = {}
+        self.seen: dict[str, list[float]] = {}  # label -> [first, last] sample time
         self.stop = threading.Event()
 
     def run(self) -> None:
@@ -67,6 +74,8 @@ class Sampler(threading.Thread):
                 except psutil.Error:
                     continue
                 self.peaks[label] = max(self.peaks.get(label, 0.0), rss / 2**20)
+                now = time.perf_counter()
+                self.seen.setdefault(label, [now, now])[1] = now
             self.stop.wait(self.interval)
 
 
@@ -75,10 +84,13 @@ def main() -> int:
     p.add_argument("--datasets", nargs="+", required=True)
     p.add_argument("--out", default=str(REPO / "benchmarks/results/stage_memory.json"))
     p.add_argument("--keep", help="run in this folder and keep it (default: a temporary one)")
+    p.add_argument("--no-lock", action="store_true", help="do not copy the committed dvc.lock")
     args = p.parse_args()
     work = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="cmkd-stage-memory-"))
     work.mkdir(parents=True, exist_ok=True)
     for name in FILES:
+        if name == "dvc.lock" and args.no_lock:
+            continue
         src = REPO / name
         (shutil.copytree(src, work / name, dirs_exist_ok=True, ignore=shutil.ignore_patterns("__pycache__"))
          if src.is_dir() else shutil.copy2(src, work / name))
@@ -95,6 +107,8 @@ def main() -> int:
             (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
             subprocess.run(["git", "add", "-A"], cwd=work, check=True)
             subprocess.run([*git, "commit", "-qm", ds], cwd=work, check=True)
+            lock = work / "dvc.lock"
+            lock_lines = len(lock.read_text().splitlines()) if lock.exists() else 0
             load = os.getloadavg()
             start = time.perf_counter()
             proc = subprocess.Popen([sys.executable, "-m", "dvc", "repro", f"check_tables@{ds}", f"diagnosis_report@{ds}"], cwd=work, env=env,
@@ -108,6 +122,8 @@ def main() -> int:
             results[ds] = {
                 "returncode": proc.returncode, "seconds": round(seconds, 1),
                 "peak_rss_mib": {k: round(v, 1) for k, v in sorted(sampler.peaks.items(), key=lambda kv: -kv[1])},
+                "stage_seconds": {k: round(v[1] - v[0], 1) for k, v in sampler.seen.items()},
+                "lock_lines_at_start": lock_lines,
                 "load_average_at_start": [round(x, 2) for x in load],
                 "load_average_at_end": [round(x, 2) for x in os.getloadavg()],
                 "output_tail": output.splitlines()[-15:] if proc.returncode else [],

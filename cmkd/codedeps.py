@@ -1,11 +1,14 @@
-"""Which source files a distillation run's code consists of, found without importing anything.
+"""Which source files a training stage's code consists of, found without importing anything.
 
 DVC can only declare dependencies statically, and a `distill@<dataset>-<run>` stage needs the
 files of *its* method: the module that registers the run's `method`, the method a wrapper wraps
 (`ntdh_mask` with `base: {method: kd}`), and every cmkd module those import (`mgkd` imports
-DisCoM-KD's `reinitialised_copy`). The stage `method_code` writes, per run, the content hash of
-each such file (`data/method_code/<run>.json`); the distill stage depends on that file, so a
-new or edited method module reruns only the runs whose code it is (docs/extending.md).
+DisCoM-KD's `reinitialised_copy`), beside the stage script and the training code it imports.
+The stage `method_code` writes, per run, the content hash of each such file
+(`data/method_code/<run>.json`; `stages/{teacher,student,experiments}.json` for the stages that
+are not runs); each training stage depends on its one file, so a new or edited method module
+reruns only the runs whose code it is (docs/extending.md). One file instead of a dozen source
+deps a stage also keeps dvc.lock short, which DVC parses and rewrites after every stage.
 
 Imports are read from the source with `ast` (also those inside functions, so the set is a
 superset of what a run imports at any point); a test compares it with `sys.modules` after a
@@ -15,11 +18,14 @@ real import.
 from __future__ import annotations
 
 import ast
+import functools
 import hashlib
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 PACKAGE = "cmkd"
+# Every stage script runs through these (`python -m stages <name>`).
+STAGE_COMMON = ("stages/__init__.py", "stages/__main__.py", "stages/_common.py", "stages/_server.py")
 
 
 def module_path(root: Path, module: str) -> Path | None:
@@ -36,17 +42,29 @@ def _parents(module: str) -> list[str]:
     return [".".join(parts[:i]) for i in range(1, len(parts))]
 
 
-def imported_modules(root: Path, module: str) -> set[str]:
-    """The cmkd modules `module`'s source imports (any depth in the file), parents included."""
-    path = module_path(root, module)
+def imported_modules(root: Path, module: str, path: Path | None = None) -> set[str]:
+    """The cmkd modules `module`'s source imports (any depth in the file), parents included.
+    `path`: read this file as `module` (a stage script, which is not under cmkd/)."""
+    path = path or module_path(root, module)
     if path is None:
         return set()
-    is_package = path.name == "__init__.py"
-    tree = ast.parse(path.read_text(), filename=str(path))
+    names = _imported_names(module, path.name == "__init__.py", path.read_text(), str(path))
     found: set[str] = set()
+    for name in names:
+        if name.split(".")[0] == PACKAGE and module_path(root, name) is not None:
+            found.add(name)
+            found.update(_parents(name))
+    return found
+
+
+@functools.lru_cache(maxsize=1024)
+def _imported_names(module: str, is_package: bool, source: str, filename: str) -> tuple[str, ...]:
+    # Keyed by the source text itself: a file parses once per process however many runs share it.
+    tree = ast.parse(source, filename=filename)
+    found: list[str] = []
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
-            names = [alias.name for alias in node.names]
+            found.extend(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom):
             if node.level:  # relative import: resolve against this module's package
                 package = module.split(".") if is_package else module.split(".")[:-1]
@@ -55,14 +73,8 @@ def imported_modules(root: Path, module: str) -> set[str]:
             else:
                 base = node.module or ""
             # `from cmkd.methods import discom` imports a submodule; `import register` a name
-            names = [base] + [f"{base}.{alias.name}" for alias in node.names]
-        else:
-            continue
-        for name in names:
-            if name.split(".")[0] == PACKAGE and module_path(root, name) is not None:
-                found.add(name)
-                found.update(_parents(name))
-    return found
+            found.extend([base] + [f"{base}.{alias.name}" for alias in node.names])
+    return tuple(found)
 
 
 def closure(root: Path, modules: Iterable[str]) -> set[str]:
@@ -86,14 +98,22 @@ def registered_methods(root: Path, package: str = "cmkd.methods") -> dict[str, s
     for path in sorted(folder.glob("*.py")):
         if path.name.startswith("_"):
             continue
-        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
-            if not isinstance(node, ast.ClassDef):
-                continue
-            for dec in node.decorator_list:
-                if (isinstance(dec, ast.Call) and getattr(dec.func, "id", getattr(dec.func, "attr", None)) == "register"
-                        and dec.args and isinstance(dec.args[0], ast.Constant)):
-                    out[dec.args[0].value] = f"{package}.{path.stem}"
+        for name in _registered_names(path.read_text(), str(path)):
+            out[name] = f"{package}.{path.stem}"
     return out
+
+
+@functools.lru_cache(maxsize=256)
+def _registered_names(source: str, filename: str) -> tuple[str, ...]:
+    found = []
+    for node in ast.walk(ast.parse(source, filename=filename)):
+        if not isinstance(node, ast.ClassDef):
+            continue
+        for dec in node.decorator_list:
+            if (isinstance(dec, ast.Call) and getattr(dec.func, "id", getattr(dec.func, "attr", None)) == "register"
+                    and dec.args and isinstance(dec.args[0], ast.Constant)):
+                found.append(dec.args[0].value)
+    return tuple(found)
 
 
 def methods_of_run(run_cfg: Any) -> list[str]:
@@ -117,10 +137,28 @@ def run_modules(root: Path, run_cfg: Mapping[str, Any]) -> set[str]:
     return closure(root, [registry[m] for m in methods_of_run(run_cfg) if m in registry])
 
 
-def run_code(root: Path, run_cfg: Mapping[str, Any]) -> dict[str, str]:
-    """Relative path -> sha256 of every file of a run's code, sorted by path."""
-    files = {}
-    for module in run_modules(root, run_cfg):
-        path = module_path(root, module)
-        files[path.relative_to(root).as_posix()] = hashlib.sha256(path.read_bytes()).hexdigest()
+def _hashes(root: Path, paths: Iterable[Path]) -> dict[str, str]:
+    files = {path.relative_to(root).as_posix(): hashlib.sha256(path.read_bytes()).hexdigest() for path in paths}
     return dict(sorted(files.items()))
+
+
+def run_code(root: Path, run_cfg: Mapping[str, Any]) -> dict[str, str]:
+    """Relative path -> sha256 of every file of a run's method code, sorted by path."""
+    return _hashes(root, (module_path(root, m) for m in run_modules(root, run_cfg)))
+
+
+def stage_code(root: Path, script: str, methods_cfg: Any = None) -> dict[str, str]:
+    """Relative path -> sha256 of every file a stage runs: its script (`stages/train.py`), the
+    shared stage entry files, the cmkd modules they import (transitively), and the code of every
+    method named in `methods_cfg` (a run's entry, or any params holding `method:` keys).
+
+    Not included: the modules the up-front check of the whole params file imports for *other*
+    runs and datasets (every stage validates all of params.yaml before it works). They can stop
+    a stage with a configuration error but never change what it writes, and listing them would
+    rerun every run when one method module changes."""
+    scripts = [root / script] + [root / f for f in STAGE_COMMON]
+    modules: set[str] = set()
+    for path in scripts:
+        modules |= imported_modules(root, "stages." + path.stem, path=path)
+    modules = closure(root, modules) | (run_modules(root, methods_cfg) if methods_cfg is not None else set())
+    return _hashes(root, scripts + [module_path(root, m) for m in modules])

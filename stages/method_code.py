@@ -1,6 +1,18 @@
-"""Stage `method_code`: per distillation run, the hash of every source file of its method
-(cmkd/codedeps.py) -> data/method_code/<run>.json. Each `distill@<dataset>-<run>` stage depends
-on its run's file, so editing or adding one method module reruns only the runs that use it.
+"""Stage `method_code`: per training stage, the hash of every source file it runs
+(cmkd/codedeps.py):
+
+    data/method_code/<run>.json                 distill@<dataset>-<run>: stages/train.py, the
+                                                training code and the run's method modules, and
+                                                the run's selection in tuned.yaml
+    data/method_code/stages/teacher.json        train_teacher@<dataset>
+    data/method_code/stages/student.json        train_student@<dataset>
+    data/method_code/stages/experiments.json    exp_*: stages/experiment.py, the analysis code
+                                                and the methods the experiments use
+
+Each of those stages depends on its file, so editing or adding one method module reruns only
+the runs that use it, and dvc.lock holds one entry where it held a dozen source files. A run's
+tuned.yaml selection is in its file rather than a DVC param of the distill stage, so a run that
+tuned.yaml does not name yet (a new method) needs no entry there.
 
 Reads the source with `ast` and never imports torch: the stage takes well under a second."""
 
@@ -8,23 +20,41 @@ import json
 from pathlib import Path
 
 from cmkd.atomic import atomic_dir
-from cmkd.codedeps import run_code
+from cmkd.codedeps import stage_code
 from cmkd.config import load_params
 from cmkd.errors import ConfigError
+from cmkd.tuning import TUNED_FILE, load_tuned
 from stages._common import DATA, main, parser
+
+
+# = cmkd.pipeline.TEACHER_RUN / STUDENT_RUN (importing cmkd.pipeline would import torch; a test
+# keeps them equal)
+TEACHER_RUN = {"method": "teacher"}
+STUDENT_RUN = {"method": "supervised"}
+
+
+def _write(path: Path, name: str, files: dict[str, str], **extra) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"run": name, "files": files, **extra}, indent=2, sort_keys=True) + "\n")
 
 
 def run() -> None:
     args = parser(__doc__).parse_args()
     params = load_params(args.params)
     runs = params.get("runs") or {}
+    tuned = load_tuned(Path(args.params).with_name(TUNED_FILE))
     root = Path.cwd()
     with atomic_dir(Path(DATA) / "method_code") as out:
         for name in params.get("methods") or []:
             if name not in runs:
                 raise ConfigError("methods", f"unknown run {name!r}: not a key of `runs` (known: {sorted(runs)})")
-            code = {"run": name, "files": run_code(root, runs[name])}
-            (out / f"{name}.json").write_text(json.dumps(code, indent=2, sort_keys=True) + "\n")
+            _write(out / f"{name}.json", name, stage_code(root, "stages/train.py", runs[name]),
+                   tuned=tuned.get(name) or {})
+        _write(out / "stages" / "teacher.json", "teacher", stage_code(root, "stages/train.py", TEACHER_RUN))
+        _write(out / "stages" / "student.json", "student", stage_code(root, "stages/train.py", STUDENT_RUN))
+        # the experiments' methods (kd, ntdh_mask, MG-KD's ...) and the baselines they train
+        used = [params.get("experiments") or {}, TEACHER_RUN, STUDENT_RUN]
+        _write(out / "stages" / "experiments.json", "experiments", stage_code(root, "stages/experiment.py", used))
 
 
 if __name__ == "__main__":

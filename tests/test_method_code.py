@@ -114,6 +114,8 @@ def test_a_new_method_module_reruns_only_its_own_stages(tmp_path):
     (repo / "cmkd/methods/kd3.py").write_text(NEW_METHOD)
     params["runs"]["kd3"] = {"method": "kd3", "ce_weight": 0.5}
     params["methods"].append("kd3")
+    # every run of `methods` declares a grid of the common budget (8 configurations)
+    params["tuning"]["grids"]["kd3"] = {"ce_weight": [0.1, 0.2, 0.3, 0.5, 0.7, 1.0, 1.5, 2.0]}
     (repo / "params.yaml").write_text(yaml.safe_dump(params))
     out = dvc(["repro", "evaluate@synthetic"], repo, env)
     assert stages_run(out.stdout) == {"method_code", "distill@synthetic-kd3", "evaluate@synthetic"}
@@ -129,14 +131,95 @@ def test_a_new_method_module_reruns_only_its_own_stages(tmp_path):
 
 
 def test_experiment_stages_declare_every_method_module_they_use():
-    from cmkd.codedeps import closure, module_path
+    from cmkd.codedeps import closure, module_path, stage_code
 
     registry = registered_methods(REPO)
     used = methods_of_run(PARAMS["experiments"]) + ["teacher", "supervised"]
     modules = closure(REPO, ["cmkd.analysis"] + [registry[m] for m in used if m in registry])
-    needed = {module_path(REPO, m).relative_to(REPO).as_posix() for m in modules if m.startswith("cmkd.methods")}
+    needed = {module_path(REPO, m).relative_to(REPO).as_posix() for m in modules}
+    declared = set(stage_code(REPO, "stages/experiment.py", [PARAMS["experiments"], {"method": "teacher"},
+                                                              {"method": "supervised"}]))
+    assert needed | {"stages/experiment.py", "stages/_common.py"} <= declared
+    assert "cmkd/methods/dkd.py" not in declared  # only the methods the experiments use
     for name, stage in DVC_YAML["stages"].items():
         if name.startswith("exp_"):
-            deps = set(stage["deps"])
-            assert "cmkd/methods" not in deps
-            assert needed <= deps, f"{name}: add {sorted(needed - deps)} to its deps"
+            assert stage["deps"] == ["data/method_code/stages/experiments.json"], name
+
+
+def test_training_stages_depend_on_one_code_file_each():
+    """dvc.lock is parsed and rewritten by DVC after every stage: a dozen source deps per training
+    stage made it ~2x longer (issue 15). The code files are folded into method_code's output."""
+    stages = DVC_YAML["stages"]
+    assert stages["distill"]["deps"] == ["data/method_code/${item.run}.json", "data/prepared/${item.dataset}.h5",
+                                         "data/runs/${item.dataset}/teacher"]
+    assert stages["train_teacher"]["do"]["deps"] == ["data/method_code/stages/teacher.json", "data/prepared/${item}.h5"]
+    assert stages["train_student"]["do"]["deps"] == ["data/method_code/stages/student.json", "data/prepared/${item}.h5"]
+    assert {"stages", "cmkd"} <= set(stages["method_code"]["deps"])
+
+
+def test_method_code_uses_the_pipeline_baseline_runs():
+    from cmkd.pipeline import STUDENT_RUN, TEACHER_RUN
+    from stages import method_code
+
+    assert (method_code.TEACHER_RUN, method_code.STUDENT_RUN) == (TEACHER_RUN, STUDENT_RUN)
+
+
+def test_a_run_code_file_holds_the_training_code_and_only_its_method():
+    from cmkd.codedeps import stage_code
+
+    kdv1 = stage_code(REPO, "stages/train.py", PARAMS["runs"]["kdv1"])
+    for shared in ("stages/train.py", "stages/_common.py", "cmkd/engine.py", "cmkd/training.py", "cmkd/pipeline.py",
+                   "cmkd/data/loader.py", "cmkd/metrics.py", "cmkd/determinism.py", "cmkd/tuning.py",
+                   "cmkd/models/cnn.py", "cmkd/methods/base.py", "cmkd/methods/kd.py", "cmkd/losses.py"):
+        assert shared in kdv1, shared
+    assert "cmkd/methods/dkd.py" not in kdv1 and "stages/experiment.py" not in kdv1
+    # a changed byte anywhere in the file set changes the hash the stage depends on
+    assert stage_code(REPO, "stages/train.py", PARAMS["runs"]["kdv1"]) == kdv1
+
+
+def _cmkd_modules_imported(stderr: str) -> set[str]:
+    # `PYTHONPROFILEIMPORTTIME=1` lines: "import time: self | cumulative | <indent>module"
+    names = {line.rsplit("|", 1)[1].strip() for line in stderr.splitlines() if line.startswith("import time:")}
+    return {n for n in names if n.split(".")[0] in ("cmkd", "stages")}
+
+
+@pytest.mark.slow
+def test_code_files_cover_what_the_training_and_experiment_stages_import(tmp_path):
+    """Run the stages for real (forked seed workers included) and compare every cmkd module they
+    import with the files their code file lists."""
+    from cmkd.codedeps import module_path
+
+    repo = copy_pipeline(tmp_path / "repo")
+    env = tool_env(tmp_path)
+    params = tiny_params(yaml.safe_load((repo / "params.yaml").read_text()), methods=("mgkd", "kdv1_ntdh_feat"),
+                         seeds=(0, 1))
+    (repo / "params.yaml").write_text(yaml.safe_dump(params))
+    subprocess.run(["git", "init", "-q"], cwd=repo, env=env, check=True)
+    dvc(["init", "-q"], repo, env)
+    subprocess.run(["git", "add", "-A"], cwd=repo, env=env, check=True)  # DVCLive needs a commit
+    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "p"], cwd=repo, env=env, check=True)
+    dvc(["repro", "train_teacher@synthetic", "method_code"], repo, env)
+    env = {**env, "PYTHONPROFILEIMPORTTIME": "1"}
+    commands = {"mgkd.json": ["train", "--dataset", "synthetic", "--run", "mgkd"],
+                "kdv1_ntdh_feat.json": ["train", "--dataset", "synthetic", "--run", "kdv1_ntdh_feat"],
+                "stages/student.json": ["train", "--dataset", "synthetic", "--role", "student"],
+                "stages/experiments.json": ["experiment", "mfh_alg1"]}
+    # what the up-front check of the whole params file imports (every run's and dataset's modules):
+    # it can stop a stage, never change its outputs, so the code files do not list it
+    check = subprocess.run([sys.executable, "-c", "from cmkd.config import load_params, validate_params; "
+                            "validate_params(load_params('params.yaml'))"], cwd=repo, env=env,
+                           capture_output=True, text=True, check=True)
+    validation = {module_path(repo, m).relative_to(repo).as_posix() for m in _cmkd_modules_imported(check.stderr)}
+    assert "cmkd/config.py" in validation
+    for code_file, args in commands.items():
+        proc = subprocess.run([sys.executable, "-m", "stages", *args, "--no-progress"], cwd=repo, env=env,
+                              capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        declared = set(json.loads((repo / "data/method_code" / code_file).read_text())["files"])
+        imported = {module_path(repo, m).relative_to(repo).as_posix() for m in _cmkd_modules_imported(proc.stderr)
+                    if module_path(repo, m) is not None}
+        assert imported, args
+        undeclared = imported - declared - validation
+        assert not undeclared, f"{code_file}: {sorted(undeclared)} imported, not declared"
+    mgkd = set(json.loads((repo / "data/method_code/mgkd.json").read_text())["files"])
+    assert "cmkd/methods/dkd.py" not in mgkd and "cmkd/methods/mfh.py" in mgkd

@@ -138,7 +138,7 @@ def test_selection_is_merged_into_the_run_config(tmp_path):
 
 def test_committed_tuned_yaml_is_valid_and_names_every_run():
     tuned = load_tuned(REPO / "tuned.yaml")
-    assert set(tuned) == set(PARAMS["runs"])  # the distill stages list tuned.yaml:[<run>] as DVC params
+    assert set(tuned) == set(PARAMS["runs"])  # update_tuned writes one key per run of `runs`
     for run, by_dataset in tuned.items():
         for ds, selection in by_dataset.items():
             grid = PARAMS["tuning"]["grids"][run]
