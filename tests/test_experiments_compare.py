@@ -74,3 +74,49 @@ def test_exp_run_with_another_run_param_saves_an_experiment(tmp_path):
     assert "kdv1.json:f1_weighted" in narrow and "runs.kdv1.ce_weight" in narrow and "ci95" not in narrow
     baseline = next(r for r in table if r.get("rev") != "workspace")
     assert baseline["data"]["metrics"]["metrics/synthetic/kdv1.json"]["data"]["n"] == 2
+
+
+@pytest.mark.parametrize("override", ["runs.kdv1.temperature=2", "seeds=[0,1,2]", "datasets=[semantickitti-sample]",
+                                      "data.nyudv2.labeled.url=http://example.org/a.mat",
+                                      "train.digits.student.lr=0.01"])
+def test_dvc_exp_run_set_param_leaves_the_real_params_file_readable_by_dvc(tmp_path, override):
+    """`dvc exp run -S` rewrites params.yaml with ruamel's round trip, which wraps long flow-style
+    lines; a wrapped URL in a flow mapping could not be read back ("YAML file structure is
+    corrupted"), so every `dvc exp run -S` failed on the committed params.yaml. The URLs are in
+    block style now; this applies DVC's own override code to the real file and reads it as DVC."""
+    from dvc.utils.hydra import apply_overrides
+    from dvc.utils.serialize import load_yaml
+
+    path = tmp_path / "params.yaml"
+    path.write_text((REPO / "params.yaml").read_text())
+    apply_overrides(str(path), [override])
+    data = load_yaml(str(path))  # DVC's reader (ruamel); raises on a corrupted file
+    original = yaml.safe_load((REPO / "params.yaml").read_text())
+    key, value = override.split("=", 1)
+    node = data
+    for part in key.split("."):
+        node = node[part]
+    assert node == yaml.safe_load(value)
+    # nothing else changed
+    changed = yaml.safe_load(path.read_text())
+    node = changed
+    for part in key.split(".")[:-1]:
+        node = node[part]
+    node[key.split(".")[-1]] = _get(original, key)
+    assert changed == original
+
+
+def _get(data, dotted):
+    for part in dotted.split("."):
+        data = data[part]
+    return data
+
+
+def test_dvc_exp_run_set_param_on_tuned_yaml_stays_readable(tmp_path):
+    from dvc.utils.hydra import apply_overrides
+    from dvc.utils.serialize import load_yaml
+
+    path = tmp_path / "tuned.yaml"
+    path.write_text((REPO / "tuned.yaml").read_text())
+    apply_overrides(str(path), ["kdv1.synthetic.temperature=2"])
+    assert load_yaml(str(path))["kdv1"]["synthetic"]["temperature"] == 2
