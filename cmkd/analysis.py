@@ -34,13 +34,12 @@ import torch
 
 from cmkd.batched import BatchedMLP, slice_accuracy, train_batched
 from cmkd.data.synthetic import GENERATORS, mfh_layout
+from cmkd.config import STUDENT_RUN, TEACHER_RUN
 from cmkd.errors import ConfigError
 from cmkd.losses import DIVERGENCE_FORMS, cross_entropy, to_rows
 from cmkd.methods import build_distiller
 from cmkd.models import build_model
 
-TEACHER_RUN = {"method": "teacher"}
-STUDENT_RUN = {"method": "supervised"}
 MFH_LAYOUT_KEYS = ("n_decisive", "alpha", "n_latent", "n_extra", "student_features")
 _TRAIN_KEYS = {"epochs", "lr", "optimizer", "momentum", "weight_decay", "batch_size"}
 

@@ -10,6 +10,11 @@ import yaml
 
 from cmkd.errors import ConfigError
 
+# The two baselines every table has, which are not keys of `runs`: the teacher-modality network
+# and the no-KD student (the registered methods `teacher` and `supervised`).
+TEACHER_RUN = {"method": "teacher"}
+STUDENT_RUN = {"method": "supervised"}
+
 
 def load_params(path: str | Path = "params.yaml") -> dict[str, Any]:
     path = Path(path)

@@ -37,8 +37,6 @@ from cmkd.training import Precision
 
 log = logging.getLogger(__name__)
 
-TEACHER_RUN = {"method": "teacher"}
-STUDENT_RUN = {"method": "supervised"}
 
 
 def _jsonable(obj: Any) -> Any:

@@ -21,16 +21,10 @@ from pathlib import Path
 
 from cmkd.atomic import atomic_dir
 from cmkd.codedeps import stage_code
-from cmkd.config import load_params
+from cmkd.config import STUDENT_RUN, TEACHER_RUN, load_params
 from cmkd.errors import ConfigError
 from cmkd.tuning import TUNED_FILE, load_tuned
 from stages._common import DATA, main, parser
-
-
-# = cmkd.pipeline.TEACHER_RUN / STUDENT_RUN (importing cmkd.pipeline would import torch; a test
-# keeps them equal)
-TEACHER_RUN = {"method": "teacher"}
-STUDENT_RUN = {"method": "supervised"}
 
 
 def _write(path: Path, name: str, files: dict[str, str], **extra) -> None:

@@ -17,7 +17,8 @@ from pathlib import Path
 from cmkd.atomic import atomic_dir, write_json, write_text
 from cmkd.engine import TrainConfig
 from cmkd.errors import ConfigError
-from cmkd.pipeline import TEACHER_RUN, train_run
+from cmkd.config import TEACHER_RUN
+from cmkd.pipeline import train_run
 from cmkd.tuning import TUNED_FILE, grid_for, load_tuned, render_tuned, report_markdown, tune_run, update_tuned
 from stages._common import DATA, main, parser, seed_workers, start
 

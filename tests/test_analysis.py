@@ -399,7 +399,8 @@ def test_batched_ntdh_masks_train_each_slice_exactly_as_alone(mode):
     """A slice of `fit_mask_slices` equals the `ntdh_mask` method trained on that slice alone;
     for the feature mask, alone = Algorithm 1 with NTDH's distance on a fresh pair, a teacher
     trained on the kept channels, then the base KD (PSSM too with `both`) from it."""
-    from cmkd.analysis import fit_mask_slices, fit_slices, TEACHER_RUN
+    from cmkd.analysis import fit_mask_slices, fit_slices
+    from cmkd.config import TEACHER_RUN
     from cmkd.methods.mfh import algorithm1
 
     n, s, d, c = 48, 3, 6, 4

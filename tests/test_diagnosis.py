@@ -264,7 +264,8 @@ def test_diagnose_stage_end_to_end(tmp_path, monkeypatch, one_thread):
     a student trained by the pipeline."""
     from cmkd.diagnosis_report import apply_predictor, diagnosis_markdown, measure_dataset
     from cmkd.engine import TrainConfig
-    from cmkd.pipeline import STUDENT_RUN, TEACHER_RUN, train_run
+    from cmkd.config import STUDENT_RUN, TEACHER_RUN
+    from cmkd.pipeline import train_run
     from tests.conftest import tiny_synthetic_file
 
     tiny_synthetic_file(tmp_path / "d.h5")

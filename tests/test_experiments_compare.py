@@ -93,16 +93,11 @@ def test_dvc_exp_run_set_param_leaves_the_real_params_file_readable_by_dvc(tmp_p
     data = load_yaml(str(path))  # DVC's reader (ruamel); raises on a corrupted file
     original = yaml.safe_load((REPO / "params.yaml").read_text())
     key, value = override.split("=", 1)
-    node = data
-    for part in key.split("."):
-        node = node[part]
-    assert node == yaml.safe_load(value)
+    assert _get(data, key) == yaml.safe_load(value)
     # nothing else changed
     changed = yaml.safe_load(path.read_text())
-    node = changed
-    for part in key.split(".")[:-1]:
-        node = node[part]
-    node[key.split(".")[-1]] = _get(original, key)
+    parent, last = key.rpartition(".")[::2]
+    (_get(changed, parent) if parent else changed)[last] = _get(original, key)
     assert changed == original
 
 

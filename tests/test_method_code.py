@@ -157,11 +157,14 @@ def test_training_stages_depend_on_one_code_file_each():
     assert {"stages", "cmkd"} <= set(stages["method_code"]["deps"])
 
 
-def test_method_code_uses_the_pipeline_baseline_runs():
-    from cmkd.pipeline import STUDENT_RUN, TEACHER_RUN
-    from stages import method_code
+def test_baseline_code_files_hold_the_supervised_module_and_no_distillation_method():
+    from cmkd.codedeps import stage_code
+    from cmkd.config import STUDENT_RUN, TEACHER_RUN
 
-    assert (method_code.TEACHER_RUN, method_code.STUDENT_RUN) == (TEACHER_RUN, STUDENT_RUN)
+    for baseline in (TEACHER_RUN, STUDENT_RUN):
+        files = stage_code(REPO, "stages/train.py", baseline)
+        assert "cmkd/methods/supervised.py" in files and "stages/train.py" in files
+        assert not {"cmkd/methods/kd.py", "cmkd/methods/mfh.py"} & set(files)
 
 
 def test_a_run_code_file_holds_the_training_code_and_only_its_method():
@@ -173,8 +176,21 @@ def test_a_run_code_file_holds_the_training_code_and_only_its_method():
                    "cmkd/models/cnn.py", "cmkd/methods/base.py", "cmkd/methods/kd.py", "cmkd/losses.py"):
         assert shared in kdv1, shared
     assert "cmkd/methods/dkd.py" not in kdv1 and "stages/experiment.py" not in kdv1
-    # a changed byte anywhere in the file set changes the hash the stage depends on
-    assert stage_code(REPO, "stages/train.py", PARAMS["runs"]["kdv1"]) == kdv1
+
+
+def test_a_changed_shared_file_changes_every_run_code_file_and_only_that_entry(tmp_path):
+    from cmkd.codedeps import stage_code
+
+    repo = copy_pipeline(tmp_path / "repo")
+    before = {run: stage_code(repo, "stages/train.py", PARAMS["runs"][run]) for run in ("kdv1", "mgkd")}
+    engine = repo / "cmkd/engine.py"
+    engine.write_text(engine.read_text() + "\n# touched\n")
+    dkd = repo / "cmkd/methods/dkd.py"  # no part of kdv1 or mgkd
+    dkd.write_text(dkd.read_text() + "\n# touched\n")
+    for run, files in before.items():
+        after = stage_code(repo, "stages/train.py", PARAMS["runs"][run])
+        assert set(after) == set(files)
+        assert {path for path in files if after[path] != files[path]} == {"cmkd/engine.py"}, run
 
 
 def _cmkd_modules_imported(stderr: str) -> set[str]:

@@ -160,7 +160,8 @@ def test_same_seed_kd_without_kd_term_trains_bit_identically_to_student(tmp_path
 
     from tests.conftest import tiny_synthetic_file
     from cmkd.engine import TrainConfig
-    from cmkd.pipeline import STUDENT_RUN, TEACHER_RUN, train_run
+    from cmkd.config import STUDENT_RUN, TEACHER_RUN
+    from cmkd.pipeline import train_run
 
     tiny_synthetic_file(tmp_path / "d.h5")
     models = {"teacher": {"arch": "mlp", "hidden": [16]}, "student": {"arch": "mlp", "hidden": [16]}}

@@ -161,7 +161,8 @@ def tiny_data(tmp_path_factory):
     """A small synthetic dataset and a TEACHER trained on the tuning seeds."""
     from cmkd.data import synthetic
     from cmkd.engine import TrainConfig
-    from cmkd.pipeline import TEACHER_RUN, train_run
+    from cmkd.config import TEACHER_RUN
+    from cmkd.pipeline import train_run
 
     tmp = tmp_path_factory.mktemp("tuning")
     cfg = dict(PARAMS["data"]["synthetic"], n_samples=400, gammas=[0.5])
