@@ -80,6 +80,35 @@ def test_rkd_edge_cases():
     assert rkd_loss(torch.tensor(s4), torch.tensor(t4)).item() == pytest.approx(np_rkd(s4, t4), rel=1e-9)
 
 
+def test_rkd_coinciding_rows_and_blocks():
+    """Two equal rows (cosine 0 for their zero difference, as the reference) and a batch large
+    enough that the angle term is built in several blocks of rows."""
+    rng = np.random.default_rng(7)
+    s, t = rng.normal(size=(9, 4)), rng.normal(size=(9, 6))
+    s[5] = s[2]
+    got = rkd_loss(torch.tensor(s), torch.tensor(t)).item()
+    assert got == pytest.approx(np_rkd(s, t), rel=1e-9, abs=1e-12)
+    from cmkd import losses
+
+    n = 70  # 70 x 70 x 70 entries: 2 blocks of rows at the module's block size (1 row: 4,900)
+    assert losses._ANGLE_BLOCK_ENTRIES // (n * n) < n
+    s, t = rng.normal(size=(n, 3)), rng.normal(size=(n, 5))
+    got = rkd_loss(torch.tensor(s), torch.tensor(t), distance_weight=0.0, angle_weight=1.0).item()
+    assert got == pytest.approx(np_rkd(s, t, 0.0, 1.0), rel=1e-9)
+
+
+def test_rkd_float32_far_from_the_origin():
+    """Embeddings with a large common offset (ReLU features often are): float32 angles computed
+    from the centred Gram matrix stay at float32 precision of the float64 reference."""
+    rng = np.random.default_rng(3)
+    s = rng.normal(size=(40, 16)) + 1000.0
+    t = rng.normal(size=(40, 24)) * 2.0 - 300.0
+    want = np_rkd(s, t, 0.0, 1.0)
+    got = rkd_loss(torch.tensor(s, dtype=torch.float32), torch.tensor(t, dtype=torch.float32),
+                   distance_weight=0.0, angle_weight=1.0).item()
+    assert got == pytest.approx(want, rel=1e-4)
+
+
 def test_rkd_gradient_reaches_student_only():
     s = torch.randn(5, 4, requires_grad=True)
     t = torch.randn(5, 6, requires_grad=True)
