@@ -91,6 +91,7 @@ from flows.overrides import (
     validate_overrides,
     workspace_lock,
 )
+from flows.core_slots import CoreSlots
 from flows.reports import pipeline_markdown
 from flows.stage_graph import PlannedStage, read_stage_plan
 
@@ -135,6 +136,9 @@ def _describe(reasons: list) -> str:
 
 STAGE_RUNNER = Path(__file__).with_name("dvc_stage.py")
 
+# The running flow's core slots (set by _run_stages for its duration; tasks run in its threads).
+_CORE_SLOTS: CoreSlots | None = None
+
 
 @task(name="dvc-stage", task_run_name="{stage_name}", cache_policy=NO_CACHE)
 def run_stage(
@@ -143,8 +147,10 @@ def run_stage(
     start_status: list,
     upstream: list[dict],
     force: bool = False,
+    threads: int = 1,
 ) -> dict:
-    """Reproduce one DVC stage if DVC finds it stale; see the module docstring."""
+    """Reproduce one DVC stage if DVC finds it stale; see the module docstring. While its DVC
+    process runs it holds `threads` of the flow's core slots (flows/core_slots.py)."""
     logger = get_run_logger()
     attempt = max(1, task_run.run_count)
     upstream_ran = [u["stage"] for u in upstream if u["status"] == RAN]
@@ -171,7 +177,9 @@ def run_stage(
             seen_run_cache.append(line)
         logger.info("%s", line)
 
-    with tempfile.TemporaryDirectory(prefix="cmkd-stage-") as tmp:
+    slots = _CORE_SLOTS
+    with tempfile.TemporaryDirectory(prefix="cmkd-stage-") as tmp, \
+            (slots.hold(threads) if slots is not None else contextlib.nullcontext()):
         result_file = Path(tmp) / "result.json"
         args = [sys.executable, str(STAGE_RUNNER), stage_name, str(result_file)]
         result = run_streaming(args + (["--force"] if force else []), repo_root, log_line)
@@ -217,28 +225,34 @@ def _run_stages(
         retry_delay_seconds=exponential_backoff(backoff_factor=retry_backoff_s)(retries)
         if retries else 0,
     )
+    global _CORE_SLOTS
     futures = {}
-    # A pool local to this run, so `jobs` is an ordinary flow parameter (settable per run,
-    # per deployment, in the UI) rather than fixed in the @flow decorator.
-    with ThreadPoolTaskRunner(max_workers=jobs) as runner:
-        for stage in plan:
-            futures[stage.name] = runner.submit(
-                stage_task,
-                parameters={
-                    "repo_root": str(root),
-                    "stage_name": stage.name,
-                    "start_status": start.get(stage.name, []),
-                    "upstream": [futures[name] for name in stage.upstream],
-                    "force": force,
-                },
-            )
-        try:
-            wait(list(futures.values()))
-        except BaseException:
-            # SIGTERM (Prefect's TerminationSignal) or Ctrl-C: end the running stages now;
-            # the pool's threads then return at once instead of after their stages finish.
-            terminate_children()
-            raise
+    _CORE_SLOTS = CoreSlots(jobs)
+    try:
+        # A pool local to this run, so `jobs` is an ordinary flow parameter (settable per run,
+        # per deployment, in the UI) rather than fixed in the @flow decorator.
+        with ThreadPoolTaskRunner(max_workers=jobs) as runner:
+            for stage in plan:
+                futures[stage.name] = runner.submit(
+                    stage_task,
+                    parameters={
+                        "repo_root": str(root),
+                        "stage_name": stage.name,
+                        "start_status": start.get(stage.name, []),
+                        "upstream": [futures[name] for name in stage.upstream],
+                        "force": force,
+                        "threads": stage.threads,
+                    },
+                )
+            try:
+                wait(list(futures.values()))
+            except BaseException:
+                # SIGTERM (Prefect's TerminationSignal) or Ctrl-C: end the running stages now;
+                # the pool's threads then return at once instead of after their stages finish.
+                terminate_children()
+                raise
+    finally:
+        _CORE_SLOTS = None
     outcomes, failed = [], {}
     for name, future in futures.items():
         state = future.state

@@ -24,12 +24,16 @@ class PlannedStage:
     uncached_outs: outputs declared `cache: false` (paths relative to the repo root): DVC
         cannot restore these from its cache, so a run that must leave the workspace as it
         found it backs them up itself.
+    threads: the intra-op threads the stage's command computes on, from its dvc.yaml
+        `meta: {threads: N}` (DVC ignores `meta`; default 1): a flow running stages side by
+        side gives it that many of its slots (flows/core_slots.py).
     """
 
     name: str
     upstream: tuple[str, ...]
     frozen: bool = False
     uncached_outs: tuple[str, ...] = ()
+    threads: int = 1
 
 
 def _address(stage) -> str:
@@ -51,6 +55,17 @@ def _open_repo(repo_root: str | Path):
         return Repo(str(repo_root), _wait_for_lock=True)
     except TypeError:  # a DVC without that option
         return Repo(str(repo_root))
+
+
+def stage_threads(stage) -> int:
+    """`meta: {threads: N}` of a DVC stage (a positive integer), else 1."""
+    meta = getattr(stage, "meta", None)
+    value = meta.get("threads", 1) if isinstance(meta, dict) else 1
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        from cmkd.errors import CmkdError
+
+        raise CmkdError(f"{stage.path_in_repo}: stage {_address(stage)}: meta.threads must be a positive integer, got {value!r}")
+    return value
 
 
 def read_stage_plan(repo_root: str | Path, *, with_status: bool = False):
@@ -83,7 +98,7 @@ def read_stage_plan(repo_root: str | Path, *, with_status: bool = False):
             uncached = tuple(
                 os.path.relpath(out.fs_path, repo.root_dir) for out in stage.outs if not out.use_cache
             )
-            plan.append(PlannedStage(names[stage], upstream, bool(stage.frozen), uncached))
+            plan.append(PlannedStage(names[stage], upstream, bool(stage.frozen), uncached, stage_threads(stage)))
         if not with_status:
             return plan
         status = {}

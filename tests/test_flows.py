@@ -81,6 +81,12 @@ SCRIPTS = {
     "after.py": """
         open("data/after.txt", "w").write("never")
     """,
+    "hold.py": """
+        import sys, time
+        start = time.time()
+        time.sleep(2.5)
+        open(f"data/{sys.argv[1]}.txt", "w").write(f"{start} {time.time()}")
+    """,
 }
 
 CORE_STAGES = {
@@ -130,6 +136,16 @@ BROKEN_STAGES = {
                "outs": ["data/broken.txt"]},
     "after": {"cmd": f"{PY} after.py", "deps": ["after.py", "data/broken.txt"],
               "outs": ["data/after.txt"]},
+}
+
+
+# Independent stages, each sleeping 2.5 s: two declare 2 intra-op threads (`meta`), one does not.
+THREADED_STAGES = {
+    "wide_a": {"cmd": f"{PY} hold.py wide_a", "deps": ["hold.py"], "outs": ["data/wide_a.txt"],
+               "meta": {"threads": 2}},
+    "wide_b": {"cmd": f"{PY} hold.py wide_b", "deps": ["hold.py"], "outs": ["data/wide_b.txt"],
+               "meta": {"threads": 2}},
+    "narrow": {"cmd": f"{PY} hold.py narrow", "deps": ["hold.py"], "outs": ["data/narrow.txt"]},
 }
 
 
@@ -404,6 +420,43 @@ def test_pipeline_overrides_become_an_experiment(core_project, prefect_harness):
     assert data["params"]["params.yaml"]["data"]["runs"]["m1"]["scale"] == 9.0
     metrics = data["metrics"]["data/reports/tiny/metrics.json"]["data"]
     assert metrics["runs"]["m1"]["seed0"] == score(gamma, 9.0, 0)
+
+
+def test_multi_thread_stages_get_the_cores_to_themselves(tmp_path, dvc_env, prefect_harness):
+    """With -j 2 a stage declaring 2 threads (dvc.yaml `meta`) never runs beside another stage
+    (OpenMP threads spin-wait: two such stages on 2 cores ran several times slower)."""
+    from flows.stage_graph import read_stage_plan
+
+    root = make_project(tmp_path / "p", THREADED_STAGES)
+    assert {s.name: s.threads for s in read_stage_plan(root)} == {"wide_a": 2, "wide_b": 2, "narrow": 1}
+    result, _, _ = run_pipeline(root, jobs=2, retries=0)
+    assert {s["stage"] for s in result["stages"] if s["status"] == "ran"} == set(THREADED_STAGES)
+    spans = {name: tuple(map(float, (root / f"data/{name}.txt").read_text().split())) for name in THREADED_STAGES}
+    for wide in ("wide_a", "wide_b"):
+        for other, (start, end) in spans.items():
+            if other != wide:
+                assert end <= spans[wide][0] or start >= spans[wide][1], f"{other} overlapped {wide}: {spans}"
+
+
+def test_stage_threads_must_be_a_positive_integer(tmp_path, dvc_env):
+    from cmkd.errors import CmkdError
+    from flows.stage_graph import read_stage_plan
+
+    bad = {"narrow": {**THREADED_STAGES["narrow"], "meta": {"threads": "two"}}}
+    root = make_project(tmp_path / "p", bad)
+    with pytest.raises(CmkdError, match="dvc.yaml: stage narrow: meta.threads must be a positive integer"):
+        read_stage_plan(root)
+
+
+def test_real_experiment_stages_declare_their_threads():
+    """dvc.yaml's `meta.threads` of every experiment stage is the count the stage sets."""
+    from stages.experiment import EXPERIMENT_THREADS
+
+    stages = yaml.safe_load((Path(__file__).parents[1] / "dvc.yaml").read_text())["stages"]
+    experiments = {name: st for name, st in stages.items() if "stages experiment" in str(st.get("cmd", ""))}
+    assert len(experiments) == 5
+    assert all(st.get("meta", {}).get("threads") == EXPERIMENT_THREADS for st in experiments.values())
+    assert all("meta" not in st for name, st in stages.items() if name not in experiments)
 
 
 def test_pipeline_retries_a_transient_failure(tmp_path, dvc_env, prefect_harness):
