@@ -19,7 +19,6 @@ import os
 import platform
 import statistics
 import time
-from pathlib import Path
 
 from cmkd.determinism import pin_cpu_kernels, provenance
 
@@ -78,9 +77,7 @@ def main() -> None:
         case["speedup"] = round(case["authors_formulation_ms"] / case["cmkd_ms"], 2)
         results["cases"][f"N={n} D_s={ds} D_t={dt}"] = case
     results["max_relative_loss_difference"] = worst
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    write_json(out, results)
+    write_json(args.out, results)  # atomically, creating the folder
     print(json.dumps(results, indent=2))
 
 

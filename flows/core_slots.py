@@ -5,7 +5,7 @@ thread (their seed workers are single-threaded processes), but a stage that asks
 (the synthetic experiments: 2 OpenMP threads, `meta: {threads: 2}` in dvc.yaml) must not
 share the cores with another one: OpenMP threads spin-wait for each other, and two 2-thread
 experiment stages side by side on 2 cores each ran several times slower than alone
-(`exp_ntdh_gap` 87 s alone, over 8 minutes beside `exp_mfh_alg1`). So a stage takes
+(`exp_ntdh_gap` 87 s alone, 11 minutes beside `exp_mfh_alg1`). So a stage takes
 min(threads, N) slots before it starts and returns them when it ends; slots are granted in
 the order stages ask for them, so a waiting multi-thread stage is not overtaken forever by
 single-thread ones.

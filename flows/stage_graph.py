@@ -13,6 +13,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from cmkd.errors import CmkdError
+
 
 @dataclass(frozen=True)
 class PlannedStage:
@@ -62,8 +64,6 @@ def stage_threads(stage) -> int:
     meta = getattr(stage, "meta", None)
     value = meta.get("threads", 1) if isinstance(meta, dict) else 1
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        from cmkd.errors import CmkdError
-
         raise CmkdError(f"{stage.path_in_repo}: stage {_address(stage)}: meta.threads must be a positive integer, got {value!r}")
     return value
 

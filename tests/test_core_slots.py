@@ -21,20 +21,29 @@ def test_slots_are_exclusive_and_capped():
         CoreSlots(0)
 
 
+def _wait_until(condition, timeout=5.0):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.001)
+
+
 def test_a_waiting_wide_holder_is_not_overtaken():
     """A 2-slot request waiting behind a 1-slot holder is served before a 1-slot request that
-    came after it, although that one would fit at once."""
+    came after it, although that one would fit at once; and never more than 2 slots are held."""
     slots = CoreSlots(2)
-    order, inside = [], []
+    width = {"first": 1, "wide": 2, "late": 1}
+    order, inside, overfull = [], [], []
     lock = threading.Lock()
     release_first = threading.Event()
 
-    def worker(name, n, hold_until=None):
-        with slots.hold(n):
+    def worker(name, hold_until=None):
+        with slots.hold(width[name]):
             with lock:
                 order.append(name)
                 inside.append(name)
-                assert sum({"first": 1, "wide": 2, "late": 1}[x] for x in inside) <= 2, inside
+                if sum(width[x] for x in inside) > 2:
+                    overfull.append(list(inside))
             if hold_until is not None:
                 hold_until.wait(5)
             else:
@@ -42,19 +51,20 @@ def test_a_waiting_wide_holder_is_not_overtaken():
             with lock:
                 inside.remove(name)
 
-    first = threading.Thread(target=worker, args=("first", 1, release_first))
-    first.start()
-    while slots.free != 1:
-        time.sleep(0.001)
-    wide = threading.Thread(target=worker, args=("wide", 2))
-    wide.start()
-    time.sleep(0.1)  # wide is now waiting for both slots
-    late = threading.Thread(target=worker, args=("late", 1))
-    late.start()
+    threads = {"first": threading.Thread(target=worker, args=("first", release_first)),
+               "wide": threading.Thread(target=worker, args=("wide",)),
+               "late": threading.Thread(target=worker, args=("late",))}
+    threads["first"].start()
+    _wait_until(lambda: order == ["first"])
+    threads["wide"].start()
+    _wait_until(lambda: slots._next_ticket == 2)  # wide holds the next ticket and waits
+    threads["late"].start()
+    _wait_until(lambda: slots._next_ticket == 3)
     time.sleep(0.1)
     assert order == ["first"]  # late fits in the free slot but waits its turn behind wide
     release_first.set()
-    for t in (first, wide, late):
+    for t in threads.values():
         t.join(5)
     assert order == ["first", "wide", "late"]
+    assert overfull == []
     assert slots.free == 2
