@@ -2,7 +2,9 @@
 
 Temporary names carry the writing process's PID (`.<name>.<pid>-<random>.tmp`): a run killed
 with SIGKILL cannot clean up after itself, so the next writer into the same folder removes the
-temporaries whose owner is no longer alive (`remove_stale`). Temporaries are created with the
+temporaries whose owner is no longer alive (`remove_stale`), and every stage sweeps the data
+folders at its start (`remove_stale_tree`): an output DVC restores from its run cache is never
+written again, so its killed writer's temporaries would otherwise stay. Temporaries are created with the
 permissions the umask gives a new file or folder (mkstemp / mkdtemp alone would give 0600 /
 0700), since they become the outputs.
 
@@ -82,6 +84,22 @@ def remove_stale(folder: str | Path, prefix: str = ".") -> list[Path]:
             removed.append(Path(entry.path))
         except FileNotFoundError:
             pass  # another process cleaned it first
+    return removed
+
+
+def remove_stale_tree(root: str | Path, shallow: tuple[str | Path, ...] = ()) -> list[Path]:
+    """`remove_stale` in `root` and every folder below it; a folder in `shallow` is searched at
+    its own level only (data/raw may hold a user's extracted dataset: tens of thousands of
+    files that no stage writes beside). A temporary folder is removed whole or, when its owner
+    is alive, left alone: never searched inside."""
+    shallow_dirs = {os.path.normpath(p) for p in shallow}
+    removed = []
+    for folder, subdirs, _ in os.walk(root):
+        removed += remove_stale(folder)
+        if os.path.normpath(folder) in shallow_dirs:
+            subdirs.clear()
+        else:
+            subdirs[:] = [d for d in subdirs if owner_pid(d) is None]
     return removed
 
 

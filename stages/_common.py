@@ -8,6 +8,7 @@ import os
 import sys
 from typing import Any
 
+from cmkd.atomic import remove_stale, remove_stale_tree
 from cmkd.config import load_params, validate_params
 from cmkd.errors import CmkdError, ConfigError, DataFormatError
 from cmkd.parallel import available_cores
@@ -15,8 +16,22 @@ from cmkd.parallel import available_cores
 DATA = "data"
 # Temporary outputs (a stage's folder before its rename into place): outside every stage's
 # dependencies, on the same filesystem as data/. Left-overs of killed runs are removed by the
-# next run (cmkd.atomic.remove_stale, by owner PID).
+# next stage that starts (sweep_stale, by owner PID).
 SCRATCH = os.path.join(DATA, ".tmp")
+METRICS = "metrics"
+RAW = os.path.join(DATA, "raw")
+
+
+def sweep_stale() -> list:
+    """Remove the temporaries of killed stages (dead owner PID) under data/ and metrics/ and
+    beside the top-level files (README.md, tuned.yaml). A SIGKILLed stage cannot remove its
+    own, and when DVC restores its output from the run cache no later writer of that output
+    would (they sweep only their own names). Live stages' temporaries are left alone."""
+    removed = remove_stale(".") + remove_stale_tree(DATA, shallow=(RAW,)) + remove_stale_tree(METRICS)
+    if removed:
+        logging.getLogger("stages").warning("removed %d temporaries of killed runs: %s", len(removed),
+                                            ", ".join(map(str, removed)))
+    return removed
 
 
 def parser(description: str) -> argparse.ArgumentParser:
@@ -127,8 +142,10 @@ def seed_workers() -> int:
 
 
 def main(run) -> None:
-    """Run a stage's body; cmkd's own errors become one clear line and exit status 2."""
+    """Sweep killed runs' temporaries, then run a stage's body; cmkd's own errors become one
+    clear line and exit status 2."""
     try:
+        sweep_stale()
         run()
     except CmkdError as err:
         print(f"error: {err}", file=sys.stderr)

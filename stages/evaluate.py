@@ -12,9 +12,8 @@ from cmkd.data.h5 import read_attrs
 from cmkd.data.registry import is_smoke_test
 from cmkd.determinism import provenance
 from cmkd.report import bar_figure, collect, markdown_table, metrics_file_name, metrics_summary, scores_csv
-from stages._common import DATA, main, parser, start
+from stages._common import DATA, METRICS, main, parser, start
 
-METRICS = "metrics"
 SMOKE_NOTE = ("**Smoke test, not a result.** `{ds}` is a small sample generated offline to exercise "
               "the code path end to end; its numbers say nothing about the methods.\n\n")
 

@@ -18,7 +18,7 @@ import pytest
 import torch
 import yaml
 
-from cmkd.atomic import atomic_dir, atomic_path, owner_pid, remove_stale
+from cmkd.atomic import atomic_dir, atomic_path, owner_pid, remove_stale, remove_stale_tree
 from cmkd.data.synthetic import ntdh_sklearn
 from cmkd.engine import SplitData, TrainConfig, cache_logits, fit, seed_everything, verify_logits
 from cmkd.errors import DataFormatError
@@ -69,6 +69,58 @@ def test_the_next_writer_removes_temporaries_of_dead_processes_only(tmp_path):
     with atomic_dir(tmp_path / "run", scratch=tmp_path / "s"):
         pass
     assert list((tmp_path / "s").iterdir()) == []
+
+
+def test_the_tree_sweep_reaches_nested_folders_but_not_inside_shallow_or_live_ones(tmp_path):
+    dead, live = _dead_pid(), os.getppid()
+    nested = tmp_path / "runs" / "digits"
+    nested.mkdir(parents=True)
+    (nested / f".metrics.json.{dead}-a1.tmp").write_text("x")  # beside a restored output
+    (tmp_path / f".method_code.{dead}-b2.tmp").mkdir()
+    (tmp_path / f".method_code.{dead}-b2.tmp" / "f.json").write_text("x")
+    keep_live = tmp_path / f".teacher.{live}-c3.tmp"
+    keep_live.mkdir()
+    (keep_live / f".inner.{dead}-d4.tmp").write_text("a live writer's folder is its business")
+    raw = tmp_path / "raw"
+    (raw / "kitti" / "deep").mkdir(parents=True)
+    (raw / f".kitti.{dead}-e5.tmp").mkdir()  # the shallow folder's own level is searched
+    (raw / "kitti" / "deep" / f".user.{dead}-f6.tmp").write_text("a user's dataset: never walked")
+    (nested / "plain.tmp").write_text("not ours")
+    removed = remove_stale_tree(tmp_path, shallow=(raw,))
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in removed) == sorted([
+        f".method_code.{dead}-b2.tmp", f"runs/digits/.metrics.json.{dead}-a1.tmp", f"raw/.kitti.{dead}-e5.tmp"])
+    assert (keep_live / f".inner.{dead}-d4.tmp").exists()
+    assert (raw / "kitti" / "deep" / f".user.{dead}-f6.tmp").exists()
+    assert (nested / "plain.tmp").exists()
+
+
+def test_every_stage_sweeps_killed_runs_temporaries_before_it_runs(tmp_path):
+    # A SIGKILLed stage whose output DVC later restores from its run cache is never written
+    # again, so no writer of its name would remove what it left: the next stage does.
+    repo = copy_pipeline(tmp_path / "repo")
+    dead, live = _dead_pid(), os.getppid()
+    planted = {
+        "dead": [f"data/.tmp/.teacher.{dead}-x1.tmp/", f"data/runs/synthetic/.kdv1.{dead}-old.tmp/",
+                 f"data/reports/synthetic/.table.md.{dead}-x2.tmp", f"data/prepared/.synthetic.h5.{dead}.tmp",
+                 f"metrics/.synthetic.{dead}-x3.tmp/", f".README.md.{dead}-x4.tmp"],
+        "kept": [f"data/.tmp/.kdv1.{live}-y1.tmp/", f"data/raw/sunrgbd/SUNRGBD/.a.{dead}-y2.tmp",
+                 "data/runs/synthetic/kdv1/metrics.json"],
+    }
+    for rel in planted["dead"] + planted["kept"]:
+        path = repo / rel.rstrip("/")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if rel.endswith("/"):
+            path.mkdir()
+            (path / "f").write_text("x")
+        else:
+            path.write_text("x")
+    env = {**tool_env(tmp_path), "PYTHONPATH": str(repo), "CMKD_STAGE_SERVER": "0"}
+    out = subprocess.run([sys.executable, "-m", "stages", "method_code"], cwd=repo, env=env,
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert [rel for rel in planted["dead"] if (repo / rel.rstrip("/")).exists()] == []
+    assert [rel for rel in planted["kept"] if not (repo / rel.rstrip("/")).exists()] == []
+    assert f"removed {len(planted['dead'])} temporaries of killed runs" in out.stderr
 
 
 # --------------------------------------------------------------------------- corrupt state
