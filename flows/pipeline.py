@@ -94,6 +94,7 @@ from flows.overrides import (
 from flows.core_slots import CoreSlots
 from flows.reports import pipeline_markdown
 from flows.stage_graph import PlannedStage, read_stage_plan
+from flows.temporary_server import stop_temporary_server_on_termination
 
 RAN = "ran"
 UP_TO_DATE = "up to date"
@@ -392,11 +393,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         overrides = build_overrides(Path(args.repo) / "params.yaml", datasets=args.datasets,
                                     methods=args.methods, seeds=args.seeds, params=params)
         validate_overrides(Path(args.repo) / "params.yaml", overrides)
-        result = pipeline_flow(
-            repo=args.repo, datasets=args.datasets, methods=args.methods, seeds=args.seeds,
-            params=params or None, force=args.force, jobs=args.jobs, retries=args.retries,
-            retry_backoff_s=args.retry_backoff, experiment_name=args.name,
-        )
+        # SIGTERM would otherwise leave Prefect's temporary server running (flows/temporary_server.py).
+        with stop_temporary_server_on_termination():
+            result = pipeline_flow(
+                repo=args.repo, datasets=args.datasets, methods=args.methods, seeds=args.seeds,
+                params=params or None, force=args.force, jobs=args.jobs, retries=args.retries,
+                retry_backoff_s=args.retry_backoff, experiment_name=args.name,
+            )
     except (CmkdError, DvcCommandError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

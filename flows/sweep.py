@@ -62,6 +62,7 @@ from flows.overrides import (
     workspace_lock,
 )
 from flows.reports import flatten, markdown_table, write_table
+from flows.temporary_server import stop_temporary_server_on_termination
 
 DEFAULT_GAMMA_KEY = "data.synthetic.gamma"
 ARTIFACT_KEY = "cmkd-sweep"
@@ -322,12 +323,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         for point in grid_points(args.datasets, args.methods, args.seeds, args.gammas):
             # Config errors surface here, before Prefect starts a flow run (or a server).
             point_overrides(Path(args.repo) / "params.yaml", point, args.gamma_key, params)
-        result = sweep_flow(
-            repo=args.repo, datasets=args.datasets, methods=args.methods, seeds=args.seeds,
-            gammas=args.gammas, gamma_key=args.gamma_key, params=params or None, jobs=args.jobs,
-            dask_address=args.dask_address, retries=args.retries,
-            retry_backoff_s=args.retry_backoff, sweep_name=args.name, output_dir=args.output_dir,
-        )
+        # SIGTERM would otherwise leave Prefect's temporary server running (flows/temporary_server.py).
+        with stop_temporary_server_on_termination():
+            result = sweep_flow(
+                repo=args.repo, datasets=args.datasets, methods=args.methods, seeds=args.seeds,
+                gammas=args.gammas, gamma_key=args.gamma_key, params=params or None, jobs=args.jobs,
+                dask_address=args.dask_address, retries=args.retries,
+                retry_backoff_s=args.retry_backoff, sweep_name=args.name, output_dir=args.output_dir,
+            )
     except (CmkdError, DvcCommandError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
