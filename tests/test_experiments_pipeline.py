@@ -35,8 +35,8 @@ def test_check_target_runs_the_experiments_and_reruns_only_what_changed(tmp_path
     params["experiments"]["mfh_alpha"]["sweep"]["n_extra"] = [0, 20]
     (repo / "params.yaml").write_text(yaml.safe_dump(params))
     ran = stages_run(dvc(["repro", "check"], repo, env).stdout)
-    # method_code reads `experiments` (which methods they use); its files stay the same, so no
-    # other experiment follows
+    # method_code depends on params.yaml (it reads `experiments`: which methods they use); its
+    # files stay the same, so no other experiment follows
     assert ran == {"method_code", "exp_mfh_alpha", "check"}
     plots = dvc(["plots", "show", "--json"], repo, env).stdout
     assert "mfh_gamma.csv" in plots
