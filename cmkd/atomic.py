@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -84,6 +85,8 @@ def remove_stale(folder: str | Path, prefix: str = ".") -> list[Path]:
             removed.append(Path(entry.path))
         except FileNotFoundError:
             pass  # another process cleaned it first
+        except OSError as err:  # e.g. another user's, in a shared checkout: not worth failing a stage
+            logging.getLogger(__name__).warning("could not remove %s, a killed run's temporary: %s", entry.path, err)
     return removed
 
 

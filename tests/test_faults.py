@@ -94,6 +94,25 @@ def test_the_tree_sweep_reaches_nested_folders_but_not_inside_shallow_or_live_on
     assert (nested / "plain.tmp").exists()
 
 
+def test_a_temporary_that_cannot_be_removed_is_reported_and_the_sweep_goes_on(tmp_path, monkeypatch, caplog):
+    dead = _dead_pid()
+    (tmp_path / f".a.{dead}-x.tmp").write_text("x")
+    (tmp_path / f".b.{dead}-y.tmp").write_text("x")
+    real_unlink = os.unlink
+
+    def unlink(path, *args, **kwargs):  # as root, permissions cannot make it fail for real
+        if os.path.basename(path).startswith(".a."):
+            raise PermissionError(13, "Permission denied", path)
+        return real_unlink(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "unlink", unlink)
+    with caplog.at_level(logging.WARNING, logger="cmkd.atomic"):
+        removed = remove_stale(tmp_path)
+    assert [p.name for p in removed] == [f".b.{dead}-y.tmp"]
+    assert (tmp_path / f".a.{dead}-x.tmp").exists() and f".a.{dead}-x.tmp" in caplog.text
+    assert "Permission denied" in caplog.text
+
+
 def test_every_stage_sweeps_killed_runs_temporaries_before_it_runs(tmp_path):
     # A SIGKILLed stage whose output DVC later restores from its run cache is never written
     # again, so no writer of its name would remove what it left: the next stage does.
