@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import ctypes
 import functools
 import itertools
 import logging
@@ -47,7 +46,6 @@ import math
 import mmap
 import multiprocessing
 import os
-import sys
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from multiprocessing.shared_memory import SharedMemory
@@ -61,7 +59,8 @@ from tqdm.auto import tqdm
 from cmkd.data.download import fetch, sha256_file, source_roots
 from cmkd.data.h5 import PreparedWriter
 from cmkd.errors import ConfigError, DataFormatError
-from cmkd.parallel import available_cores, die_with_parent, pid_named_semaphores, remove_dead_shm, shm_name
+from cmkd.parallel import (available_cores, die_with_parent, keep_freed_memory, pid_named_semaphores,
+                           remove_dead_shm, shm_name)
 from cmkd.geometry import LIDAR_CHANNELS, lidar_image, range_projection
 
 log = logging.getLogger(__name__)
@@ -473,10 +472,6 @@ _WORKER_SETTINGS: dict[str, PrepareSettings] = {}
 _WORKER_SLOTS: dict[str, SharedMemory] = {}
 
 
-# glibc's mallopt parameters (malloc.h)
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
-
-
 def _init_worker(settings: dict[str, PrepareSettings]) -> None:
     die_with_parent()  # the forkserver, which ends with the stage: no worker outlives a kill
     _WORKER_SETTINGS.clear()
@@ -485,10 +480,7 @@ def _init_worker(settings: dict[str, PrepareSettings]) -> None:
     # decoded image). By default glibc returns freed memory to the system and serves large
     # arrays with fresh mappings, so every scan page-faults ~900 zeroed pages: about a third of
     # a worker's CPU time. Keeping freed memory for reuse (up to the worker's peak) avoids it.
-    mallopt = getattr(ctypes.CDLL(None), "mallopt", None) if sys.platform.startswith("linux") else None
-    if mallopt is not None:
-        mallopt(_M_TRIM_THRESHOLD, 256 << 20)
-        mallopt(_M_MMAP_THRESHOLD, 32 << 20)
+    keep_freed_memory(mmap_threshold=32 << 20, trim_threshold=256 << 20)
 
 
 def _layout(s: PrepareSettings) -> tuple[_Fields, int]:
