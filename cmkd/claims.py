@@ -30,10 +30,13 @@ claims:
 
 Verdicts. Every claim ends as ``reproduced`` (the paper's comparison holds, significantly),
 ``not_reproduced`` (significantly the other way; for a threshold, the interval lies on the
-wrong side), ``inconclusive`` (neither) or ``not_run`` (no results). A claim `passed` exactly
-when its verdict equals `expected_verdict`; the check fails on a claim that did not pass, unless
-the claim is not enforced: the current params differ from its recorded configuration (`depends_on`
-keys whose hash differs), or it is optional and its results are absent.
+wrong side), ``inconclusive`` (neither) or ``not_run`` (its results files are missing or
+unreadable, or lack the JSON path; the detail names the file and why). A claim `passed` exactly
+when its verdict equals `expected_verdict`, and is `changed` otherwise. The check reports every
+changed claim loudly and succeeds; only its strict mode (`--strict`, for regression tests) fails
+on a changed claim, unless the claim is not enforced: the current params differ from its
+recorded configuration (`depends_on` keys whose hash differs), or it is optional and its
+results are absent.
 
 Measurements are exact numbers or per-seed samples: summaries ``{"mean", "sem" or "std",
 "n", ["values", "seeds"]}`` (the experiments' points, the main tables' rows). Exact numbers are
@@ -75,7 +78,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 import yaml
 
-from cmkd.errors import DataFormatError
+from cmkd.errors import ConfigError, DataFormatError
 from cmkd.stats import ALPHA, one_sided, seed_slopes, welch
 
 SCALAR_OPS = (">", ">=", "<", "<=")
@@ -174,8 +177,14 @@ class Outcome:
         return self.verdict == self.claim.expected_verdict
 
     @property
+    def changed(self) -> bool:
+        """The verdict differs from the recorded `expected_verdict` (reported loudly)."""
+        return not self.passed
+
+    @property
     def fails_check(self) -> bool:
-        return self.enforced and not self.passed
+        """Changed and enforced: what the check's strict mode fails on."""
+        return self.enforced and self.changed
 
     def to_json(self) -> dict[str, Any]:
         c = self.claim
@@ -188,6 +197,7 @@ class Outcome:
             "verdict": self.verdict,
             "expected_verdict": c.expected_verdict,
             "passed": self.passed,
+            "changed": self.changed,
             "enforced": self.enforced,
             "source": c.source.describe(),
         }
@@ -207,6 +217,28 @@ class Outcome:
 
 
 # --------------------------------------------------------------------------- configuration
+
+def check_params(params: Mapping[str, Any]) -> str:
+    """The params `check` block (optional), validated; returns the claims file (`check.claims`,
+    default claims.yaml). There is no params switch for failing: a changed verdict never fails
+    the check stage, `python -m stages check --strict` does. (Here rather than in cmkd.config,
+    which is part of every training stage's code hash.)"""
+    check = params.get("check")
+    if check is None:
+        return "claims.yaml"
+    if not isinstance(check, Mapping):
+        raise ConfigError("check", "must be a mapping (`claims: <file>`)")
+    if "fail_on_mismatch" in check:
+        raise ConfigError("check.fail_on_mismatch", "was removed: the check stage reports a changed verdict and "
+                          "succeeds; `python -m stages check --strict` fails on it (delete the key)")
+    unknown = sorted(set(check) - {"claims"})
+    if unknown:
+        raise ConfigError(f"check.{unknown[0]}", "unknown key; known: claims")
+    claims = check.get("claims", "claims.yaml")
+    if not (isinstance(claims, str) and claims.strip()):
+        raise ConfigError("check.claims", f"must be a file name, got {claims!r}")
+    return claims
+
 
 def params_hash(params: Mapping[str, Any], key: str) -> str:
     """sha256 (first 16 hex digits) of the canonical JSON of params at dotted `key` (None if absent)."""
@@ -411,15 +443,14 @@ def _resolve(node: Any, tokens: Sequence[str | int], path: str) -> Any:
             if not isinstance(items, list):
                 raise ResultMissing(f"{path}: '*' applied to a {type(node).__name__}")
             return [_resolve(item, tokens[i + 1:], path) for item in items]
-        if isinstance(tok, int):
-            if not isinstance(node, list) or not -len(node) <= tok < len(node):
-                raise ResultMissing(f"{path}: no element [{tok}]")
-            node = node[tok]
+        if isinstance(tok, int) or (isinstance(node, list) and tok.lstrip("-").isdigit()):
+            index = int(tok)
+            if not isinstance(node, list) or not -len(node) <= index < len(node):
+                raise ResultMissing(f"{path}: no element [{index}]")
+            node = node[index]
         else:
             if isinstance(node, Mapping) and tok in node:
                 node = node[tok]
-            elif isinstance(node, list) and tok.lstrip("-").isdigit():
-                node = node[int(tok)]
             else:
                 raise ResultMissing(f"{path}: no key {tok!r}")
     return node
@@ -529,19 +560,40 @@ def _decide(p_paper: float, p_other: float, alpha: float = ALPHA) -> str:
     return "inconclusive"
 
 
+def measure(source: Source, load: Loader) -> Any:
+    """The value at `source`; ResultMissing naming the file and why when the file is missing or
+    unreadable (whatever `load` raises: OSError, ValueError such as invalid JSON, ResultMissing)
+    or lacks the path."""
+    try:
+        doc = load(source.file)
+    except FileNotFoundError:
+        raise ResultMissing(f"{source.file} does not exist") from None
+    except ResultMissing as err:
+        text = str(err)
+        raise ResultMissing(text if source.file in text else f"{source.file}: {text}") from None
+    except (OSError, ValueError) as err:  # unreadable, a folder, not UTF-8, not JSON
+        raise ResultMissing(f"{source.file} cannot be read ({type(err).__name__}: {err})") from None
+    try:
+        return resolve_path(doc, source.path)
+    except ResultMissing as err:
+        raise ResultMissing(f"{source.file} lacks {err}") from None
+
+
 def evaluate_claim(claim: Claim, load: Loader, params: Mapping[str, Any] | None = None) -> Outcome:
     """Decide one claim. `load(file)` returns the parsed JSON of a results file or raises
-    FileNotFoundError / ResultMissing; `params` (params.yaml) decides whether it is enforced."""
+    (FileNotFoundError, another OSError, ValueError, ResultMissing): a claim whose results are
+    missing or unreadable ends as `not_run`, never an exception. `params` (params.yaml) decides
+    whether it is enforced."""
     differ = claim.config_differences(params)
     note = f"not enforced: params differ from the claim's configuration: {', '.join(differ)}" if differ else ""
     try:
-        measured = resolve_path(load(claim.source.file), claim.source.path)
-        against = resolve_path(load(claim.against.file), claim.against.path) if claim.against else None
-        x = resolve_path(load(claim.x.file), claim.x.path) if claim.x else None
-    except (FileNotFoundError, ResultMissing) as err:
+        measured = measure(claim.source, load)
+        against = measure(claim.against, load) if claim.against else None
+        x = measure(claim.x, load) if claim.x else None
+    except ResultMissing as err:
         if claim.optional and not note:
-            note = "not enforced: results absent (optional claim)"
-        return Outcome(claim, None, "not_run", detail=f"results not found: {err}", enforced=not note, note=note)
+            note = "not enforced: results absent or unreadable (optional claim)"
+        return Outcome(claim, None, "not_run", detail=f"results unavailable: {err}", enforced=not note, note=note)
     try:
         verdict, shown, detail, statistics = compare(claim.comparison, measured, claim.value, claim.tolerance, against,
                                                      x=x, paired=claim.paired)
@@ -680,14 +732,14 @@ def evaluate_all(claims: Sequence[Claim], load: Loader, params: Mapping[str, Any
 
 def summary(outcomes: Sequence[Outcome]) -> dict[str, Any]:
     """Counts of each verdict (inconclusive is never reproduced), agreement with the expected
-    verdicts, and the claims that fail the check (enforced and changed)."""
+    verdicts, the changed claims, and those of them that are enforced (what `--strict` fails on)."""
     return {
         "total": len(outcomes),
         "verdicts": {v: sum(o.verdict == v for o in outcomes) for v in VERDICTS},
         "as_expected": sum(o.passed for o in outcomes),
-        "changed": [o.claim.id for o in outcomes if not o.passed],
+        "changed": [o.claim.id for o in outcomes if o.changed],
         "not_enforced": [o.claim.id for o in outcomes if not o.enforced],
-        "failed": [o.claim.id for o in outcomes if o.fails_check],
+        "changed_enforced": [o.claim.id for o in outcomes if o.fails_check],
     }
 
 
@@ -697,9 +749,16 @@ def summary_line(outcomes: Sequence[Outcome]) -> str:
     line = f"{counts}; {s['as_expected']} of {s['total']} as expected"
     if s["not_enforced"]:
         line += f"; {len(s['not_enforced'])} not enforced"
-    if s["failed"]:
-        line += f"; {len(s['failed'])} changed verdict: {', '.join(s['failed'])}"
+    if s["changed_enforced"]:
+        line += f"; {len(s['changed_enforced'])} changed verdict: {', '.join(s['changed_enforced'])}"
     return line
+
+
+def changed_line(o: Outcome) -> str:
+    """One changed claim in words: its id, the verdict measured and the one expected."""
+    line = (f"{o.claim.id}: verdict {o.verdict.replace('_', ' ')}, expected {o.claim.expected_verdict.replace('_', ' ')}")
+    extra = "; ".join(t for t in (o.detail if o.verdict == "not_run" else "", o.note) if t)
+    return f"{line} ({extra})" if extra else line
 
 
 def report_json(outcomes: Sequence[Outcome]) -> dict[str, Any]:
@@ -709,9 +768,7 @@ def report_json(outcomes: Sequence[Outcome]) -> dict[str, Any]:
 def render_markdown(outcomes: Sequence[Outcome], title: str = "Paper claims") -> str:
     if not outcomes:
         return f"# {title}\n\nNo claim reads these results.\n"
-    lines = [
-        f"# {title}",
-        "",
+    lines = [f"# {title}", ""] + _changed_section(outcomes) + [
         f"Verdicts: {summary_line(outcomes)}. A verdict is `reproduced` only when the paper's comparison is "
         "significant (one-sided, alpha 0.05, t distribution over seeds); `inconclusive` is not reproduced.",
         "",
@@ -733,6 +790,27 @@ def render_markdown(outcomes: Sequence[Outcome], title: str = "Paper claims") ->
             text = " ".join(t for t in (o.claim.reason, o.detail if o.verdict == "not_run" else "", o.note) if t)
             lines.append(f"- `{o.claim.id}` ({o.verdict.replace('_', ' ')}): {_md(text)}")
     return "\n".join(lines) + "\n"
+
+
+def _changed_section(outcomes: Sequence[Outcome]) -> list[str]:
+    """The report's first section when some verdict differs from its recorded expectation
+    (nothing when none does, so an unchanged report keeps its bytes)."""
+    changed = [o for o in outcomes if o.changed]
+    if not changed:
+        return []
+    enforced = [o for o in changed if o.enforced]
+    head = f"## CHANGED: {len(changed)} verdict{'s' if len(changed) > 1 else ''} differ{'' if len(changed) > 1 else 's'} from claims.yaml"
+    lines = [head, ""]
+    for o in sorted(changed, key=lambda o: not o.enforced):
+        lines.append(f"- {'**CHANGED**' if o.enforced else 'changed (not enforced)'} `{o.claim.id}`: verdict "
+                     f"**{o.verdict.replace('_', ' ')}**, expected {o.claim.expected_verdict.replace('_', ' ')}"
+                     + (f"; {_md(o.detail)}" if o.verdict == "not_run" and o.detail else "")
+                     + (f"; {_md(o.note)}" if o.note else ""))
+    lines += ["", (f"The check does not fail on {'them' if len(enforced) > 1 else 'it'} "
+                   "(`python -m stages check --strict` does). " if enforced else "")
+              + "A new verdict that is right is recorded as the claim's `expected_verdict` in claims.yaml "
+              "(with the measured numbers in `reason`).", ""]
+    return lines
 
 
 # --------------------------------------------------------------------------- helpers

@@ -38,7 +38,9 @@ How it works
 * At the end: a Markdown artifact `cmkd-pipeline` with the stage outcomes, every dataset's
   `data/reports/<dataset>/table.md` and the claim results (`data/reports/claims.md` or
   `claims.json`), written also when a stage failed (the claims are most wanted then); the
-  flow's return value lists the stages that ran and those that were up to date.
+  flow's return value lists the stages that ran and those that were up to date. A claim whose
+  verdict differs from its expected one (any claims.json under data/reports/) is listed first,
+  under "CHANGED", and logged as a warning; it does not fail the run (the check stages succeed).
 
 Parameter overrides (datasets, methods, seeds, `params`) without mutating your params.yaml
 ------------------------------------------------------------------------------------------
@@ -92,7 +94,7 @@ from flows.overrides import (
     workspace_lock,
 )
 from flows.core_slots import CoreSlots
-from flows.reports import pipeline_markdown
+from flows.reports import changed_claims, pipeline_markdown
 from flows.stage_graph import PlannedStage, read_stage_plan
 from flows.temporary_server import stop_temporary_server_on_termination
 
@@ -344,6 +346,9 @@ def pipeline_flow(
                 key=ARTIFACT_KEY,
                 description="cmkd pipeline: stage outcomes, result tables, paper-claim checks",
             )
+            for c in changed_claims(root):  # also at the top of the artifact; never a failed run
+                logger.warning("claim %s changed: verdict %s, expected %s%s (%s)", c["claim"], c["verdict"],
+                               c["expected"], "" if c["enforced"] else ", not enforced", c["report"])
     not_run = [o["stage"] for o in outcomes if o["status"] == NOT_RUN]
     if failed:
         raise PipelineFailedError(failed, not_run)

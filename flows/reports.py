@@ -70,6 +70,46 @@ def _claims_markdown(reports: Path) -> str | None:
     return "```json\n" + json.dumps(claims, indent=2, sort_keys=True) + "\n```\n"
 
 
+def changed_claims(root: Path, datasets: Sequence[str] | None = None) -> list[dict[str, Any]]:
+    """Every claim whose verdict differs from its recorded expectation, from the check stages'
+    claims.json (data/reports/ and data/reports/<dataset>/): the claim, the report it is in, its
+    verdict, the expected verdict and whether it is enforced. `datasets`: params.yaml's by default.
+    Unreadable reports are skipped."""
+    root = Path(root)
+    reports = root / REPORTS_DIR
+    if datasets is None:
+        datasets = _datasets(root) or sorted(p.parent.name for p in reports.glob("*/claims.json"))
+    rows = []
+    for path in [reports / "claims.json"] + [reports / d / "claims.json" for d in datasets]:
+        try:
+            doc = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        claims = doc.get("claims") if isinstance(doc, dict) else None
+        for c in claims if isinstance(claims, list) else []:
+            if not isinstance(c, dict):
+                continue
+            changed = c.get("changed", c.get("verdict") != c.get("expected_verdict"))
+            if not changed:
+                continue
+            why = [c.get("detail") if c.get("verdict") == "not_run" else None, c.get("note")]
+            rows.append({"claim": c.get("id"), "report": str(path.relative_to(root)), "verdict": c.get("verdict"),
+                         "expected": c.get("expected_verdict"), "enforced": c.get("enforced", True),
+                         "note": "; ".join(str(w) for w in why if w)})
+    return rows
+
+
+def changed_claims_markdown(rows: Sequence[Mapping[str, Any]]) -> str | None:
+    """The artifact's first section when a verdict changed (None when none did)."""
+    if not rows:
+        return None
+    n = len(rows)
+    return (f"## CHANGED: {n} claim verdict{'s' if n > 1 else ''} differ{'' if n > 1 else 's'} from claims.yaml\n\n"
+            + markdown_table(["claim", "verdict", "expected", "enforced", "report", "note"], rows)
+            + "\nThe check stages report a changed verdict and succeed; `python -m stages check --strict` "
+              "fails on an enforced one.\n")
+
+
 def _demote(markdown: str) -> str:
     """Headings one level down, so an embedded report nests under the artifact's sections."""
     return "\n".join("#" + line if line.startswith("#") else line for line in markdown.strip().splitlines()) + "\n"
@@ -92,11 +132,14 @@ def diagnosis_markdown(root: Path, datasets: Sequence[str]) -> str | None:
 
 def pipeline_markdown(repo_root: str | Path, stages: Sequence[Mapping[str, Any]],
                       experiment: str | None = None, failed: bool = False) -> str:
-    """The pipeline run's artifact: the diagnosis first (when diagnose ran), then stage outcomes,
-    every dataset's table, the claim results."""
+    """The pipeline run's artifact: the claims whose verdict changed first (when any did), the
+    diagnosis (when diagnose ran), then stage outcomes, every dataset's table, the claim results."""
     root = Path(repo_root)
     reports = root / REPORTS_DIR
     parts = ["# cmkd pipeline run\n"]
+    changed = changed_claims_markdown(changed_claims(root))
+    if changed is not None:
+        parts.append(changed)
     diagnosis = diagnosis_markdown(root, _datasets(root) or sorted(p.stem for p in (root / "data" / "diagnosis").glob("*.md")))
     if diagnosis is not None:
         parts.append(diagnosis)
