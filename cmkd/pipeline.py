@@ -158,10 +158,10 @@ def skip_reason(method: str, dataset: str, prepared: Path, attrs: Mapping[str, A
 def import_before_fork() -> None:
     """Import, once in the parent, the heavy libraries every seed worker imports lazily (the
     optimizer pulls torch._dynamo, evaluation torchmetrics and scipy.signal, logging dvclive,
-    whose Live() imports dvc.repo to find the repository): forked workers inherit them instead of
-    each paying ~4 s of CPU for the same imports.
+    whose Live() imports dvc.scm; engine.LiveLog keeps it from opening the repository):
+    forked workers inherit them instead of each paying ~4 s of CPU for the same imports.
     Nothing here starts a thread or computes, so forking stays safe."""
-    import dvc.repo  # noqa: F401
+    import dvc.scm  # noqa: F401
     import dvclive  # noqa: F401
     import torch._dynamo  # noqa: F401
     import torchmetrics.classification  # noqa: F401
