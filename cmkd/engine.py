@@ -460,10 +460,13 @@ class FitResult:
 
 
 def _optimizer(params, cfg: TrainConfig) -> torch.optim.Optimizer:
+    # Adam's fused kernel takes its square root with the exact instruction; the unfused update
+    # calls torch.sqrt, which MKL's vector math serves with a kernel chosen by the machine
+    # (cmkd/exactmath.py), so its weights would differ between AVX-512 and AVX2-only machines.
     if cfg.optimizer == "adam":
-        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
     if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
     if cfg.nesterov:
         return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=True)
     return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)

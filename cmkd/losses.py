@@ -12,6 +12,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from cmkd import exactmath
+
 
 def to_rows(logits: torch.Tensor) -> torch.Tensor:
     """[N, C] -> [N, C]; [N, C, H, W] -> [N*H*W, C] (one row per pixel)."""
@@ -43,7 +45,7 @@ def kl_rows(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
     """Per-row KL(p_t || p_s) with p = softmax(z / T)."""
     log_ps = F.log_softmax(student_logits / temperature, dim=1)
     log_pt = F.log_softmax(teacher_logits / temperature, dim=1)
-    return (log_pt.exp() * (log_pt - log_ps)).sum(dim=1)
+    return (exactmath.exp(log_pt) * (log_pt - log_ps)).sum(dim=1)
 
 
 def kd_loss(
@@ -99,8 +101,8 @@ def decoupled_log_probs(rows: torch.Tensor, target_rows: torch.Tensor, temperatu
     non-target classes only (the target class removed)."""
     z = rows / temperature
     rest = non_target_logits(z, target_rows)
-    log_total = torch.logsumexp(z, dim=1)
-    log_rest_total = torch.logsumexp(rest, dim=1)
+    log_total = exactmath.logsumexp(z, dim=1)
+    log_rest_total = exactmath.logsumexp(rest, dim=1)
     log_gt = z.gather(1, target_rows.unsqueeze(1)).squeeze(1) - log_total
     binary = torch.stack([log_gt, log_rest_total - log_total], dim=1)
     return binary, rest - log_rest_total.unsqueeze(1)
@@ -118,12 +120,12 @@ def non_target_log_probs(rows: torch.Tensor, target_rows: torch.Tensor, temperat
 
 def kl_from_log_probs(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
     """Per-row KL(p || q) from log-probabilities (finite inputs; p = 0 terms contribute 0)."""
-    return (log_p.exp() * (log_p - log_q)).sum(dim=1)
+    return (exactmath.exp(log_p) * (log_p - log_q)).sum(dim=1)
 
 
 def js_from_log_probs(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
     """Per-row Jensen-Shannon divergence (natural log, in [0, ln 2]) from log-probabilities."""
-    log_m = torch.logaddexp(log_p, log_q) - math.log(2.0)
+    log_m = exactmath.logaddexp(log_p, log_q) - math.log(2.0)
     js = 0.5 * kl_from_log_probs(log_p, log_m) + 0.5 * kl_from_log_probs(log_q, log_m)
     return js.clamp_min(0.0)  # rounding can leave -1e-9 where the rows are equal
 
@@ -136,9 +138,9 @@ def js_divergence(p: torch.Tensor, q: torch.Tensor, dim: int = 1) -> torch.Tenso
     """
     tiny = torch.finfo(p.dtype).tiny
     m = 0.5 * (p + q)
-    log_m = m.clamp_min(tiny).log()
-    kl_pm = (p * (p.clamp_min(tiny).log() - log_m)).sum(dim=dim)
-    kl_qm = (q * (q.clamp_min(tiny).log() - log_m)).sum(dim=dim)
+    log_m = exactmath.log(m.clamp_min(tiny))
+    kl_pm = (p * (exactmath.log(p.clamp_min(tiny)) - log_m)).sum(dim=dim)
+    kl_qm = (q * (exactmath.log(q.clamp_min(tiny)) - log_m)).sum(dim=dim)
     return (0.5 * kl_pm + 0.5 * kl_qm).clamp_min(0.0)
 
 
@@ -161,7 +163,7 @@ def _divergence_from_log_probs(log_ps: torch.Tensor, log_pt: torch.Tensor, form:
     if form == "js":
         return js_from_log_probs(log_pt, log_ps)
     if form == "ntdh":
-        log_m = torch.logaddexp(log_ps, log_pt) - math.log(2.0)
+        log_m = exactmath.logaddexp(log_ps, log_pt) - math.log(2.0)
         div = 0.5 * kl_from_log_probs(log_m, log_ps) + 0.5 * kl_from_log_probs(log_m, log_pt)
         return div.clamp_min(0.0)  # rounding can leave -1e-9 where the rows are equal
     raise ValueError(f"unknown divergence form {form!r}; known: {list(DIVERGENCE_FORMS)}")
@@ -329,7 +331,7 @@ def _kendall_tau_rows(ab: torch.Tensor) -> torch.Tensor:
     # Over ordered pairs every count doubles; the ratio is unchanged.
     untied = torch.count_nonzero(signs, dim=(2, 3)).to(ab.dtype)  # [2, n]
     concordance = (signs[0] * signs[1]).sum(dim=(1, 2))
-    return concordance / (untied[0] * untied[1]).sqrt()  # 0/0 -> NaN
+    return concordance / exactmath.sqrt(untied[0] * untied[1])  # 0/0 -> NaN
 
 
 def _pairwise_signs(x: torch.Tensor) -> torch.Tensor:
@@ -347,7 +349,7 @@ def _pairwise_distances(x: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
     d2 = sq.unsqueeze(1) + sq.unsqueeze(0) - 2.0 * x @ x.t()
     eye = torch.eye(x.shape[0], dtype=torch.bool, device=x.device)
     apart = (d2 > eps) & ~eye
-    return torch.where(apart, d2.clamp_min(eps).sqrt(), torch.zeros_like(d2))
+    return torch.where(apart, exactmath.sqrt(d2.clamp_min(eps)), torch.zeros_like(d2))
 
 
 def _mean_normalised_distances(x: torch.Tensor) -> torch.Tensor:

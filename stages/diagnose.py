@@ -9,6 +9,7 @@ cmkd/diagnosis.py and the predicted KD gain of the committed predictor (diagnosi
 from pathlib import Path
 
 from cmkd.atomic import write_json, write_text
+from cmkd.determinism import provenance
 from cmkd.diagnosis_report import apply_predictor, check_config, diagnosis_markdown, load_predictor, measure_dataset
 from cmkd.errors import ConfigError
 from stages._common import DATA, main, parser, start
@@ -31,6 +32,7 @@ def run() -> None:
     result = measure_dataset(Path(DATA) / "prepared" / f"{ds}.h5", runs / "teacher", runs / "student", params["models"][ds],
                              params["seeds"], ds, cfg)
     result = apply_predictor(result, predictor, cfg)
+    result["provenance"] = provenance()
     out = Path(args.out_dir)
     write_json(out / f"{ds}.json", result)
     write_text(out / f"{ds}.md", diagnosis_markdown(result))

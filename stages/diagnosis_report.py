@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 
 from cmkd.atomic import write_json, write_text
+from cmkd.determinism import provenance
 from cmkd.diagnosis_report import dataset_report, diagnosis_markdown
 from cmkd.errors import DataFormatError
 from stages._common import DATA, main, parser
@@ -27,7 +28,7 @@ def run() -> None:
     except (OSError, json.JSONDecodeError) as err:
         raise DataFormatError(diag_path, f"cannot read the diagnosis (run diagnose@{ds}): {err}") from None
     metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else None
-    report = dataset_report(diagnosis, metrics)
+    report = {**dataset_report(diagnosis, metrics), "provenance": provenance()}
     out = Path(DATA) / "reports" / ds
     write_json(out / "diagnosis.json", report)
     write_text(out / "diagnosis.md", diagnosis_markdown({**diagnosis, **report}))

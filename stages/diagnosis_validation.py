@@ -14,6 +14,7 @@ import json
 from pathlib import Path
 
 from cmkd.atomic import atomic_path, write_json, write_text
+from cmkd.determinism import provenance
 from cmkd.diagnosis_report import check_config, collect_conditions, fit_committed, validate, validation_figure, validation_markdown
 from stages._common import DATA, main, parser, start
 
@@ -34,7 +35,7 @@ def run(write_predictor: bool = False) -> None:
     if write_predictor or args.write_predictor:
         write_json(predictor_path, fit_committed(conditions, cfg))
     committed = json.loads(predictor_path.read_text()) if predictor_path.is_file() else None
-    result = validate(conditions, cfg, committed)
+    result = {**validate(conditions, cfg, committed), "provenance": provenance()}
     out = Path(args.out_dir)
     write_json(out / "validation.json", result)
     write_text(out / "validation.md", validation_markdown(result))

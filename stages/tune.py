@@ -15,6 +15,7 @@ import tempfile
 from pathlib import Path
 
 from cmkd.atomic import atomic_dir, write_json, write_text
+from cmkd.determinism import provenance
 from cmkd.engine import TrainConfig
 from cmkd.errors import ConfigError
 from cmkd.config import TEACHER_RUN
@@ -55,6 +56,7 @@ def tune(params, ds: str, run: str, progress: bool) -> None:
             teacher_train_cfg=TrainConfig.from_params(params["train"][ds]["teacher"], f"train.{ds}.teacher"),
             work_dir=Path(work), seed_workers=seed_workers(), progress=progress)
     evidence["run_config"] = params["runs"][run]
+    evidence["provenance"] = provenance()
     write_json(REPORTS / ds / f"{run}.json", evidence)
     if evidence.get("skipped"):
         print(f"{ds}/{run}: n/a ({evidence['skipped']})")

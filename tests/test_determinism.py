@@ -75,3 +75,142 @@ def test_native_mode_and_bad_mode():
     assert pin_cpu_kernels(env) == {} and "ATEN_CPU_CAPABILITY" not in env
     with pytest.raises(SystemExit, match="CMKD_CPU_KERNELS"):
         pin_cpu_kernels({"CMKD_CPU_KERNELS": "fast"})
+
+
+# --- Kernels no switch pins: MKL's vector math (cmkd/exactmath.py) ---------------------------
+
+def test_vendor_independent_mkl_mode_is_pinned():
+    """MKL_CBWR=AVX2 is an Intel-only branch (MKL takes its own path on other vendors);
+    COMPATIBLE is the mode Intel documents as identical on Intel and non-Intel CPUs."""
+    assert PINNED_CPU_KERNELS["MKL_CBWR"] == "COMPATIBLE"
+    code = "import os, stages; print(os.environ['MKL_CBWR'], os.environ['ATEN_CPU_CAPABILITY'], os.environ['ONEDNN_MAX_CPU_ISA'])"
+    env = {k: v for k, v in os.environ.items() if k not in PINNED_CPU_KERNELS}
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env={**env, "MKL_CBWR": "AUTO"}, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["COMPATIBLE", "avx2", "AVX2"]
+
+
+def test_provenance_names_the_machine_and_every_kernel_switch():
+    code = "import json, stages; from cmkd.determinism import provenance; print(json.dumps(provenance()))"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    prov = __import__("json").loads(out.stdout)
+    assert prov["cpu_vendor"] not in ("", None) and prov["cpu_model"] not in ("", None)
+    if os.path.exists("/proc/cpuinfo"):
+        assert prov["cpu_vendor"] in open("/proc/cpuinfo").read()
+    assert (prov["aten_cpu_capability"], prov["mkl_cbwr"], prov["onednn_max_cpu_isa"]) == ("avx2", "COMPATIBLE", "AVX2")
+    assert prov["cpu_capability"] == "AVX2" and isinstance(prov["mkldnn_enabled"], bool) and prov["threads"] >= 1
+
+
+def test_exactmath_is_correctly_rounded_where_torch_float32_need_not_be():
+    import numpy as np
+    import torch
+
+    from cmkd import exactmath
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(200_000, generator=g) * 10.0 ** torch.randint(-20, 20, (200_000,), generator=g).float()
+    x = torch.cat([x, torch.tensor([0.0, 1.0, 4.0, float("inf")])])
+    ref = np.sqrt(x.numpy().astype(np.float64)).astype(np.float32)  # innocuous double rounding
+    assert np.array_equal(exactmath.sqrt(x).numpy(), ref)
+    y = torch.randn(200_000, generator=g) * 20
+    with np.errstate(over="ignore"):
+        ref_exp = np.exp(y.numpy().astype(np.float64)).astype(np.float32)
+    assert np.array_equal(exactmath.exp(y).numpy(), ref_exp)
+    p = y.abs() + 1e-6
+    assert np.array_equal(exactmath.log(p).numpy(), np.log(p.numpy().astype(np.float64)).astype(np.float32))
+    assert exactmath.sqrt(torch.tensor([-1.0])).isnan().all()
+    assert exactmath.exp(y).dtype == exactmath.sqrt(x).dtype == torch.float32
+    # the same functions as torch's, gradients included, to float32 precision
+    z = torch.randn(64, 7, generator=g, requires_grad=True)
+    w = z.detach().clone().requires_grad_()
+    torch.testing.assert_close(exactmath.logsumexp(z, 1), torch.logsumexp(w, 1))
+    torch.testing.assert_close(exactmath.logaddexp(z, z.flip(1)), torch.logaddexp(w, w.flip(1)))
+    (exactmath.logsumexp(z, 1).sum() + exactmath.logaddexp(z, 2 * z).sum()).backward()
+    (torch.logsumexp(w, 1).sum() + torch.logaddexp(w, 2 * w).sum()).backward()
+    torch.testing.assert_close(z.grad, w.grad)
+    big = torch.tensor([[1000.0, 999.0], [-1000.0, -1001.0]])
+    torch.testing.assert_close(exactmath.logsumexp(big, 1), torch.logsumexp(big, 1))
+
+
+def _vml_calls(run) -> set[str]:
+    """aten ops served by MKL's vector math on float32 CPU tensors, nested calls included."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from cmkd.exactmath import VML_SERVED_OPS
+
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        run()
+    return {e.name() for e in prof.profiler.kineto_results.events()
+            if e.name().removeprefix("aten::").rstrip("_") in VML_SERVED_OPS and "float" in e.dtypes()}
+
+
+def test_the_profiler_sees_vml_calls_nested_in_other_ops():
+    """Shows the test below could fail: logsumexp's kernel and logaddexp's gradient call exp."""
+    import torch
+
+    x = torch.randn(8, 5, requires_grad=True)
+    assert _vml_calls(lambda: torch.logsumexp(x, 1)) == {"aten::exp_", "aten::log_"}
+    assert _vml_calls(lambda: torch.logaddexp(x, 2 * x).sum().backward()) == {"aten::exp"}
+    param = torch.nn.Parameter(torch.randn(10))
+    param.grad = torch.randn(10)
+    assert _vml_calls(torch.optim.Adam([param], fused=False).step) == {"aten::sqrt"}
+    assert _vml_calls(torch.optim.Adam([param], fused=True).step) == set()
+
+
+@pytest.mark.parametrize("kind", ["vectors", "images"])
+def test_a_training_epoch_of_every_run_reaches_no_float32_vml_kernel(kind, tmp_path, one_thread):
+    """Every run of params.yaml (with its tuned selection), teacher and student included, trains
+    an epoch (its `prepare` first, e.g. MFH's Algorithm 1) without MKL's machine-dependent
+    vector math: on CPU its weights are then the same bits on AVX-512 and AVX2-only machines."""
+    import torch
+    import yaml
+
+    from cmkd.config import STUDENT_RUN, TEACHER_RUN
+    from cmkd.data.h5 import read_attrs
+    from cmkd.engine import SplitData, TrainConfig, fit, load_split
+    from cmkd.methods import build_distiller, get_method
+    from cmkd.models import build_model
+    from cmkd.tuning import load_tuned, tuned_run_config
+    from tests.conftest import tiny_synthetic_file
+
+    params = yaml.safe_load(open(os.path.join(ROOT, "params.yaml")))
+    tuned = load_tuned(os.path.join(ROOT, "tuned.yaml"))
+    if kind == "vectors":
+        prepared, dataset = tiny_synthetic_file(tmp_path / "tiny.h5"), "synthetic"
+        arch = params["models"]["synthetic"]["student"]
+    else:
+        from cmkd.data import digits
+
+        prepared, dataset = tmp_path / "digits.h5", "digits"
+        digits.prepare({"image_size": 8, "blend": 0.5, "split": [0.6, 0.2, 0.2], "seed": 0}, tmp_path, prepared)
+        arch = {"arch": "small_cnn", "width": 4}
+    attrs = read_attrs(prepared)
+    classes = len(attrs["class_names"])
+
+    def subset(split, n):
+        data = load_split(prepared, split, attrs, in_memory=True)
+        return SplitData.from_arrays(**{k: v[:n] for k, v in data.tensors.items()})
+
+    train, val = subset("train", 96), subset("val", 32)
+    runs = {"teacher": TEACHER_RUN, "student": STUDENT_RUN}
+    runs.update({name: tuned_run_config(params["runs"][name], tuned, dataset, name)[0] for name in params["methods"]})
+    cfg = TrainConfig(epochs=1, batch_size=32, device="cpu", optimizer="adam")
+    checked = []
+    for name, run_cfg in runs.items():
+        method = get_method(run_cfg["method"])
+        if kind == "vectors" and "vector" not in method.inputs or kind == "images" and "image" not in method.inputs:
+            continue
+        torch.manual_seed(0)
+        teacher = build_model(arch, train.sample_shape("teacher_input"), classes)
+        student = build_model(arch, train.sample_shape("student_input"), classes)
+        if run_cfg["method"] == "teacher":
+            student, teacher = teacher, None
+        d = build_distiller(dict(run_cfg), student=student, teacher=teacher, num_classes=classes)
+
+        def one_epoch():
+            if hasattr(d, "prepare"):
+                d.prepare(train, val, cfg, task="classification", num_classes=classes, ignore_index=None, progress=False)
+            fit(d, train, val, cfg, task="classification", num_classes=classes, progress=False)
+
+        assert _vml_calls(one_epoch) == set(), name
+        checked.append(name)
+    assert {"teacher", "student", "kdv1", "dkd", "c2kd", "mlkd", "crd"} <= set(checked)

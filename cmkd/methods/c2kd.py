@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cmkd import exactmath
 from cmkd.errors import ConfigError
 from cmkd.losses import cross_entropy, kendall_tau, kl_rows, mask_rows, masked_mean, to_rows
 from cmkd.methods import register
@@ -105,7 +106,7 @@ def nontarget_kl_rows(student_logits: torch.Tensor, teacher_logits: torch.Tensor
     neg = torch.finfo(student_logits.dtype).min
     log_qs = F.log_softmax((student_logits / temperature).masked_fill(~keep, neg), dim=1)
     log_qt = F.log_softmax((teacher_logits / temperature).masked_fill(~keep, neg), dim=1)
-    terms = log_qt.exp() * (log_qt - log_qs)
+    terms = exactmath.exp(log_qt) * (log_qt - log_qs)
     per_row = torch.where(keep, terms, torch.zeros_like(terms)).sum(dim=1)
     return torch.where(target >= 0, per_row, torch.zeros_like(per_row))
 

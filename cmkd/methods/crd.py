@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cmkd import exactmath
 from cmkd.errors import ConfigError
 from cmkd.methods import register
 from cmkd.methods.feature import FeatureDistiller, pooled
@@ -90,8 +91,8 @@ def nce_loss(scores: torch.Tensor, n_rows: int) -> torch.Tensor:
     b, k1 = scores.shape
     noise = (k1 - 1) / n_rows
     eps = 1e-7
-    log_pos = torch.log(scores[:, 0] / (scores[:, 0] + noise + eps))
-    log_neg = torch.log(noise / (scores[:, 1:] + noise + eps))
+    log_pos = exactmath.log(scores[:, 0] / (scores[:, 0] + noise + eps))
+    log_neg = exactmath.log(noise / (scores[:, 1:] + noise + eps))
     return -(log_pos.sum() + log_neg.sum()) / b
 
 
@@ -191,8 +192,8 @@ class CRD(FeatureDistiller):
         # product, without that copy: K is up to 16384 (or all rows of a small dataset) per row.
         # The banks are cloned (rows x D, far less than B x K x D) because the update below
         # changes them in place while backward still needs these values.
-        scores_s = torch.exp((v_s @ self.memory.teacher.detach().clone().T).gather(1, idx) / temperature)
-        scores_t = torch.exp((v_t @ self.memory.student.detach().clone().T).gather(1, idx) / temperature)
+        scores_s = exactmath.exp((v_s @ self.memory.teacher.detach().clone().T).gather(1, idx) / temperature)
+        scores_t = exactmath.exp((v_t @ self.memory.student.detach().clone().T).gather(1, idx) / temperature)
         with torch.no_grad():
             if self.memory.z[0] < 0:  # fixed once, from the first batch, as the authors' code
                 self.memory.z.copy_(torch.stack([scores_s.mean(), scores_t.mean()]) * n)

@@ -42,6 +42,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from cmkd import exactmath
 from cmkd.errors import ConfigError
 from cmkd.losses import batch_correlation_loss, class_correlation_loss, cross_entropy, to_rows
 from cmkd.methods import register
@@ -77,9 +78,9 @@ def strong_augment(x: torch.Tensor, noise_std: float = 0.1, erase: bool = True,
         dev = x.device
         area = torch.empty(n, device=dev).uniform_(*erase_area) * height * width
         log_r = torch.empty(n, device=dev).uniform_(math.log(erase_ratio[0]), math.log(erase_ratio[1]))
-        ratio = log_r.exp()
-        h = (area * ratio).sqrt().round().clamp(1, height)
-        w = (area / ratio).sqrt().round().clamp(1, width)
+        ratio = exactmath.exp(log_r)
+        h = exactmath.sqrt(area * ratio).round().clamp(1, height)
+        w = exactmath.sqrt(area / ratio).round().clamp(1, width)
         top = (torch.rand(n, device=dev) * (height - h + 1)).floor()
         left = (torch.rand(n, device=dev) * (width - w + 1)).floor()
         rows = torch.arange(height, device=dev).view(1, height, 1)
@@ -141,7 +142,7 @@ class MLKD(LogitDistiller):
         # All temperatures at once: [K, rows, C] (one kernel per op instead of one per T).
         temps = torch.tensor([float(t) for t in cfg["temperatures"]], dtype=t_rows.dtype, device=t_rows.device).view(-1, 1, 1)
         log_p_t = F.log_softmax(t_rows.unsqueeze(0) / temps, dim=-1)
-        p_t = log_p_t.exp()
+        p_t = exactmath.exp(log_p_t)
         total_weight = row_weights.sum().clamp_min(1e-12)
         class_scale = class_norm_scale(cfg["class_norm"], total_weight, rows_per_sample)
 
@@ -152,7 +153,7 @@ class MLKD(LogitDistiller):
             # T^2 KL(p_t || p_s) per row, summed over T, weighted mean over the selected rows
             kl = (p_t * (log_p_t - log_p_s)).sum(-1) * temps.view(-1, 1).square()
             instance = instance + (kl.sum(0) * row_weights).sum() / total_weight
-            p_s = log_p_s.exp()
+            p_s = exactmath.exp(log_p_s)
             batch_level = batch_level + batch_correlation_loss(p_s, p_t, row_weights, rows_per_sample).sum()
             class_level = class_level + class_correlation_loss(p_s, p_t, row_weights, rows_per_sample).sum() * class_scale
             if cfg["ce_weight"]:
