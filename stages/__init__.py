@@ -1,9 +1,9 @@
 """Thin DVC stage entry points: `python -m stages.<name> ...` (or `python -m stages <name>`)
 from the repository root.
 
-Importing this package pins torch's CPU kernels to one instruction-set path before anything
-imports torch, so every stage gives the same bytes on any x86-64 machine (cmkd/determinism.py;
-CMKD_CPU_KERNELS=native opts out).
+Importing this package pins torch's CPU kernels before anything imports torch, so that a
+stage's training gives the same bytes on x86-64 machines of either vendor, with or without
+AVX-512 (cmkd/determinism.py, docs/portability.md; CMKD_CPU_KERNELS=native opts out).
 """
 
 from cmkd.determinism import pin_cpu_kernels
