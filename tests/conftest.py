@@ -58,6 +58,10 @@ def tool_env(tmp: Path) -> dict[str, str]:
     env["DVC_SITE_CACHE_DIR"] = str(tmp / "dvc-site-cache")
     env["PYTHONPATH"] = ""
     env["CMKD_LOG_LEVEL"] = "WARNING"
+    # the private HOME has no git identity; `dvc exp run` commits
+    for role in ("AUTHOR", "COMMITTER"):
+        env.setdefault(f"GIT_{role}_NAME", "cmkd tests")
+        env.setdefault(f"GIT_{role}_EMAIL", "tests@cmkd.invalid")
     (tmp / "home").mkdir(exist_ok=True)
     return env
 
