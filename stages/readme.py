@@ -1,34 +1,41 @@
-"""`python -m stages readme [--check]`: rewrite README.md's generated blocks (results tables,
-claims) from data/reports/ after a run; `--check` exits 1 when README.md is not current.
-See cmkd/readme.py."""
+"""`python -m stages readme [--check]`: rewrite README.md's generated blocks (compact results tables,
+claims' verdicts) and the whole results page docs/results.md from data/reports/ after a run;
+`--check` exits 1 when either is not current. See cmkd/readme.py."""
 
 import sys
 from pathlib import Path
 
 from cmkd.atomic import write_text
 from cmkd.config import load_params
-from cmkd.readme import blocks, replace_blocks
+from cmkd.readme import blocks, replace_blocks, results_page
 from stages._common import DATA, main, parser
 
 
 def run() -> None:
     p = parser(__doc__)
     p.add_argument("--readme", default="README.md")
+    p.add_argument("--results-page", default="docs/results.md")
     p.add_argument("--reports", default=str(Path(DATA) / "reports"))
-    p.add_argument("--check", action="store_true", help="only check that README.md is current")
+    p.add_argument("--check", action="store_true", help="only check that README.md and the results page are current")
     args = p.parse_args()
-    params = load_params(args.params)
-    readme = Path(args.readme)
-    current = readme.read_text()
-    new = replace_blocks(current, blocks(Path(args.reports), params["datasets"]))
+    datasets = load_params(args.params)["datasets"]
+    readme, page = Path(args.readme), Path(args.results_page)
+    reports = Path(args.reports)
+    wanted = {
+        readme: replace_blocks(readme.read_text(), blocks(reports, datasets)),
+        page: results_page(reports, datasets),
+    }
+    stale = [path for path, text in wanted.items() if not path.is_file() or path.read_text() != text]
     if args.check:
-        if new != current:
-            print(f"{readme}: results differ from {args.reports} (run `python -m stages readme`)", file=sys.stderr)
+        for path in stale:
+            print(f"{path}: results differ from {reports} (run `python -m stages readme`)", file=sys.stderr)
+        if stale:
             sys.exit(1)
-        print(f"{readme}: current", file=sys.stderr)
-    elif new != current:
-        write_text(readme, new)
-        print(f"{readme}: updated from {args.reports}", file=sys.stderr)
+        print(f"{readme}, {page}: current", file=sys.stderr)
+        return
+    for path in stale:
+        write_text(path, wanted[path])
+        print(f"{path}: updated from {reports}", file=sys.stderr)
 
 
 if __name__ == "__main__":

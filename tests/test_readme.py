@@ -1,30 +1,135 @@
-"""The README's result blocks are generated from a reports folder, byte for byte."""
+"""The README's result blocks and docs/results.md are generated from a reports folder, byte for byte."""
 
+import json
+import re
 import subprocess
 import sys
 
 import pytest
 
-from cmkd.readme import ReadmeError, blocks, replace_blocks
+from cmkd.readme import ReadmeError, blocks, compact_claims, compact_table, replace_blocks, results_page
+from cmkd.report import markdown_table
 from tests.conftest import REPO
 
-TABLE = "### toy: a → b (f1 weighted × 100, mean ± std over seeds)\n\n| run | method | f1_weighted | vs STUDENT |\n|---|---|---|---|\n| TEACHER | teacher | 90.00 ± 1.00 |  |\n"
-CLAIMS = "# Paper claims\n\n1 of 1 claims pass.\n\n| claim | result |\n|---|---|\n| `x` | PASS: reproduced |\n"
-README = "# T\n\n<!-- results:start (gen) -->\nold table\n<!-- results:end -->\n\ntext\n\n<!-- claims:start -->\nold\n<!-- claims:end -->\n"
+
+def _stat(mean, std=0.01):
+    return {"mean": mean, "std": std, "n": 3, "values": [mean] * 3}
 
 
-def _reports(tmp_path):
+# a report as cmkd.report.collect builds it: the table comes from the real writer, not a copy of its format
+REPORT = {
+    "metric": "f1_weighted",
+    "rows": {
+        "teacher": {"method": "teacher", "f1_weighted": _stat(0.9)},
+        "student": {"method": "supervised", "f1_weighted": _stat(0.5)},
+        "at": {"method": "at", "skipped": "method 'at' needs image inputs"},
+        "good": {"method": "kd", "f1_weighted": _stat(0.6, 0.02), "hyperparameters": {"temperature": 4.0},
+                 "selected_on": "val", "vs_student": {"mean": 0.1, "ci95": [0.05, 0.15], "verdict": "better"}},
+        "bad": {"method": "dkd", "f1_weighted": _stat(0.4), "hyperparameters": {"beta": 8.0}, "selected_on": "params",
+                "vs_student": {"mean": -0.1, "ci95": [-0.2, -0.01], "verdict": "worse"}},
+        "same": {"method": "kd", "f1_weighted": _stat(0.51), "hyperparameters": {"temperature": 2.0},
+                 "selected_on": "val",
+                 "vs_student": {"mean": 0.01, "ci95": [-0.02, 0.04], "verdict": "indistinguishable"}},
+    },
+}
+TABLE = markdown_table(REPORT, "toy", ("a", "b"))
+CLAIMS = """# Paper claims
+
+Verdicts: 1 reproduced, 1 inconclusive; 2 of 2 as expected. A verdict is `reproduced` only when ... not reproduced.
+
+| claim | paper | tests | paper's statement | test | measured | verdict | expected | |
+|---|---|---|---|---|---|---|---|---|
+| `x` | MFH |  | a statement with a \\| pipe | `a > b` | 0.5 | reproduced | reproduced | ok |
+| `y` | NTDH | definition | another | `c > d` | 0.1 | inconclusive | inconclusive | ok |
+
+## Notes
+
+- `y` (inconclusive): why.
+"""
+CHANGED = """# Paper claims
+
+## CHANGED: 1 verdict differs from claims.yaml
+
+- **CHANGED** `x`: verdict **not reproduced**, expected reproduced
+
+A new verdict that is right is recorded in claims.yaml.
+
+""" + CLAIMS.split("\n\n", 1)[1]
+README = ("# T\n\n<!-- results:start (gen) -->\nold table\n<!-- results:end -->\n\ntext\n\n"
+          "<!-- claims:start -->\nold\n<!-- claims:end -->\n")
+
+
+def _reports(tmp_path, claims=CLAIMS):
     (tmp_path / "reports" / "toy").mkdir(parents=True, exist_ok=True)
     (tmp_path / "reports" / "toy" / "table.md").write_text(TABLE)
-    (tmp_path / "reports" / "claims.md").write_text(CLAIMS)
+    (tmp_path / "reports" / "claims.md").write_text(claims)
     return tmp_path / "reports"
 
 
-def test_blocks_hold_the_reports_and_nothing_else_changes(tmp_path):
+def test_compact_table_keeps_run_score_interval_and_verdict_and_drops_hyperparameters():
+    compact = compact_table(TABLE, "toy/table.md")
+    lines = compact.splitlines()
+    assert lines[0] == "### toy: a → b (f1 weighted × 100, mean ± std over seeds)"
+    table = [line for line in lines if line.startswith("|")]
+    assert table[:2] == ["| run | score | vs STUDENT [95% CI] | verdict |", "|---|---|---|---|"]
+    assert table[2:] == [
+        "| TEACHER | 90.00 ± 1.00 |  |  |",
+        "| STUDENT | 50.00 ± 1.00 |  |  |",
+        "| at | n/a |  | skipped: method 'at' needs image inputs |",
+        "| bad | 40.00 ± 1.00 | -10.00 [-20.00, -1.00] | worse |",
+        "| good | 60.00 ± 2.00 | +10.00 [+5.00, +15.00] | better |",
+        "| same | 51.00 ± 1.00 | +1.00 [-2.00, +4.00] | indistinguishable |",
+    ]
+    assert lines[-1] == "Seeds per row: 3."
+    assert "T=4" not in compact and "β=8" not in compact and "(params)" not in compact and "| kd |" not in compact
+
+
+def test_compact_table_keeps_the_smoke_test_note_and_refuses_other_formats():
+    note = "**Smoke test, not a result.** `toy` is a sample.\n\n"
+    assert compact_table(note + TABLE, "t.md").startswith(note + "### toy: a → b")
+    with pytest.raises(ReadmeError, match=r"t\.md: no heading"):
+        compact_table("| a |\n|---|\n", "t.md")
+    with pytest.raises(ReadmeError, match=r"t\.md:3: table header"):
+        compact_table("### x\n\n| run | score |\n|---|---|\n", "t.md")
+    with pytest.raises(ReadmeError, match=r"t\.md:9: vs STUDENT cell '\? \+1.00'"):
+        compact_table(TABLE.replace("↑ +10.00 [+5.00, +15.00]", "? +1.00"), "t.md")
+
+
+def test_compact_claims_lists_each_claim_with_its_verdict_and_keeps_a_changed_section():
+    compact = compact_claims(CLAIMS, "claims.md")
+    assert compact.splitlines() == [
+        "Verdicts: 1 reproduced, 1 inconclusive; 2 of 2 as expected.", "",
+        "| claim | paper | verdict | expected |", "|---|---|---|---|",
+        "| `x` | MFH | reproduced | reproduced |",
+        "| `y` | NTDH | inconclusive | inconclusive |",
+    ]
+    changed = compact_claims(CHANGED, "claims.md")
+    assert changed.startswith("#### CHANGED: 1 verdict differs from claims.yaml\n\n- **CHANGED** `x`")
+    assert changed.endswith(compact)
+    with pytest.raises(ReadmeError, match="claims.md: no 'Verdicts"):
+        compact_claims("# Paper claims\n\nnothing\n", "claims.md")
+
+
+def test_the_results_page_is_whole_generated_and_holds_every_column(tmp_path):
+    page = results_page(_reports(tmp_path), ["toy"])
+    assert page.startswith("<!-- generated by `python -m stages readme` from data/reports/; do not edit -->\n\n"
+                           "# Results of the default run\n")
+    assert page.endswith("\n") and not page.endswith("\n\n")
+    assert "\n### toy: a → b (f1 weighted × 100" in page
+    assert "| bad | dkd | 40.00 ± 1.00 | ↓ -10.00 [-20.00, -1.00] | β=8 (params) |" in page  # hyper-parameters kept
+    assert "| good | kd | 60.00 ± 2.00 | ↑ +10.00 [+5.00, +15.00] | T=4 |" in page
+    assert "| `x` | MFH |  | a statement with a \\| pipe | `a > b` | 0.5 | reproduced | reproduced | ok |" in page
+    assert "\n## Paper claims\n" in page and "\n### Notes\n" in page and "\n# Paper claims" not in page
+    order = [page.index(h) for h in ("## Main tables", "### toy", "## Paper claims", "### Notes")]
+    assert order == sorted(order)
+    assert results_page(_reports(tmp_path), ["toy"]) == page  # deterministic
+
+
+def test_blocks_hold_the_compact_reports_and_nothing_else_changes(tmp_path):
     new = replace_blocks(README, blocks(_reports(tmp_path), ["toy"]))
     assert "old table" not in new and "\nold\n" not in new
-    assert "#### toy: a → b" in new and "| TEACHER | teacher | 90.00 ± 1.00 |  |" in new
-    assert "| `x` | PASS: reproduced |" in new and "Paper claims" not in new
+    assert "### toy: a → b" in new and "| good | 60.00 ± 2.00 | +10.00 [+5.00, +15.00] | better |" in new
+    assert "| `x` | MFH | reproduced | reproduced |" in new and "Paper claims" not in new and "statement" not in new
     assert new.startswith("# T\n\n<!-- results:start (gen) -->\n") and "\n\ntext\n\n" in new
     assert replace_blocks(new, blocks(_reports(tmp_path), ["toy"])) == new  # idempotent
 
@@ -34,23 +139,61 @@ def test_missing_markers_or_reports_are_one_clear_error(tmp_path):
         replace_blocks("# no markers\n", {"results": "x"})
     with pytest.raises(ReadmeError, match="dataset 'other'"):
         blocks(_reports(tmp_path), ["other"])
+    with pytest.raises(ReadmeError, match="dataset 'other'"):
+        results_page(_reports(tmp_path), ["other"])
 
 
-def test_the_command_writes_what_the_generator_returns_and_check_agrees(tmp_path):
+def test_the_command_writes_both_files_and_check_agrees(tmp_path):
     reports = _reports(tmp_path)
-    readme = tmp_path / "README.md"
+    readme, page = tmp_path / "README.md", tmp_path / "results.md"
     readme.write_text(README)
     params = tmp_path / "params.yaml"
     params.write_text("datasets: [toy]\n")
-    cmd = [sys.executable, "-m", "stages", "readme", "--readme", str(readme), "--reports", str(reports), "--params", str(params)]
+    cmd = [sys.executable, "-m", "stages", "readme", "--readme", str(readme), "--results-page", str(page),
+           "--reports", str(reports), "--params", str(params)]
     env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO), "CMKD_STAGE_SERVER": "0"}
     assert subprocess.run(cmd + ["--check"], cwd=REPO, env=env, capture_output=True).returncode == 1
     subprocess.run(cmd, cwd=REPO, env=env, check=True, capture_output=True)
     assert readme.read_text() == replace_blocks(README, blocks(reports, ["toy"]))
+    assert page.read_text() == results_page(reports, ["toy"])
     assert subprocess.run(cmd + ["--check"], cwd=REPO, env=env, capture_output=True).returncode == 0
+    page.write_text(page.read_text().replace("β=8", "β=2"))  # a stale results page alone fails the check
+    assert subprocess.run(cmd + ["--check"], cwd=REPO, env=env, capture_output=True).returncode == 1
 
 
-def test_the_readme_has_both_blocks():
-    text = (REPO / "README.md").read_text()
-    for name in ("results", "claims"):
-        assert text.count(f"<!-- {name}:start") == 1 and text.count(f"<!-- {name}:end -->") == 1
+def _block(text, name):
+    return re.search(rf"<!-- {name}:start[^>]*-->\n(.*?)\n<!-- {name}:end -->", text, re.S).group(1)
+
+
+def test_the_committed_readme_is_cut_from_the_committed_results_page():
+    readme = (REPO / "README.md").read_text()
+    page = (REPO / "docs" / "results.md").read_text()
+    main, claims = page.split("\n## Main tables\n", 1)[1].split("\n## Paper claims\n", 1)
+    tables = [t for t in re.split(r"(?m)^(?=### )", main.strip()) if t]
+    assert len(tables) == len(re.findall(r"(?m)^### ", _block(readme, "results"))) >= 2
+    assert "\n\n".join(compact_table(t, "docs/results.md") for t in tables) == _block(readme, "results")
+    assert compact_claims(claims, "docs/results.md") == _block(readme, "claims")
+
+
+def test_the_committed_readme_numbers_are_the_committed_metrics():
+    """Every row of the README's tables against metrics/<dataset>/<row>.json (git-tracked, from the same run;
+    rounded there to 4 decimals, here to 2 of the percentage: they may differ by one last digit)."""
+    readme = (REPO / "README.md").read_text()
+    checked = 0
+    for section in _block(readme, "results").split("### ")[1:]:
+        ds = section.split(":", 1)[0]
+        for line in section.splitlines()[4:]:
+            if not line.startswith("|"):
+                continue
+            run, score, vs, verdict = [c.strip() for c in line.strip("|").split("|")]
+            path = REPO / "metrics" / ds / (run.lower().replace("/", ".") + ".json")
+            if score == "n/a":
+                assert not path.exists()
+                continue
+            metrics = json.loads(path.read_text())
+            assert abs(float(score.split(" ± ")[0]) - 100 * metrics["f1_weighted"]) <= 0.01 + 1e-9, (ds, run)
+            if vs:
+                assert abs(float(vs.split(" ")[0]) - 100 * metrics["vs_student"]) <= 0.01 + 1e-9, (ds, run)
+                assert verdict == metrics["verdict"], (ds, run)
+            checked += 1
+    assert checked == len(list((REPO / "metrics").glob("*/*.json")))
