@@ -10,6 +10,7 @@ from typing import Any
 
 from cmkd.atomic import remove_stale, remove_stale_tree
 from cmkd.config import load_params, validate_params
+from cmkd.determinism import PINNED_CPU_KERNELS, pin_cpu_kernels
 from cmkd.errors import CmkdError, ConfigError, DataFormatError
 from cmkd.parallel import available_cores
 
@@ -48,6 +49,7 @@ def start(args: argparse.Namespace, threads: int = 1, data_only: bool = False) -
     torch is not imported (seconds of start-up those stages do not need; a dataset that does
     use torch, such as digits' resizing, imports it itself and sets the same thread count)."""
     logging.basicConfig(level=os.environ.get("CMKD_LOG_LEVEL", "INFO"), format="%(levelname)s %(name)s: %(message)s")
+    require_pinned_kernels()
     # One intra-op thread by default: the networks here are small, and on a shared 2-core
     # machine OpenMP's spinning threads made steps 6-25x slower (benchmarks/README.md).
     # Parallelism comes from seed workers, stages side by side (flows/) or DDP instead; the
@@ -62,6 +64,16 @@ def start(args: argparse.Namespace, threads: int = 1, data_only: bool = False) -
     params = load_params(args.params)
     validate_params(params, data_only=data_only)
     return params
+
+
+def require_pinned_kernels() -> None:
+    """Stop a stage whose CPU kernels were not pinned before torch was imported (it was not started
+    as `python -m stages <name>`, e.g. as `python -m stages.train`): its results would be this
+    machine's, not the portable ones."""
+    expected = pin_cpu_kernels(dict(os.environ))  # a copy: only what the entry point would have set
+    if any(os.environ.get(name) != value for name, value in expected.items()):
+        raise SystemExit(f"error: torch's CPU kernels are not pinned ({', '.join(PINNED_CPU_KERNELS)}): "
+                         "run a stage as `python -m stages <name> ...` (or set CMKD_CPU_KERNELS=native)")
 
 
 def _set_torch_threads_when_imported(nthreads: int) -> None:

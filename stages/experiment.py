@@ -1,6 +1,6 @@
 """DVC stages `exp_<name>`: one synthetic experiment of MFH / NTDH (cmkd.analysis.EXPERIMENTS).
 
-    python -m stages.experiment mfh_gamma [--params params.yaml] [--out-dir data/reports/experiments]
+    python -m stages experiment mfh_gamma [--params params.yaml] [--out-dir data/reports/experiments]
 
 Reads params `experiments.<name>`; writes <name>.json (the result:
 per-point summaries over seeds, series, derived values), <name>.csv (the `dvc plots` data) and
