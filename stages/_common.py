@@ -50,8 +50,8 @@ def start(args: argparse.Namespace, threads: int = 1, data_only: bool = False) -
     use torch, such as digits' resizing, imports it itself and sets the same thread count)."""
     logging.basicConfig(level=os.environ.get("CMKD_LOG_LEVEL", "INFO"), format="%(levelname)s %(name)s: %(message)s")
     require_pinned_kernels()
-    # One intra-op thread by default: the networks here are small, and on a shared 2-core
-    # machine OpenMP's spinning threads made steps 6-25x slower (benchmarks/README.md).
+    # One intra-op thread by default: the networks here are small, and on a shared machine
+    # OpenMP's spinning threads make their steps several times slower.
     # Parallelism comes from seed workers, stages side by side (flows/) or DDP instead; the
     # experiments' batched ensembles are large enough to ask for every core.
     nthreads = int(os.environ.get("CMKD_NUM_THREADS", "0")) or threads
@@ -103,9 +103,8 @@ def _set_torch_threads_when_imported(nthreads: int) -> None:
         sys.meta_path.insert(0, _Hook())
 
 
-# Memory one seed worker may need (CMKD_SEED_WORKER_GB overrides): the largest peak measured,
-# MG-KD on semantickitti-sample with its saliency passes bounded, was 1.96 GB for one seed
-# (/usr/bin/time -v; benchmarks/stage_memory.py measures every stage), rounded up with margin.
+# Memory one seed worker may need (CMKD_SEED_WORKER_GB overrides): the largest one-seed peak of
+# any stage (benchmarks/stage_memory.py -> benchmarks/results/stage_memory.json), with margin.
 SEED_WORKER_GB = 3.0
 MAX_SEED_WORKERS = 8
 
@@ -135,10 +134,10 @@ def available_memory_gb() -> float | None:
 def seed_workers() -> int:
     """Processes that train a run's seeds side by side: CMKD_SEED_WORKERS, else one per seed
     (the caller caps it at the number of seeds) up to MAX_SEED_WORKERS, and no more than the
-    available memory holds at SEED_WORKER_GB each (two workers of ~12 GB once had the kernel
-    kill a stage). More single-threaded workers than cores is on purpose: 5 seeds on 2 cores
-    in 5 processes finish in 2.5 seed-times, in 2 processes in 3. Safe here because start() set
-    one intra-op thread before any computation."""
+    available memory holds at SEED_WORKER_GB each (more would have the kernel kill the stage).
+    More single-threaded workers than cores is on purpose: 5 seeds on 2 cores in 5 processes
+    finish in 2.5 seed-times, in 2 processes in 3. Safe here because start() set one intra-op
+    thread before any computation."""
     env = os.environ.get("CMKD_SEED_WORKERS", "").strip()
     if env:
         if not env.isdigit() or int(env) < 1:
