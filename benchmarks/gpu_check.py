@@ -50,7 +50,8 @@ HERE = Path(__file__).resolve().parent
 SIZES = {
     "cuda": {"rows": (256, 1024), "kitti_batch": 8, "image": 224, "sunrgbd_batch": 128,
              "steps": 10, "warmup": 3, "workers": 4},
-    "cpu": {"rows": (64, 256), "kitti_batch": 2, "image": 64, "sunrgbd_batch": 4, "steps": 1, "warmup": 1, "workers": 1},
+    "cpu": {"rows": (64, 256), "kitti_batch": 2, "image": 64, "sunrgbd_batch": 4,
+            "steps": 1, "warmup": 1, "workers": 1},
 }
 
 
@@ -130,7 +131,8 @@ def semantickitti(params, args, tmp: Path, device: torch.device) -> dict:
             distiller, precision, opt, trainable, cfg = _build(params, "semantickitti", role, data.sample_shape(key), 19,
                                                               amp, True, device)
             if role == "teacher":  # the supervised distiller trains on student_input: feed it the camera rows
-                source = ({**b, "student_input": b["teacher_input"]} for b in _batches(data, args.workers, batch, device))
+                source = ({**b, "student_input": b["teacher_input"]}
+                          for b in _batches(data, args.workers, batch, device))
             else:
                 source = _batches(data, args.workers, batch, device)
             res = _step_loop(distiller, source, precision, opt, trainable, args.steps, args.warmup, True, batch, device)
