@@ -46,8 +46,9 @@ test: setup
 test-all: setup
 	$(BIN)/python -m pytest -m ""
 
+# ARGS passes options: make bench ARGS=--quick (reduced sizes), make bench ARGS="--only loader".
 bench: setup
-	$(BIN)/python benchmarks/run_all.py
+	$(BIN)/python benchmarks/run_all.py $(ARGS)
 
 clean-venv:
 	rm -rf $(VENV)

@@ -32,7 +32,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 STEPS = r"""
-import json, sys, time, stages, torch
+import json, sys, time
+from cmkd.determinism import pin_cpu_kernels
+pin_cpu_kernels()  # as `python -m stages` does, before torch
+import torch
 from cmkd.losses import kd_loss
 from cmkd.models import build_model
 torch.set_num_threads(1)
@@ -65,7 +68,10 @@ MODES = {
 }
 
 KD_LOSS = r"""
-import json, time, stages, torch
+import json, time
+from cmkd.determinism import pin_cpu_kernels
+pin_cpu_kernels()  # as `python -m stages` does, before torch
+import torch
 from cmkd import exactmath, losses
 torch.set_num_threads(1)
 s, t = torch.randn(128, 10, requires_grad=True), torch.randn(128, 10)
@@ -99,6 +105,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--steps", type=int, default=210)
+    p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "cpu_pinning.json")
     args = p.parse_args()
     samples: dict[str, list[dict]] = {mode: [] for mode in MODES}
     for _ in range(args.rounds):
@@ -114,10 +121,11 @@ def main() -> None:
     kd = [json.loads(subprocess.run([sys.executable, "-c", KD_LOSS], cwd=ROOT, env=clean_env({}), capture_output=True,
                                     text=True, check=True).stdout) for _ in range(args.rounds)]
     result["kd_loss_us"] = {k: round(statistics.median(r[k] for r in kd), 1) for k in kd[0]}
-    prov = subprocess.run([sys.executable, "-c", "import json, stages; from cmkd.determinism import cpu_identity; "
+    prov = subprocess.run([sys.executable, "-c", "import json; from cmkd.determinism import cpu_identity; "
                            "print(json.dumps(cpu_identity()))"], cwd=ROOT, capture_output=True, text=True, check=True)
     result.update(json.loads(prov.stdout))
-    out = ROOT / "benchmarks" / "results" / "cpu_pinning.json"
+    out = args.out
+    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
 

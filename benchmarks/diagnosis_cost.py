@@ -49,13 +49,14 @@ def main() -> None:
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("datasets", nargs="+")
+    p.add_argument("--out", type=Path, default=OUT)
     args = p.parse_args()
     torch.set_num_threads(1)
     params = load_params("params.yaml")
     cfg = check_config(params["diagnosis"])
     predictor = load_predictor(Path("diagnosis_predictor.json"))
     workers = int(os.environ.get("CMKD_SEED_WORKERS", "1"))
-    results = json.loads(OUT.read_text()) if OUT.is_file() else {}
+    results = json.loads(args.out.read_text()) if args.out.is_file() else {}
     for ds in args.datasets:
         runs, prepared = Path("data/runs") / ds, Path("data/prepared") / f"{ds}.h5"
         load = os.getloadavg()[0]
@@ -73,8 +74,8 @@ def main() -> None:
                        "cpu_ratio": round(diag["cpu_s"] / max(distill["cpu_s"], 1e-9), 4),
                        "wall_ratio": round(diag["wall_s"] / max(distill["wall_s"], 1e-9), 4), "load_average": round(load, 2)}
         print(ds, json.dumps(results[ds]))
-    OUT.parent.mkdir(parents=True, exist_ok=True)
-    OUT.write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
 
 
 if __name__ == "__main__":

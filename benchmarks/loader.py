@@ -24,8 +24,8 @@ CPU cost, not a disk's bandwidth.
 A CPU step of that network on 8 full-size rows takes about a minute on a busy 2-core machine,
 hence the 2 timed steps by default (about 10 minutes in all).
 
-Results: benchmarks/results/loader.json ({"rows", "workers": {"0": {...}, "1": ..., "2": ...}})
-and benchmarks/results/loader_context.json (step times, model, machine).
+Results: benchmarks/results/loader.json ({"rows", "workers": {"0": {...}, "1": ..., "2": ...},
+"context": step times, model, machine}).
 """
 
 from __future__ import annotations
@@ -58,15 +58,16 @@ H, W = 256, 1024
 BATCH = 8
 
 
-def write_rows(path: Path, n: int) -> None:
+def write_rows(path: Path, n: int, height: int = H, width: int = W) -> None:
+    """`n` rows of `height` x `width` (SemanticKITTI's projection size by default)."""
     rng = np.random.default_rng(0)
     attrs = {"task": "segmentation", "class_names": list(CLASS_NAMES), "modalities": ["rgb", "lidar"],
              "teacher_modality": "rgb", "student_modality": "lidar", "ignore_index": -1, "source_checksum": "bench",
              "normalise": {"rgb": {"scale": 255.0, "mean": list(RGB_MEAN), "std": list(RGB_STD)}}}
     # Eight distinct random rows, repeated: the bytes read per row are what matters here.
-    block = {"rgb": rng.integers(0, 256, (8, 3, H, W), dtype=np.uint8),
-             "lidar": rng.normal(size=(8, 5, H, W)).astype(np.float16),
-             "labels": rng.integers(-1, 19, (8, H, W)).astype(np.int8)}
+    block = {"rgb": rng.integers(0, 256, (8, 3, height, width), dtype=np.uint8),
+             "lidar": rng.normal(size=(8, 5, height, width)).astype(np.float16),
+             "labels": rng.integers(-1, 19, (8, height, width)).astype(np.int8)}
     row_bytes = sum(a[0].nbytes for a in block.values())
     with PreparedWriter(path, attrs, chunk_rows=max(1, (4 << 20) // row_bytes)) as w:
         for start in range(0, n, 8):
@@ -163,8 +164,7 @@ def main() -> None:
                   f"wait {step['wait_s_per_step'] * 1000:.0f} ms/step", flush=True)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2) + "\n")
-    out.with_name(out.stem + "_context.json").write_text(json.dumps(context, indent=2) + "\n")
+    out.write_text(json.dumps({**results, "context": context}, indent=2) + "\n")
     print(json.dumps(results, indent=2))
 
 

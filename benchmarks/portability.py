@@ -34,7 +34,10 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 
 PROBE = r"""
-import hashlib, json, stages, torch
+import hashlib, json
+from cmkd.determinism import pin_cpu_kernels
+pin_cpu_kernels()  # as `python -m stages` does, before torch
+import torch
 from cmkd import exactmath
 torch.set_num_threads(1)
 g = torch.Generator().manual_seed(0)
@@ -92,6 +95,7 @@ def main() -> None:
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
     p.add_argument("--runs", nargs="+", default=["kdv1", "dkd", "c2kd"], help="distillation runs after the teacher")
     p.add_argument("--digits-epochs", type=int, default=2)
+    p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "portability.json")
     args = p.parse_args()
     if args.cpus and shutil.which("qemu-x86_64") is None:
         raise SystemExit("qemu-x86_64 not found: apt-get install qemu-user (or pass --cpus with no model)")
@@ -99,8 +103,9 @@ def main() -> None:
     result: dict = {"seeds": args.seeds, "digits_epochs": args.digits_epochs, "host": {}, "cpus": {}}
     with tempfile.TemporaryDirectory(prefix="cmkd-portability-") as tmp:
         ws = workspace(Path(tmp), args.seeds, args.digits_epochs)
-        prov = subprocess.run([sys.executable, "-c", "import json, stages; from cmkd.determinism import provenance; "
-                               "print(json.dumps(provenance()))"], cwd=ws, capture_output=True, text=True, check=True)
+        host = ("import json; from cmkd.determinism import pin_cpu_kernels, provenance; "
+                "pin_cpu_kernels(); print(json.dumps(provenance()))")
+        prov = subprocess.run([sys.executable, "-c", host], cwd=ws, capture_output=True, text=True, check=True)
         result["host"] = json.loads(prov.stdout)
         for cpu in cpus:
             probe = subprocess.run([*prefix(cpu), sys.executable, "-c", PROBE], cwd=ws, capture_output=True, text=True, check=True)
@@ -117,7 +122,7 @@ def main() -> None:
               "torch_float32_kernels": e["kernels"]["torch"] == base["kernels"]["torch"],
               "exactmath_kernels": e["kernels"]["exactmath"] == base["kernels"]["exactmath"]}
         for cpu, e in result["cpus"].items() if cpu != "native"}
-    out = ROOT / "benchmarks" / "results" / "portability.json"
+    out = args.out
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result["identical_to_native"], indent=2))

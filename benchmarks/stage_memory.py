@@ -6,7 +6,7 @@
 
 The pipeline (this checkout's cmkd/, stages/, dvc.yaml, params.yaml with `datasets` replaced)
 is copied into a temporary DVC project and `dvc repro check_tables@<ds> diagnosis_report@<ds>` runs there for each
-dataset, one after the other, with the stage server off (each stage is then a child process).
+dataset, one after the other (each stage a child process).
 Every 0.2 s the process tree is sampled; a stage's memory is the summed RSS of its process
 and all its descendants (the forked seed workers), and its peak is the largest such sum seen.
 So short peaks between samples can be missed, and shared pages of forked workers count once
@@ -94,7 +94,7 @@ def main() -> int:
         src = REPO / name
         (shutil.copytree(src, work / name, dirs_exist_ok=True, ignore=shutil.ignore_patterns("__pycache__"))
          if src.is_dir() else shutil.copy2(src, work / name))
-    env = {**os.environ, "CMKD_STAGE_SERVER": "0", "DVC_NO_ANALYTICS": "1",
+    env = {**os.environ, "DVC_NO_ANALYTICS": "1",
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     git = ["git", "-c", "user.name=bench", "-c", "user.email=bench@localhost"]
     subprocess.run(["git", "init", "-q"], cwd=work, check=True)

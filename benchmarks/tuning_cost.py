@@ -30,6 +30,8 @@ def summarise(params) -> dict:
         runs = {}
         for path in sorted((REPORTS / ds).glob("*.json")):
             ev = json.loads(path.read_text())
+            if ev.get("skipped"):
+                continue  # the method is not defined on this dataset: nothing was trained
             n = len(ev["configurations"]) * len(ev["seeds"])
             runs[ev["run"]] = {"seconds": ev["seconds"], "trainings": n, "seconds_per_training": round(ev["seconds"] / n, 2)}
         if runs:
@@ -73,16 +75,18 @@ def main() -> None:
 
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--time", nargs="+", metavar=("DATASET", "RUN"), help="a dataset, then the runs to time")
+    p.add_argument("--out", type=Path, default=OUT)
     args = p.parse_args()
     params = load_params("params.yaml")
-    result = json.loads(OUT.read_text()) if OUT.exists() else {}
+    result = json.loads(args.out.read_text()) if args.out.exists() else {}
     result["note"] = ("wall seconds on the project's shared 2-core machine; each run: tuning.budget configurations x "
                       "tuning.seeds, seed workers 2 (one per core), other users' jobs running alongside")
     result["datasets"] = summarise(params)
     if args.time:
         ds, runs = args.time[0], args.time[1:]
         result.setdefault("timed", {}).setdefault(ds, {}).update(time_runs(params, ds, runs))
-    OUT.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
     for ds, d in result["datasets"].items():
         print(f"{ds}: {d['seconds_total']:.0f} s for {len(d['runs'])} runs ({d['trainings_total']} trainings)")
 

@@ -25,7 +25,7 @@ from typing import Any, Iterable, Mapping
 
 PACKAGE = "cmkd"
 # Every stage script runs through these (`python -m stages <name>`).
-STAGE_COMMON = ("stages/__init__.py", "stages/__main__.py", "stages/_common.py", "stages/_server.py")
+STAGE_COMMON = ("stages/__init__.py", "stages/__main__.py", "stages/_common.py")
 
 
 def module_path(root: Path, module: str) -> Path | None:

@@ -1,11 +1,5 @@
-"""Thin DVC stage entry points: `python -m stages.<name> ...` (or `python -m stages <name>`)
-from the repository root.
+"""Thin DVC stage entry points, run from the repository root as `python -m stages <name> ...`.
 
-Importing this package pins torch's CPU kernels before anything imports torch, so that a
-stage's training gives the same bytes on x86-64 machines of either vendor, with or without
-AVX-512 (cmkd/determinism.py, docs/portability.md; CMKD_CPU_KERNELS=native opts out).
+Importing this package (or any stage module) changes nothing: the entry point, stages/__main__.py,
+pins torch's CPU kernels before anything imports torch (cmkd/determinism.py, docs/portability.md).
 """
-
-from cmkd.determinism import pin_cpu_kernels
-
-pin_cpu_kernels()

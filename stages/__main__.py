@@ -1,24 +1,28 @@
-"""`python -m stages <name> [args]`: run the stage `stages.<name>` (as `python -m stages.<name>`
-would): in this process, or, with CMKD_STAGE_SERVER=1 (an opt-in speed mode), in a process forked
-from a warm stage server (see stages/_server.py for what that changes)."""
+"""`python -m stages <name> [args]`: run the stage `stages.<name>`, the one way DVC runs a stage.
+
+First, before anything imports torch, torch's CPU kernels are pinned (cmkd/determinism.py): the
+stage's results are then the same bytes on x86-64 machines of either vendor, with or without
+AVX-512 (docs/portability.md; CMKD_CPU_KERNELS=native opts out). The pinning is here rather than
+in the package so that importing `stages` or a stage module has no side effect.
+"""
 
 import os
 import runpy
 import sys
 
-from stages import _server  # standard library only: this process stays light
+from cmkd.determinism import pin_cpu_kernels  # standard library only: torch is not imported yet
 
 
 def main() -> None:
-    names = sorted(f[:-3] for f in os.listdir(os.path.dirname(__file__)) if f.endswith(".py") and not f.startswith("_"))
+    pin_cpu_kernels()
+    here = os.path.dirname(__file__)
+    names = sorted(f[:-3] for f in os.listdir(here) if f.endswith(".py") and not f.startswith("_"))
     if len(sys.argv) < 2 or sys.argv[1] not in names:
         sys.exit(f"usage: python -m stages {{{','.join(names)}}} [args...]")
     module = f"stages.{sys.argv[1]}"
-    code = _server.delegate(module, sys.argv[2:])
-    if code is not None:
-        sys.exit(code)
     sys.argv = [module, *sys.argv[2:]]
     runpy.run_module(module, run_name="__main__", alter_sys=True)
 
 
-main()
+if __name__ == "__main__":
+    main()

@@ -10,6 +10,7 @@ from typing import Any
 
 from cmkd.atomic import remove_stale, remove_stale_tree
 from cmkd.config import load_params, validate_params
+from cmkd.determinism import PINNED_CPU_KERNELS, pin_cpu_kernels
 from cmkd.errors import CmkdError, ConfigError, DataFormatError
 from cmkd.parallel import available_cores
 
@@ -48,8 +49,9 @@ def start(args: argparse.Namespace, threads: int = 1, data_only: bool = False) -
     torch is not imported (seconds of start-up those stages do not need; a dataset that does
     use torch, such as digits' resizing, imports it itself and sets the same thread count)."""
     logging.basicConfig(level=os.environ.get("CMKD_LOG_LEVEL", "INFO"), format="%(levelname)s %(name)s: %(message)s")
-    # One intra-op thread by default: the networks here are small, and on a shared 2-core
-    # machine OpenMP's spinning threads made steps 6-25x slower (benchmarks/README.md).
+    require_pinned_kernels()
+    # One intra-op thread by default: the networks here are small, and on a shared machine
+    # OpenMP's spinning threads make their steps several times slower.
     # Parallelism comes from seed workers, stages side by side (flows/) or DDP instead; the
     # experiments' batched ensembles are large enough to ask for every core.
     nthreads = int(os.environ.get("CMKD_NUM_THREADS", "0")) or threads
@@ -62,6 +64,16 @@ def start(args: argparse.Namespace, threads: int = 1, data_only: bool = False) -
     params = load_params(args.params)
     validate_params(params, data_only=data_only)
     return params
+
+
+def require_pinned_kernels() -> None:
+    """Stop a stage whose CPU kernels were not pinned before torch was imported (it was not started
+    as `python -m stages <name>`, e.g. as `python -m stages.train`): its results would be this
+    machine's, not the portable ones."""
+    expected = pin_cpu_kernels(dict(os.environ))  # a copy: only what the entry point would have set
+    if any(os.environ.get(name) != value for name, value in expected.items()):
+        raise SystemExit(f"error: torch's CPU kernels are not pinned ({', '.join(PINNED_CPU_KERNELS)}): "
+                         "run a stage as `python -m stages <name> ...` (or set CMKD_CPU_KERNELS=native)")
 
 
 def _set_torch_threads_when_imported(nthreads: int) -> None:
@@ -91,9 +103,8 @@ def _set_torch_threads_when_imported(nthreads: int) -> None:
         sys.meta_path.insert(0, _Hook())
 
 
-# Memory one seed worker may need (CMKD_SEED_WORKER_GB overrides): the largest peak measured,
-# MG-KD on semantickitti-sample with its saliency passes bounded, was 1.96 GB for one seed
-# (/usr/bin/time -v; benchmarks/stage_memory.py measures every stage), rounded up with margin.
+# Memory one seed worker may need (CMKD_SEED_WORKER_GB overrides): the largest one-seed peak of
+# any stage (benchmarks/stage_memory.py -> benchmarks/results/stage_memory.json), with margin.
 SEED_WORKER_GB = 3.0
 MAX_SEED_WORKERS = 8
 
@@ -123,10 +134,10 @@ def available_memory_gb() -> float | None:
 def seed_workers() -> int:
     """Processes that train a run's seeds side by side: CMKD_SEED_WORKERS, else one per seed
     (the caller caps it at the number of seeds) up to MAX_SEED_WORKERS, and no more than the
-    available memory holds at SEED_WORKER_GB each (two workers of ~12 GB once had the kernel
-    kill a stage). More single-threaded workers than cores is on purpose: 5 seeds on 2 cores
-    in 5 processes finish in 2.5 seed-times, in 2 processes in 3. Safe here because start() set
-    one intra-op thread before any computation."""
+    available memory holds at SEED_WORKER_GB each (more would have the kernel kill the stage).
+    More single-threaded workers than cores is on purpose: 5 seeds on 2 cores in 5 processes
+    finish in 2.5 seed-times, in 2 processes in 3. Safe here because start() set one intra-op
+    thread before any computation."""
     env = os.environ.get("CMKD_SEED_WORKERS", "").strip()
     if env:
         if not env.isdigit() or int(env) < 1:

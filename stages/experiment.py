@@ -1,6 +1,6 @@
 """DVC stages `exp_<name>`: one synthetic experiment of MFH / NTDH (cmkd.analysis.EXPERIMENTS).
 
-    python -m stages.experiment mfh_gamma [--params params.yaml] [--out-dir data/reports/experiments]
+    python -m stages experiment mfh_gamma [--params params.yaml] [--out-dir data/reports/experiments]
 
 Reads params `experiments.<name>`; writes <name>.json (the result:
 per-point summaries over seeds, series, derived values), <name>.csv (the `dvc plots` data) and
@@ -26,9 +26,8 @@ from stages._common import DATA, main, parser, start
 log = logging.getLogger("experiment")
 EXPERIMENT_THREADS = 2
 # The batched ensembles allocate and free blocks of tens of MB every step, which glibc maps
-# afresh each time: exp_ntdh_gap spent 32 s of system time faulting zeroed pages. From a heap
-# that keeps freed memory the same bytes come out (1.2x sooner, 13 % higher peak RSS;
-# benchmarks/experiment_malloc.py).
+# afresh each time (system time spent faulting zeroed pages); a heap that keeps freed memory
+# gives the same bytes sooner, for a somewhat higher peak RSS (docs/decisions.md).
 EXPERIMENT_MMAP_THRESHOLD = 1 << 30
 EXPERIMENT_TRIM_THRESHOLD = 1 << 30
 

@@ -1,8 +1,8 @@
 """Stages `train_teacher@<dataset>`, `train_student@<dataset>` and `distill@<dataset>-<run>`.
 
-    python -m stages.train --dataset digits --role teacher
-    python -m stages.train --dataset digits --role student
-    python -m stages.train --dataset digits --run kdv1
+    python -m stages train --dataset digits --role teacher
+    python -m stages train --dataset digits --role student
+    python -m stages train --dataset digits --run kdv1
 """
 
 import shutil

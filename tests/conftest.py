@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-# The test process runs stage code in-process (e.g. `from stages import check`), and importing
-# the `stages` package pins torch's CPU kernels, which must happen before torch is imported:
-# pin them here, before any test module imports torch, as every stage process does.
+# The test process runs stage code in-process (e.g. `from stages import check`), and a stage
+# process (`python -m stages <name>`) pins torch's CPU kernels before torch is imported: pin them
+# here, before any test module imports torch, as every stage process does (subprocesses inherit it).
 from cmkd.determinism import pin_cpu_kernels
 
 pin_cpu_kernels()
@@ -127,15 +127,6 @@ def stages_run(output: str) -> set[str]:
 
 # --- Prefect ---------------------------------------------------------------------------------
 # One temporary Prefect server for the whole session, started only when a test requests the
-# Stages run through the stage server (stages/_server.py) by default: the tests' servers live
-# in a folder of their own and are stopped when the session ends.
-# (Test modules import this file again as tests.conftest: one folder per session, not per import.)
-if "CMKD_TEST_STAGE_SERVER_DIR" not in os.environ:
-    os.environ["CMKD_TEST_STAGE_SERVER_DIR"] = tempfile.mkdtemp(prefix="cmkd-test-stage-server-")
-_STAGE_SERVER_DIR = os.environ["CMKD_TEST_STAGE_SERVER_DIR"]
-os.environ["CMKD_STAGE_SERVER_DIR"] = _STAGE_SERVER_DIR
-
-
 # `prefect_harness` fixture (runs without Prefect tests never start it). Prefect reads its
 # home folder when first imported, so a private PREFECT_HOME and the analytics switch are set
 # here, before any test module imports Prefect.
@@ -147,9 +138,6 @@ os.environ.pop("PREFECT_API_URL", None)  # never talk to a user's real server fr
 
 def pytest_sessionfinish(session, exitstatus):
     shutil.rmtree(_PREFECT_HOME, ignore_errors=True)
-    for sock in Path(_STAGE_SERVER_DIR).glob("*.sock"):
-        sock.unlink(missing_ok=True)  # each stage server exits when its socket is gone
-    shutil.rmtree(_STAGE_SERVER_DIR, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

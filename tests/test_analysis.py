@@ -281,7 +281,7 @@ def test_experiment_stage_writes_json_csv_and_figure(tmp_path):
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["experiments"]["mfh_gamma"] = tiny_mfh({"gamma": [1.0, 0.0]})
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-    out = subprocess.run([sys.executable, "-m", "stages.experiment", "mfh_gamma", "--params", str(tmp_path / "params.yaml"),
+    out = subprocess.run([sys.executable, "-m", "stages", "experiment", "mfh_gamma", "--params", str(tmp_path / "params.yaml"),
                           "--out-dir", str(tmp_path / "exp")], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     result = json.loads((tmp_path / "exp" / "mfh_gamma.json").read_text())

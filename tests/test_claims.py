@@ -311,7 +311,7 @@ def test_repository_claims_file_is_valid_and_recorded_for_the_committed_params()
     for c in claims:
         assert c.command, f"{c.id}: give the command that regenerates it"
         assert c.configuration, f"{c.id}: record the params it was made for (depends_on)"
-        assert c.config_differences(params) == [], f"{c.id}: python -m stages.check --record-configuration"
+        assert c.config_differences(params) == [], f"{c.id}: python -m stages check --record-configuration"
         if c.paper == "NTDH":
             assert c.tests in ("definition", "variant"), f"{c.id}: say whether it tests NTDH's definition or a variant"
 
@@ -332,7 +332,7 @@ def write_inputs(tmp_path: Path, claims_doc, results, params=None) -> list[str]:
 
 
 def run_check(tmp_path: Path, claims_doc, results, *extra, params=None) -> int:
-    """The check stage's exit status, run in this process (as `python -m stages.check` would)."""
+    """The check stage's exit status, run in this process (as `python -m stages check` would)."""
     from stages import check
 
     argv = write_inputs(tmp_path, claims_doc, results, params) + list(extra)

@@ -1,10 +1,13 @@
 """Stages pin torch's CPU kernels (cmkd/determinism.py): a caller's instruction-set choice
-cannot change the bytes a stage produces."""
+cannot change the bytes a stage produces. The pinning is the entry point's (`python -m stages
+<name>`, stages/__main__.py); importing the `stages` package or a stage module changes nothing."""
 
-import hashlib
+import json
 import os
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -12,29 +15,60 @@ from cmkd.determinism import PINNED_CPU_KERNELS, pin_cpu_kernels
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# A few training steps of a small CNN (convolutions, matmuls, reductions: the kernels whose
-# vectorised paths differ by instruction set); prints the capability and a hash of the weights.
-TRAIN = r"""
-import hashlib, stages, torch
-torch.set_num_threads(1)
-torch.manual_seed(0)
-net = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3), torch.nn.BatchNorm2d(16), torch.nn.ReLU(),
-                          torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(16, 10))
-opt = torch.optim.Adam(net.parameters(), lr=1e-2)
-x, y = torch.randn(64, 3, 16, 16), torch.randint(0, 10, (64,))
-for _ in range(20):
-    loss = torch.nn.functional.cross_entropy(net(x), y)
-    opt.zero_grad(); loss.backward(); opt.step()
-digest = hashlib.sha256(b"".join(p.detach().numpy().tobytes() for p in net.parameters())).hexdigest()
-print(torch.backends.cpu.get_cpu_capability(), digest)
+# A stage of its own for these tests, run through the real entry point (`python -m stages
+# probe_kernels <what>`) in a copy of the code. `train`: a few training steps of a small CNN
+# (convolutions, matmuls, reductions: the kernels whose vectorised paths differ by instruction
+# set), printing the capability and a hash of the weights; `environ`: the stage's environment;
+# `provenance`: cmkd.determinism.provenance().
+PROBE_STAGE = r"""
+import json, os, sys
+
+if sys.argv[1] == "environ":
+    print(json.dumps(dict(os.environ)))
+elif sys.argv[1] == "provenance":
+    from cmkd.determinism import provenance
+    print(json.dumps(provenance()))
+else:
+    import hashlib, torch
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3), torch.nn.BatchNorm2d(16), torch.nn.ReLU(),
+                              torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(16, 10))
+    opt = torch.optim.Adam(net.parameters(), lr=1e-2)
+    x, y = torch.randn(64, 3, 16, 16), torch.randint(0, 10, (64,))
+    for _ in range(20):
+        loss = torch.nn.functional.cross_entropy(net(x), y)
+        opt.zero_grad(); loss.backward(); opt.step()
+    digest = hashlib.sha256(b"".join(p.detach().numpy().tobytes() for p in net.parameters())).hexdigest()
+    print(torch.backends.cpu.get_cpu_capability(), digest)
 """
 
 
-def _run(**env_overrides):
+@pytest.fixture(scope="module")
+def probe_repo(tmp_path_factory) -> Path:
+    repo = tmp_path_factory.mktemp("probe")
+    for name in ("cmkd", "stages"):
+        shutil.copytree(os.path.join(ROOT, name), repo / name, ignore=shutil.ignore_patterns("__pycache__"))
+    (repo / "stages" / "probe_kernels.py").write_text(PROBE_STAGE)
+    return repo
+
+
+def _caller_env(**overrides: str) -> dict[str, str]:
+    """This environment without the pins (conftest set them in the test process), plus overrides."""
     env = {k: v for k, v in os.environ.items() if k not in PINNED_CPU_KERNELS and k != "CMKD_CPU_KERNELS"}
-    env.update(env_overrides)
-    out = subprocess.run([sys.executable, "-c", TRAIN], cwd=ROOT, env=env, capture_output=True, text=True, check=True)
-    capability, digest = out.stdout.split()
+    env.pop("PYTHONPATH", None)
+    return {**env, **overrides}
+
+
+def _stage(repo: Path, what: str, env: dict[str, str]) -> str:
+    out = subprocess.run([sys.executable, "-m", "stages", "probe_kernels", what], cwd=repo, env=env,
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
+def _run(repo: Path, **env_overrides):
+    capability, digest = _stage(repo, "train", _caller_env(**env_overrides)).split()
     return capability, digest
 
 
@@ -45,19 +79,19 @@ def _has_avx512() -> bool:
         return False
 
 
-def test_stage_package_pins_kernels_whatever_the_caller_sets():
-    pinned = _run()
-    caller_avx512 = _run(ATEN_CPU_CAPABILITY="avx512", MKL_CBWR="AUTO")
+def test_stage_process_pins_kernels_whatever_the_caller_sets(probe_repo):
+    pinned = _run(probe_repo)
+    caller_avx512 = _run(probe_repo, ATEN_CPU_CAPABILITY="avx512", MKL_CBWR="AUTO")
     assert pinned[0] == caller_avx512[0] == "AVX2"
     assert pinned == caller_avx512
 
 
 @pytest.mark.skipif(not _has_avx512(), reason="needs an AVX-512 machine to show the unpinned difference")
-def test_unpinned_kernels_would_differ():
+def test_unpinned_kernels_would_differ(probe_repo):
     """Shows the test above could fail: with the pin off, AVX-512 kernels give other weights."""
-    native = _run(CMKD_CPU_KERNELS="native", ATEN_CPU_CAPABILITY="avx512")
+    native = _run(probe_repo, CMKD_CPU_KERNELS="native", ATEN_CPU_CAPABILITY="avx512")
     assert native[0] == "AVX512"
-    assert native[1] != _run()[1]
+    assert native[1] != _run(probe_repo)[1]
 
 
 def test_pin_refuses_to_run_after_torch_chose_its_kernels():
@@ -79,20 +113,47 @@ def test_native_mode_and_bad_mode():
 
 # --- Kernels no switch pins: MKL's vector math (cmkd/exactmath.py) ---------------------------
 
-def test_vendor_independent_mkl_mode_is_pinned():
+def test_vendor_independent_mkl_mode_is_pinned(probe_repo):
     """MKL_CBWR=AVX2 is an Intel-only branch (MKL takes its own path on other vendors);
     COMPATIBLE is the mode Intel documents as identical on Intel and non-Intel CPUs."""
     assert PINNED_CPU_KERNELS["MKL_CBWR"] == "COMPATIBLE"
-    code = "import os, stages; print(os.environ['MKL_CBWR'], os.environ['ATEN_CPU_CAPABILITY'], os.environ['ONEDNN_MAX_CPU_ISA'])"
-    env = {k: v for k, v in os.environ.items() if k not in PINNED_CPU_KERNELS}
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env={**env, "MKL_CBWR": "AUTO"}, capture_output=True, text=True, check=True)
-    assert out.stdout.split() == ["COMPATIBLE", "avx2", "AVX2"]
+    environ = json.loads(_stage(probe_repo, "environ", _caller_env(MKL_CBWR="AUTO")))
+    pins = [environ["MKL_CBWR"], environ["ATEN_CPU_CAPABILITY"], environ["ONEDNN_MAX_CPU_ISA"]]
+    assert pins == ["COMPATIBLE", "avx2", "AVX2"]
 
 
-def test_provenance_names_the_machine_and_every_kernel_switch():
-    code = "import json, stages; from cmkd.determinism import provenance; print(json.dumps(provenance()))"
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
-    prov = __import__("json").loads(out.stdout)
+def test_stage_environment_is_the_callers_plus_the_pins_only(probe_repo):
+    caller = _caller_env(ATEN_CPU_CAPABILITY="avx512", CMKD_PROBE="kept")
+    environ = json.loads(_stage(probe_repo, "environ", caller))
+    assert environ == {**caller, **PINNED_CPU_KERNELS}
+    native = _caller_env(CMKD_CPU_KERNELS="native", ATEN_CPU_CAPABILITY="avx512")
+    assert json.loads(_stage(probe_repo, "environ", native)) == native
+
+
+def test_importing_stages_and_every_stage_module_leaves_the_environment_alone():
+    modules = sorted(f"stages.{p.stem}" for p in Path(ROOT, "stages").glob("*.py") if p.stem != "__init__")
+    assert {"stages.__main__", "stages._common", "stages.train", "stages.experiment"} <= set(modules)
+    code = ("import importlib, json, os, sys\nbefore = dict(os.environ)\nimport stages\n"
+            "for name in sys.argv[1:]:\n    importlib.import_module(name)\n"
+            "print(json.dumps([before, dict(os.environ), 'torch' in sys.modules]))")
+    out = subprocess.run([sys.executable, "-c", code, *modules], cwd=ROOT, env=_caller_env(), capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    before, after, torch_imported = json.loads(out.stdout)
+    assert torch_imported  # the stage modules were really imported (train imports torch)
+    assert after == before
+
+
+@pytest.mark.skipif(not pin_cpu_kernels({}), reason="nothing is pinned off x86-64")
+def test_a_stage_started_without_the_entry_point_refuses_to_run(tmp_path):
+    """`python -m stages.check` bypasses stages/__main__.py: unpinned kernels, so the stage stops."""
+    out = subprocess.run([sys.executable, "-m", "stages.check", "--params", str(tmp_path / "params.yaml")], cwd=ROOT,
+                         env=_caller_env(), capture_output=True, text=True, timeout=300)
+    assert out.returncode != 0 and "python -m stages <name>" in out.stderr, out.stderr
+
+
+def test_provenance_names_the_machine_and_every_kernel_switch(probe_repo):
+    prov = json.loads(_stage(probe_repo, "provenance", _caller_env()))
     assert prov["cpu_vendor"] not in ("", None) and prov["cpu_model"] not in ("", None)
     if os.path.exists("/proc/cpuinfo"):
         assert prov["cpu_vendor"] in open("/proc/cpuinfo").read()

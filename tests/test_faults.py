@@ -133,7 +133,7 @@ def test_every_stage_sweeps_killed_runs_temporaries_before_it_runs(tmp_path):
             (path / "f").write_text("x")
         else:
             path.write_text("x")
-    env = {**tool_env(tmp_path), "PYTHONPATH": str(repo), "CMKD_STAGE_SERVER": "0"}
+    env = {**tool_env(tmp_path), "PYTHONPATH": str(repo)}
     out = subprocess.run([sys.executable, "-m", "stages", "method_code"], cwd=repo, env=env,
                          capture_output=True, text=True)
     assert out.returncode == 0, out.stderr

@@ -151,7 +151,7 @@ def test_the_command_writes_both_files_and_check_agrees(tmp_path):
     params.write_text("datasets: [toy]\n")
     cmd = [sys.executable, "-m", "stages", "readme", "--readme", str(readme), "--results-page", str(page),
            "--reports", str(reports), "--params", str(params)]
-    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO), "CMKD_STAGE_SERVER": "0"}
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO)}
     assert subprocess.run(cmd + ["--check"], cwd=REPO, env=env, capture_output=True).returncode == 1
     subprocess.run(cmd, cwd=REPO, env=env, check=True, capture_output=True)
     assert readme.read_text() == replace_blocks(README, blocks(reports, ["toy"]))

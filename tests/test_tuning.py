@@ -243,7 +243,7 @@ def test_ctkd_metrics_record_the_temperature_trajectory(tiny_data):
 
 
 def test_distill_stage_merges_tuned_yaml(tmp_path, tiny_data):
-    """`python -m stages.train --run` reads tuned.yaml beside params.yaml and records it."""
+    """`python -m stages train --run` reads tuned.yaml beside params.yaml and records it."""
     tmp, h5, _ = tiny_data
     params = copy.deepcopy(PARAMS)
     params["seeds"] = [0]
@@ -257,9 +257,8 @@ def test_distill_stage_merges_tuned_yaml(tmp_path, tiny_data):
     (teacher / "model.pt").symlink_to((tmp / "teacher" / "seed100" / "model.pt").resolve())
     env = tool_env(tmp_path)
     env["PYTHONPATH"] = str(REPO)
-    env["CMKD_STAGE_SERVER"] = "0"
     for run in ("dkd", "kdv1"):
-        proc = subprocess.run([sys.executable, "-m", "stages.train", "--dataset", "synthetic", "--run", run, "--no-progress"],
+        proc = subprocess.run([sys.executable, "-m", "stages", "train", "--dataset", "synthetic", "--run", run, "--no-progress"],
                               cwd=tmp_path, env=env, capture_output=True, text=True)
         out = tmp_path / "data" / "runs" / "synthetic" / run / "metrics.json"
         assert proc.returncode == 0, proc.stderr[-2000:]

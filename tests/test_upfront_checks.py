@@ -21,7 +21,7 @@ def test_validate_command_names_the_key_in_one_line(tmp_path, old, new, expected
     bad = tmp_path / "params.yaml"
     bad.write_text(PARAMS_TEXT.replace(old, new, 1))
     proc = subprocess.run([sys.executable, "-m", "stages", "validate", "--params", str(bad)], cwd=REPO,
-                          capture_output=True, text=True, env={"PATH": "/usr/bin:/bin", "CMKD_STAGE_SERVER": "0",
+                          capture_output=True, text=True, env={"PATH": "/usr/bin:/bin",
                                                                "PYTHONPATH": str(REPO)})
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
