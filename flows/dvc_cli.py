@@ -5,7 +5,12 @@ a stage's own output (a training loop's prints) can only be captured from a chil
 a DVC run holds DVC's repo lock and changes the working directory state, which must not
 happen inside the long-lived Prefect process; and `dvc ... --json` outputs are DVC's
 documented machine-readable interface. Every call uses the same interpreter's DVC
-(`python -m dvc`), so the flows never pick up some other `dvc` on PATH.
+(`python -m dvc`), so the flows never pick up some other `dvc` on PATH. (Reading an
+experiment's files goes through DVC's public Python API, `dvc.api.read`.)
+
+Why not prefect-shell's ShellOperation: it runs a bash script outside any process group of
+its own and cannot end the command's children when the flow is stopped, and its error has the
+exit code only; see docs/prefect.md, "What stays hand-written".
 """
 
 from __future__ import annotations
@@ -222,10 +227,3 @@ def run_json(args: Sequence[str], cwd: str | Path) -> Any:
         return json.loads(result.stdout or "{}")
     except json.JSONDecodeError as exc:
         raise DvcCommandError(args, result.returncode, f"output is not JSON: {result.stdout[:500]!r}") from exc
-
-
-def run_checked(args: Sequence[str], cwd: str | Path, on_line: Callable[[str], None]) -> CommandResult:
-    result = run_streaming(args, cwd, on_line)
-    if result.returncode != 0:
-        raise DvcCommandError(args, result.returncode, result.output_tail)
-    return result
