@@ -5,7 +5,12 @@ a stage's own output (a training loop's prints) can only be captured from a chil
 a DVC run holds DVC's repo lock and changes the working directory state, which must not
 happen inside the long-lived Prefect process; and `dvc ... --json` outputs are DVC's
 documented machine-readable interface. Every call uses the same interpreter's DVC
-(`python -m dvc`), so the flows never pick up some other `dvc` on PATH.
+(`python -m dvc`), so the flows never pick up some other `dvc` on PATH. (Reading an
+experiment's files goes through DVC's public Python API, `dvc.api.read`.)
+
+Why not prefect-shell's ShellOperation: it runs a bash script outside any process group of
+its own and cannot end the command's children when the flow is stopped, and its error has the
+exit code only; see docs/prefect.md, "What stays hand-written".
 """
 
 from __future__ import annotations
@@ -165,6 +170,7 @@ def run_streaming(
     on_line: Callable[[str], None],
     *,
     progress_interval: float = PROGRESS_LOG_INTERVAL_S,
+    extra_env: dict[str, str] | None = None,
 ) -> CommandResult:
     """Run `args` in `cwd`, passing each output line (stdout and stderr) to `on_line`."""
     start = time.monotonic()
@@ -175,7 +181,7 @@ def run_streaming(
     with subprocess.Popen(
         list(args),
         cwd=cwd,
-        env=child_env(),
+        env=child_env(extra_env),
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -195,23 +201,29 @@ def run_streaming(
     return CommandResult(returncode, "\n".join(splitter.tail), time.monotonic() - start)
 
 
-def run_json(args: Sequence[str], cwd: str | Path) -> Any:
-    """Run a DVC command with `--json` output and return the parsed JSON."""
+@dataclass(frozen=True)
+class CapturedOutput:
+    returncode: int
+    stdout: str
+    output_tail: str
+
+
+def run_captured(args: Sequence[str], cwd: str | Path) -> CapturedOutput:
+    """Run a short command, collecting its output (for DVC's machine-readable outputs)."""
     proc = subprocess.run(
         list(args), cwd=cwd, env=child_env(), stdin=subprocess.DEVNULL,
         capture_output=True, text=True, check=False,
     )
-    if proc.returncode != 0:
-        tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-ERROR_TAIL_LINES:])
-        raise DvcCommandError(args, proc.returncode, tail)
-    try:
-        return json.loads(proc.stdout or "{}")
-    except json.JSONDecodeError as exc:
-        raise DvcCommandError(args, proc.returncode, f"output is not JSON: {proc.stdout[:500]!r}") from exc
+    tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-ERROR_TAIL_LINES:])
+    return CapturedOutput(proc.returncode, proc.stdout, tail)
 
 
-def run_checked(args: Sequence[str], cwd: str | Path, on_line: Callable[[str], None]) -> CommandResult:
-    result = run_streaming(args, cwd, on_line)
+def run_json(args: Sequence[str], cwd: str | Path) -> Any:
+    """Run a DVC command with `--json` output and return the parsed JSON."""
+    result = run_captured(args, cwd)
     if result.returncode != 0:
         raise DvcCommandError(args, result.returncode, result.output_tail)
-    return result
+    try:
+        return json.loads(result.stdout or "{}")
+    except json.JSONDecodeError as exc:
+        raise DvcCommandError(args, result.returncode, f"output is not JSON: {result.stdout[:500]!r}") from exc

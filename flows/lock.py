@@ -47,7 +47,8 @@ def acquire(repo_root: str | Path, wait: bool = True, log: Callable[[str], None]
         except BlockingIOError:
             owner = _owner(fd)
             if not wait:
-                raise WorkspaceBusy(f"{repo_root}: another run holds this workspace (pid {owner}, lock {path})") from None
+                raise WorkspaceBusy(f"{repo_root}: another run holds this workspace (pid {owner}, lock {path})") \
+                    from None
             (log or _stderr)(f"waiting for the run in this workspace to finish (pid {owner}, lock {path})")
             fcntl.flock(fd, fcntl.LOCK_EX)
         os.ftruncate(fd, 0)
@@ -59,7 +60,9 @@ def acquire(repo_root: str | Path, wait: bool = True, log: Callable[[str], None]
 
 
 @contextlib.contextmanager
-def workspace_lock(repo_root: str | Path, wait: bool = True, log: Callable[[str], None] | None = None) -> Iterator[None]:
+def workspace_lock(repo_root: str | Path, wait: bool = True,
+                   log: Callable[[str], None] | None = None) -> Iterator[None]:
+    """Hold the workspace lock for the body (see acquire)."""
     fd = acquire(repo_root, wait=wait, log=log)
     try:
         yield

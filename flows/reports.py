@@ -1,17 +1,26 @@
-"""Markdown and CSV the flows publish: the pipeline's result artifact and the sweep table."""
+"""The pipeline run's Markdown artifact: stage outcomes, result tables, paper claims.
+
+The files are read through a reader (relative path -> text or None): the workspace's by
+default, an experiment's (`flows.experiments.read_at`) for a run with overrides."""
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import math
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import yaml
 
 REPORTS_DIR = Path("data") / "reports"
+Reader = Callable[[str], "str | None"]
+
+
+def workspace_reader(root: Path) -> Reader:
+    def read(rel: str) -> str | None:
+        path = Path(root) / rel
+        return path.read_text() if path.is_file() else None
+    return read
 
 
 def _cell(value: Any) -> str:
@@ -31,33 +40,25 @@ def markdown_table(columns: Sequence[str], rows: Iterable[Mapping[str, Any]]) ->
     return "\n".join(lines) + "\n"
 
 
-def csv_text(columns: Sequence[str], rows: Iterable[Mapping[str, Any]]) -> str:
-    out = io.StringIO()
-    writer = csv.DictWriter(out, fieldnames=list(columns), extrasaction="ignore", lineterminator="\n")
-    writer.writeheader()
-    for row in rows:
-        writer.writerow({c: ("" if row.get(c) is None else row.get(c)) for c in columns})
-    return out.getvalue()
-
-
-def _datasets(repo_root: Path) -> list[str] | None:
+def _datasets(read: Reader) -> list[str] | None:
     try:
-        params = yaml.safe_load((repo_root / "params.yaml").read_text()) or {}
-    except (FileNotFoundError, yaml.YAMLError):
+        params = yaml.safe_load(read("params.yaml") or "") or {}
+    except yaml.YAMLError:
         return None
     datasets = params.get("datasets")
     return [str(d) for d in datasets] if isinstance(datasets, list) else None
 
 
-def _claims_markdown(reports: Path) -> str | None:
-    md = reports / "claims.md"
-    if md.is_file():
-        return md.read_text().strip() + "\n"
-    js = reports / "claims.json"
-    if not js.is_file():
+def _claims_markdown(read: Reader) -> str | None:
+    md = read(f"{REPORTS_DIR}/claims.md")
+    if md is not None:
+        return md.strip() + "\n"
+    js = f"{REPORTS_DIR}/claims.json"
+    text = read(js)
+    if text is None:
         return None
     try:
-        claims = json.loads(js.read_text())
+        claims = json.loads(text)
     except json.JSONDecodeError as exc:
         return f"`{js}` is not valid JSON: {exc}\n"
     if isinstance(claims, dict) and isinstance(claims.get("claims"), list):
@@ -70,20 +71,23 @@ def _claims_markdown(reports: Path) -> str | None:
     return "```json\n" + json.dumps(claims, indent=2, sort_keys=True) + "\n```\n"
 
 
-def changed_claims(root: Path, datasets: Sequence[str] | None = None) -> list[dict[str, Any]]:
+def changed_claims(root: Path, datasets: Sequence[str] | None = None,
+                   read: Reader | None = None) -> list[dict[str, Any]]:
     """Every claim whose verdict differs from its recorded expectation, from the check stages'
     claims.json (data/reports/ and data/reports/<dataset>/): the claim, the report it is in, its
     verdict, the expected verdict and whether it is enforced. `datasets`: params.yaml's by default.
-    Unreadable reports are skipped."""
+    Unreadable reports are skipped. `read`: the workspace's files by default."""
     root = Path(root)
     reports = root / REPORTS_DIR
+    if read is None:
+        read = workspace_reader(root)
     if datasets is None:
-        datasets = _datasets(root) or sorted(p.parent.name for p in reports.glob("*/claims.json"))
+        datasets = _datasets(read) or sorted(p.parent.name for p in reports.glob("*/claims.json"))
     rows = []
-    for path in [reports / "claims.json"] + [reports / d / "claims.json" for d in datasets]:
+    for path in [f"{REPORTS_DIR}/claims.json"] + [f"{REPORTS_DIR}/{d}/claims.json" for d in datasets]:
         try:
-            doc = json.loads(path.read_text())
-        except (OSError, ValueError):
+            doc = json.loads(read(path) or "")
+        except ValueError:
             continue
         claims = doc.get("claims") if isinstance(doc, dict) else None
         for c in claims if isinstance(claims, list) else []:
@@ -93,7 +97,7 @@ def changed_claims(root: Path, datasets: Sequence[str] | None = None) -> list[di
             if not changed:
                 continue
             why = [c.get("detail") if c.get("verdict") == "not_run" else None, c.get("note")]
-            rows.append({"claim": c.get("id"), "report": str(path.relative_to(root)), "verdict": c.get("verdict"),
+            rows.append({"claim": c.get("id"), "report": path, "verdict": c.get("verdict"),
                          "expected": c.get("expected_verdict"), "enforced": c.get("enforced", True),
                          "note": "; ".join(str(w) for w in why if w)})
     return rows
@@ -115,54 +119,55 @@ def _demote(markdown: str) -> str:
     return "\n".join("#" + line if line.startswith("#") else line for line in markdown.strip().splitlines()) + "\n"
 
 
-def diagnosis_markdown(root: Path, datasets: Sequence[str]) -> str | None:
+def diagnosis_markdown(read: Reader, datasets: Sequence[str]) -> str | None:
     """The diagnosis section ("Will KD help?"): each dataset's diagnosis (beside the measured
     gain when diagnosis_report ran) and the predictor's validation; None when none exists."""
     parts = []
     for dataset in datasets:
-        for path in (root / REPORTS_DIR / dataset / "diagnosis.md", root / "data" / "diagnosis" / f"{dataset}.md"):
-            if path.is_file():
-                parts.append(_demote(_demote(path.read_text())))
+        for path in (f"{REPORTS_DIR}/{dataset}/diagnosis.md", f"data/diagnosis/{dataset}.md"):
+            if (text := read(path)) is not None:
+                parts.append(_demote(_demote(text)))
                 break
-    validation = root / REPORTS_DIR / "diagnosis" / "validation.md"
-    if validation.is_file():
-        parts.append(_demote(_demote(validation.read_text())))
+    validation = read(f"{REPORTS_DIR}/diagnosis/validation.md")
+    if validation is not None:
+        parts.append(_demote(_demote(validation)))
     return "## Will KD help? (diagnosis)\n\n" + "\n".join(parts) if parts else None
 
 
 def pipeline_markdown(repo_root: str | Path, stages: Sequence[Mapping[str, Any]],
-                      experiment: str | None = None, failed: bool = False) -> str:
+                      experiment: str | None = None, failed: bool = False, read: Reader | None = None) -> str:
     """The pipeline run's artifact: the claims whose verdict changed first (when any did), the
-    diagnosis (when diagnose ran), then stage outcomes, every dataset's table, the claim results."""
+    diagnosis (when diagnose ran), then stage outcomes, every dataset's table, the claim results.
+    `read`: where the files come from (the workspace's by default; an experiment's)."""
     root = Path(repo_root)
     reports = root / REPORTS_DIR
+    read = read or workspace_reader(root)
     parts = ["# cmkd pipeline run\n"]
-    changed = changed_claims_markdown(changed_claims(root))
+    changed = changed_claims_markdown(changed_claims(root, read=read))
     if changed is not None:
         parts.append(changed)
-    diagnosis = diagnosis_markdown(root, _datasets(root) or sorted(p.stem for p in (root / "data" / "diagnosis").glob("*.md")))
+    datasets = _datasets(read)
+    diagnosis = diagnosis_markdown(read, datasets or sorted(p.stem for p in (root / "data" / "diagnosis").glob("*.md")))
     if diagnosis is not None:
         parts.append(diagnosis)
     if experiment:
-        parts.append(f"Parameter overrides were run as DVC experiment `{experiment}` "
-                     f"(`dvc exp show`, `dvc exp apply {experiment}`).\n")
+        parts.append(f"Parameter overrides were run as DVC experiment `{experiment}`; the tables are "
+                     f"the experiment's (`dvc exp show`, `dvc exp apply {experiment}`).\n")
     if failed:
         parts.append("**The run failed**: see the failed stages below; the tables are the "
-                     "workspace's current ones.\n")
+                     "last ones written.\n")
     parts.append("## Stages\n")
     parts.append(markdown_table(["stage", "status", "seconds", "attempts"], stages))
-    datasets = _datasets(root)
     if datasets is None:
         datasets = sorted(p.parent.name for p in reports.glob("*/table.md"))
     for dataset in datasets:
-        table = reports / dataset / "table.md"
+        table = f"{REPORTS_DIR}/{dataset}/table.md"
+        text = read(table)
         parts.append(f"## {dataset}\n")
-        parts.append(table.read_text().strip() + "\n" if table.is_file()
-                     else f"(no `{table.relative_to(root)}`)\n")
+        parts.append(text.strip() + "\n" if text is not None else f"(no `{table}`)\n")
     parts.append("## Paper claims\n")
-    claims = _claims_markdown(reports)
-    parts.append(claims if claims is not None
-                 else f"(no `{(reports / 'claims.md').relative_to(root)}` or `claims.json`)\n")
+    claims = _claims_markdown(read)
+    parts.append(claims if claims is not None else f"(no `{REPORTS_DIR}/claims.md` or `claims.json`)\n")
     return "\n".join(parts)
 
 
@@ -178,15 +183,3 @@ def flatten(data: Any, prefix: str = "") -> dict[str, Any]:
         else:
             out[name] = value
     return out
-
-
-def write_table(out_dir: str | Path, stem: str, columns: Sequence[str],
-                rows: Sequence[Mapping[str, Any]]) -> tuple[Path, Path]:
-    """`<stem>.md` and `<stem>.csv` in out_dir, each written atomically."""
-    from cmkd.atomic import write_text
-
-    out = Path(out_dir)
-    md, csv_path = out / f"{stem}.md", out / f"{stem}.csv"
-    write_text(md, markdown_table(columns, rows))
-    write_text(csv_path, csv_text(columns, rows))
-    return md, csv_path

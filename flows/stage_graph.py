@@ -1,19 +1,28 @@
-"""The pipeline's stages and their dependencies, read from dvc.yaml through DVC itself.
+"""The pipeline's stages, their dependencies and which are stale, from DVC's command line.
 
-Nothing here lists stages by hand: DVC resolves dvc.yaml (templating, `foreach`, `matrix`,
-params.yaml values such as `datasets` or `methods`) and builds its stage graph; we take the
-order `dvc repro` itself would use (DVC's `plan_repro`, a depth-first post-order of the
-graph with frozen stages cut from their dependencies) and each stage's direct upstream
-stages, so the flow can start a stage as soon as its own dependencies are done.
+Nothing here lists stages by hand or imports DVC: `dvc dag --dot` gives the stages as DVC
+resolves dvc.yaml (templating, `foreach`, `matrix`, the params.yaml values they expand over)
+and the edges between them; `dvc status --json` says which stages are stale and why. The only
+thing read from dvc.yaml itself is each stage's `meta: {threads: N}`, a field DVC keeps for
+its users and ignores.
 """
 
 from __future__ import annotations
 
-import os
+import graphlib
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
+import yaml
+
 from cmkd.errors import CmkdError
+
+from flows.dvc_cli import DvcCommandError, dvc_args, run_captured, run_json
+
+PROJECT_FILE = "dvc.yaml"
+_NODE = re.compile(r'^"(?P<name>[^"]+)";$')
+_EDGE = re.compile(r'^"(?P<source>[^"]+)" -> "(?P<target>[^"]+)";$')
 
 
 @dataclass(frozen=True)
@@ -23,89 +32,61 @@ class PlannedStage:
     name: DVC's address of the stage (`train`, `distill@synthetic-kdv1`, or
         `sub/dvc.yaml:train` for a nested dvc.yaml): what `dvc repro` and `dvc status` accept.
     upstream: names of the planned stages whose outputs this stage depends on directly.
-    uncached_outs: outputs declared `cache: false` (paths relative to the repo root): DVC
-        cannot restore these from its cache, so a run that must leave the workspace as it
-        found it backs them up itself.
     threads: the intra-op threads the stage's command computes on, from its dvc.yaml
         `meta: {threads: N}` (DVC ignores `meta`; default 1): a flow running stages side by
-        side gives it that many of its slots (flows/core_slots.py).
+        side makes it hold that many of its core slots.
     """
 
     name: str
     upstream: tuple[str, ...]
-    frozen: bool = False
-    uncached_outs: tuple[str, ...] = ()
     threads: int = 1
 
 
-def _address(stage) -> str:
-    """DVC's `addressing` of a stage, relative to the repo root rather than the current
-    directory (what `dvc repro` and `dvc status` accept when run in the root)."""
-    from dvc.dvcfile import PROJECT_FILE
-    from dvc.stage import PipelineStage
-
-    rel = stage.path_in_repo.replace(os.sep, "/")
-    if isinstance(stage, PipelineStage):
-        return stage.name if rel == PROJECT_FILE else f"{rel}:{stage.name}"
-    return rel
-
-
-def _open_repo(repo_root: str | Path):
-    from dvc.repo import Repo
-
-    try:  # as `dvc --wait-for-lock`: queue behind a running DVC command instead of failing
-        return Repo(str(repo_root), _wait_for_lock=True)
-    except TypeError:  # a DVC without that option
-        return Repo(str(repo_root))
+def parse_dag_dot(text: str) -> dict[str, set[str]]:
+    """`dvc dag --dot` output -> {stage: its direct upstream stages}. DVC's edges point from
+    a stage to the stages that consume its outputs. `.dvc` files (data sources, not stages to
+    run) are left out; DVC's status of the stages reading them already says when they change."""
+    upstream: dict[str, set[str]] = {}
+    for line in text.splitlines():
+        line = line.strip()
+        if node := _NODE.match(line):
+            upstream.setdefault(node["name"], set())
+        elif edge := _EDGE.match(line):
+            upstream.setdefault(edge["target"], set()).add(edge["source"])
+            upstream.setdefault(edge["source"], set())
+    return {name: {u for u in ups if not u.endswith(".dvc")}
+            for name, ups in upstream.items() if not name.endswith(".dvc")}
 
 
-def stage_threads(stage) -> int:
-    """`meta: {threads: N}` of a DVC stage (a positive integer), else 1."""
-    meta = getattr(stage, "meta", None)
+def stage_threads(root: Path, name: str, cache: dict[str, dict]) -> int:
+    """`meta: {threads: N}` of the stage `name` in its dvc.yaml (a positive integer), else 1.
+
+    A `foreach` stage `train@x` keeps its meta under `do`; a `matrix` stage at its top level."""
+    file, _, stage = name.rpartition(":") if ":" in name else (PROJECT_FILE, "", name)
+    if file not in cache:
+        cache[file] = (yaml.safe_load((root / file).read_text()) or {}).get("stages") or {}
+    definition = cache[file].get(stage.partition("@")[0]) or {}
+    meta = (definition.get("do") or definition).get("meta")
     value = meta.get("threads", 1) if isinstance(meta, dict) else 1
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise CmkdError(f"{stage.path_in_repo}: stage {_address(stage)}: meta.threads must be a positive integer, got {value!r}")
+        raise CmkdError(f"{file}: stage {stage}: meta.threads must be a positive integer, got {value!r}")
     return value
 
 
-def read_stage_plan(repo_root: str | Path, *, with_status: bool = False):
-    """Stages of `repo_root`'s root dvc.yaml and their upstream stages, in DVC's order.
+def read_stage_plan(repo_root: str | Path) -> list[PlannedStage]:
+    """The stages of `repo_root`'s pipeline with their upstream stages, upstream first
+    (a topological order of DVC's graph; the flow starts a stage once its own upstream is done)."""
+    root = Path(repo_root)
+    result = run_captured(dvc_args("dag", "--dot"), root)
+    if result.returncode != 0:
+        raise DvcCommandError(dvc_args("dag", "--dot"), result.returncode, result.output_tail)
+    graph = parse_dag_dot(result.stdout)
+    cache: dict[str, dict] = {}
+    order = graphlib.TopologicalSorter(graph).static_order()
+    return [PlannedStage(name, tuple(sorted(graph[name])), stage_threads(root, name, cache)) for name in order]
 
-    Data sources (`dvc add`-ed `.dvc` files) are not stages to run: DVC's status of the
-    stages that depend on them already says when they change.
 
-    With `with_status`, returns (plan, status): status maps each stale stage to DVC's
-    reasons, exactly the entries of `dvc status --json` (computed by the same Stage.status
-    call, in this process, under DVC's repo lock), so no second DVC process is needed.
-    """
-    from dvc.dvcfile import PROJECT_FILE
-    from dvc.repo.reproduce import collect_stages, get_active_graph, plan_repro
-
-    with _open_repo(repo_root) as repo:
-        # Exactly what `dvc repro` (no targets) plans: the root dvc.yaml's stages and
-        # everything they depend on.
-        targets = collect_stages(repo, [os.path.join(repo.root_dir, PROJECT_FILE)])
-        graph = get_active_graph(repo.index.graph)
-        order = plan_repro(graph, targets)
-        runnable = [stage for stage in order if not stage.is_data_source]
-        names = {stage: _address(stage) for stage in runnable}
-        plan = []
-        for stage in runnable:
-            # DVC's edges point from a stage to the stages it depends on.
-            upstream = tuple(
-                sorted(names[dep] for dep in graph.successors(stage) if dep in names)
-            )
-            uncached = tuple(
-                os.path.relpath(out.fs_path, repo.root_dir) for out in stage.outs if not out.use_cache
-            )
-            plan.append(PlannedStage(names[stage], upstream, bool(stage.frozen), uncached, stage_threads(stage)))
-        if not with_status:
-            return plan
-        status = {}
-        with repo.lock:
-            for stage in runnable:
-                # {stage.addressing: reasons} or {}; addressing is relative to the cwd.
-                reasons = next(iter(stage.status().values()), [])
-                if reasons:
-                    status[names[stage]] = reasons
-    return plan, status
+def stale_stages(repo_root: str | Path, targets: list[str] | None = None) -> dict[str, list]:
+    """`dvc status --json [targets]`: each stale stage and DVC's reasons; an up-to-date one is absent."""
+    status = run_json(dvc_args("status", "--json", *(targets or [])), repo_root)
+    return {name: reasons for name, reasons in status.items() if reasons}

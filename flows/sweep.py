@@ -19,12 +19,14 @@ sets `datasets: [d]`, `methods: [m]`, `seeds: [s]`, `<gamma-key>: g`) is one
   run on that existing Dask cluster (prefect-dask's DaskTaskRunner). Dask workers must see this
   repository at the same path (a shared file system) with the same environment, since a task
   runs `dvc exp run` in it.
-* Results: after every point, `dvc exp show --json` (DVC's documented output, per metrics file)
-  gives each experiment's metrics; their numbers are flattened into one table, one row per grid
-  point (`rows.<method>.f1_weighted.mean`, `rows.student.f1_weighted.mean`, ...: see
-  `metric_columns`), written as Markdown and CSV (default `data/sweeps/<sweep>/results.*`)
-  and published as the Prefect artifact `cmkd-sweep`. The experiments stay in
-  `dvc exp show` (`dvc exp show --keep '<sweep>-.*'`), and `dvc exp apply <name>` restores one.
+* Results: DVC's own tables, `dvc exp show --md` and `--csv` (params and metrics columns, the
+  dependency hashes dropped), cut to this sweep's experiments, go to
+  `data/sweeps/<sweep>/results.md` and `results.csv`. The flow also returns, and publishes as
+  the Prefect table artifact `cmkd-sweep`, one row per grid point with its metrics from
+  `dvc exp show --json`, where a column named after the point's own method reads `<method>`
+  (`rows.<method>.f1_weighted.mean`, see `metric_columns`), so the points line up in one
+  column, which DVC's tables (one column per method) cannot do. `dvc exp apply <name>`
+  restores an experiment.
 * Stages shared by all points (download, prepare, the teacher) come from DVC's run cache when
   they ran before: run the pipeline once first, or concurrent points compute them twice.
 * Only git-tracked files (committed or not) are copied into an experiment: `git add` new
@@ -34,7 +36,9 @@ sets `datasets: [d]`, `methods: [m]`, `seeds: [s]`, `<gamma-key>: g`) is one
 from __future__ import annotations
 
 import argparse
+import csv
 import datetime as dt
+import io
 import itertools
 import json
 import re
@@ -43,39 +47,33 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_markdown_artifact
-from prefect.cache_policies import NO_CACHE
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_table_artifact
 from prefect.futures import wait
-from prefect.runtime import task_run
 from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.tasks import exponential_backoff
 
+from cmkd.atomic import write_text
 from cmkd.errors import CmkdError, ConfigError
-from flows.dvc_cli import DvcCommandError, dvc_args, run_json, run_streaming
+from flows.dvc_cli import DvcCommandError, dvc_args, run_captured, terminate_children
+from flows.experiments import ExperimentFailedError, experiment_results, head_commit, run_experiment
+from flows.lock import workspace_lock
 from flows.overrides import (
-    build_overrides,
-    check_not_interrupted,
-    parse_assignment,
+    check_unique,
+    override_key,
     require_git_commit,
+    selection_overrides,
     validate_overrides,
-    workspace_lock,
 )
-from flows.reports import flatten, markdown_table, write_table
+from flows.reports import flatten
 from flows.temporary_server import stop_temporary_server_on_termination
 
 DEFAULT_GAMMA_KEY = "data.synthetic.gamma"
 ARTIFACT_KEY = "cmkd-sweep"
 POINT_COLUMNS = ("experiment", "dataset", "method", "seed", "gamma", "status")
 
-
-class ExperimentFailedError(CmkdError):
-    """`dvc exp run` of one grid point failed; the message ends with its last output lines."""
-
-    def __init__(self, name: str, returncode: int, output_tail: str):
-        self.name = name
-        super().__init__(f"experiment {name!r} failed (dvc exp run exit code {returncode}):\n"
-                         f"{output_tail}")
+__all__ = ["ExperimentFailedError", "SweepFailedError", "sweep_flow", "grid_points", "point_name",
+           "point_overrides", "metric_columns", "main"]
 
 
 class SweepFailedError(CmkdError):
@@ -112,52 +110,22 @@ def point_name(sweep: str, point: dict[str, Any]) -> str:
 
 
 def point_overrides(params_file: Path, point: dict[str, Any], gamma_key: str,
-                    params: dict[str, Any] | None) -> list[str]:
+                    overrides: Sequence[str] | None = None) -> list[str]:
     """The `-S` overrides of one grid point, validated against params.yaml (a bad key or
     value fails here, before any experiment starts, not once per point later)."""
-    if "gamma" in point and gamma_key in (params or {}):
-        raise ConfigError(gamma_key, "set twice (by gammas and by params)")
-    overrides = build_overrides(
-        params_file,
-        datasets=[point["dataset"]] if "dataset" in point else None,
-        methods=[point["method"]] if "method" in point else None,
-        seeds=[point["seed"]] if "seed" in point else None,
-        params={**({gamma_key: point["gamma"]} if "gamma" in point else {}), **(params or {})},
-    )
-    validate_overrides(params_file, overrides)
-    return overrides
-
-
-@task(name="dvc-experiment", task_run_name="{name}", cache_policy=NO_CACHE)
-def run_experiment(repo_root: str, name: str, overrides: list[str]) -> str:
-    """`dvc exp run --temp -n <name> -S ...`, its output streamed into the task's log."""
-    logger = get_run_logger()
-    args = dvc_args("exp", "run", "--temp", "-n", name)
-    for override in overrides:
-        args += ["-S", override]
-    logger.info("$ dvc exp run --temp -n %s %s (attempt %d)", name,
-                " ".join(f"-S {o}" for o in overrides), max(1, task_run.run_count))
-    result = run_streaming(args, repo_root, lambda line: logger.info("%s", line))
-    if result.returncode != 0:
-        raise ExperimentFailedError(name, result.returncode, result.output_tail)
-    logger.info("%s: done in %.1f s", name, result.seconds)
-    return name
-
-
-def experiment_results(repo_root: str | Path, baseline: str) -> dict[str, dict]:
-    """name -> {"params": {file: {...}}, "metrics": {file: {...}}} for `baseline`'s experiments."""
-    shown = run_json(dvc_args("exp", "show", "--json", "--rev", baseline), repo_root)
-    results = {}
-    for commit in shown:
-        for experiment in commit.get("experiments") or []:
-            for rev in experiment.get("revs") or []:
-                data = rev.get("data") or {}
-                if rev.get("name"):
-                    results[rev["name"]] = {
-                        "params": {f: (v or {}).get("data", {}) for f, v in (data.get("params") or {}).items()},
-                        "metrics": {f: (v or {}).get("data", {}) for f, v in (data.get("metrics") or {}).items()},
-                    }
-    return results
+    point_sets = selection_overrides([point["dataset"]] if "dataset" in point else None,
+                                     [point["method"]] if "method" in point else None,
+                                     [point["seed"]] if "seed" in point else None)
+    if "gamma" in point:
+        point_sets.append(f"{gamma_key}={float(point['gamma'])!r}")
+    given = {override_key(o) for o in overrides or []}
+    for own in point_sets:
+        if override_key(own) in given:
+            raise ConfigError(override_key(own), "set twice (by the grid and by --set)")
+    result = point_sets + list(overrides or [])
+    check_unique(result)
+    validate_overrides(params_file, result)
+    return result
 
 
 def metric_columns(metrics: dict[str, dict], method: str | None = None) -> dict[str, Any]:
@@ -192,6 +160,27 @@ def _untracked(root: Path) -> list[str]:
     return proc.stdout.split()
 
 
+def dvc_tables(repo_root: Path, baseline: str, names: Sequence[str], deps: Sequence[str]) -> tuple[str, str]:
+    """DVC's `dvc exp show --md` and `--csv` of commit `baseline`, cut to the experiments
+    `names` (DVC's tables list every experiment of the commit), dependency hashes dropped."""
+    drop = ["--drop", "^(" + "|".join(map(re.escape, deps)) + ")$"] if deps else []
+    tables = []
+    for fmt in ("--md", "--csv"):
+        args = dvc_args("exp", "show", fmt, "--rev", baseline, "--hide-workspace", "--hide-queued",
+                        "--no-pager", *drop)
+        result = run_captured(args, repo_root)
+        if result.returncode != 0:
+            raise DvcCommandError(args, result.returncode, result.output_tail)
+        tables.append(result.stdout)
+    md_lines = tables[0].strip().splitlines()
+    tags = tuple(f"[{name}]" for name in names)
+    md = md_lines[:2] + [line for line in md_lines[2:] if line.split("|")[1].strip().endswith(tags)]
+    csv_rows = list(csv.reader(io.StringIO(tables[1])))
+    out = io.StringIO()
+    csv.writer(out, lineterminator="\n").writerows(csv_rows[:1] + [r for r in csv_rows[1:] if r and r[0] in names])
+    return "\n".join(md) + "\n", out.getvalue()
+
+
 @flow(name="cmkd-sweep")
 def sweep_flow(
     repo: str = ".",
@@ -200,7 +189,7 @@ def sweep_flow(
     seeds: list[int] | None = None,
     gammas: list[float] | None = None,
     gamma_key: str = DEFAULT_GAMMA_KEY,
-    params: dict[str, Any] | None = None,
+    overrides: list[str] | None = None,
     jobs: int = 2,
     dask_address: str | None = None,
     retries: int = 1,
@@ -214,7 +203,7 @@ def sweep_flow(
         repo: the DVC project.
         datasets, methods, seeds, gammas: the grid's dimensions (each optional).
         gamma_key: params.yaml key each gamma value is written to.
-        params: overrides applied to every point (dotted key -> value).
+        overrides: `dvc exp run -S` overrides applied to every point (`["runs.kdv1.temperature=2"]`).
         jobs: experiments at once on local threads (ignored with dask_address).
         dask_address: scheduler of an existing Dask cluster to run the experiments on.
         retries, retry_backoff_s: extra attempts per failed point; first delay, doubled each time.
@@ -228,20 +217,16 @@ def sweep_flow(
     points = grid_points(datasets, methods, seeds, gammas)
     sweep = sweep_name or dt.datetime.now().strftime("sweep-%Y%m%d-%H%M%S")
     params_file = root / "params.yaml"
-    per_point = []
-    for point in points:
-        overrides = point_overrides(params_file, point, gamma_key, params)
-        per_point.append((point, point_name(sweep, point), overrides))
+    per_point = [(point, point_name(sweep, point), point_overrides(params_file, point, gamma_key, overrides))
+                 for point in points]
     require_git_commit(root)
-    baseline = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
-                              text=True, check=True).stdout.strip()
+    baseline = head_commit(root)
     if untracked := _untracked(root):
         logger.warning("untracked files are not copied into the experiments (git add them "
                        "if stages need them): %s", " ".join(untracked[:20]))
     experiment_task = run_experiment.with_options(
         retries=retries,
-        retry_delay_seconds=exponential_backoff(backoff_factor=retry_backoff_s)(retries)
-        if retries else 0,
+        retry_delay_seconds=exponential_backoff(backoff_factor=retry_backoff_s)(retries) if retries else 0,
     )
     if dask_address:
         from prefect_dask import DaskTaskRunner
@@ -251,13 +236,17 @@ def sweep_flow(
     else:
         runner = ThreadPoolTaskRunner(max_workers=jobs)
         logger.info("%d experiments, %d at a time", len(per_point), jobs)
-    with workspace_lock(root):
-        check_not_interrupted(root)
+    # Each `dvc exp run --temp` copies the workspace: no `make repro` may change it meanwhile.
+    with workspace_lock(root, log=logger.info):
         with runner:
             futures = [runner.submit(experiment_task, parameters={
-                "repo_root": str(root), "name": name, "overrides": overrides})
-                for _, name, overrides in per_point]
-            wait(futures)
+                "repo_root": str(root), "name": name, "overrides": point_sets})
+                for _, name, point_sets in per_point]
+            try:
+                wait(futures)
+            except BaseException:
+                terminate_children()  # SIGTERM or Ctrl-C: end the running experiments now
+                raise
         failed = {}
         for (_, name, _), future in zip(per_point, futures):
             if not future.state.is_completed():
@@ -265,21 +254,25 @@ def sweep_flow(
         results = experiment_results(root, baseline)
     rows: list[dict] = []
     metric_names: set[str] = set()
+    deps: set[str] = set()
     for point, name, _ in per_point:
         row = {"experiment": name, **point, "status": "failed" if name in failed else "done"}
         if name not in failed:
             values = metric_columns(results.get(name, {}).get("metrics", {}), point.get("method"))
             metric_names.update(values)
             row.update(values)
+            deps.update(results.get(name, {}).get("deps", {}))
         rows.append(row)
     columns = [c for c in POINT_COLUMNS if any(c in r for r in rows)] + sorted(metric_names)
     out_dir = Path(output_dir) if output_dir else root / "data" / "sweeps" / sweep
-    md_path, csv_path = write_table(out_dir, "results", columns, rows)
-    create_markdown_artifact(
-        f"# cmkd sweep `{sweep}`\n\n{len(rows)} grid points; experiments of commit "
-        f"`{baseline[:10]}` (`dvc exp show`).\n\n" + markdown_table(columns, rows),
-        key=ARTIFACT_KEY, description=f"cmkd sweep {sweep}: one row per grid point",
-    )
+    done = [name for _, name, _ in per_point if name not in failed]
+    md, csv_text = dvc_tables(root, baseline, done, sorted(deps))
+    md_path, csv_path = out_dir / "results.md", out_dir / "results.csv"
+    write_text(md_path, md)
+    write_text(csv_path, csv_text)
+    create_table_artifact([{c: row.get(c) for c in columns} for row in rows], key=ARTIFACT_KEY,
+                          description=f"cmkd sweep {sweep}: one row per grid point, experiments of commit "
+                          f"{baseline[:10]} (`dvc exp show`)")
     logger.info("results: %s, %s", md_path, csv_path)
     if failed:
         raise SweepFailedError(failed, md_path)
@@ -305,7 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--gamma-key", default=DEFAULT_GAMMA_KEY,
                         help=f"params key for gamma (default {DEFAULT_GAMMA_KEY})")
     parser.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
-                        help="override for every point, value read as YAML; repeatable")
+                        help="override for every point, as `dvc exp run -S`; repeatable")
     parser.add_argument("-j", "--jobs", type=int, default=2, help="experiments at once on local threads (default 2)")
     parser.add_argument("--dask-address", metavar="ADDRESS",
                         help="run on this existing Dask scheduler (e.g. tcp://host:8786) instead")
@@ -319,15 +312,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        params = dict(parse_assignment(text) for text in args.sets)
         for point in grid_points(args.datasets, args.methods, args.seeds, args.gammas):
             # Config errors surface here, before Prefect starts a flow run (or a server).
-            point_overrides(Path(args.repo) / "params.yaml", point, args.gamma_key, params)
+            point_overrides(Path(args.repo) / "params.yaml", point, args.gamma_key, args.sets)
         # SIGTERM would otherwise leave Prefect's temporary server running (flows/temporary_server.py).
         with stop_temporary_server_on_termination():
             result = sweep_flow(
                 repo=args.repo, datasets=args.datasets, methods=args.methods, seeds=args.seeds,
-                gammas=args.gammas, gamma_key=args.gamma_key, params=params or None, jobs=args.jobs,
+                gammas=args.gammas, gamma_key=args.gamma_key, overrides=args.sets or None, jobs=args.jobs,
                 dask_address=args.dask_address, retries=args.retries,
                 retry_backoff_s=args.retry_backoff, sweep_name=args.name, output_dir=args.output_dir,
             )

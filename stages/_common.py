@@ -161,7 +161,7 @@ def main(run) -> None:
     except CmkdError as err:
         print(f"error: {err}", file=sys.stderr)
         # A bad params value or bad input file fails the same way every time: tell the flow
-        # that started us (flows/dvc_stage.py) not to retry it.
+        # that started us (flows/pipeline.py) not to retry it.
         marker = os.environ.get("CMKD_ERROR_FILE")
         if marker and isinstance(err, (ConfigError, DataFormatError)):
             with open(marker, "w") as out:

@@ -216,87 +216,59 @@ def test_stage_plan_comes_from_dvc_graph(tmp_path, dvc_env):
     position = {s.name: i for i, s in enumerate(plan)}
     for name, ups in upstream.items():
         assert all(position[u] < position[name] for u in ups)
-    assert {s.name: s.uncached_outs for s in plan}["check"] == ("claims_summary.json",)
 
 
-def test_override_values_round_trip_through_dvc(tmp_path):
-    from flows.overrides import apply_overrides, build_overrides
+def _project_with_params_check(root: Path) -> Path:
+    """A project whose `python -m stages validate --params PATH` copies the params it is given
+    to seen.yaml (so a test sees what the project's check saw) and refuses a negative scale."""
+    (root / "stages").mkdir(parents=True)
+    (root / "stages" / "__init__.py").write_text("")
+    (root / "stages" / "validate.py").write_text("")
+    (root / "stages" / "__main__.py").write_text(textwrap.dedent("""
+        import shutil, sys, yaml
+        path = sys.argv[sys.argv.index("--params") + 1]
+        shutil.copy(path, "seen.yaml")
+        if yaml.safe_load(open(path))["runs"]["m1"]["scale"] < 0:
+            sys.exit("error: runs.m1.scale: must be >= 0")
+    """))
+    (root / "params.yaml").write_text("# tiny\n" + yaml.safe_dump(PARAMS, sort_keys=False))
+    return root
 
-    params = tmp_path / "params.yaml"
-    original = {"a": {"s": "x", "n": 1, "f": 0.5, "l": [1], "b": False, "z": None, "m": {"k": 1}}}
-    params.write_text("# keep me\n" + yaml.safe_dump(original))
-    wanted = {
-        "a.s": "it's a \"quoted\" ${not.interp} back\\slash \\",
-        "a.n": 7,
-        "a.f": 1e-5,
-        "a.l": ["tiny", 2, 3.5, True, None],
-        "a.b": True,
-        "a.z": "null",
-        "a.m": {"k": [1, "v w"]},
-        "+a.new": 3,
-    }
-    apply_overrides(params, build_overrides(params, params=wanted))
-    from dvc.utils.serialize import parse_yaml  # DVC's reader (YAML 1.2, as DVC sees params)
 
-    loaded = parse_yaml(params.read_text(), str(params))["a"]
-    for key, value in wanted.items():
-        assert loaded[key.lstrip("+").split(".")[1]] == value, key
-    assert params.read_text().startswith("# keep me")  # DVC edits in place, comments kept
+def test_overrides_are_checked_as_dvc_applies_them(tmp_path):
+    from flows.overrides import ParamsCheckError, selection_overrides, validate_overrides
+
+    root = _project_with_params_check(tmp_path / "p")
+    overrides = selection_overrides(datasets=["tiny", "b c"], seeds=[1, 2]) + [
+        "runs.m1.scale=1e-5", "data.synthetic.gamma=0.25", "+runs.m3.scale=4"]
+    assert overrides[:2] == ['datasets=["tiny","b c"]', "seeds=[1,2]"]
+    validate_overrides(root / "params.yaml", overrides)
+    seen = yaml.safe_load((root / "seen.yaml").read_text())
+    assert seen["datasets"] == ["tiny", "b c"] and seen["seeds"] == [1, 2]
+    assert seen["runs"] == {"m1": {"scale": 1e-5}, "m2": {"scale": 3.0}, "m3": {"scale": 4}}
+    assert seen["data"]["synthetic"]["gamma"] == 0.25 and seen["methods"] == ["m1", "m2"]
+    with pytest.raises(ParamsCheckError, match="runs.m1.scale: must be >= 0"):
+        validate_overrides(root / "params.yaml", ["runs.m1.scale=-1"])
 
 
 def test_override_errors_name_the_key(tmp_path):
-    from flows.overrides import build_overrides, parse_assignment, validate_overrides
+    from flows.overrides import override_key, selection_overrides, validate_overrides
 
     params = tmp_path / "params.yaml"
     params.write_text(yaml.safe_dump(PARAMS))
-    with pytest.raises(ConfigError, match=r"runs\.m3\.scale: not in params.yaml"):
-        build_overrides(params, params={"runs.m3.scale": 1})
+    with pytest.raises(ConfigError, match=r"runs\.m3\.scale: override rejected: Could not override 'runs\.m3\.scale'"):
+        validate_overrides(params, ["runs.m3.scale=1"])
     with pytest.raises(ConfigError, match="datasets: set twice"):
-        build_overrides(params, datasets=["tiny"], params={"datasets": ["x"]})
+        validate_overrides(params, selection_overrides(datasets=["tiny"]) + ["datasets=[x]"])
     with pytest.raises(ConfigError, match="seeds: must be a non-empty list"):
-        build_overrides(params, seeds=[])
+        selection_overrides(seeds=[])
     # A mapping value may not bring keys its params.yaml entry lacks (as with `dvc exp run -S`).
-    with pytest.raises(ConfigError, match=r"runs\.m1: rejected \(Could not override 'runs\.m1'"):
-        validate_overrides(params, build_overrides(params, params={"runs.m1": {"lr": 1}}))
+    with pytest.raises(ConfigError, match=r"runs\.m1: override rejected: Could not override 'runs\.m1'"):
+        validate_overrides(params, ["runs.m1={lr: 1}"])
     with pytest.raises(ConfigError, match="expected KEY=VALUE"):
-        parse_assignment("runs.m1.scale")
-    assert parse_assignment("runs.m1.scale=2") == ("runs.m1.scale", 2)
-    assert parse_assignment("datasets=[a, b]") == ("datasets", ["a", "b"])
-    assert build_overrides(params, seeds=[1, 2], params={"runs.m1.scale": 2.5}) == [
-        "seeds=[1,2]", "runs.m1.scale=2.5"]
-
-
-def test_override_session_restores_the_workspace(tmp_path, dvc_env):
-    from flows.overrides import InterruptedOverrideError, OverrideSession
-
-    root = tmp_path / "p"
-    root.mkdir()
-    dvc(root, "init", "--no-scm", "-q")
-    (root / "params.yaml").write_text("# mine\nruns: {m1: {scale: 2.0}}\n")
-    (root / "dvc.lock").write_text("schema: '2.0'\n")
-    (root / "out").mkdir()
-    (root / "out" / "kept.json").write_text("before")
-    originals = {p: (root / p).read_bytes() for p in ("params.yaml", "dvc.lock", "out/kept.json")}
-
-    with pytest.raises(RuntimeError, match="stage blew up"):
-        with OverrideSession(root, ["runs.m1.scale=5.0"]) as session:
-            assert yaml.safe_load((root / "params.yaml").read_text())["runs"]["m1"]["scale"] == 5.0
-            session.protect(["out", "made.txt"])
-            (root / "out" / "kept.json").write_text("after")
-            (root / "out" / "extra.json").write_text("new")
-            (root / "made.txt").write_text("new")
-            (root / "dvc.lock").write_text("changed")
-            raise RuntimeError("stage blew up")
-    assert {p: (root / p).read_bytes() for p in originals} == originals
-    assert not (root / "out" / "extra.json").exists() and not (root / "made.txt").exists()
-    assert not (root / ".dvc/tmp/cmkd-flows/override-backup").exists()
-
-    # A run killed inside the block leaves its backup; the next run refuses to guess.
-    OverrideSession(root, ["runs.m1.scale=7.0"]).__enter__()
-    with pytest.raises(InterruptedOverrideError, match="was interrupted"):
-        OverrideSession(root, ["runs.m1.scale=8.0"]).__enter__()
-    backup = root / ".dvc/tmp/cmkd-flows/override-backup/files/params.yaml"
-    assert backup.read_bytes() == originals["params.yaml"]
+        override_key("runs.m1.scale")
+    with pytest.raises(ConfigError, match="override rejected"):
+        validate_overrides(params, ["runs.m1.scale=[1"])
 
 
 def test_output_lines_and_progress_redraws(monkeypatch):
@@ -403,12 +375,16 @@ def test_pipeline_overrides_become_an_experiment(core_project, prefect_harness):
                "data/reports/tiny/metrics.json", "claims_summary.json")}
     gamma = PARAMS["data"]["synthetic"]["gamma"]
 
-    result, _, artifact = run_pipeline(root, params={"runs.m1.scale": 9.0}, experiment_name="m1-scale-9",
-                             retries=0)
+    result, _, artifact = run_pipeline(root, overrides=["runs.m1.scale=9.0"], experiment_name="m1-scale-9",
+                                       retries=0)
+    # DVC's record of the experiment (its dvc.lock) differs from the workspace's in that branch only
     assert set(result["ran"]) == {"distill@tiny-m1-0", "evaluate@tiny", "check"}
+    assert set(result["up_to_date"]) == {"prepare@tiny", "distill@tiny-m2-0"}
     assert result["experiment"] == "m1-scale-9"
     assert result["overrides"] == ["runs.m1.scale=9.0"]
+    # the artifact shows the experiment's own table (read from DVC's cache at its commit)
     assert "`m1-scale-9`" in artifact and f"| m1 | {score(gamma, 9.0, 0)} |" in artifact
+    assert "| m2 beats m1 | False |" in artifact
     # The workspace is exactly as before: params, lock, cached and uncached outputs.
     assert {p: (root / p).read_bytes() for p in before} == before
     assert dvc(root, "status", "--json").strip() == "{}"
@@ -431,6 +407,11 @@ def test_multi_thread_stages_get_the_cores_to_themselves(tmp_path, dvc_env, pref
     assert {s.name: s.threads for s in read_stage_plan(root)} == {"wide_a": 2, "wide_b": 2, "narrow": 1}
     result, _, _ = run_pipeline(root, jobs=2, retries=0)
     assert {s["stage"] for s in result["stages"] if s["status"] == "ran"} == set(THREADED_STAGES)
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:  # the run's Prefect concurrency limit is gone
+        assert not [g.name for g in client.read_global_concurrency_limits(limit=200)
+                    if g.name.startswith("cmkd-cores-")]
     spans = {name: tuple(map(float, (root / f"data/{name}.txt").read_text().split())) for name in THREADED_STAGES}
     for wide in ("wide_a", "wide_b"):
         for other, (start, end) in spans.items():
@@ -486,6 +467,26 @@ def test_pipeline_failure_carries_the_stage_error(tmp_path, dvc_env, prefect_har
     assert "**The run failed**" in artifact and "| broken | failed |" in artifact
 
 
+def test_a_second_run_waits_for_the_workspace_lock(tmp_path, dvc_env, prefect_harness, monkeypatch):
+    """While another run (`make repro`, a flow) holds the workspace lock, a flow starts nothing."""
+    import threading
+
+    from flows import lock
+
+    root = make_project(tmp_path / "p", {"prepare": CORE_STAGES["prepare"]})
+    blocked, results = threading.Event(), {}
+    owner = lock._owner  # called only when the lock is taken: the flow is waiting for it
+    monkeypatch.setattr(lock, "_owner", lambda fd: (blocked.set(), owner(fd))[1])
+    with lock.workspace_lock(root):
+        flow = threading.Thread(target=lambda: results.update(run=run_pipeline(root, retries=0)[0]))
+        flow.start()
+        assert blocked.wait(120), "the flow never reached the workspace lock"
+        flow.join(1.0)
+        assert flow.is_alive() and not (root / "data/prepared/tiny.json").exists()
+    flow.join(120)
+    assert results["run"]["ran"] == ["prepare@tiny"]
+
+
 # --- the sweep flow ------------------------------------------------------------------------
 
 
@@ -500,10 +501,10 @@ def test_sweep_grid_points_and_names(tmp_path):
         "s-tiny-m1-s3-g1_0"
     params = tmp_path / "params.yaml"
     params.write_text(yaml.safe_dump(PARAMS))
-    assert point_overrides(params, points[1], "data.synthetic.gamma", {"runs.m2.scale": 4}) == [
-        "methods=['m1']", "data.synthetic.gamma=0.25", "runs.m2.scale=4"]
+    assert point_overrides(params, points[1], "data.synthetic.gamma", ["runs.m2.scale=4"]) == [
+        'methods=["m1"]', "data.synthetic.gamma=0.25", "runs.m2.scale=4"]
     with pytest.raises(ConfigError, match="data.synthetic.gamma: set twice"):
-        point_overrides(params, points[1], "data.synthetic.gamma", {"data.synthetic.gamma": 1})
+        point_overrides(params, points[1], "data.synthetic.gamma", ["data.synthetic.gamma=1"])
     with pytest.raises(ConfigError, match="seeds: repeated values"):
         grid_points(seeds=[1, 1])
     with pytest.raises(ConfigError, match="give at least one"):
@@ -547,9 +548,15 @@ def test_sweep_grid_on_two_threads(sweep_project, prefect_harness):
     assert all(r["status"] == "done" for r in result["rows"])
     names = {r["experiment"] for r in result["rows"]}
     assert names == {"t-m1-s0", "t-m1-s1", "t-m2-s0", "t-m2-s1"} and names <= exp_names(root)
-    csv_rows = (root / "data/sweeps/t/results.csv").read_text().splitlines()
-    assert csv_rows[0].startswith("experiment,method,seed,status,") and len(csv_rows) == 5
-    assert "| t-m2-s1 | m2 | 1 | done |" in (root / "data/sweeps/t/results.md").read_text()
+    # results.csv / results.md: DVC's `dvc exp show` tables, this sweep's experiments only
+    import csv
+
+    table = list(csv.DictReader((root / "data/sweeps/t/results.csv").read_text().splitlines()))
+    assert {r["Experiment"]: float(r["best_score"]) for r in table} == {
+        f"t-{m}-s{s}": v for (m, s), v in expected.items()}
+    assert not any(name.endswith(".py") for name in table[0])  # dependency hashes dropped
+    md = (root / "data/sweeps/t/results.md").read_text().splitlines()
+    assert md[0].startswith("| Experiment") and len(md) == 2 + 4 and all("[t-" in line for line in md[2:])
     assert (root / "params.yaml").read_bytes() == before  # the workspace is never edited
 
 
@@ -619,9 +626,9 @@ def test_command_lines_parse_and_reject_bad_config(tmp_path, capsys):
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(PARAMS))
     # Bad keys fail before any flow run starts (no Prefect server is needed for this).
     assert pipeline.main(["--repo", str(tmp_path), "--set", "runs.m9.scale=1"]) == 1
-    assert "runs.m9.scale: not in params.yaml" in capsys.readouterr().err
+    assert "runs.m9.scale: override rejected" in capsys.readouterr().err
     assert sweep.main(["--repo", str(tmp_path), "--seeds", "0", "--set", "nope=1"]) == 1
-    assert "nope: not in params.yaml" in capsys.readouterr().err
+    assert "nope: override rejected" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         deploy.main(["--deploy"])  # needs --work-pool
     assert "--deploy needs --work-pool" in capsys.readouterr().err
@@ -682,7 +689,7 @@ def test_pipeline_flow_on_the_real_pipeline(tmp_path, prefect_harness, monkeypat
     assert second["ran"] == [] and set(second["up_to_date"]) == set(first["ran"])
 
     before = (repo / "data/reports/synthetic/metrics.json").read_bytes()
-    third, _, _ = run_pipeline(repo, params={"runs.kdv1.temperature": 2.0},
+    third, _, _ = run_pipeline(repo, overrides=["runs.kdv1.temperature=2.0"],
                                experiment_name="kdv1-t2", retries=0)
     assert {"distill@synthetic-kdv1", "evaluate@synthetic"} <= set(third["ran"])
     assert not {"train_teacher@synthetic", "distill@synthetic-kdv2"} & set(third["ran"])
