@@ -29,9 +29,9 @@ import numpy as np
 import torch
 import yaml
 
-from cmkd.analysis import digits_arrays
-from cmkd.atomic import write_json
-from cmkd.data.synthetic import GENERATORS, n_shared
+from cmkd.experiments.analysis import digits_arrays
+from cmkd.utils.atomic import write_json
+from cmkd.data.datasets.synthetic import GENERATORS, n_shared
 from cmkd.methods.mfh import algorithm1
 from cmkd.models import build_model
 

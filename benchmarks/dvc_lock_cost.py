@@ -25,7 +25,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from cmkd.atomic import write_json  # noqa: E402
+from cmkd.utils.atomic import write_json  # noqa: E402
 
 
 def _rewrite_seconds(path: Path) -> float:

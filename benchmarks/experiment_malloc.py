@@ -1,5 +1,5 @@
 """The experiment stages with glibc's default allocator against the heap that keeps freed memory
-(`cmkd.parallel.keep_freed_memory`, called by stages/experiment.py).
+(`cmkd.utils.parallel.keep_freed_memory`, called by stages/experiment.py).
 
     PYTHONPATH=. python benchmarks/experiment_malloc.py [names...] [--repeats 1] [--out benchmarks/results/experiment_malloc.json]
 
@@ -27,7 +27,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from cmkd.atomic import write_json  # noqa: E402
+from cmkd.utils.atomic import write_json  # noqa: E402
 
 # The child: the stage as `python -m stages experiment <name>` runs it, optionally without the
 # allocator settings (patched before stages.experiment imports the name).
@@ -35,8 +35,8 @@ CHILD = """
 import runpy, sys
 mode, name, out = sys.argv[1:4]
 if mode == "default":
-    import cmkd.parallel
-    cmkd.parallel.keep_freed_memory = lambda *args, **kwargs: False
+    import cmkd.utils.parallel
+    cmkd.utils.parallel.keep_freed_memory = lambda *args, **kwargs: False
 sys.argv = ["stages", "experiment", name, "--out-dir", out]
 runpy.run_module("stages", run_name="__main__", alter_sys=True)
 """

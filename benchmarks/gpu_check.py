@@ -42,8 +42,8 @@ HERE = Path(__file__).resolve().parent
 
 def _step_loop(distiller, batches, precision, optimizer, params, steps: int, warmup: int, channels_last: bool,
                batch_size: int) -> dict:
-    from cmkd.engine import _to_device
-    from cmkd.training import backward_and_step, to_channels_last
+    from cmkd.training.loop import _to_device
+    from cmkd.training.precision import backward_and_step, to_channels_last
 
     device = torch.device("cuda")
     torch.cuda.reset_peak_memory_stats()
@@ -76,10 +76,12 @@ def _step_loop(distiller, batches, precision, optimizer, params, steps: int, war
 
 
 def _build(params, ds: str, role: str, in_shape, num_classes: int, amp, channels_last: bool):
-    from cmkd.engine import TrainConfig, _optimizer, seed_everything
+    from cmkd.training.config import TrainConfig
+    from cmkd.training.loop import _optimizer
+    from cmkd.training.distributed import seed_everything
     from cmkd.methods import build_distiller
     from cmkd.models import build_model
-    from cmkd.training import Precision
+    from cmkd.training.precision import Precision
 
     seed_everything(0)
     net = build_model(params["models"][ds][role], in_shape, num_classes)
@@ -94,7 +96,7 @@ def _build(params, ds: str, role: str, in_shape, num_classes: int, amp, channels
 def semantickitti(params, args, tmp: Path) -> dict:
     from benchmarks.loader import write_rows
     from cmkd.data.h5 import read_attrs
-    from cmkd.engine import load_split
+    from cmkd.training.data import load_split
 
     path = tmp / "semantickitti.h5"
     n_rows = 8 * (args.steps + args.warmup + 2)
@@ -130,7 +132,7 @@ def _batches(data, workers: int, batch_size: int):
 
 
 def sunrgbd(params, args) -> dict:
-    from cmkd.engine import SplitData
+    from cmkd.training.data import SplitData
 
     rng = np.random.default_rng(0)
     n = 128 * 4

@@ -26,8 +26,8 @@ from pathlib import Path
 import torch
 import yaml
 
-from cmkd.analysis import EXPERIMENTS, seeds_needed
-from cmkd.atomic import write_json
+from cmkd.experiments.analysis import EXPERIMENTS, seeds_needed
+from cmkd.utils.atomic import write_json
 
 PILOT_SEEDS = list(range(1000, 1010))
 SAFETY = 1.25

@@ -22,9 +22,10 @@ from pathlib import Path
 import torch
 
 from cmkd.config import load_params
-from cmkd.data import synthetic
-from cmkd.engine import TrainConfig
-from cmkd.pipeline import STUDENT_RUN, TEACHER_RUN, train_run
+from cmkd.data.datasets import synthetic
+from cmkd.training.config import TrainConfig
+from cmkd.config import STUDENT_RUN, TEACHER_RUN
+from cmkd.pipeline.train import train_run
 
 
 def main() -> None:

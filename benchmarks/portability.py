@@ -8,7 +8,7 @@ qemu-user), which reports another vendor, model, instruction set and cache sizes
 library's CPU dispatch: Haswell-v4 is a GenuineIntel AVX2 machine without AVX-512, EPYC-Milan-v1
 an AuthenticAMD one. Compares the sha256 of every seed's model.pt and the test scores, and
 probes the kernels no switch pins (float32 exp, log and sqrt, which MKL's vector math serves)
-against cmkd.exactmath's. Writes benchmarks/results/portability.json.
+against cmkd.utils.exactmath's. Writes benchmarks/results/portability.json.
 
 qemu's emulation is IEEE-exact for the instructions these kernels use, except the approximate
 reciprocal instructions (rcpps, rsqrtps), which it computes exactly: a kernel using those would
@@ -99,7 +99,7 @@ def main() -> None:
     result: dict = {"seeds": args.seeds, "digits_epochs": args.digits_epochs, "host": {}, "cpus": {}}
     with tempfile.TemporaryDirectory(prefix="cmkd-portability-") as tmp:
         ws = workspace(Path(tmp), args.seeds, args.digits_epochs)
-        prov = subprocess.run([sys.executable, "-c", "import json, stages; from cmkd.determinism import provenance; "
+        prov = subprocess.run([sys.executable, "-c", "import json, stages; from cmkd.utils.determinism import provenance; "
                                "print(json.dumps(provenance()))"], cwd=ws, capture_output=True, text=True, check=True)
         result["host"] = json.loads(prov.stdout)
         for cpu in cpus:

@@ -183,7 +183,7 @@ def flatten(data: Any, prefix: str = "") -> dict[str, Any]:
 def write_table(out_dir: str | Path, stem: str, columns: Sequence[str],
                 rows: Sequence[Mapping[str, Any]]) -> tuple[Path, Path]:
     """`<stem>.md` and `<stem>.csv` in out_dir, each written atomically."""
-    from cmkd.atomic import write_text
+    from cmkd.utils.atomic import write_text
 
     out = Path(out_dir)
     md, csv_path = out / f"{stem}.md", out / f"{stem}.csv"

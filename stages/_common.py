@@ -8,10 +8,10 @@ import os
 import sys
 from typing import Any
 
-from cmkd.atomic import remove_stale, remove_stale_tree
+from cmkd.utils.atomic import remove_stale, remove_stale_tree
 from cmkd.config import load_params, validate_params
 from cmkd.errors import CmkdError, ConfigError, DataFormatError
-from cmkd.parallel import available_cores
+from cmkd.utils.parallel import available_cores
 
 DATA = "data"
 # Temporary outputs (a stage's folder before its rename into place): outside every stage's

@@ -8,9 +8,9 @@ cmkd/diagnosis.py and the predicted KD gain of the committed predictor (diagnosi
 
 from pathlib import Path
 
-from cmkd.atomic import write_json, write_text
-from cmkd.determinism import provenance
-from cmkd.diagnosis_report import apply_predictor, check_config, diagnosis_markdown, load_predictor, measure_dataset
+from cmkd.utils.atomic import write_json, write_text
+from cmkd.utils.determinism import provenance
+from cmkd.diagnosis.report import apply_predictor, check_config, diagnosis_markdown, load_predictor, measure_dataset
 from cmkd.errors import ConfigError
 from stages._common import DATA, main, parser, start
 

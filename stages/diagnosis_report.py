@@ -9,9 +9,9 @@ the same JSON as data/diagnosis/measured/<dataset>.json, where diagnosis_validat
 import json
 from pathlib import Path
 
-from cmkd.atomic import write_json, write_text
-from cmkd.determinism import provenance
-from cmkd.diagnosis_report import dataset_report, diagnosis_markdown
+from cmkd.utils.atomic import write_json, write_text
+from cmkd.utils.determinism import provenance
+from cmkd.diagnosis.report import dataset_report, diagnosis_markdown
 from cmkd.errors import DataFormatError
 from stages._common import DATA, main, parser
 

@@ -13,9 +13,11 @@ diagnosis_predictor.json is that fit (`predictor_up_to_date`); `--write-predicto
 import json
 from pathlib import Path
 
-from cmkd.atomic import atomic_path, write_json, write_text
-from cmkd.determinism import provenance
-from cmkd.diagnosis_report import check_config, collect_conditions, fit_committed, validate, validation_figure, validation_markdown
+from cmkd.utils.atomic import atomic_path, write_json, write_text
+from cmkd.utils.determinism import provenance
+from cmkd.diagnosis.report import (
+    check_config, collect_conditions, fit_committed, validate, validation_figure, validation_markdown,
+)
 from stages._common import DATA, main, parser, start
 
 PREDICTOR_FILE = "diagnosis_predictor.json"

@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from cmkd.atomic import atomic_dir
+from cmkd.utils.atomic import atomic_dir
 from cmkd.data.registry import dataset_module
 from stages._common import DATA, SCRATCH, main, parser, start
 

@@ -6,12 +6,12 @@ methods.png) and metrics/<dataset>/<row>.json, the few numbers per row that git 
 import json
 from pathlib import Path
 
-from cmkd.atomic import atomic_dir, atomic_path, write_json, write_text
-from cmkd.curves import curves_csv
+from cmkd.utils.atomic import atomic_dir, atomic_path, write_json, write_text
+from cmkd.reporting.curves import curves_csv
 from cmkd.data.h5 import read_attrs
 from cmkd.data.registry import is_smoke_test
-from cmkd.determinism import provenance
-from cmkd.report import bar_figure, collect, markdown_table, metrics_file_name, metrics_summary, scores_csv
+from cmkd.utils.determinism import provenance
+from cmkd.reporting.tables import bar_figure, collect, markdown_table, metrics_file_name, metrics_summary, scores_csv
 from stages._common import DATA, METRICS, main, parser, start
 
 SMOKE_NOTE = ("**Smoke test, not a result.** `{ds}` is a small sample generated offline to exercise "

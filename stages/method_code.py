@@ -1,5 +1,5 @@
 """Stage `method_code`: per training stage, the hash of every source file it runs
-(cmkd/codedeps.py):
+(cmkd/pipeline/codedeps.py):
 
     data/method_code/<run>.json                 distill@<dataset>-<run>: stages/train.py, the
                                                 training code and the run's method modules, and
@@ -19,11 +19,11 @@ Reads the source with `ast` and never imports torch: the stage takes well under 
 import json
 from pathlib import Path
 
-from cmkd.atomic import atomic_dir
-from cmkd.codedeps import stage_code
+from cmkd.utils.atomic import atomic_dir
+from cmkd.pipeline.codedeps import stage_code
 from cmkd.config import STUDENT_RUN, TEACHER_RUN, load_params
 from cmkd.errors import ConfigError
-from cmkd.tuning import TUNED_FILE, load_tuned
+from cmkd.pipeline.tuning import TUNED_FILE, load_tuned
 from stages._common import DATA, main, parser
 
 

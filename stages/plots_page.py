@@ -9,7 +9,7 @@ stage `plots_page` (so a plain `dvc repro` makes it), which .dvc/config names as
 import sys
 from pathlib import Path
 
-from cmkd.atomic import write_text
+from cmkd.utils.atomic import write_text
 from stages._common import main, parser
 
 PAGE = Path("data") / "plots_offline.html"

@@ -1,13 +1,13 @@
 """`python -m stages readme [--check]`: rewrite README.md's generated blocks (results tables,
 claims) from data/reports/ after a run; `--check` exits 1 when README.md is not current.
-See cmkd/readme.py."""
+See cmkd/reporting/readme.py."""
 
 import sys
 from pathlib import Path
 
-from cmkd.atomic import write_text
+from cmkd.utils.atomic import write_text
 from cmkd.config import load_params
-from cmkd.readme import blocks, replace_blocks
+from cmkd.reporting.readme import blocks, replace_blocks
 from stages._common import DATA, main, parser
 
 

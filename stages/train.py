@@ -9,12 +9,13 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from cmkd.atomic import atomic_dir
-from cmkd.engine import TrainConfig, distributed_info, init_distributed_from_env
+from cmkd.utils.atomic import atomic_dir
+from cmkd.training.config import TrainConfig
+from cmkd.training.distributed import distributed_info, init_distributed_from_env
 from cmkd.errors import ConfigError
 from cmkd.config import STUDENT_RUN, TEACHER_RUN
-from cmkd.pipeline import train_run
-from cmkd.tuning import TUNED_FILE, load_tuned, tuned_run_config
+from cmkd.pipeline.train import train_run
+from cmkd.pipeline.tuning import TUNED_FILE, load_tuned, tuned_run_config
 from stages._common import DATA, SCRATCH, main, parser, seed_workers, start
 
 

@@ -14,13 +14,13 @@ import json
 import tempfile
 from pathlib import Path
 
-from cmkd.atomic import atomic_dir, write_json, write_text
-from cmkd.determinism import provenance
-from cmkd.engine import TrainConfig
+from cmkd.utils.atomic import atomic_dir, write_json, write_text
+from cmkd.utils.determinism import provenance
+from cmkd.training.config import TrainConfig
 from cmkd.errors import ConfigError
 from cmkd.config import TEACHER_RUN
-from cmkd.pipeline import train_run
-from cmkd.tuning import TUNED_FILE, grid_for, load_tuned, render_tuned, report_markdown, tune_run, update_tuned
+from cmkd.pipeline.train import train_run
+from cmkd.pipeline.tuning import TUNED_FILE, grid_for, load_tuned, render_tuned, report_markdown, tune_run, update_tuned
 from stages._common import DATA, main, parser, seed_workers, start
 
 REPORTS = Path("reports") / "tuning"

@@ -12,9 +12,10 @@ import pytest
 import torch
 from scipy.io import loadmat, savemat
 
-from cmkd.data import nyudv2, nyudv2_sample
+from cmkd.data.datasets import nyudv2
+from cmkd.data.samples import nyudv2 as nyudv2_sample
 from cmkd.data.h5 import PreparedSplit, read_attrs
-from cmkd.data.nyudv2_classes import CLASSES_13, CLASSES_40, MAP_40_TO_13, MAP_894_TO_40, raw_to_train_ids
+from cmkd.data.datasets.nyudv2_classes import CLASSES_13, CLASSES_40, MAP_40_TO_13, MAP_894_TO_40, raw_to_train_ids
 from cmkd.data.registry import available_datasets, dataset_module
 from cmkd.errors import ChecksumError, ConfigError, DataFormatError
 
@@ -242,7 +243,9 @@ def test_download_from_local_paths_checks_sha256(tmp_path, sample_raw):
 
 
 def test_feature_methods_train_on_the_prepared_sample(tmp_path, sample_raw):
-    from cmkd.engine import TrainConfig, fit, load_split
+    from cmkd.training.config import TrainConfig
+    from cmkd.training.loop import fit
+    from cmkd.training.data import load_split
     from cmkd.methods import build_distiller
     from cmkd.models import build_model
 

@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from cmkd.readme import ReadmeError, blocks, replace_blocks
+from cmkd.reporting.readme import ReadmeError, blocks, replace_blocks
 from tests.conftest import REPO
 
 TABLE = "### toy: a → b (f1 weighted × 100, mean ± std over seeds)\n\n| run | method | f1_weighted | vs STUDENT |\n|---|---|---|---|\n| TEACHER | teacher | 90.00 ± 1.00 |  |\n"

@@ -19,10 +19,10 @@ from types import ModuleType
 from cmkd.errors import ConfigError
 
 DATASETS: dict[str, str] = {
-    "synthetic": "cmkd.data.synthetic",
-    "digits": "cmkd.data.digits",
-    "semantickitti": "cmkd.data.semantickitti",
-    "semantickitti-sample": "cmkd.data.kitti_sample",
+    "synthetic": "cmkd.data.datasets.synthetic",
+    "digits": "cmkd.data.datasets.digits",
+    "semantickitti": "cmkd.data.datasets.semantickitti",
+    "semantickitti-sample": "cmkd.data.samples.semantickitti",
     # SUN RGB-D Kinect v2 (one module; the teacher/student modalities come from data.<name>):
     # cross-modal rgb -> depth, multi-modal rgb_depth -> depth (and -> rgb), and the offline sample.
     "sunrgbd": "cmkd.data.sunrgbd",
@@ -32,8 +32,8 @@ DATASETS: dict[str, str] = {
     "sunrgbd-sample-mm": "cmkd.data.sunrgbd",
     "sunrgbd-sample-mm-rgb": "cmkd.data.sunrgbd",
     # NYU-Depth-V2 RGB -> depth segmentation (40 or 13 classes), and the offline rendered sample.
-    "nyudv2": "cmkd.data.nyudv2",
-    "nyudv2-sample": "cmkd.data.nyudv2",
+    "nyudv2": "cmkd.data.datasets.nyudv2",
+    "nyudv2-sample": "cmkd.data.datasets.nyudv2",
 }
 
 

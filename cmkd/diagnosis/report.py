@@ -3,7 +3,8 @@ diagnosis_validation.py): measure a dataset's trained teacher / no-KD student pa
 validation split, apply the committed predictor, and gather the conditions the predictor is fit
 and validated on (the batched experiments' `diag_*` values and the main datasets' reports).
 
-The formulas are in cmkd/diagnosis.py; this module reads checkpoints and reports.
+The formulas are in cmkd/diagnosis/indicators.py and predictor.py; this module reads checkpoints
+and reports.
 """
 
 from __future__ import annotations
@@ -16,11 +17,14 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 
-from cmkd.diagnosis import INDICATORS, fit_predictor, indicator_correlations, indicators, leave_one_sweep_out, predict, validation_summary
+from cmkd.diagnosis.indicators import INDICATORS, indicators
+from cmkd.diagnosis.predictor import (
+    _spearman, fit_predictor, indicator_correlations, leave_one_sweep_out, predict, validation_summary,
+)
 from cmkd.errors import ConfigError, DataFormatError
-from cmkd.stats import t_interval
+from cmkd.utils.stats import t_interval
 
-#: the experiments whose slices train a teacher and a no-KD student (cmkd/analysis.py)
+#: the experiments whose slices train a teacher and a no-KD student (cmkd/experiments/analysis.py)
 SWEEPS = ("mfh_gamma", "mfh_alpha", "mfh_alg1", "ntdh_gap", "digits_noise")
 MAIN = "main"
 PREDICTOR_TARGET = "KD gain: plain KD student minus no-KD student, test accuracy as a fraction"
@@ -88,9 +92,9 @@ def measure_dataset(prepared: Path, teacher_dir: Path, student_dir: Path, models
                     dataset: str, cfg: Mapping[str, Any]) -> dict[str, Any]:
     """Per reporting seed: the teacher and no-KD student checkpoints on the `cfg["split"]`
     split -> the indicators; their mean and t interval over seeds."""
-    from cmkd.data.h5 import read_attrs
-    from cmkd.engine import load_split
-    from cmkd.pipeline import build_networks, seed_root
+    from cmkd.data.h5 import read_attrs, seed_root
+    from cmkd.training.data import load_split
+    from cmkd.training.networks import build_networks
 
     attrs = read_attrs(prepared)
     per_seed = {}
@@ -175,7 +179,7 @@ def measured_kd_gain(metrics: Mapping[str, Any], run: str = "kdv1") -> dict[str,
     """The paired per-seed difference run - STUDENT from a dataset's metrics.json, in accuracy
     (what the predictor predicts) and in the table's primary metric (`vs_student`); None when
     the run did not run (or was skipped)."""
-    from cmkd.report import vs_student
+    from cmkd.reporting.tables import vs_student
 
     rows = metrics.get("rows") or {}
     row, student = rows.get(run), rows.get("student")
@@ -261,8 +265,6 @@ def validate(conditions: Sequence[Mapping[str, Any]], cfg: Mapping[str, Any], co
     heldout = leave_one_sweep_out(conditions, features, penalty)
     summary = validation_summary(heldout)
     share = [c for c in conditions if c["sweep"] == "mfh_alg1"]
-    from cmkd.diagnosis import _spearman
-
     summary.update({
         "features": list(features), "penalty": penalty,
         "indicator_correlations": indicator_correlations(conditions),

@@ -1,7 +1,7 @@
 """The papers' synthetic experiments as pure functions: each sweep takes its configuration (an
 `experiments.<name>` entry of params.yaml) and returns a JSON-ready result dict.
 
-- `mfh_sweep`: MFH's Gaussian data (`cmkd.data.synthetic.mfh_gaussian`): a teacher, a no-KD
+- `mfh_sweep`: MFH's Gaussian data (`cmkd.data.datasets.synthetic.mfh_gaussian`): a teacher, a no-KD
   student and a KD student at every sweep point and seed (MFH Fig. 2 when gamma moves, Fig. 3
   when alpha moves).
 - `mfh_algorithm1_sweep`: MFH Table 2: Algorithm 1 ranks the teacher's channels, a
@@ -14,7 +14,7 @@ How runs are made: every (sweep point, seed) pair is a "slice" with its own data
 called with that seed) and its own networks, initialised as `build_model` does after
 `torch.manual_seed(seed)`; the no-KD and KD students of a slice start from the same weights, so
 the KD gain is a paired difference. All slices of a sweep train together as one
-`cmkd.batched.BatchedMLP` (each slice gets exactly the gradient it would get alone), with the
+`cmkd.experiments.batched.BatchedMLP` (each slice gets exactly the gradient it would get alone), with the
 project's distillers and losses. As in the papers' synthetic code, networks train for a fixed
 number of full-batch epochs and are evaluated once, on a held-out test split.
 
@@ -32,13 +32,14 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 import torch
 
-from cmkd.batched import BatchedMLP, slice_accuracy, train_batched
-from cmkd.data.synthetic import GENERATORS, mfh_layout
+from cmkd.experiments.batched import BatchedMLP, slice_accuracy, train_batched
+from cmkd.data.datasets.synthetic import GENERATORS, mfh_layout
 from cmkd.config import STUDENT_RUN, TEACHER_RUN
 from cmkd.errors import ConfigError
 from cmkd.losses import DIVERGENCE_FORMS, cross_entropy, to_rows
 from cmkd.methods import build_distiller
 from cmkd.models import build_model
+from cmkd.utils.jsonable import jsonable
 
 MFH_LAYOUT_KEYS = ("n_decisive", "alpha", "n_latent", "n_extra", "student_features")
 _TRAIN_KEYS = {"epochs", "lr", "optimizer", "momentum", "weight_decay", "batch_size"}
@@ -277,7 +278,7 @@ def diagnosis_indicators(teacher: BatchedMLP, nokd: BatchedMLP, test: Slices) ->
     """`cmkd.diagnosis.indicators` of every slice's teacher and no-KD student on the test
     split (one vectorised call; the no-KD student's penultimate features feed the probes),
     as `diag_<name>` per slice: the conditions the KD-gain predictor is fit and checked on."""
-    from cmkd.diagnosis import indicators
+    from cmkd.diagnosis.indicators import indicators
 
     def slice_major(z: torch.Tensor) -> torch.Tensor:  # [N, C, S, 1] -> [S, N, C]
         return z.squeeze(-1).permute(2, 0, 1)
@@ -655,9 +656,9 @@ def derive_ntdh_gap(result: Mapping[str, Any]) -> dict[str, Any]:
 
 def digits_arrays(cfg: Mapping[str, Any], noise_std: float, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, np.ndarray]]:
     """Gray digits [N, 1, S, S] and digits-M [N, 3, S, S] at one noise level, standardised with
-    training statistics as `cmkd.data.digits.prepare` builds them, but in memory; plus labels
+    training statistics as `cmkd.data.datasets.digits.prepare` builds them, but in memory; plus labels
     and the stratified split."""
-    from cmkd.data.digits import gray_digits, make_digits_m, random_patches
+    from cmkd.data.datasets.digits import gray_digits, make_digits_m, random_patches
     from cmkd.data.splits import stratified_split
 
     rng = np.random.default_rng(seed)
@@ -758,7 +759,7 @@ def run_experiment(name: str, cfg: Mapping[str, Any]) -> dict[str, Any]:
     result = spec.run(cfg, key=f"experiments.{name}")
     result["derived"] = spec.derive(result) if spec.derive else {}
     result["experiment"] = name
-    result["config"] = _jsonable(cfg)
+    result["config"] = jsonable(cfg)
     return result
 
 
@@ -770,13 +771,3 @@ def plot_rows(name: str, result: Mapping[str, Any]) -> list[dict[str, float]]:
     keys = [k for _, _, lines, _ in spec.panels for k, _ in lines if k in series]
     rows = [{spec.x: series[spec.x][i], **{k: series[k][i] for k in keys}} for i in range(len(series[spec.x]))]
     return sorted(rows, key=lambda r: r[spec.x])
-
-
-def _jsonable(x: Any) -> Any:
-    if isinstance(x, Mapping):
-        return {str(k): _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    if isinstance(x, np.generic):
-        return x.item()
-    return x

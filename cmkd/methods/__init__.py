@@ -1,7 +1,7 @@
 """The method registry: one module per method, each registering a `Distiller` subclass.
 
 Every module of this package is found without an index: a lookup imports only the module whose
-`@register("name")` names the method (read from the source, cmkd/codedeps.py), and
+`@register("name")` names the method (read from the source, cmkd/pipeline/codedeps.py), and
 `available_methods()` imports every module `pkgutil` finds. A new method is one new file and
 nothing to edit here (docs/extending.md). Importing only what a run uses keeps what it runs
 equal to what its DVC stage depends on (stage `method_code`).
@@ -52,7 +52,7 @@ def available_methods() -> list[str]:
 def _load_for(name: str) -> None:
     from pathlib import Path
 
-    from cmkd.codedeps import registered_methods
+    from cmkd.pipeline.codedeps import registered_methods
 
     module = registered_methods(Path(__file__).resolve().parents[2], __name__).get(name)
     if module is not None:

@@ -1,7 +1,5 @@
-"""The pipeline's node functions: one call per training stage, given explicit paths.
-
-Stage scripts in `stages/` read params.yaml and call these; all file layout decisions live
-here so the stages stay thin:
+"""The training stages' node function: one call per stage, given explicit paths
+(cmkd/pipeline/layout.py); what it writes in a run's folder:
 
     <run_dir>/metrics.json           per seed: test metrics of every deployable, best epoch
     <run_dir>/seed<k>/<name>.pt      state dict of each deployable network
@@ -23,46 +21,23 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from cmkd.atomic import write_json
-from cmkd.data.h5 import read_attrs, sample_shapes
-from cmkd.determinism import provenance
-from cmkd.engine import (
-    SplitData, TrainConfig, cache_logits, evaluate, fit, load_split, resolve_device, run_fingerprint, seed_everything,
-    distributed_info,
-)
+from cmkd.data.h5 import read_attrs, sample_shapes, seed_root
 from cmkd.methods import build_distiller, get_method
-from cmkd.models import build_model
-from cmkd.parallel import die_with_parent
-from cmkd.training import Precision
+from cmkd.training.checkpoint import run_fingerprint
+from cmkd.training.config import TrainConfig
+from cmkd.training.data import load_split
+from cmkd.training.distributed import distributed_info, resolve_device, seed_everything
+from cmkd.training.evaluate import evaluate
+from cmkd.training.logit_cache import cache_logits
+from cmkd.training.loop import fit
+from cmkd.training.networks import build_networks
+from cmkd.training.precision import Precision
+from cmkd.utils.atomic import write_json
+from cmkd.utils.determinism import provenance
+from cmkd.utils.jsonable import jsonable
+from cmkd.utils.parallel import die_with_parent
 
 log = logging.getLogger(__name__)
-
-
-
-def _jsonable(obj: Any) -> Any:
-    if isinstance(obj, torch.Tensor):
-        return obj.tolist()
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if hasattr(obj, "item") and callable(obj.item):
-        return obj.item()
-    return obj
-
-
-def seed_root(attrs: Mapping[str, Any], seed: int) -> str:
-    """Datasets with one split per seed (SUN RGB-D's five 70/10/20 splits) list their groups in
-    the `seed_roots` attribute; seed k uses group k modulo their number."""
-    roots = attrs.get("seed_roots") or [""]
-    return roots[seed % len(roots)]
-
-
-def build_networks(attrs: Mapping[str, Any], train: SplitData, models: Mapping[str, Any], dataset: str):
-    num_classes = len(attrs["class_names"])
-    teacher = build_model(models["teacher"], train.sample_shape("teacher_input"), num_classes, f"models.{dataset}.teacher")
-    student = build_model(models["student"], train.sample_shape("student_input"), num_classes, f"models.{dataset}.student")
-    return teacher, student
 
 
 def train_run(
@@ -169,11 +144,9 @@ def import_before_fork() -> None:
 
 def resolved_hyperparameters(run_cfg: Mapping[str, Any]) -> dict[str, Any]:
     """The method's defaults with the run's values over them (what the distiller uses)."""
-    from cmkd.methods import get_method
-
     cfg = dict(run_cfg)
     cls = get_method(cfg["method"], "runs")
-    return _jsonable({"method": cfg.pop("method"), **cls.defaults, **cfg})
+    return jsonable({"method": cfg.pop("method"), **cls.defaults, **cfg})
 
 
 def _seed_workers(requested: int, n_seeds: int, device: torch.device, world: int) -> int:
@@ -218,7 +191,7 @@ def _train_seed(
         # Methods that build something before training (MFH's Algorithm 1 retrains the teacher
         # on its modality-general channels) do it here, deterministically for the seed.
         t_cfg = TrainConfig(**{**(teacher_train_cfg or train_cfg).__dict__, "seed": seed})
-        prepared_info = _jsonable(distiller.prepare(splits["train"], splits["val"], t_cfg, task=task,
+        prepared_info = jsonable(distiller.prepare(splits["train"], splits["val"], t_cfg, task=task,
                                                     num_classes=num_classes, ignore_index=ignore_index,
                                                     progress=progress))
     fingerprint = run_fingerprint(dataset, run_name, dict(run_cfg), dict(models), train_cfg.fingerprint(), seed,
@@ -234,7 +207,7 @@ def _train_seed(
     if prepared_info is not None:
         seed_result["prepare"] = prepared_info
     if hasattr(distiller, "summary"):  # a method's own end-of-run values (CTKD's tau trajectory)
-        seed_result["method"] = _jsonable(distiller.summary(result.history))
+        seed_result["method"] = jsonable(distiller.summary(result.history))
     device = resolve_device(seed_cfg.device)
     for name, (net, input_key) in distiller.deployables().items():
         if evaluate_test:

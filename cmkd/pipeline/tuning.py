@@ -32,7 +32,6 @@ so that the distill stages can list `tuned.yaml: [<run>]` as DVC params for any 
 
 from __future__ import annotations
 
-import itertools
 import math
 import time
 from pathlib import Path
@@ -41,102 +40,13 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import yaml
 
+from cmkd.config import _deep_copy, apply_overrides, budgeted_configs, expand_grid
 from cmkd.errors import ConfigError
 
 TUNED_FILE = "tuned.yaml"
 
 
 # ---------------------------------------------------------------------------- configuration
-
-
-def expand_grid(grid: Mapping[str, Sequence[Any]]) -> list[dict[str, Any]]:
-    """Every configuration of a grid: the Cartesian product in declared key order."""
-    keys = list(grid)
-    return [dict(zip(keys, values)) for values in itertools.product(*(grid[k] for k in keys))]
-
-
-def budgeted_configs(grid: Mapping[str, Sequence[Any]], budget: int, subsample_seed: int = 0,
-                     key: str = "tuning.grids") -> list[dict[str, Any]]:
-    """Exactly `budget` configurations of `grid` (see the module docstring)."""
-    configs = expand_grid(grid)
-    if len(configs) < budget:
-        raise ConfigError(key, f"has {len(configs)} configurations, fewer than tuning.budget = {budget}: declare more values")
-    if len(configs) == budget:
-        return configs
-    keep = np.sort(np.random.default_rng([int(subsample_seed), len(configs)]).permutation(len(configs))[:budget])
-    return [configs[i] for i in keep]
-
-
-def apply_overrides(run_cfg: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
-    """run_cfg with `overrides` set; a dotted key (`base.temperature`) sets a nested entry.
-    Nothing is modified in place."""
-    out = _deep_copy(run_cfg)
-    for dotted, value in overrides.items():
-        node = out
-        parts = dotted.split(".")
-        for part in parts[:-1]:
-            child = node.get(part)
-            if not isinstance(child, dict):
-                raise ConfigError(dotted, f"{part!r} is not a mapping in the run's configuration")
-            node = child
-        node[parts[-1]] = value
-    return out
-
-
-def _deep_copy(obj: Any) -> Any:
-    if isinstance(obj, Mapping):
-        return {k: _deep_copy(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_deep_copy(v) for v in obj]
-    return obj
-
-
-def validate_tuning(params: Mapping[str, Any]) -> None:
-    """Check params.yaml's `tuning` section (absent: nothing to check)."""
-    from cmkd.methods import get_method
-
-    tuning = params.get("tuning")
-    if tuning is None:
-        return
-    if not isinstance(tuning, Mapping):
-        raise ConfigError("tuning", "must be a mapping with seeds, budget and grids")
-    seeds = tuning.get("seeds")
-    if not isinstance(seeds, list) or len(seeds) < 1 or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds):
-        raise ConfigError("tuning.seeds", f"must be a non-empty list of non-negative integers, got {seeds!r}")
-    if len(set(seeds)) != len(seeds):
-        raise ConfigError("tuning.seeds", f"has duplicates: {seeds}")
-    shared = sorted(set(seeds) & set(params.get("seeds") or []))
-    if shared:
-        raise ConfigError("tuning.seeds", f"must be disjoint from the reporting seeds; both hold {shared}")
-    budget = tuning.get("budget")
-    if not isinstance(budget, int) or isinstance(budget, bool) or budget < 1:
-        raise ConfigError("tuning.budget", f"must be a positive integer, got {budget!r}")
-    if not isinstance(tuning.get("subsample_seed", 0), int):
-        raise ConfigError("tuning.subsample_seed", f"must be an integer, got {tuning.get('subsample_seed')!r}")
-    grids = tuning.get("grids")
-    if not isinstance(grids, Mapping):
-        raise ConfigError("tuning.grids", "must map run names to grids")
-    runs = params.get("runs") or {}
-    for name in params.get("methods") or []:
-        if name not in grids:
-            raise ConfigError(f"tuning.grids.{name}", "missing: every run of `methods` needs a grid (the same budget for every method)")
-    for name, grid in grids.items():
-        gkey = f"tuning.grids.{name}"
-        if name not in runs:
-            raise ConfigError(gkey, f"not a key of `runs` (known: {sorted(runs)})")
-        if not isinstance(grid, Mapping) or not grid:
-            raise ConfigError(gkey, "must map parameter names to non-empty lists of values")
-        for pkey, values in grid.items():
-            if not isinstance(values, list) or not values:
-                raise ConfigError(f"{gkey}.{pkey}", f"must be a non-empty list of values, got {values!r}")
-        configs = budgeted_configs(grid, budget, int(tuning.get("subsample_seed", 0)), gkey)
-        for cfg in configs:  # every configuration must be a valid run
-            try:
-                merged = apply_overrides(runs[name], cfg)
-            except ConfigError as err:
-                raise ConfigError(f"{gkey}.{err.key}", err.problem) from None
-            merged = dict(merged)
-            get_method(merged.pop("method"), f"runs.{name}.method").validate(merged, f"{gkey} (configuration {cfg})")
 
 
 def grid_for(params: Mapping[str, Any], run: str) -> dict[str, list]:
@@ -219,14 +129,14 @@ def tune_run(*, dataset: str, prepared: Path, run_name: str, run_cfg: Mapping[st
              progress: bool = False) -> dict[str, Any]:
     """Train every budgeted configuration of `grid` on the tuning `seeds` and select on val.
 
-    Reuses `cmkd.pipeline.train_run` (the engine, seed workers) with the test split never
+    Reuses `cmkd.pipeline.train.train_run` (the engine, seed workers) with the test split never
     evaluated. Returns the run's evidence: every configuration's val score per seed, its mean,
     the chosen configuration and the seconds spent."""
     from cmkd.data.h5 import read_attrs
-    from cmkd.metrics import primary_metric
-    from cmkd.pipeline import train_run
+    from cmkd.training.metrics import primary_metric
+    from cmkd.pipeline.train import train_run
 
-    from cmkd.pipeline import skip_reason
+    from cmkd.pipeline.train import skip_reason
 
     attrs = read_attrs(prepared)
     metric = primary_metric(attrs["task"])

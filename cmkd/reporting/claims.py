@@ -79,7 +79,8 @@ import numpy as np
 import yaml
 
 from cmkd.errors import ConfigError, DataFormatError
-from cmkd.stats import ALPHA, one_sided, seed_slopes, welch
+from cmkd.utils.stats import ALPHA, one_sided, seed_slopes, welch
+from cmkd.utils.jsonable import jsonable
 
 SCALAR_OPS = (">", ">=", "<", "<=")
 ELEMENTWISE = tuple(f"{q} {op}" for q in ("all", "any") for op in SCALAR_OPS)
@@ -91,7 +92,7 @@ _ID = re.compile(r"^[a-z0-9][a-z0-9_\-]*$")
 _KNOWN_KEYS = {"id", "paper", "statement", "paper_reports", "source", "against", "x", "comparison", "value",
                "tolerance", "expected_verdict", "reason", "command", "optional", "tests", "depends_on", "paired"}
 _REPLACED = {"status": "replaced by `expected_verdict` (reproduced | not_reproduced | inconclusive | not_run)",
-             "significance": "replaced by calibrated t tests at alpha 0.05 (see cmkd/claims.py)"}
+             "significance": "replaced by calibrated t tests at alpha 0.05 (see cmkd/reporting/claims.py)"}
 
 _OPS: dict[str, Callable[[float, float, float], bool]] = {
     ">": lambda m, v, t: m > v - t,
@@ -193,7 +194,7 @@ class Outcome:
             "paper": c.paper,
             "statement": c.statement,
             "expected": c.expected_text(),
-            "measured": _jsonable(self.measured),
+            "measured": jsonable(self.measured),
             "verdict": self.verdict,
             "expected_verdict": c.expected_verdict,
             "passed": self.passed,
@@ -203,12 +204,12 @@ class Outcome:
         }
         if c.against is not None:
             out["against"] = c.against.describe()
-            out["against_measured"] = _jsonable(self.against_measured)
+            out["against_measured"] = jsonable(self.against_measured)
         for key in ("tests", "reason", "paper_reports", "command"):
             if getattr(c, key):
                 out[key] = getattr(c, key)
         if self.statistics:
-            out["statistics"] = _jsonable(self.statistics)
+            out["statistics"] = jsonable(self.statistics)
         if self.detail:
             out["detail"] = self.detail
         if self.note:
@@ -598,7 +599,7 @@ def evaluate_claim(claim: Claim, load: Loader, params: Mapping[str, Any] | None 
         verdict, shown, detail, statistics = compare(claim.comparison, measured, claim.value, claim.tolerance, against,
                                                      x=x, paired=claim.paired)
     except (TypeError, ValueError) as err:
-        return Outcome(claim, _jsonable(measured), "not_run", detail=f"invalid measurement: {err}",
+        return Outcome(claim, jsonable(measured), "not_run", detail=f"invalid measurement: {err}",
                        against_measured=against, enforced=not note, note=note)
     return Outcome(claim, shown, verdict, detail=detail, against_measured=_means(against) if against is not None else None,
                    statistics=statistics, enforced=not note, note=note)
@@ -831,16 +832,6 @@ def _numbers(x: Any, what: str) -> list[float]:
     if not isinstance(x, list) or not x:
         raise TypeError(f"{what} must be a non-empty list of numbers, got {x!r}")
     return [_number(v, what) for v in x]
-
-
-def _jsonable(x: Any) -> Any:
-    if isinstance(x, np.generic):
-        return x.item()
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    if isinstance(x, Mapping):
-        return {str(k): _jsonable(v) for k, v in x.items()}
-    return x
 
 
 def _fmt(x: Any) -> str:

@@ -9,8 +9,8 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from cmkd.metrics import primary_metric
-from cmkd.stats import paired, t_interval
+from cmkd.training.metrics import primary_metric
+from cmkd.utils.stats import paired, t_interval
 
 BASELINES = ("teacher", "student")
 
@@ -40,7 +40,7 @@ def aggregate_run(run_metrics: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
 def vs_student(row: Mapping[str, Any], student: Mapping[str, Any]) -> dict[str, Any]:
     """Paired per-seed differences row - STUDENT on the seeds both have: {mean, ci95, n, verdict}.
 
-    Same seed = same initialisation and batch order (cmkd.engine.seed_everything), so the
+    Same seed = same initialisation and batch order (cmkd.training.distributed.seed_everything), so the
     difference removes the seed's own luck; the interval is the t distribution's.
     """
     student_by_seed = dict(zip(student.get("seeds") or [str(i) for i in range(student["n"])], student["values"]))

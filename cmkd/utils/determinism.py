@@ -14,7 +14,7 @@ instruction-set request such as MKL_CBWR=AVX2 and takes its own path) and oneDNN
 The stage package calls it first thing; it refuses to run after torch is imported, since the
 switches would silently not apply. `CMKD_CPU_KERNELS=native` opts out (fastest kernels of this
 machine, results tied to it). What no switch pins, MKL's vector math (exp, log, sqrt of float32
-tensors), training code avoids: cmkd/exactmath.py. What this buys and what it costs, measured:
+tensors), training code avoids: cmkd/utils/exactmath.py. What this buys and what it costs, measured:
 benchmarks/portability.py and benchmarks/cpu_pinning.py. Standard library only.
 
 The thread count matters too (parallel reductions split by thread): stages use a fixed number

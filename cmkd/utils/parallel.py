@@ -81,7 +81,7 @@ def pid_named_semaphores() -> Iterator[None]:
 
 def remove_dead_shm(folder: str = _SHM_DIR) -> list[str]:
     """Unlink this user's `cmkd-<pid>-*` segments and semaphores whose owner process is dead."""
-    from cmkd.atomic import pid_alive
+    from cmkd.utils.atomic import pid_alive
 
     removed = []
     try:

@@ -12,7 +12,7 @@ Sources (`data.<name>` in params.yaml), each a URL or a local path with an optio
 
 `prepare` aligns the three arrays of every frame, resizes them to `image_size` [H, W]
 (RGB bilinear; depth and labels nearest), maps the raw labels to the 40-class (Gupta et al.)
-or 13-class (Couprie et al.) set (`classes`; `cmkd.data.nyudv2_classes`), carves a seeded
+or 13-class (Couprie et al.) set (`classes`; `cmkd.data.datasets.nyudv2_classes`), carves a seeded
 validation part (`val_fraction` of the training frames, `split_seed`) from the 795 training
 frames, and writes the project's HDF5 file (cmkd.data.h5)::
 
@@ -41,9 +41,9 @@ import h5py
 import numpy as np
 from PIL import Image
 
-from cmkd.atomic import write_json
+from cmkd.utils.atomic import write_json
 from cmkd.data.h5 import PreparedWriter
-from cmkd.data.nyudv2_classes import NUM_RAW_CLASSES, class_names, raw_to_train_ids
+from cmkd.data.datasets.nyudv2_classes import NUM_RAW_CLASSES, class_names, raw_to_train_ids
 from cmkd.errors import ChecksumError, ConfigError, DataFormatError
 
 log = logging.getLogger(__name__)
@@ -64,7 +64,7 @@ def validate(cfg: Mapping[str, Any], key: str) -> None:
     """Check `data.<nyudv2 dataset>`; errors name the offending key."""
     validate_prepare(cfg, key)
     if "sample" in cfg:
-        from cmkd.data import nyudv2_sample
+        from cmkd.data.samples import nyudv2 as nyudv2_sample
 
         nyudv2_sample.validate(cfg["sample"], f"{key}.sample")
         return
@@ -229,7 +229,7 @@ def download(cfg: Mapping[str, Any], raw_dir: Path, progress: bool = True) -> No
     raw_dir = Path(raw_dir)
     raw_dir.mkdir(parents=True, exist_ok=True)
     if "sample" in cfg:
-        from cmkd.data import nyudv2_sample
+        from cmkd.data.samples import nyudv2 as nyudv2_sample
 
         nyudv2_sample.validate(cfg["sample"], "data.<nyudv2 sample>.sample")
         nyudv2_sample.generate(raw_dir, **cfg["sample"])

@@ -59,9 +59,10 @@ from tqdm.auto import tqdm
 from cmkd.data.download import fetch, sha256_file, source_roots
 from cmkd.data.h5 import PreparedWriter
 from cmkd.errors import ConfigError, DataFormatError
-from cmkd.parallel import (available_cores, die_with_parent, keep_freed_memory, pid_named_semaphores,
-                           remove_dead_shm, shm_name)
-from cmkd.geometry import LIDAR_CHANNELS, lidar_image, range_projection
+from cmkd.utils.parallel import (
+    available_cores, die_with_parent, keep_freed_memory, pid_named_semaphores, remove_dead_shm, shm_name,
+)
+from cmkd.data.geometry import LIDAR_CHANNELS, lidar_image, range_projection
 
 log = logging.getLogger(__name__)
 
@@ -746,7 +747,7 @@ def prepare(cfg: Mapping[str, Any], raw_dir: Path, out_path: Path, progress: boo
         "ignore_index": -1,
         "source_checksum": source_checksum(raw_dir),
         "lidar_channels": list(LIDAR_CHANNELS) + (["nx", "ny", "nz"] if first.normals else []),
-        # Loaders turn the stored uint8 RGB into (x / scale - mean) / std (cmkd.engine.load_split).
+        # Loaders turn the stored uint8 RGB into (x / scale - mean) / std (cmkd.training.data.load_split).
         "normalise": {"rgb": {"scale": 255.0, "mean": list(first.rgb_mean), "std": list(first.rgb_std)}},
         "lidar_mean": list(first.lidar_mean), "lidar_std": list(first.lidar_std),
         "crops": {split: list(s.crop) for split, s in settings.items()},

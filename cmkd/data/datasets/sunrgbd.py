@@ -19,7 +19,7 @@ SUN RGB-D's own (SUNRGBD.zip from rgbd.cs.princeton.edu)::
     /meta/frames/relpath                       [F] bytes, the selected frames (sorted paths)
 
 Split k is the stratified 70/10/20 split drawn with seed `split_seeds[k]` (DisCoM-KD repeats
-every experiment on five splits); training seed k uses root `split_<k>` (attrs `seed_roots`, read by cmkd.pipeline.seed_root).
+every experiment on five splits); training seed k uses root `split_<k>` (attrs `seed_roots`, read by cmkd.data.h5.seed_root).
 
 Modalities: `rgb` (3), `depth` (1: metres / depth_max_m), `hha` (3: an HHA-like encoding, see
 `hha_encode`), and fused ones named by joining base names with "_" (e.g. `rgb_depth`, 4
@@ -41,7 +41,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 from PIL import Image
 
-from cmkd.atomic import write_json
+from cmkd.utils.atomic import write_json
 from cmkd.data.h5 import PreparedWriter
 from cmkd.data.splits import stratified_split
 from cmkd.errors import ChecksumError, ConfigError, DataFormatError
@@ -433,7 +433,7 @@ def validate(cfg: Mapping[str, Any], key: str) -> None:
     """Check `data.<sunrgbd dataset>`; errors name the offending key."""
     validate_prepare(cfg, key)
     if "sample" in cfg:
-        from cmkd.data import sunrgbd_sample
+        from cmkd.data.samples import sunrgbd as sunrgbd_sample
 
         sunrgbd_sample.validate(cfg["sample"], f"{key}.sample")
     else:
@@ -497,7 +497,7 @@ def download(cfg: Mapping[str, Any], raw_dir: Path, progress: bool = True) -> No
     raw_dir = Path(raw_dir)
     raw_dir.mkdir(parents=True, exist_ok=True)
     if "sample" in cfg:
-        from cmkd.data import sunrgbd_sample
+        from cmkd.data.samples import sunrgbd as sunrgbd_sample
 
         sunrgbd_sample.validate(cfg["sample"], "data.<sunrgbd sample>.sample")
         root = sunrgbd_sample.generate(raw_dir, progress=progress, **cfg["sample"])

@@ -14,7 +14,7 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
-from cmkd.atomic import write_json
+from cmkd.utils.atomic import write_json
 from cmkd.data.h5 import PreparedWriter
 from cmkd.data.splits import stratified_split
 from cmkd.errors import ConfigError

@@ -28,8 +28,8 @@ from typing import Any, Mapping
 import h5py
 import numpy as np
 
-from cmkd.data.nyudv2 import LABELED, SPLITS
-from cmkd.data.nyudv2_classes import MAP_894_TO_40
+from cmkd.data.datasets.nyudv2 import LABELED, SPLITS
+from cmkd.data.datasets.nyudv2_classes import MAP_894_TO_40
 from cmkd.errors import ConfigError
 
 NATIVE_HW = (480, 640)

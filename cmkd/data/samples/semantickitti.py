@@ -15,7 +15,7 @@ with a raw SemanticKITTI label id, and ray-casts it with Open3D's `RaycastingSce
 
 Sequences have their own image size (e.g. 00 at 1241x376, 08 at 1226x370) and scene; frames
 follow a trajectory along the street. Everything is deterministic for a seed. `prepare` is
-the real SemanticKITTI reader path (cmkd.data.semantickitti.prepare) run on these files.
+the real SemanticKITTI reader path (cmkd.data.datasets.semantickitti.prepare) run on these files.
 
 Colours: `palette: natural` (default) gives plausible surface colours (grey road and
 sidewalk, green vegetation, random car paint, ...) with per-object jitter, so the camera has
@@ -34,8 +34,8 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
-from cmkd.atomic import atomic_dir, write_json
-from cmkd.data import semantickitti
+from cmkd.utils.atomic import atomic_dir, write_json
+from cmkd.data.datasets import semantickitti
 from cmkd.data.download import fetch
 from cmkd.errors import ConfigError
 
@@ -329,7 +329,7 @@ def camera_rays(P2: np.ndarray, Tr: np.ndarray, width: int, height: int) -> tupl
 
     P2 = K [I | t]: the camera centre is -t in camera-0 coordinates and the ray of pixel
     (u, v) is K^-1 [u, v, 1]; Tr^-1 takes both to the velodyne frame, so a hit at pixel
-    (c + 0.5, r + 0.5) projects back into pixel (r, c) with cmkd.geometry.project_to_image.
+    (c + 0.5, r + 0.5) projects back into pixel (r, c) with cmkd.data.geometry.project_to_image.
     """
     K = P2[:, :3]
     t = np.linalg.solve(K, P2[:, 3])

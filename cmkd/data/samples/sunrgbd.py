@@ -31,7 +31,7 @@ from typing import Any, Callable, Mapping
 import numpy as np
 from PIL import Image
 
-from cmkd.atomic import atomic_dir
+from cmkd.utils.atomic import atomic_dir
 from cmkd.data.sunrgbd import SCENE_CLASSES, encode_depth
 from cmkd.errors import ConfigError
 
