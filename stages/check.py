@@ -27,7 +27,8 @@ from cmkd.reporting.claims import (
     ResultMissing, changed_line, check_params, evaluate_all, filter_claims, load_claims, record_configuration,
     render_markdown, report_json, summary_line,
 )
-from stages._common import DATA, main, parser, start
+from cmkd.pipeline.layout import REPORTS
+from stages._common import main, parser, start
 
 log = logging.getLogger("check")
 
@@ -56,7 +57,7 @@ def json_loader(root: Path) -> Callable[[str], Any]:
 def run() -> None:
     p = parser(__doc__.splitlines()[0])
     p.add_argument("--claims", help="claims file (default: params check.claims)")
-    p.add_argument("--out-dir", default=f"{DATA}/reports", help="where claims.json and claims.md go")
+    p.add_argument("--out-dir", default=str(REPORTS), help="where claims.json and claims.md go")
     p.add_argument("--root", default=".", help="folder the claims' result files are relative to")
     p.add_argument("--strict", action="store_true",
                    help="exit 1 when an enforced claim's verdict differs from its expected verdict "

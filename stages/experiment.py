@@ -21,7 +21,8 @@ from cmkd.errors import ConfigError
 from cmkd.reporting.figures import sweep_figure
 from cmkd.utils.determinism import provenance
 from cmkd.utils.parallel import keep_freed_memory
-from stages._common import DATA, main, parser, start
+from cmkd.pipeline import layout
+from stages._common import main, parser, start
 
 log = logging.getLogger("experiment")
 EXPERIMENT_THREADS = 2
@@ -36,7 +37,7 @@ EXPERIMENT_TRIM_THRESHOLD = 1 << 30
 def run() -> None:
     p = parser(__doc__.splitlines()[0])
     p.add_argument("name", choices=sorted(EXPERIMENTS))
-    p.add_argument("--out-dir", default=f"{DATA}/reports/experiments")
+    p.add_argument("--out-dir", default=str(layout.EXPERIMENTS))
     args = p.parse_args()
     # Batched ensembles are large ops: two threads, a fixed count rather than one per core,
     # since parallel reductions split by thread and the bytes must not depend on the machine.

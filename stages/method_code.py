@@ -23,8 +23,9 @@ from cmkd.utils.atomic import atomic_dir
 from cmkd.pipeline.codedeps import stage_code
 from cmkd.config import STUDENT_RUN, TEACHER_RUN, load_params
 from cmkd.errors import ConfigError
-from cmkd.pipeline.tuning import TUNED_FILE, load_tuned
-from stages._common import DATA, main, parser
+from cmkd.pipeline.tuning import load_tuned
+from cmkd.pipeline.layout import METHOD_CODE, TUNED_FILE
+from stages._common import main, parser
 
 
 def _write(path: Path, name: str, files: dict[str, str], **extra) -> None:
@@ -38,7 +39,7 @@ def run() -> None:
     runs = params.get("runs") or {}
     tuned = load_tuned(Path(args.params).with_name(TUNED_FILE))
     root = Path.cwd()
-    with atomic_dir(Path(DATA) / "method_code") as out:
+    with atomic_dir(METHOD_CODE) as out:
         for name in params.get("methods") or []:
             if name not in runs:
                 raise ConfigError("methods", f"unknown run {name!r}: not a key of `runs` (known: {sorted(runs)})")

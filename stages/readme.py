@@ -8,13 +8,14 @@ from pathlib import Path
 from cmkd.utils.atomic import write_text
 from cmkd.config import load_params
 from cmkd.reporting.readme import blocks, replace_blocks
-from stages._common import DATA, main, parser
+from cmkd.pipeline.layout import REPORTS
+from stages._common import main, parser
 
 
 def run() -> None:
     p = parser(__doc__)
     p.add_argument("--readme", default="README.md")
-    p.add_argument("--reports", default=str(Path(DATA) / "reports"))
+    p.add_argument("--reports", default=str(REPORTS))
     p.add_argument("--check", action="store_true", help="only check that README.md is current")
     args = p.parse_args()
     params = load_params(args.params)

@@ -11,8 +11,8 @@ reruns only the runs whose code it is (docs/extending.md). One file instead of a
 deps a stage also keeps dvc.lock short, which DVC parses and rewrites after every stage.
 
 Imports are read from the source with `ast` (also those inside functions, so the set is a
-superset of what a run imports at any point); a test compares it with `sys.modules` after a
-real import.
+superset of what a run imports at any point), and the registries' lookups by name from their
+decorators (cmkd/utils/registry.py); a test compares it with `sys.modules` after a real import.
 """
 
 from __future__ import annotations
@@ -23,7 +23,15 @@ import hashlib
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
+from cmkd.utils.registry import registered_names
+
 PACKAGE = "cmkd"
+# The registries' decorators (cmkd.methods.register, cmkd.models.register_arch), as their modules
+# use them: read from the source here, so that this module imports neither torch nor the methods.
+METHODS_DECORATOR = "register"
+# A run's networks are chosen by `models.<dataset>.<role>`, per dataset, while a run's code file
+# is shared by every dataset: every architecture module is part of the training code.
+WHOLE_REGISTRIES = ("cmkd.models",)
 # Every stage script runs through these (`python -m stages <name>`).
 STAGE_COMMON = ("stages/__init__.py", "stages/__main__.py", "stages/_common.py", "stages/_server.py")
 
@@ -88,32 +96,21 @@ def closure(root: Path, modules: Iterable[str]) -> set[str]:
         seen.add(name)
         todo.extend(_parents(name))
         todo.extend(imported_modules(root, name))
+        if name in WHOLE_REGISTRIES:  # looked up by name at run time: no import statement names them
+            todo.extend(sorted(registry_modules(root, name)))
     return seen
 
 
 def registered_methods(root: Path, package: str = "cmkd.methods") -> dict[str, str]:
-    """Method name -> module that registers it, read from `@register("name")` decorators."""
+    """Method name -> module that registers it, read from `@register("name")` decorators (the
+    methods registry's own index, cmkd/utils/registry.py, read in the checkout at `root`)."""
+    return registered_names(root.joinpath(*package.split(".")), package, METHODS_DECORATOR)
+
+
+def registry_modules(root: Path, package: str) -> set[str]:
+    """Every module of a registry's package (files starting with `_` are not registry modules)."""
     folder = root.joinpath(*package.split("."))
-    out: dict[str, str] = {}
-    for path in sorted(folder.glob("*.py")):
-        if path.name.startswith("_"):
-            continue
-        for name in _registered_names(path.read_text(), str(path)):
-            out[name] = f"{package}.{path.stem}"
-    return out
-
-
-@functools.lru_cache(maxsize=256)
-def _registered_names(source: str, filename: str) -> tuple[str, ...]:
-    found = []
-    for node in ast.walk(ast.parse(source, filename=filename)):
-        if not isinstance(node, ast.ClassDef):
-            continue
-        for dec in node.decorator_list:
-            if (isinstance(dec, ast.Call) and getattr(dec.func, "id", getattr(dec.func, "attr", None)) == "register"
-                    and dec.args and isinstance(dec.args[0], ast.Constant)):
-                found.append(dec.args[0].value)
-    return tuple(found)
+    return {f"{package}.{p.stem}" for p in folder.glob("*.py") if not p.name.startswith("_")}
 
 
 def methods_of_run(run_cfg: Any) -> list[str]:

@@ -42,8 +42,8 @@ import yaml
 
 from cmkd.config import _deep_copy, apply_overrides, budgeted_configs, expand_grid
 from cmkd.errors import ConfigError
+from cmkd.pipeline.layout import TUNED_FILE
 
-TUNED_FILE = "tuned.yaml"
 
 
 # ---------------------------------------------------------------------------- configuration

@@ -14,6 +14,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from cmkd.data.registry import register_dataset
 from cmkd.utils.atomic import write_json
 from cmkd.data.h5 import PreparedWriter
 from cmkd.data.splits import stratified_split
@@ -72,6 +73,7 @@ def download(cfg: Mapping[str, Any], raw_dir: Path, progress: bool = True) -> No
     write_json(raw_dir / "SOURCE.json", {"source": "scikit-learn bundled: load_digits, load_sample_images"})
 
 
+@register_dataset("digits")
 def prepare(cfg: Mapping[str, Any], raw_dir: Path, out_path: Path, progress: bool = True) -> None:
     validate(cfg, "data.digits")
     seed = int(cfg.get("seed", 0))

@@ -56,6 +56,7 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
+from cmkd.data.registry import register_dataset
 from cmkd.data.download import fetch, sha256_file, source_roots
 from cmkd.data.h5 import PreparedWriter
 from cmkd.errors import ConfigError, DataFormatError
@@ -64,7 +65,7 @@ from cmkd.utils.parallel import (
 )
 from cmkd.data.geometry import LIDAR_CHANNELS, lidar_image, range_projection
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("cmkd.data.semantickitti")  # the public module name
 
 # --------------------------------------------------------------------------- semantic-kitti.yaml
 # The official label definitions (semantic-kitti-api, config/semantic-kitti.yaml), as data.
@@ -722,6 +723,7 @@ def source_checksum(raw_dir: Path) -> str:
 _CHUNK_BYTES = 4 << 20  # the HDF5 chunk size aimed at
 
 
+@register_dataset("semantickitti")
 def prepare(cfg: Mapping[str, Any], raw_dir: Path, out_path: Path, progress: bool = True,
             key: str = "data.semantickitti") -> None:
     """Read, project, crop and write every scan of every split, streamed into the HDF5 file."""

@@ -14,6 +14,7 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
+from cmkd.data.registry import register_dataset
 from cmkd.utils.atomic import write_json
 from cmkd.data.h5 import PreparedWriter
 from cmkd.data.splits import stratified_split
@@ -288,6 +289,7 @@ def download(cfg: Mapping[str, Any], raw_dir: Path, progress: bool = True) -> No
     write_json(raw_dir / "SOURCE.json", {"source": "generated", "generators": sorted(GENERATORS)})
 
 
+@register_dataset("synthetic")
 def prepare(cfg: Mapping[str, Any], raw_dir: Path, out_path: Path, progress: bool = True) -> None:
     """Write the main variant at the root and every (generator, gamma) variant as a group."""
     validate(cfg, "data.synthetic")

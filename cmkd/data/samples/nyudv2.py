@@ -1,7 +1,8 @@
 """`nyudv2-sample`: procedural rooms written as NYU-Depth-V2's own files, for offline runs.
 
 `generate` renders `frames` indoor scenes and writes them exactly as the real dataset lays
-them out, so `prepare` runs the real reader path on them:
+them out, so `prepare` runs the real reader path on them (cmkd/data/datasets/nyudv2.py;
+`validate` and `download` here also take the real data's settings, then the reader's):
 
 * `nyu_depth_v2_labeled.mat`: a MATLAB v7.3 file (HDF5 with MATLAB's 512-byte user block and
   `MATLAB_class` attributes) holding `images` [N, 3, 640, 480] uint8, `depths` and `rawDepths`
@@ -28,8 +29,10 @@ from typing import Any, Mapping
 import h5py
 import numpy as np
 
+from cmkd.data.datasets import nyudv2
 from cmkd.data.datasets.nyudv2 import LABELED, SPLITS
 from cmkd.data.datasets.nyudv2_classes import MAP_894_TO_40
+from cmkd.data.registry import register_dataset
 from cmkd.errors import ConfigError
 
 NATIVE_HW = (480, 640)
@@ -51,7 +54,8 @@ def raw_id(class40: int) -> int:
     return int(np.flatnonzero(MAP_894_TO_40 == class40)[0]) + 1
 
 
-def validate(cfg: Mapping[str, Any], key: str) -> None:
+def validate_sample(cfg: Mapping[str, Any], key: str) -> None:
+    """Check the `sample:` settings (`cfg` is that section, `key` its params key)."""
     known = {"frames", "train_frames", "seed", "render_scale"}
     unknown = sorted(set(cfg) - known)
     if unknown:
@@ -202,3 +206,39 @@ def generate(raw_dir: Path, frames: int = 40, train_frames: int = 24, seed: int 
     train = np.sort(rng.choice(frames, size=train_frames, replace=False)) + 1
     test = np.setdiff1d(np.arange(1, frames + 1), train)
     savemat(raw_dir / SPLITS, {"trainNdxs": train.astype(np.float64)[:, None], "testNdxs": test.astype(np.float64)[:, None]})
+
+
+# ----------------------------------------------------------------------------- the dataset
+
+def validate(cfg: Mapping[str, Any], key: str) -> None:
+    """Check `data.<nyudv2 sample>` (without `sample:`: the real data's settings, the reader's check)."""
+    if "sample" not in cfg:
+        nyudv2.validate(cfg, key)
+        return
+    nyudv2.validate_prepare(cfg, key)
+    validate_sample(cfg["sample"], f"{key}.sample")
+
+
+def download(cfg: Mapping[str, Any], raw_dir: Path, progress: bool = True) -> None:
+    """Generate the sample's two files into `raw_dir`, check and record them as the reader does
+    for the real files (without `sample:`: the reader's download)."""
+    from cmkd.data.download import sha256_file
+
+    if "sample" not in cfg:
+        nyudv2.download(cfg, raw_dir, progress)
+        return
+    raw_dir = Path(raw_dir)
+    raw_dir.mkdir(parents=True, exist_ok=True)
+    validate_sample(cfg["sample"], "data.<nyudv2 sample>.sample")
+    generate(raw_dir, **cfg["sample"])
+    # the generator's module name as recorded since the sample existed (the raw files stay identical)
+    source: dict[str, Any] = {"generated": "cmkd.data.nyudv2_sample", "params": dict(cfg["sample"]),
+                              "labeled": {"sha256": sha256_file(raw_dir / LABELED)},
+                              "splits": {"sha256": sha256_file(raw_dir / SPLITS)}}
+    nyudv2.record_download(raw_dir, source)
+
+
+@register_dataset("nyudv2-sample")
+def prepare(cfg: Mapping[str, Any], raw_dir: Path, out_path: Path, progress: bool = True) -> None:
+    """The generated files are prepared by the real reader."""
+    nyudv2.prepare(cfg, raw_dir, out_path, progress)

@@ -34,6 +34,7 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
+from cmkd.data.registry import register_dataset
 from cmkd.utils.atomic import atomic_dir, write_json
 from cmkd.data.datasets import semantickitti
 from cmkd.data.download import fetch
@@ -570,6 +571,7 @@ def is_smoke_test(cfg: Mapping[str, Any]) -> bool:
     return True
 
 
+@register_dataset("semantickitti-sample")
 def prepare(cfg: Mapping[str, Any], raw_dir: Path, out_path: Path, progress: bool = True) -> None:
     validate(cfg, KEY)
     semantickitti.prepare(cfg, raw_dir, out_path, progress, key=KEY)

@@ -1,5 +1,7 @@
 """An offline SUN RGB-D sample: procedural indoor rooms rendered with Open3D ray casting and
 written in SUN RGB-D's own Kinect v2 layout, so `sunrgbd.prepare` runs its real reader on it.
+The datasets sunrgbd-sample, sunrgbd-sample-mm and sunrgbd-sample-mm-rgb (`sample:` settings in
+`data.<name>`); `validate` and `download` also take the real data's settings (then the reader's).
 
 Per frame: a room (floor, walls, ceiling) furnished according to its scene class (beds in
 bedrooms, rows of desks facing a board in classrooms, desks with monitors in computer rooms,
@@ -32,7 +34,9 @@ import numpy as np
 from PIL import Image
 
 from cmkd.utils.atomic import atomic_dir
-from cmkd.data.sunrgbd import SCENE_CLASSES, encode_depth
+from cmkd.data.datasets import sunrgbd
+from cmkd.data.datasets.sunrgbd import SCENE_CLASSES, encode_depth
+from cmkd.data.registry import register_dataset
 from cmkd.errors import ConfigError
 
 KINECT2_K = np.array([[529.5, 0.0, 365.0], [0.0, 529.5, 265.0], [0.0, 0.0, 1.0]])
@@ -54,7 +58,8 @@ GREEN = [(0.20, 0.45, 0.20), (0.25, 0.55, 0.25), (0.15, 0.35, 0.18)]
 PLAIN, WOODGRAIN, TILES, FABRIC_T, SCREEN, GLASS = range(6)
 
 
-def validate(cfg: Mapping[str, Any], key: str) -> None:
+def validate_sample(cfg: Mapping[str, Any], key: str) -> None:
+    """Check the `sample:` settings (`cfg` is that section, `key` its params key)."""
     known = {"frames_per_class", "image_scale", "seed", "jpeg_quality"}
     unknown = sorted(set(cfg) - known)
     if unknown:
@@ -712,3 +717,37 @@ def generate(raw_dir: str | Path, frames_per_class: int = 15, image_scale: float
             folder, stem = frame_name(index, int(seed), kv2_dir)
             write_frame(tmp / "kv2" / kv2_dir / folder, stem, scene_class, frame, int(jpeg_quality))
     return final
+
+
+# ----------------------------------------------------------------------------- the dataset
+
+def validate(cfg: Mapping[str, Any], key: str) -> None:
+    """Check `data.<sunrgbd sample>` (without `sample:`: the real data's settings, the reader's check)."""
+    if "sample" not in cfg:
+        sunrgbd.validate(cfg, key)
+        return
+    sunrgbd.validate_prepare(cfg, key)
+    validate_sample(cfg["sample"], f"{key}.sample")
+
+
+def download(cfg: Mapping[str, Any], raw_dir: Path, progress: bool = True) -> None:
+    """Render the sample into `raw_dir` and write its manifest as the reader does for the real
+    data (without `sample:`: the reader's download)."""
+    if "sample" not in cfg:
+        sunrgbd.download(cfg, raw_dir, progress)
+        return
+    raw_dir = Path(raw_dir)
+    raw_dir.mkdir(parents=True, exist_ok=True)
+    validate_sample(cfg["sample"], "data.<sunrgbd sample>.sample")
+    root = generate(raw_dir, progress=progress, **cfg["sample"])
+    # the generator's module name as recorded since the sample existed (the raw files stay identical)
+    sunrgbd.record_download(raw_dir, root, cfg, {"generated": "cmkd.data.sunrgbd_sample", "params": dict(cfg["sample"])})
+
+
+@register_dataset("sunrgbd-sample", "sunrgbd-sample-mm", "sunrgbd-sample-mm-rgb")
+def prepare(cfg: Mapping[str, Any], raw_dir: Path, out_path: Path, progress: bool = True) -> None:
+    """The rendered frames are prepared by the real reader."""
+    sunrgbd.prepare(cfg, raw_dir, out_path, progress)
+
+
+is_smoke_test = sunrgbd.is_smoke_test  # `sample:` settings: a smoke test
