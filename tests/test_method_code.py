@@ -171,9 +171,11 @@ def test_a_run_code_file_holds_the_training_code_and_only_its_method():
     from cmkd.pipeline.codedeps import stage_code
 
     kdv1 = stage_code(REPO, "stages/train.py", PARAMS["runs"]["kdv1"])
-    for shared in ("stages/train.py", "stages/_common.py", "cmkd/engine.py", "cmkd/training.py", "cmkd/pipeline.py",
-                   "cmkd/data/loader.py", "cmkd/training/metrics.py", "cmkd/utils/determinism.py", "cmkd/tuning.py",
-                   "cmkd/models/cnn.py", "cmkd/methods/base.py", "cmkd/methods/kd.py", "cmkd/losses.py"):
+    for shared in ("stages/train.py", "stages/_common.py", "cmkd/training/loop.py", "cmkd/training/precision.py",
+                   "cmkd/pipeline/train.py", "cmkd/data/loader.py", "cmkd/data/augment.py", "cmkd/training/metrics.py",
+                   "cmkd/utils/determinism.py", "cmkd/pipeline/tuning.py", "cmkd/pipeline/layout.py",
+                   "cmkd/utils/registry.py", "cmkd/models/cnn.py", "cmkd/models/segmentation.py",
+                   "cmkd/methods/base.py", "cmkd/methods/kd.py", "cmkd/losses.py"):
         assert shared in kdv1, shared
     assert "cmkd/methods/dkd.py" not in kdv1 and "stages/experiment.py" not in kdv1
 
@@ -183,14 +185,14 @@ def test_a_changed_shared_file_changes_every_run_code_file_and_only_that_entry(t
 
     repo = copy_pipeline(tmp_path / "repo")
     before = {run: stage_code(repo, "stages/train.py", PARAMS["runs"][run]) for run in ("kdv1", "mgkd")}
-    engine = repo / "cmkd/engine.py"
+    engine = repo / "cmkd/training/loop.py"
     engine.write_text(engine.read_text() + "\n# touched\n")
     dkd = repo / "cmkd/methods/dkd.py"  # no part of kdv1 or mgkd
     dkd.write_text(dkd.read_text() + "\n# touched\n")
     for run, files in before.items():
         after = stage_code(repo, "stages/train.py", PARAMS["runs"][run])
         assert set(after) == set(files)
-        assert {path for path in files if after[path] != files[path]} == {"cmkd/engine.py"}, run
+        assert {path for path in files if after[path] != files[path]} == {"cmkd/training/loop.py"}, run
 
 
 def _cmkd_modules_imported(stderr: str) -> set[str]:

@@ -54,7 +54,15 @@ def test_label_maps():
 def test_registry():
     names = available_datasets()
     assert "nyudv2" in names and "nyudv2-sample" in names and names == sorted(names)
-    assert dataset_module("nyudv2-sample") is nyudv2
+    assert dataset_module("nyudv2") is nyudv2
+    # the sample generates the raw files and prepares them with the reader's own prepare
+    assert dataset_module("nyudv2-sample") is nyudv2_sample
+
+
+def test_the_reader_refuses_sample_settings():
+    with pytest.raises(ConfigError) as err:
+        nyudv2.validate({**CFG, "sample": {}}, "data.nyudv2")
+    assert err.value.key == "data.nyudv2.sample" and "nyudv2-sample" in err.value.problem
 
 
 # ---------------------------------------------------------------------- generated v7.3 files
@@ -173,13 +181,13 @@ def test_config_errors_name_the_key():
            ({"student_modality": "rgb"}, "student_modality"), ({"teacher_modality": "hha"}, "teacher_modality")]
     for change, key in bad:
         with pytest.raises(ConfigError) as err:
-            nyudv2.validate({**CFG, "sample": {}, **change}, "data.nyudv2")
+            nyudv2_sample.validate({**CFG, "sample": {}, **change}, "data.nyudv2")
         assert err.value.key == f"data.nyudv2.{key}"
     with pytest.raises(ConfigError) as err:
         nyudv2.validate(dict(CFG), "data.nyudv2")
     assert err.value.key == "data.nyudv2.labeled"
     with pytest.raises(ConfigError) as err:
-        nyudv2.validate({**CFG, "sample": {"frames": 5, "train_frames": 5}}, "data.x")
+        nyudv2_sample.validate({**CFG, "sample": {"frames": 5, "train_frames": 5}}, "data.x")
     assert err.value.key == "data.x.sample.train_frames"
 
 
@@ -189,7 +197,7 @@ def test_config_errors_name_the_key():
 @pytest.fixture(scope="module")
 def sample_raw(tmp_path_factory):
     raw = tmp_path_factory.mktemp("nyu") / "raw"
-    nyudv2.download({**CFG, "sample": {"frames": 6, "train_frames": 4, "seed": 0, "render_scale": 8}}, raw, progress=False)
+    nyudv2_sample.download({**CFG, "sample": {"frames": 6, "train_frames": 4, "seed": 0, "render_scale": 8}}, raw, progress=False)
     return raw
 
 
