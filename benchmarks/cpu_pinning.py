@@ -66,7 +66,8 @@ MODES = {
 
 KD_LOSS = r"""
 import json, time, stages, torch
-from cmkd import exactmath, losses
+from cmkd.utils import exactmath
+from cmkd import losses
 torch.set_num_threads(1)
 s, t = torch.randn(128, 10, requires_grad=True), torch.randn(128, 10)
 def timed(n=3000):

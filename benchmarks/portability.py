@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 PROBE = r"""
 import hashlib, json, stages, torch
-from cmkd import exactmath
+from cmkd.utils import exactmath
 torch.set_num_threads(1)
 g = torch.Generator().manual_seed(0)
 y = torch.randn(1_000_000, generator=g) * 20

@@ -170,7 +170,7 @@ def test_a_truncated_checkpoint_is_set_aside_with_a_warning_and_training_restart
     _fit(ckpt.parent, epochs=2)
     data = ckpt.read_bytes()
     ckpt.write_bytes(data[: len(data) // 2])
-    with caplog.at_level(logging.WARNING, logger="cmkd.engine"):
+    with caplog.at_level(logging.WARNING, logger="cmkd.training.checkpoint"):
         result, model = _fit(ckpt.parent)
     warning = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warning) == 1 and str(ckpt) in warning[0] and "restarts" in warning[0]
@@ -180,7 +180,7 @@ def test_a_truncated_checkpoint_is_set_aside_with_a_warning_and_training_restart
     assert len(aside) == 1 and aside[0].read_bytes() == data[: len(data) // 2]
     # The good checkpoint written by this run resumes as before (a retry does not warn again).
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="cmkd.engine"):
+    with caplog.at_level(logging.WARNING, logger="cmkd.training.checkpoint"):
         again, _ = _fit(ckpt.parent, epochs=4)
     assert again.resumed_from_epoch == 3 and not [r for r in caplog.records if r.levelno == logging.WARNING]
 
@@ -273,7 +273,7 @@ def test_a_teacher_killed_after_3_of_8_epochs_resumes_to_byte_identical_outputs(
 _PAUSED_PREPARE = """
 import sys, time
 from pathlib import Path
-from cmkd.data import kitti_sample
+from cmkd.data.samples import semantickitti as kitti_sample
 from cmkd.data.h5 import PreparedWriter
 
 def paused(self, split, arrays, root=""):  # a stage killed while it writes the HDF5 file

@@ -1,4 +1,4 @@
-"""The real-scale training options (cmkd/training.py): schedules across a resume, bf16 autocast,
+"""The real-scale training options (cmkd/training/precision.py): schedules across a resume, bf16 autocast,
 gradient clipping, channels_last, torch.compile, and their params validation."""
 
 import numpy as np

@@ -1,4 +1,4 @@
-"""The tuning protocol (cmkd/tuning.py, stages/tune.py): grids, equal budgets, selection on the
+"""The tuning protocol (cmkd/pipeline/tuning.py, stages/tune.py): grids, equal budgets, selection on the
 validation split only, tuning seeds apart from the reporting seeds, the selection merged into
 the distill runs, and the run metadata (hyperparameters, selected_on) in metrics.json."""
 

@@ -51,6 +51,8 @@ from cmkd.losses import cross_entropy, kd_loss, non_target_divergence, standardi
 from cmkd.methods import register
 from cmkd.methods.base import Distiller
 from cmkd.methods.discom import reinitialised_copy
+from cmkd.training.distributed import resolve_device
+from cmkd.training.loop import fit
 
 log = logging.getLogger(__name__)
 
@@ -380,7 +382,6 @@ def retrain_teacher_on_channels(
     network they were measured on, so `teacher` (Algorithm 1's jointly trained one) is trained
     further with its other feature channels masked. `reinitialise` overrides that default.
     Returns (the trained ChannelMasked teacher, the FitResult)."""
-    from cmkd.training.loop import fit  # the engine imports the method registry; import it lazily
     from cmkd.methods.supervised import TeacherSupervised
 
     if reinitialise is None:
@@ -444,8 +445,6 @@ def modality_general_teacher(
     `ALGORITHM1_DEFAULTS` keys. Deterministic given torch's global seed and `train_cfg.seed`.
     Returns (the trained ChannelMasked teacher, {"level", "channels", "saliency", "teacher_val"}).
     """
-    from cmkd.training.distributed import resolve_device
-
     rows = _leading_rows(train, int(cfg["saliency_samples"]), seed=int(train_cfg.seed))
     device = resolve_device(train_cfg.device)
     x_t, x_s, y = (rows[k].to(device) for k in ("teacher_input", "student_input", "target"))

@@ -1,7 +1,7 @@
 """Per-epoch learning curves from the DVCLive logs of every run, for `dvc plots show`.
 
 Each seed of a run logs `<run_dir>/seed<k>/live/plots/metrics/{train,val}/<name>.tsv`
-(columns step, <name>; cmkd/engine.py). `curves_csv` gathers one metric of every run into one
+(columns step, <name>; cmkd/training/live.py). `curves_csv` gathers one metric of every run into one
 long table (run, epoch, score = mean over seeds), drawn with one line per run by the `curves` template
 (.dvc/plots/curves.json)."""
 

@@ -11,7 +11,7 @@ Layout (KITTI odometry + SemanticKITTI labels, merged)::
 `prepare` turns every scan into one row of the prepared HDF5 file (cmkd.data.h5):
 
     rgb     [3, h, w]  uint8: the camera pixels as read; the file attribute `normalise`
-                       tells loaders to use (x / 255 - rgb_mean) / rgb_std (cmkd.engine applies it)
+                       tells loaders to use (x / 255 - rgb_mean) / rgb_std (cmkd.training.data applies it)
     lidar   [5, h, w]  range, x, y, z, intensity of the point nearest to the camera in each
                        pixel, (value - lidar_mean) / lidar_std, 0 where no point falls
                        (+3 channels nx, ny, nz when `normals` is on); float32 or float16
