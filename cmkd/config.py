@@ -1,5 +1,6 @@
 """params.yaml: loading and validation. Every problem is a ConfigError naming the key, raised
-before any stage does work."""
+before any stage does work. Each section is checked by the layer that reads it (datasets, models,
+methods, training); the tuning grids here, so that checking params never imports the pipeline."""
 
 from __future__ import annotations
 

@@ -197,7 +197,8 @@ def test_config_errors_name_the_key():
 @pytest.fixture(scope="module")
 def sample_raw(tmp_path_factory):
     raw = tmp_path_factory.mktemp("nyu") / "raw"
-    nyudv2_sample.download({**CFG, "sample": {"frames": 6, "train_frames": 4, "seed": 0, "render_scale": 8}}, raw, progress=False)
+    nyudv2_sample.download({**CFG, "sample": {"frames": 6, "train_frames": 4, "seed": 0, "render_scale": 8}}, raw,
+                           progress=False)
     return raw
 
 

@@ -4,4 +4,5 @@ with `download` and `validate` that also take the offline sample's `sample:` set
 from cmkd.data.datasets import sunrgbd as _reader
 from cmkd.data.samples.sunrgbd import download, validate  # noqa: F401
 
-globals().update({k: v for k, v in vars(_reader).items() if not k.startswith("__") and k not in ("download", "validate")})
+globals().update({k: v for k, v in vars(_reader).items()
+                 if not k.startswith("__") and k not in ("download", "validate")})

@@ -1,4 +1,5 @@
-"""Model registry (one module per architecture family). Every model exposes `features(x)` (penultimate representation) and `head`
+"""Model registry (one module per architecture family, `@register_arch("name")` on a builder:
+cmkd/utils/registry.py). Every model exposes `features(x)` (penultimate representation) and `head`
 (the classifier on it), with `forward(x) == head(features(x))`; methods that need features
 (C2KD proxies, feature masks, DisCoM-KD) rely on that split.
 

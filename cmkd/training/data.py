@@ -11,7 +11,9 @@ import numpy as np
 import torch
 
 from cmkd.data.h5 import PreparedSplit
-from cmkd.data.loader import H5Batches, LoaderConfig, PlanSampler, batch_plan, finish_batch, make_loader, normalise_batch
+from cmkd.data.loader import (
+    H5Batches, LoaderConfig, PlanSampler, batch_plan, finish_batch, make_loader, normalise_batch,
+)
 from cmkd.errors import DataFormatError
 from cmkd.training.logit_cache import verify_logits
 

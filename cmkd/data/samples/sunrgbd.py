@@ -741,7 +741,8 @@ def download(cfg: Mapping[str, Any], raw_dir: Path, progress: bool = True) -> No
     validate_sample(cfg["sample"], "data.<sunrgbd sample>.sample")
     root = generate(raw_dir, progress=progress, **cfg["sample"])
     # the generator's module name as recorded since the sample existed (the raw files stay identical)
-    sunrgbd.record_download(raw_dir, root, cfg, {"generated": "cmkd.data.sunrgbd_sample", "params": dict(cfg["sample"])})
+    source = {"generated": "cmkd.data.sunrgbd_sample", "params": dict(cfg["sample"])}
+    sunrgbd.record_download(raw_dir, root, cfg, source)
 
 
 @register_dataset("sunrgbd-sample", "sunrgbd-sample-mm", "sunrgbd-sample-mm-rgb")
