@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 import yaml
 
-from cmkd.analysis import EXPERIMENTS, run_experiment
-from cmkd.atomic import write_json
+from cmkd.experiments.analysis import EXPERIMENTS, run_experiment
+from cmkd.utils.atomic import write_json
 
 
 def main() -> None:

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from cmkd.atomic import write_json
+from cmkd.utils.atomic import write_json
 from cmkd.losses import (batch_correlation_loss, class_correlation_loss, dkd_loss, kd_loss, non_target_divergence,
                          target_divergence, to_rows)
 from cmkd.methods.ntdh import NonTargetSampleMask

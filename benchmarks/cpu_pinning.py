@@ -1,4 +1,4 @@
-"""What the portable CPU path costs (cmkd/determinism.py, cmkd/exactmath.py).
+"""What the portable CPU path costs (cmkd/utils/determinism.py, cmkd/utils/exactmath.py).
 
     python benchmarks/cpu_pinning.py [--rounds 5] [--steps 210]
 
@@ -13,7 +13,7 @@ mode alike. Median ms per step. Modes:
   oneDNN AVX2, Adam's default (unfused) update;
 - `native` (CMKD_CPU_KERNELS=native): this machine's fastest kernels, unfused Adam.
 
-Also times kd_loss alone (forward and backward, [128, 10] logits) with exp from cmkd.exactmath
+Also times kd_loss alone (forward and backward, [128, 10] logits) with exp from cmkd.utils.exactmath
 (float64, rounded once) against torch.exp, in microseconds. Writes
 benchmarks/results/cpu_pinning.json.
 """
@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 STEPS = r"""
 import json, sys, time
-from cmkd.determinism import pin_cpu_kernels
+from cmkd.utils.determinism import pin_cpu_kernels
 pin_cpu_kernels()  # as `python -m stages` does, before torch
 import torch
 from cmkd.losses import kd_loss
@@ -69,10 +69,11 @@ MODES = {
 
 KD_LOSS = r"""
 import json, time
-from cmkd.determinism import pin_cpu_kernels
+from cmkd.utils.determinism import pin_cpu_kernels
 pin_cpu_kernels()  # as `python -m stages` does, before torch
 import torch
-from cmkd import exactmath, losses
+from cmkd.utils import exactmath
+from cmkd import losses
 torch.set_num_threads(1)
 s, t = torch.randn(128, 10, requires_grad=True), torch.randn(128, 10)
 def timed(n=3000):
@@ -121,7 +122,7 @@ def main() -> None:
     kd = [json.loads(subprocess.run([sys.executable, "-c", KD_LOSS], cwd=ROOT, env=clean_env({}), capture_output=True,
                                     text=True, check=True).stdout) for _ in range(args.rounds)]
     result["kd_loss_us"] = {k: round(statistics.median(r[k] for r in kd), 1) for k in kd[0]}
-    prov = subprocess.run([sys.executable, "-c", "import json; from cmkd.determinism import cpu_identity; "
+    prov = subprocess.run([sys.executable, "-c", "import json; from cmkd.utils.determinism import cpu_identity; "
                            "print(json.dumps(cpu_identity()))"], cwd=ROOT, capture_output=True, text=True, check=True)
     result.update(json.loads(prov.stdout))
     out = args.out

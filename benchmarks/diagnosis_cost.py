@@ -36,16 +36,16 @@ def timed(fn):
 
 
 def main() -> None:
-    from cmkd.determinism import pin_cpu_kernels
+    from cmkd.utils.determinism import pin_cpu_kernels
 
     pin_cpu_kernels()
     import torch
 
     from cmkd.config import load_params
-    from cmkd.diagnosis_report import apply_predictor, check_config, load_predictor, measure_dataset
-    from cmkd.engine import TrainConfig
-    from cmkd.pipeline import train_run
-    from cmkd.tuning import TUNED_FILE, load_tuned, tuned_run_config
+    from cmkd.diagnosis.report import apply_predictor, check_config, load_predictor, measure_dataset
+    from cmkd.training.config import TrainConfig
+    from cmkd.pipeline.train import train_run
+    from cmkd.pipeline.tuning import TUNED_FILE, load_tuned, tuned_run_config
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("datasets", nargs="+")

@@ -62,8 +62,8 @@ def _synchronize(device: torch.device) -> None:
 
 def _step_loop(distiller, batches, precision, optimizer, params, steps: int, warmup: int, channels_last: bool,
                batch_size: int, device: torch.device) -> dict:
-    from cmkd.engine import _to_device
-    from cmkd.training import backward_and_step, to_channels_last
+    from cmkd.training.loop import _to_device
+    from cmkd.training.precision import backward_and_step, to_channels_last
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -99,10 +99,12 @@ def _step_loop(distiller, batches, precision, optimizer, params, steps: int, war
 
 
 def _build(params, ds: str, role: str, in_shape, num_classes: int, amp, channels_last: bool, device: torch.device):
-    from cmkd.engine import TrainConfig, _optimizer, seed_everything
+    from cmkd.training.config import TrainConfig
+    from cmkd.training.loop import _optimizer
+    from cmkd.training.distributed import seed_everything
     from cmkd.methods import build_distiller
     from cmkd.models import build_model
-    from cmkd.training import Precision
+    from cmkd.training.precision import Precision
 
     seed_everything(0)
     net = build_model(params["models"][ds][role], in_shape, num_classes)
@@ -117,7 +119,7 @@ def _build(params, ds: str, role: str, in_shape, num_classes: int, amp, channels
 def semantickitti(params, args, tmp: Path, device: torch.device) -> dict:
     from benchmarks.loader import write_rows
     from cmkd.data.h5 import read_attrs
-    from cmkd.engine import load_split
+    from cmkd.training.data import load_split
 
     size = SIZES[device.type]
     batch = size["kitti_batch"]
@@ -161,7 +163,7 @@ def _batches(data, workers: int, batch_size: int, device: torch.device):
 
 
 def sunrgbd(params, args, device: torch.device) -> dict:
-    from cmkd.engine import SplitData
+    from cmkd.training.data import SplitData
 
     size = SIZES[device.type]
     batch, side = size["sunrgbd_batch"], size["image"]

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from scipy.stats import kendalltau
 
-from cmkd.atomic import write_json
+from cmkd.utils.atomic import write_json
 from cmkd.losses import kendall_tau
 
 

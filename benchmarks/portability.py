@@ -8,7 +8,7 @@ qemu-user), which reports another vendor, model, instruction set and cache sizes
 library's CPU dispatch: Haswell-v4 is a GenuineIntel AVX2 machine without AVX-512, EPYC-Milan-v1
 an AuthenticAMD one. Compares the sha256 of every seed's model.pt and the test scores, and
 probes the kernels no switch pins (float32 exp, log and sqrt, which MKL's vector math serves)
-against cmkd.exactmath's. Writes benchmarks/results/portability.json.
+against cmkd.utils.exactmath's. Writes benchmarks/results/portability.json.
 
 qemu's emulation is IEEE-exact for the instructions these kernels use, except the approximate
 reciprocal instructions (rcpps, rsqrtps), which it computes exactly: a kernel using those would
@@ -35,10 +35,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 PROBE = r"""
 import hashlib, json
-from cmkd.determinism import pin_cpu_kernels
+from cmkd.utils.determinism import pin_cpu_kernels
 pin_cpu_kernels()  # as `python -m stages` does, before torch
 import torch
-from cmkd import exactmath
+from cmkd.utils import exactmath
 torch.set_num_threads(1)
 g = torch.Generator().manual_seed(0)
 y = torch.randn(1_000_000, generator=g) * 20
@@ -103,7 +103,7 @@ def main() -> None:
     result: dict = {"seeds": args.seeds, "digits_epochs": args.digits_epochs, "host": {}, "cpus": {}}
     with tempfile.TemporaryDirectory(prefix="cmkd-portability-") as tmp:
         ws = workspace(Path(tmp), args.seeds, args.digits_epochs)
-        host = ("import json; from cmkd.determinism import pin_cpu_kernels, provenance; "
+        host = ("import json; from cmkd.utils.determinism import pin_cpu_kernels, provenance; "
                 "pin_cpu_kernels(); print(json.dumps(provenance()))")
         prov = subprocess.run([sys.executable, "-c", host], cwd=ws, capture_output=True, text=True, check=True)
         result["host"] = json.loads(prov.stdout)

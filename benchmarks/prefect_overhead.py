@@ -42,7 +42,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))  # `flows` is not an installed package
 
-from cmkd.atomic import write_json  # noqa: E402
+from cmkd.utils.atomic import write_json  # noqa: E402
 from flows.stage_graph import read_stage_plan  # noqa: E402
 
 TARGET_S = 5.0

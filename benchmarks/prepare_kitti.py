@@ -3,7 +3,7 @@
 Writes synthetic scans in SemanticKITTI's exact layout (about 120k points per scan from a
 64-beam sensor: downward beams hit a ground plane, the others random ranges; 1241 x 376 and
 1226 x 370 PNG images made from natural photographs so they compress like camera images;
-KITTI's calibration), then times `cmkd.data.semantickitti.prepare` end to end (reading,
+KITTI's calibration), then times `cmkd.data.datasets.semantickitti.prepare` end to end (reading,
 projection, cropping to 256 x 1024, HDF5 writing) with the given number of worker processes.
 The machine may be shared, so CPU time per scan is also measured part by part with
 time.process_time (insensitive to other load), running the pipeline's own per-scan functions
@@ -37,10 +37,10 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, installed or not
 
-from cmkd.data import semantickitti as sk
+from cmkd.data.datasets import semantickitti as sk
 from cmkd.data.h5 import PreparedWriter
-from cmkd.data.kitti_sample import KITTI_CALIB, write_calib
-from cmkd.geometry import lidar_image
+from cmkd.data.samples.semantickitti import KITTI_CALIB, write_calib
+from cmkd.data.geometry import lidar_image
 
 HERE = Path(__file__).resolve().parent
 BEAMS, AZIMUTHS = 64, 1875  # 120,000 rays
@@ -201,7 +201,7 @@ def main() -> None:
         commit = ""
     result = {
         "benchmark": "prepare_kitti",
-        "what": "cmkd.data.semantickitti.prepare end to end: read .bin/.label/.png/calib, project, crop 256x1024, write HDF5",
+        "what": "cmkd.data.datasets.semantickitti.prepare end to end: read .bin/.label/.png/calib, project, crop 256x1024, write HDF5",
         "transport": "workers write rows into shared-memory slots; the main process writes HDF5 from views of them",
         "scans": total,
         "scans_per_s": round(total / seconds, 2),

@@ -20,14 +20,14 @@ import platform
 import statistics
 import time
 
-from cmkd.determinism import pin_cpu_kernels, provenance
+from cmkd.utils.determinism import pin_cpu_kernels, provenance
 
 pin_cpu_kernels()  # the stages' kernels (before torch is imported)
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from cmkd.atomic import write_json  # noqa: E402
+from cmkd.utils.atomic import write_json  # noqa: E402
 from cmkd.losses import _mean_normalised_distances, rkd_loss  # noqa: E402
 
 

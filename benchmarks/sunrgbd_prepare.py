@@ -19,8 +19,9 @@ from pathlib import Path
 
 import numpy as np
 
-from cmkd.atomic import write_json
-from cmkd.data import sunrgbd, sunrgbd_sample
+from cmkd.utils.atomic import write_json
+from cmkd.data import sunrgbd
+from cmkd.data.samples import sunrgbd as sunrgbd_sample
 
 
 def main() -> None:

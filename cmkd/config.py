@@ -1,11 +1,14 @@
 """params.yaml: loading and validation. Every problem is a ConfigError naming the key, raised
-before any stage does work."""
+before any stage does work. Each section is checked by the layer that reads it (datasets, models,
+methods, training); the tuning grids here, so that checking params never imports the pipeline."""
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
+import numpy as np
 import yaml
 
 from cmkd.errors import ConfigError
@@ -61,7 +64,7 @@ def validate_params(params: Mapping[str, Any], data_only: bool = False) -> None:
     if data_only:
         return
 
-    from cmkd.engine import TrainConfig
+    from cmkd.training.config import TrainConfig
     from cmkd.methods import get_method
     from cmkd.models import available_archs
 
@@ -79,8 +82,6 @@ def validate_params(params: Mapping[str, Any], data_only: bool = False) -> None:
         cls = get_method(cfg.pop("method"), f"runs.{name}.method")
         cls.validate(cfg, f"runs.{name}")
 
-    from cmkd.tuning import validate_tuning
-
     validate_tuning(params)  # grids, budget, tuning seeds disjoint from `seeds`
 
     archs = set(available_archs())
@@ -90,3 +91,98 @@ def validate_params(params: Mapping[str, Any], data_only: bool = False) -> None:
             if model.get("arch") not in archs:
                 raise ConfigError(f"models.{ds}.{role}.arch", f"unknown architecture {model.get('arch')!r}; known: {sorted(archs)}")
             TrainConfig.from_params(_require(params, f"train.{ds}.{role}"), f"train.{ds}.{role}")
+
+
+# ---------------------------------------------------------------------------- tuning grids
+# The tuning protocol's configuration (`tuning` in params.yaml; the protocol itself is
+# cmkd/pipeline/tuning.py): checked with the rest of the file, without importing the pipeline.
+
+
+def expand_grid(grid: Mapping[str, Sequence[Any]]) -> list[dict[str, Any]]:
+    """Every configuration of a grid: the Cartesian product in declared key order."""
+    keys = list(grid)
+    return [dict(zip(keys, values)) for values in itertools.product(*(grid[k] for k in keys))]
+
+
+def budgeted_configs(grid: Mapping[str, Sequence[Any]], budget: int, subsample_seed: int = 0,
+                     key: str = "tuning.grids") -> list[dict[str, Any]]:
+    """Exactly `budget` configurations of `grid` (see cmkd/pipeline/tuning.py's docstring)."""
+    configs = expand_grid(grid)
+    if len(configs) < budget:
+        raise ConfigError(key, f"has {len(configs)} configurations, fewer than tuning.budget = {budget}: declare more values")
+    if len(configs) == budget:
+        return configs
+    keep = np.sort(np.random.default_rng([int(subsample_seed), len(configs)]).permutation(len(configs))[:budget])
+    return [configs[i] for i in keep]
+
+
+def apply_overrides(run_cfg: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """run_cfg with `overrides` set; a dotted key (`base.temperature`) sets a nested entry.
+    Nothing is modified in place."""
+    out = _deep_copy(run_cfg)
+    for dotted, value in overrides.items():
+        node = out
+        parts = dotted.split(".")
+        for part in parts[:-1]:
+            child = node.get(part)
+            if not isinstance(child, dict):
+                raise ConfigError(dotted, f"{part!r} is not a mapping in the run's configuration")
+            node = child
+        node[parts[-1]] = value
+    return out
+
+
+def _deep_copy(obj: Any) -> Any:
+    if isinstance(obj, Mapping):
+        return {k: _deep_copy(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_deep_copy(v) for v in obj]
+    return obj
+
+
+def validate_tuning(params: Mapping[str, Any]) -> None:
+    """Check params.yaml's `tuning` section (absent: nothing to check)."""
+    from cmkd.methods import get_method
+
+    tuning = params.get("tuning")
+    if tuning is None:
+        return
+    if not isinstance(tuning, Mapping):
+        raise ConfigError("tuning", "must be a mapping with seeds, budget and grids")
+    seeds = tuning.get("seeds")
+    if not isinstance(seeds, list) or len(seeds) < 1 or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds):
+        raise ConfigError("tuning.seeds", f"must be a non-empty list of non-negative integers, got {seeds!r}")
+    if len(set(seeds)) != len(seeds):
+        raise ConfigError("tuning.seeds", f"has duplicates: {seeds}")
+    shared = sorted(set(seeds) & set(params.get("seeds") or []))
+    if shared:
+        raise ConfigError("tuning.seeds", f"must be disjoint from the reporting seeds; both hold {shared}")
+    budget = tuning.get("budget")
+    if not isinstance(budget, int) or isinstance(budget, bool) or budget < 1:
+        raise ConfigError("tuning.budget", f"must be a positive integer, got {budget!r}")
+    if not isinstance(tuning.get("subsample_seed", 0), int):
+        raise ConfigError("tuning.subsample_seed", f"must be an integer, got {tuning.get('subsample_seed')!r}")
+    grids = tuning.get("grids")
+    if not isinstance(grids, Mapping):
+        raise ConfigError("tuning.grids", "must map run names to grids")
+    runs = params.get("runs") or {}
+    for name in params.get("methods") or []:
+        if name not in grids:
+            raise ConfigError(f"tuning.grids.{name}", "missing: every run of `methods` needs a grid (the same budget for every method)")
+    for name, grid in grids.items():
+        gkey = f"tuning.grids.{name}"
+        if name not in runs:
+            raise ConfigError(gkey, f"not a key of `runs` (known: {sorted(runs)})")
+        if not isinstance(grid, Mapping) or not grid:
+            raise ConfigError(gkey, "must map parameter names to non-empty lists of values")
+        for pkey, values in grid.items():
+            if not isinstance(values, list) or not values:
+                raise ConfigError(f"{gkey}.{pkey}", f"must be a non-empty list of values, got {values!r}")
+        configs = budgeted_configs(grid, budget, int(tuning.get("subsample_seed", 0)), gkey)
+        for cfg in configs:  # every configuration must be a valid run
+            try:
+                merged = apply_overrides(runs[name], cfg)
+            except ConfigError as err:
+                raise ConfigError(f"{gkey}.{err.key}", err.problem) from None
+            merged = dict(merged)
+            get_method(merged.pop("method"), f"runs.{name}.method").validate(merged, f"{gkey} (configuration {cfg})")

@@ -12,7 +12,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from cmkd import exactmath
+from cmkd.utils import exactmath
 
 
 def to_rows(logits: torch.Tensor) -> torch.Tensor:

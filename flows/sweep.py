@@ -53,7 +53,7 @@ from prefect.futures import wait
 from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.tasks import exponential_backoff
 
-from cmkd.atomic import write_text
+from cmkd.utils.atomic import write_text
 from cmkd.errors import CmkdError, ConfigError
 from flows.dvc_cli import DvcCommandError, dvc_args, run_captured, terminate_children
 from flows.experiments import ExperimentFailedError, experiment_results, head_commit, run_experiment

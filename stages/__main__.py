@@ -1,6 +1,6 @@
 """`python -m stages <name> [args]`: run the stage `stages.<name>`, the one way DVC runs a stage.
 
-First, before anything imports torch, torch's CPU kernels are pinned (cmkd/determinism.py): the
+First, before anything imports torch, torch's CPU kernels are pinned (cmkd/utils/determinism.py): the
 stage's results are then the same bytes on x86-64 machines of either vendor, with or without
 AVX-512 (docs/portability.md; CMKD_CPU_KERNELS=native opts out). The pinning is here rather than
 in the package so that importing `stages` or a stage module has no side effect.
@@ -10,7 +10,7 @@ import os
 import runpy
 import sys
 
-from cmkd.determinism import pin_cpu_kernels  # standard library only: torch is not imported yet
+from cmkd.utils.determinism import pin_cpu_kernels  # standard library only: torch is not imported yet
 
 
 def main() -> None:

@@ -8,19 +8,16 @@ import os
 import sys
 from typing import Any
 
-from cmkd.atomic import remove_stale, remove_stale_tree
+from cmkd.utils.atomic import remove_stale, remove_stale_tree
 from cmkd.config import load_params, validate_params
-from cmkd.determinism import PINNED_CPU_KERNELS, pin_cpu_kernels
+from cmkd.utils.determinism import PINNED_CPU_KERNELS, pin_cpu_kernels
 from cmkd.errors import CmkdError, ConfigError, DataFormatError
-from cmkd.parallel import available_cores
+from cmkd.pipeline import layout
+from cmkd.utils.parallel import available_cores
 
-DATA = "data"
-# Temporary outputs (a stage's folder before its rename into place): outside every stage's
-# dependencies, on the same filesystem as data/. Left-overs of killed runs are removed by the
-# next stage that starts (sweep_stale, by owner PID).
-SCRATCH = os.path.join(DATA, ".tmp")
-METRICS = "metrics"
-RAW = os.path.join(DATA, "raw")
+# Left-overs of killed runs under SCRATCH are removed by the next stage that starts (sweep_stale,
+# by owner PID).
+DATA, SCRATCH, METRICS, RAW = str(layout.DATA), str(layout.SCRATCH), str(layout.METRICS), str(layout.RAW)
 
 
 def sweep_stale() -> list:

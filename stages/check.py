@@ -11,7 +11,7 @@ enforced claim changed. A claim is enforced only under the params it was made fo
 `configuration`, the claim's `depends_on`); under any other params it is reported, marked "not
 enforced". A claim whose results files are missing or unreadable ends as `not_run`.
 `--record-configuration` rewrites the claims file's configuration hashes from the current
-params (after a run whose verdicts are the ones recorded). See cmkd/claims.py.
+params (after a run whose verdicts are the ones recorded). See cmkd/reporting/claims.py.
 """
 
 from __future__ import annotations
@@ -22,12 +22,13 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
-from cmkd.atomic import write_json, write_text
-from cmkd.claims import (
+from cmkd.utils.atomic import write_json, write_text
+from cmkd.reporting.claims import (
     ResultMissing, changed_line, check_params, evaluate_all, filter_claims, load_claims, record_configuration,
     render_markdown, report_json, summary_line,
 )
-from stages._common import DATA, main, parser, start
+from cmkd.pipeline.layout import REPORTS
+from stages._common import main, parser, start
 
 log = logging.getLogger("check")
 
@@ -56,7 +57,7 @@ def json_loader(root: Path) -> Callable[[str], Any]:
 def run() -> None:
     p = parser(__doc__.splitlines()[0])
     p.add_argument("--claims", help="claims file (default: params check.claims)")
-    p.add_argument("--out-dir", default=f"{DATA}/reports", help="where claims.json and claims.md go")
+    p.add_argument("--out-dir", default=str(REPORTS), help="where claims.json and claims.md go")
     p.add_argument("--root", default=".", help="folder the claims' result files are relative to")
     p.add_argument("--strict", action="store_true",
                    help="exit 1 when an enforced claim's verdict differs from its expected verdict "

@@ -8,19 +8,18 @@ cmkd/diagnosis.py and the predicted KD gain of the committed predictor (diagnosi
 
 from pathlib import Path
 
-from cmkd.atomic import write_json, write_text
-from cmkd.determinism import provenance
-from cmkd.diagnosis_report import apply_predictor, check_config, diagnosis_markdown, load_predictor, measure_dataset
+from cmkd.utils.atomic import write_json, write_text
+from cmkd.utils.determinism import provenance
+from cmkd.diagnosis.report import apply_predictor, check_config, diagnosis_markdown, load_predictor, measure_dataset
 from cmkd.errors import ConfigError
-from stages._common import DATA, main, parser, start
-
-PREDICTOR_FILE = "diagnosis_predictor.json"
+from cmkd.pipeline.layout import DIAGNOSIS, PREDICTOR_FILE, prepared_file, run_dir
+from stages._common import main, parser, start
 
 
 def run() -> None:
     p = parser(__doc__.splitlines()[0])
     p.add_argument("--dataset", required=True)
-    p.add_argument("--out-dir", default=f"{DATA}/diagnosis")
+    p.add_argument("--out-dir", default=str(DIAGNOSIS))
     args = p.parse_args()
     params = start(args)
     ds = args.dataset
@@ -28,8 +27,7 @@ def run() -> None:
         raise ConfigError(f"models.{ds}", "missing")
     cfg = check_config(params.get("diagnosis"))
     predictor = load_predictor(Path(args.params).with_name(PREDICTOR_FILE))
-    runs = Path(DATA) / "runs" / ds
-    result = measure_dataset(Path(DATA) / "prepared" / f"{ds}.h5", runs / "teacher", runs / "student", params["models"][ds],
+    result = measure_dataset(prepared_file(ds), run_dir(ds, "teacher"), run_dir(ds, "student"), params["models"][ds],
                              params["seeds"], ds, cfg)
     result = apply_predictor(result, predictor, cfg)
     result["provenance"] = provenance()

@@ -7,13 +7,12 @@ the same JSON as data/diagnosis/measured/<dataset>.json, where diagnosis_validat
 """
 
 import json
-from pathlib import Path
-
-from cmkd.atomic import write_json, write_text
-from cmkd.determinism import provenance
-from cmkd.diagnosis_report import dataset_report, diagnosis_markdown
+from cmkd.utils.atomic import write_json, write_text
+from cmkd.utils.determinism import provenance
+from cmkd.diagnosis.report import dataset_report, diagnosis_markdown
 from cmkd.errors import DataFormatError
-from stages._common import DATA, main, parser
+from cmkd.pipeline.layout import dataset_metrics, diagnosis_file, measured_diagnosis_file, report_dir
+from stages._common import main, parser
 
 
 def run() -> None:
@@ -21,18 +20,18 @@ def run() -> None:
     p.add_argument("--dataset", required=True)
     args = p.parse_args()
     ds = args.dataset
-    diag_path = Path(DATA) / "diagnosis" / f"{ds}.json"
-    metrics_path = Path(DATA) / "reports" / ds / "metrics.json"
+    diag_path = diagnosis_file(ds)
+    metrics_path = dataset_metrics(ds)
     try:
         diagnosis = json.loads(diag_path.read_text())
     except (OSError, json.JSONDecodeError) as err:
         raise DataFormatError(diag_path, f"cannot read the diagnosis (run diagnose@{ds}): {err}") from None
     metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else None
     report = {**dataset_report(diagnosis, metrics), "provenance": provenance()}
-    out = Path(DATA) / "reports" / ds
+    out = report_dir(ds)
     write_json(out / "diagnosis.json", report)
     write_text(out / "diagnosis.md", diagnosis_markdown({**diagnosis, **report}))
-    write_json(Path(DATA) / "diagnosis" / "measured" / f"{ds}.json", report)  # diagnosis_validation's input
+    write_json(measured_diagnosis_file(ds), report)  # diagnosis_validation's input
 
 
 if __name__ == "__main__":

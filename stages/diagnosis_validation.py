@@ -13,23 +13,24 @@ diagnosis_predictor.json is that fit (`predictor_up_to_date`); `--write-predicto
 import json
 from pathlib import Path
 
-from cmkd.atomic import atomic_path, write_json, write_text
-from cmkd.determinism import provenance
-from cmkd.diagnosis_report import check_config, collect_conditions, fit_committed, validate, validation_figure, validation_markdown
-from stages._common import DATA, main, parser, start
-
-PREDICTOR_FILE = "diagnosis_predictor.json"
+from cmkd.utils.atomic import atomic_path, write_json, write_text
+from cmkd.utils.determinism import provenance
+from cmkd.diagnosis.report import (
+    check_config, collect_conditions, fit_committed, validate, validation_figure, validation_markdown,
+)
+from cmkd.pipeline.layout import DIAGNOSIS_VALIDATION, EXPERIMENTS, PREDICTOR_FILE, measured_diagnosis_file
+from stages._common import main, parser, start
 
 
 def run(write_predictor: bool = False) -> None:
     p = parser(__doc__.splitlines()[0])
-    p.add_argument("--experiments-dir", default=f"{DATA}/reports/experiments")
-    p.add_argument("--out-dir", default=f"{DATA}/reports/diagnosis")
+    p.add_argument("--experiments-dir", default=str(EXPERIMENTS))
+    p.add_argument("--out-dir", default=str(DIAGNOSIS_VALIDATION))
     p.add_argument("--write-predictor", action="store_true", help=f"rewrite {PREDICTOR_FILE} from every condition, then validate")
     args = p.parse_args()
     params = start(args)
     cfg = check_config(params.get("diagnosis"))
-    main_inputs = {ds: Path(DATA) / "diagnosis" / "measured" / f"{ds}.json" for ds in params["datasets"]}
+    main_inputs = {ds: measured_diagnosis_file(ds) for ds in params["datasets"]}
     conditions = collect_conditions(Path(args.experiments_dir), main_inputs)
     predictor_path = Path(args.params).with_name(PREDICTOR_FILE)
     if write_predictor or args.write_predictor:

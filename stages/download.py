@@ -1,10 +1,9 @@
 """Stage `download@<dataset>`: fetch (or, for generated data, record) a dataset's raw files."""
 
-from pathlib import Path
-
-from cmkd.atomic import atomic_dir
+from cmkd.utils.atomic import atomic_dir
 from cmkd.data.registry import dataset_module
-from stages._common import DATA, SCRATCH, main, parser, start
+from cmkd.pipeline.layout import raw_dir
+from stages._common import SCRATCH, main, parser, start
 
 
 def run() -> None:
@@ -13,7 +12,7 @@ def run() -> None:
     args = p.parse_args()
     params = start(args, data_only=True)
     module = dataset_module(args.dataset)
-    with atomic_dir(Path(DATA) / "raw" / args.dataset, scratch=SCRATCH) as tmp:
+    with atomic_dir(raw_dir(args.dataset), scratch=SCRATCH) as tmp:
         module.download(params["data"][args.dataset], tmp, progress=not args.no_progress)
 
 

@@ -4,15 +4,14 @@ methods.png) and metrics/<dataset>/<row>.json, the few numbers per row that git 
 (`dvc metrics`, `dvc exp show`)."""
 
 import json
-from pathlib import Path
-
-from cmkd.atomic import atomic_dir, atomic_path, write_json, write_text
-from cmkd.curves import curves_csv
+from cmkd.utils.atomic import atomic_dir, atomic_path, write_json, write_text
+from cmkd.reporting.curves import curves_csv
 from cmkd.data.h5 import read_attrs
 from cmkd.data.registry import is_smoke_test
-from cmkd.determinism import provenance
-from cmkd.report import bar_figure, collect, markdown_table, metrics_file_name, metrics_summary, scores_csv
-from stages._common import DATA, METRICS, main, parser, start
+from cmkd.utils.determinism import provenance
+from cmkd.reporting.tables import bar_figure, collect, markdown_table, metrics_file_name, metrics_summary, scores_csv
+from cmkd.pipeline.layout import dataset_metrics, metrics_dir, prepared_file, report_dir, runs_dir
+from stages._common import main, parser, start
 
 SMOKE_NOTE = ("**Smoke test, not a result.** `{ds}` is a small sample generated offline to exercise "
               "the code path end to end; its numbers say nothing about the methods.\n\n")
@@ -24,26 +23,25 @@ def run() -> None:
     args = p.parse_args()
     params = start(args)
     ds = args.dataset
-    runs_dir = Path(DATA) / "runs" / ds
     names = ["teacher", "student"] + list(params["methods"])
-    report = collect((runs_dir / name for name in names), params.get("runs"))
+    report = collect((runs_dir(ds) / name for name in names), params.get("runs"))
     if report["provenance"] is None:  # runs that predate provenance records: this process's
         report["provenance"] = {**provenance(), "recorded_by": "evaluate"}
-    attrs = read_attrs(Path(DATA) / "prepared" / f"{ds}.h5")
-    out = Path(DATA) / "reports" / ds
+    attrs = read_attrs(prepared_file(ds))
+    out = report_dir(ds)
     table = markdown_table(report, ds, (attrs["teacher_modality"], attrs["student_modality"]))
     if is_smoke_test(ds, params["data"][ds]):
         report["smoke_test"] = True
         table = SMOKE_NOTE.format(ds=ds) + table
-    write_json(out / "metrics.json", report)
+    write_json(dataset_metrics(ds), report)
     write_text(out / "table.md", table)
     write_text(out / "scores.csv", scores_csv(report))
     # DVCLive's per-epoch validation score of every run (mean over seeds), one line per run
-    write_text(out / "curves.csv", curves_csv((runs_dir / name for name in names), "val", report["metric"]))
+    write_text(out / "curves.csv", curves_csv((runs_dir(ds) / name for name in names), "val", report["metric"]))
     with atomic_path(out / "methods.png") as tmp:
         bar_figure(report, ds, tmp.with_suffix(".png"))
         tmp.with_suffix(".png").replace(tmp)
-    with atomic_dir(Path(METRICS) / ds) as tmp:  # a whole new folder: rows dropped from `methods` go
+    with atomic_dir(metrics_dir(ds)) as tmp:  # a whole new folder: rows dropped from `methods` go
         for row, numbers in metrics_summary(report).items():
             (tmp / metrics_file_name(row)).write_text(json.dumps(numbers, indent=1, sort_keys=True) + "\n")
 

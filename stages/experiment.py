@@ -1,4 +1,4 @@
-"""DVC stages `exp_<name>`: one synthetic experiment of MFH / NTDH (cmkd.analysis.EXPERIMENTS).
+"""DVC stages `exp_<name>`: one synthetic experiment of MFH / NTDH (cmkd.experiments.analysis.EXPERIMENTS).
 
     python -m stages experiment mfh_gamma [--params params.yaml] [--out-dir data/reports/experiments]
 
@@ -15,13 +15,14 @@ import logging
 import time
 from pathlib import Path
 
-from cmkd.analysis import EXPERIMENTS, plot_rows, run_experiment
-from cmkd.atomic import atomic_path, write_json, write_text
+from cmkd.experiments.analysis import EXPERIMENTS, plot_rows, run_experiment
+from cmkd.utils.atomic import atomic_path, write_json, write_text
 from cmkd.errors import ConfigError
-from cmkd.figures import sweep_figure
-from cmkd.determinism import provenance
-from cmkd.parallel import keep_freed_memory
-from stages._common import DATA, main, parser, start
+from cmkd.reporting.figures import sweep_figure
+from cmkd.utils.determinism import provenance
+from cmkd.utils.parallel import keep_freed_memory
+from cmkd.pipeline import layout
+from stages._common import main, parser, start
 
 log = logging.getLogger("experiment")
 EXPERIMENT_THREADS = 2
@@ -35,7 +36,7 @@ EXPERIMENT_TRIM_THRESHOLD = 1 << 30
 def run() -> None:
     p = parser(__doc__.splitlines()[0])
     p.add_argument("name", choices=sorted(EXPERIMENTS))
-    p.add_argument("--out-dir", default=f"{DATA}/reports/experiments")
+    p.add_argument("--out-dir", default=str(layout.EXPERIMENTS))
     args = p.parse_args()
     # Batched ensembles are large ops: two threads, a fixed count rather than one per core,
     # since parallel reductions split by thread and the bytes must not depend on the machine.

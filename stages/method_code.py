@@ -1,5 +1,5 @@
 """Stage `method_code`: per training stage, the hash of every source file it runs
-(cmkd/codedeps.py):
+(cmkd/pipeline/codedeps.py):
 
     data/method_code/<run>.json                 distill@<dataset>-<run>: stages/train.py, the
                                                 training code and the run's method modules, and
@@ -19,12 +19,13 @@ Reads the source with `ast` and never imports torch: the stage takes well under 
 import json
 from pathlib import Path
 
-from cmkd.atomic import atomic_dir
-from cmkd.codedeps import stage_code
+from cmkd.utils.atomic import atomic_dir
+from cmkd.pipeline.codedeps import stage_code
 from cmkd.config import STUDENT_RUN, TEACHER_RUN, load_params
 from cmkd.errors import ConfigError
-from cmkd.tuning import TUNED_FILE, load_tuned
-from stages._common import DATA, main, parser
+from cmkd.pipeline.tuning import load_tuned
+from cmkd.pipeline.layout import METHOD_CODE, TUNED_FILE
+from stages._common import main, parser
 
 
 def _write(path: Path, name: str, files: dict[str, str], **extra) -> None:
@@ -38,7 +39,7 @@ def run() -> None:
     runs = params.get("runs") or {}
     tuned = load_tuned(Path(args.params).with_name(TUNED_FILE))
     root = Path.cwd()
-    with atomic_dir(Path(DATA) / "method_code") as out:
+    with atomic_dir(METHOD_CODE) as out:
         for name in params.get("methods") or []:
             if name not in runs:
                 raise ConfigError("methods", f"unknown run {name!r}: not a key of `runs` (known: {sorted(runs)})")

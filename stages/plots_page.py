@@ -7,12 +7,12 @@ stage `plots_page` (so a plain `dvc repro` makes it), which .dvc/config names as
 `plots.html_template`."""
 
 import sys
-from pathlib import Path
 
-from cmkd.atomic import write_text
+from cmkd.utils.atomic import write_text
+from cmkd.pipeline.layout import PLOTS_PAGE
 from stages._common import main, parser
 
-PAGE = Path("data") / "plots_offline.html"
+PAGE = PLOTS_PAGE
 
 # DVC's own page (dvc_render.html.PAGE_HTML) with the scripts inlined instead of `{scripts}`.
 TEMPLATE = """<!DOCTYPE html>

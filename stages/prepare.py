@@ -1,9 +1,8 @@
 """Stage `prepare@<dataset>`: raw files -> data/prepared/<dataset>.h5."""
 
-from pathlib import Path
-
 from cmkd.data.registry import dataset_module
-from stages._common import DATA, main, parser, start
+from cmkd.pipeline.layout import prepared_file, raw_dir
+from stages._common import main, parser, start
 
 
 def run() -> None:
@@ -13,8 +12,8 @@ def run() -> None:
     params = start(args, data_only=True)
     module = dataset_module(args.dataset)
     # prepare() writes through PreparedWriter, which renames into place only on success.
-    module.prepare(params["data"][args.dataset], Path(DATA) / "raw" / args.dataset,
-                   Path(DATA) / "prepared" / f"{args.dataset}.h5", progress=not args.no_progress)
+    module.prepare(params["data"][args.dataset], raw_dir(args.dataset), prepared_file(args.dataset),
+                   progress=not args.no_progress)
 
 
 if __name__ == "__main__":

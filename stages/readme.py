@@ -1,21 +1,22 @@
 """`python -m stages readme [--check]`: rewrite README.md's generated blocks (compact results tables,
 claims' verdicts) and the whole results page docs/results.md from data/reports/ after a run;
-`--check` exits 1 when either is not current. See cmkd/readme.py."""
+`--check` exits 1 when either is not current. See cmkd/reporting/readme.py."""
 
 import sys
 from pathlib import Path
 
-from cmkd.atomic import write_text
+from cmkd.utils.atomic import write_text
 from cmkd.config import load_params
-from cmkd.readme import blocks, replace_blocks, results_page
-from stages._common import DATA, main, parser
+from cmkd.reporting.readme import blocks, replace_blocks, results_page
+from cmkd.pipeline.layout import REPORTS
+from stages._common import main, parser
 
 
 def run() -> None:
     p = parser(__doc__)
     p.add_argument("--readme", default="README.md")
     p.add_argument("--results-page", default="docs/results.md")
-    p.add_argument("--reports", default=str(Path(DATA) / "reports"))
+    p.add_argument("--reports", default=str(REPORTS))
     p.add_argument("--check", action="store_true", help="only check that README.md and the results page are current")
     args = p.parse_args()
     datasets = load_params(args.params)["datasets"]

@@ -9,13 +9,15 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from cmkd.atomic import atomic_dir
-from cmkd.engine import TrainConfig, distributed_info, init_distributed_from_env
+from cmkd.utils.atomic import atomic_dir
+from cmkd.training.config import TrainConfig
+from cmkd.training.distributed import distributed_info, init_distributed_from_env
 from cmkd.errors import ConfigError
 from cmkd.config import STUDENT_RUN, TEACHER_RUN
-from cmkd.pipeline import train_run
-from cmkd.tuning import TUNED_FILE, load_tuned, tuned_run_config
-from stages._common import DATA, SCRATCH, main, parser, seed_workers, start
+from cmkd.pipeline.train import train_run
+from cmkd.pipeline.tuning import load_tuned, tuned_run_config
+from cmkd.pipeline.layout import TUNED_FILE, checkpoint_dir, prepared_file, run_dir
+from stages._common import SCRATCH, main, parser, seed_workers, start
 
 
 def run() -> None:
@@ -43,18 +45,17 @@ def run() -> None:
         train_key = "student"
     train_cfg = TrainConfig.from_params(params["train"][ds][train_key], f"train.{ds}.{train_key}")
     teacher_cfg = TrainConfig.from_params(params["train"][ds]["teacher"], f"train.{ds}.teacher")
-    runs_dir = Path(DATA) / "runs" / ds
-    checkpoints = Path(DATA) / "checkpoints" / ds / name
+    checkpoints = checkpoint_dir(ds, name)
     rank, _ = distributed_info()
     # Under torchrun only rank 0 writes the stage's outputs; the other ranks train alongside.
-    target = atomic_dir(runs_dir / name, scratch=SCRATCH) if rank == 0 else tempfile.TemporaryDirectory()
+    target = atomic_dir(run_dir(ds, name), scratch=SCRATCH) if rank == 0 else tempfile.TemporaryDirectory()
     with target as out:
         out = Path(out)
         train_run(
-            dataset=ds, prepared=Path(DATA) / "prepared" / f"{ds}.h5", run_name=name, run_cfg=run_cfg,
+            dataset=ds, prepared=prepared_file(ds), run_name=name, run_cfg=run_cfg,
             models=params["models"][ds], train_cfg=train_cfg, seeds=params["seeds"], out_dir=out,
             checkpoint_root=checkpoints,
-            teacher_dir=runs_dir / "teacher" if args.run else None, teacher_train_cfg=teacher_cfg,
+            teacher_dir=run_dir(ds, "teacher") if args.run else None, teacher_train_cfg=teacher_cfg,
             cache_train_logits=args.role == "teacher", progress=not args.no_progress,
             seed_workers=seed_workers(), selected_on=selected_on,
         )

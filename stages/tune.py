@@ -14,27 +14,23 @@ import json
 import tempfile
 from pathlib import Path
 
-from cmkd.atomic import atomic_dir, write_json, write_text
-from cmkd.determinism import provenance
-from cmkd.engine import TrainConfig
+from cmkd.utils.atomic import atomic_dir, write_json, write_text
+from cmkd.utils.determinism import provenance
+from cmkd.training.config import TrainConfig
 from cmkd.errors import ConfigError
 from cmkd.config import TEACHER_RUN
-from cmkd.pipeline import train_run
-from cmkd.tuning import TUNED_FILE, grid_for, load_tuned, render_tuned, report_markdown, tune_run, update_tuned
-from stages._common import DATA, main, parser, seed_workers, start
-
-REPORTS = Path("reports") / "tuning"
-
-
-def teacher_dir(ds: str) -> Path:
-    return Path(DATA) / "tuning" / ds / "teacher"
+from cmkd.pipeline.train import train_run
+from cmkd.pipeline.tuning import grid_for, load_tuned, render_tuned, report_markdown, tune_run, update_tuned
+from cmkd.pipeline.layout import TUNED_FILE, prepared_file, tuning_evidence_file, tuning_report
+from cmkd.pipeline.layout import tuning_teacher_dir as teacher_dir
+from stages._common import main, parser, seed_workers, start
 
 
 def train_teacher(params, ds: str, progress: bool) -> None:
     """The TEACHER on the tuning seeds (the reporting seeds' teachers are never used here)."""
     cfg = TrainConfig.from_params(params["train"][ds]["teacher"], f"train.{ds}.teacher")
     with atomic_dir(teacher_dir(ds)) as out:
-        train_run(dataset=ds, prepared=Path(DATA) / "prepared" / f"{ds}.h5", run_name="teacher", run_cfg=TEACHER_RUN,
+        train_run(dataset=ds, prepared=prepared_file(ds), run_name="teacher", run_cfg=TEACHER_RUN,
                   models=params["models"][ds], train_cfg=cfg, seeds=params["tuning"]["seeds"], out_dir=Path(out),
                   checkpoint_root=None, cache_train_logits=True, progress=progress, seed_workers=seed_workers(),
                   evaluate_test=False)
@@ -48,7 +44,7 @@ def tune(params, ds: str, run: str, progress: bool) -> None:
         train_teacher(params, ds, progress)
     with tempfile.TemporaryDirectory(prefix=f"tune-{ds}-{run}-") as work:
         evidence = tune_run(
-            dataset=ds, prepared=Path(DATA) / "prepared" / f"{ds}.h5", run_name=run, run_cfg=params["runs"][run],
+            dataset=ds, prepared=prepared_file(ds), run_name=run, run_cfg=params["runs"][run],
             grid=grid_for(params, run), budget=int(tuning["budget"]), subsample_seed=int(tuning.get("subsample_seed", 0)),
             seeds=tuning["seeds"], models=params["models"][ds],
             train_cfg=TrainConfig.from_params(params["train"][ds]["student"], f"train.{ds}.student"),
@@ -57,7 +53,7 @@ def tune(params, ds: str, run: str, progress: bool) -> None:
             work_dir=Path(work), seed_workers=seed_workers(), progress=progress)
     evidence["run_config"] = params["runs"][run]
     evidence["provenance"] = provenance()
-    write_json(REPORTS / ds / f"{run}.json", evidence)
+    write_json(tuning_evidence_file(ds, run), evidence)
     if evidence.get("skipped"):
         print(f"{ds}/{run}: n/a ({evidence['skipped']})")
         return
@@ -70,7 +66,7 @@ def select(params, ds: str) -> None:
     tuning = params["tuning"]
     runs, untuned = {}, []
     for run in params["methods"]:
-        path = REPORTS / ds / f"{run}.json"
+        path = tuning_evidence_file(ds, run)
         if not path.exists():
             untuned.append(run)
             continue
@@ -87,13 +83,13 @@ def select(params, ds: str) -> None:
     summary = {"dataset": ds, "split": "val", "seeds": list(tuning["seeds"]), "budget": int(tuning["budget"]),
                "selected": {r: e["selected"] for r, e in runs.items()}, "untuned": untuned,
                "seconds_total": round(seconds, 1), "runs": runs}
-    write_json(REPORTS / f"{ds}.json", summary)
+    write_json(tuning_report(ds), summary)
     extra = {"tuning seeds": list(tuning["seeds"]), "budget": f"{tuning['budget']} configurations x "
              f"{len(tuning['seeds'])} seeds x {params['train'][ds]['student']['epochs']} epochs per run",
              "training seconds (all runs)": f"{seconds:.0f}"}
     if untuned:
         extra["not tuned (params.yaml values)"] = ", ".join(untuned)
-    write_text(REPORTS / f"{ds}.md", report_markdown(ds, runs, extra))
+    write_text(tuning_report(ds, ".md"), report_markdown(ds, runs, extra))
     tuned = update_tuned(load_tuned(TUNED_FILE), list(params["runs"]), ds, {r: e["selected"] for r, e in runs.items()})
     write_text(TUNED_FILE, render_tuned(tuned))
     print(f"{ds}: selection of {len(runs)} runs written to {TUNED_FILE} ({len(untuned)} not tuned)")

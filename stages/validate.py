@@ -7,7 +7,7 @@ names. Exit status 2 and one line `error: <key>: <problem>` on a bad value; noth
 
 import sys
 
-from cmkd.claims import check_params
+from cmkd.reporting.claims import check_params
 from cmkd.config import load_params, validate_params
 from stages._common import main, parser
 
@@ -16,7 +16,7 @@ def run() -> None:
     args = parser(__doc__).parse_args()
     params = load_params(args.params)
     validate_params(params)
-    check_params(params)  # the check stages' block (cmkd.claims: not part of the training code)
+    check_params(params)  # the check stages' block (cmkd.reporting.claims: not part of the training code)
     print(f"{args.params}: ok", file=sys.stderr)
 
 

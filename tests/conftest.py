@@ -15,7 +15,7 @@ import yaml
 # The test process runs stage code in-process (e.g. `from stages import check`), and a stage
 # process (`python -m stages <name>`) pins torch's CPU kernels before torch is imported: pin them
 # here, before any test module imports torch, as every stage process does (subprocesses inherit it).
-from cmkd.determinism import pin_cpu_kernels
+from cmkd.utils.determinism import pin_cpu_kernels
 
 pin_cpu_kernels()
 
@@ -38,7 +38,7 @@ def one_thread():
 def tiny_synthetic_file(path: Path) -> Path:
     """A 300-row, 3-class NTDH sklearn dataset in the prepared HDF5 format (200/50/50 split)."""
     from cmkd.data.h5 import PreparedWriter
-    from cmkd.data.synthetic import ntdh_sklearn
+    from cmkd.data.datasets.synthetic import ntdh_sklearn
 
     t, s, y = ntdh_sklearn(n_samples=300, n_features=8, n_classes=3, gamma=0.5, seed=0)
     attrs = {"task": "classification", "class_names": ["a", "b", "c"], "modalities": ["teacher", "student"],

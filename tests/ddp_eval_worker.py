@@ -12,7 +12,11 @@ from torch import nn
 
 from cmkd.data.h5 import PreparedWriter
 from cmkd.data.loader import LoaderConfig
-from cmkd.engine import TrainConfig, distributed_info, evaluate, fit, init_distributed_from_env, load_split, seed_everything
+from cmkd.training.config import TrainConfig
+from cmkd.training.distributed import distributed_info, init_distributed_from_env, seed_everything
+from cmkd.training.evaluate import evaluate
+from cmkd.training.loop import fit
+from cmkd.training.data import load_split
 from cmkd.methods import build_distiller
 from cmkd.models import build_model
 

@@ -16,21 +16,12 @@ import torch
 import yaml
 from sklearn.linear_model import LogisticRegression
 
-from cmkd.analysis import (
-    EXPERIMENTS,
-    Slices,
-    derive_mfh_alpha,
-    derive_mfh_gamma,
-    mfh_sweep,
-    plot_rows,
-    run_experiment,
-    seeds_needed,
-    slice_divergences,
-    split_indices,
-    summarize,
+from cmkd.experiments.analysis import (
+    EXPERIMENTS, Slices, derive_mfh_alpha, derive_mfh_gamma, mfh_sweep, plot_rows, run_experiment, seeds_needed,
+    slice_divergences, split_indices, summarize,
 )
-from cmkd.batched import BatchedMLP, slice_accuracy, train_batched
-from cmkd.data.synthetic import GENERATORS, mfh_general_channels, mfh_layout, n_shared, ntdh_sklearn
+from cmkd.experiments.batched import BatchedMLP, slice_accuracy, train_batched
+from cmkd.data.datasets.synthetic import GENERATORS, mfh_general_channels, mfh_layout, n_shared, ntdh_sklearn
 from cmkd.errors import ConfigError
 from cmkd.losses import kd_loss
 from cmkd.methods import build_distiller
@@ -265,7 +256,7 @@ def test_bad_sweeps_name_the_key():
 
 def test_stacked_slices_keep_each_slice_data():
     data = [GENERATORS["mfh"](n_samples=20, n_features=6, n_classes=2, gamma=g, seed=s) for g in (0.0, 1.0) for s in (0, 1)]
-    from cmkd.analysis import stack
+    from cmkd.experiments.analysis import stack
     idx = [split_indices(20, {"train": 8, "test": 12}, s) for s in (0, 1, 0, 1)]
     splits = stack(data, idx)
     assert isinstance(splits["train"], Slices) and splits["train"].teacher.shape == (8, 4, 6)
@@ -378,7 +369,7 @@ def test_algorithm1_receives_each_slice_and_true_channels_are_scored():
         same = {i for i in range(x_t.shape[1]) if any(torch.equal(x_t[:, i], x_s[:, j]) for j in range(x_s.shape[1]))}
         return np.asarray([i for i in range(x_t.shape[1]) if i not in same][:k]), np.zeros(x_t.shape[1])
 
-    from cmkd.analysis import mfh_algorithm1_sweep
+    from cmkd.experiments.analysis import mfh_algorithm1_sweep
     good = mfh_algorithm1_sweep(cfg, algorithm1=oracle)
     assert good["points"][0]["recovered_fraction"]["values"] == [1.0, 1.0]
     assert seen == [60, 60]  # the training split of each seed
@@ -399,7 +390,7 @@ def test_batched_ntdh_masks_train_each_slice_exactly_as_alone(mode):
     """A slice of `fit_mask_slices` equals the `ntdh_mask` method trained on that slice alone;
     for the feature mask, alone = Algorithm 1 with NTDH's distance on a fresh pair, a teacher
     trained on the kept channels, then the base KD (PSSM too with `both`) from it."""
-    from cmkd.analysis import fit_mask_slices, fit_slices
+    from cmkd.experiments.analysis import fit_mask_slices, fit_slices
     from cmkd.config import TEACHER_RUN
     from cmkd.methods.mfh import algorithm1
 
@@ -446,7 +437,7 @@ def test_batched_ntdh_masks_train_each_slice_exactly_as_alone(mode):
 def test_pssm_in_the_batched_layout_weights_each_slice_as_alone():
     """PSSM's KD term over stacked slices = the mean over slices of each slice's
     sum(w * KD) / N (NTDH's normalisation), so `train_batched`'s x S gives each slice its own loss."""
-    from cmkd.analysis import PerSliceWeights
+    from cmkd.experiments.analysis import PerSliceWeights
     from cmkd.losses import kd_rows, pssm_weights
 
     g = torch.Generator().manual_seed(1)
@@ -468,7 +459,7 @@ def test_pssm_in_the_batched_layout_weights_each_slice_as_alone():
 
 
 def test_batched_pair_training_equals_algorithm1_step1_alone():
-    from cmkd.analysis import train_pair_slices
+    from cmkd.experiments.analysis import train_pair_slices
     from cmkd.methods.mfh import train_modality_pair
 
     n, s, d, c = 40, 3, 7, 2
@@ -490,7 +481,7 @@ def test_batched_pair_training_equals_algorithm1_step1_alone():
 def test_per_slice_sample_mask_in_one_pass_equals_the_slice_loop():
     """The NTDH sample mask ranks every slice's rows apart: the one-pass path and the
     slice-by-slice loop give the same weights (with ignored rows and wrong-teacher drops)."""
-    from cmkd.analysis import PerSliceWeights
+    from cmkd.experiments.analysis import PerSliceWeights
     from cmkd.methods.ntdh import NonTargetSampleMask
 
     g = torch.Generator().manual_seed(0)
@@ -511,7 +502,7 @@ def test_per_slice_sample_mask_in_one_pass_equals_the_slice_loop():
 
 
 def test_band_ratio_bootstrap_against_a_plain_loop():
-    from cmkd.analysis import band_ratio_bootstrap
+    from cmkd.experiments.analysis import band_ratio_bootstrap
 
     rng = np.random.default_rng(3)
     gain = rng.normal(0.0, 0.01, size=(4, 6))

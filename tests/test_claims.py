@@ -18,18 +18,9 @@ import yaml
 
 from scipy import stats
 
-from cmkd.claims import (
-    ClaimsError,
-    ResultMissing,
-    compare,
-    evaluate_claim,
-    load_claims,
-    params_hash,
-    parse_claims,
-    parse_path,
-    record_configuration,
-    render_markdown,
-    resolve_path,
+from cmkd.reporting.claims import (
+    ClaimsError, ResultMissing, compare, evaluate_claim, load_claims, params_hash, parse_claims, parse_path,
+    record_configuration, render_markdown, resolve_path,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -387,7 +378,7 @@ def test_check_stage_reports_a_changed_verdict_and_succeeds_strict_fails(tmp_pat
 
 
 def test_check_stage_has_no_report_only_flag_and_rejects_the_old_params_switch(tmp_path, capsys):
-    from cmkd.claims import check_params
+    from cmkd.reporting.claims import check_params
     from cmkd.errors import ConfigError
 
     doc = {"claims": [claim()]}
@@ -548,7 +539,7 @@ def test_check_cli_flipping_a_repository_claim_fails(tmp_path):
 
 
 def test_filter_and_empty_report():
-    from cmkd.claims import filter_claims
+    from cmkd.reporting.claims import filter_claims
 
     claims = parse_claims({"claims": [
         claim(id="a", source={"file": "data/reports/digits/metrics.json", "path": "x"}),

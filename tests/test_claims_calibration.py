@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from cmkd.analysis import band_ratio_bootstrap
-from cmkd.claims import compare
+from cmkd.experiments.analysis import band_ratio_bootstrap
+from cmkd.reporting.claims import compare
 
 DRAWS = 2000
 # Monte-Carlo margin: 3 standard errors of a 5% rate estimated from DRAWS draws (~0.015)

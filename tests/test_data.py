@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from cmkd.data import digits, synthetic
+from cmkd.data.datasets import digits, synthetic
 from cmkd.data.h5 import PreparedSplit, read_attrs
 from cmkd.errors import ConfigError
 

@@ -1,4 +1,4 @@
-"""Stages pin torch's CPU kernels (cmkd/determinism.py): a caller's instruction-set choice
+"""Stages pin torch's CPU kernels (cmkd/utils/determinism.py): a caller's instruction-set choice
 cannot change the bytes a stage produces. The pinning is the entry point's (`python -m stages
 <name>`, stages/__main__.py); importing the `stages` package or a stage module changes nothing."""
 
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from cmkd.determinism import PINNED_CPU_KERNELS, pin_cpu_kernels
+from cmkd.utils.determinism import PINNED_CPU_KERNELS, pin_cpu_kernels
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -19,14 +19,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # probe_kernels <what>`) in a copy of the code. `train`: a few training steps of a small CNN
 # (convolutions, matmuls, reductions: the kernels whose vectorised paths differ by instruction
 # set), printing the capability and a hash of the weights; `environ`: the stage's environment;
-# `provenance`: cmkd.determinism.provenance().
+# `provenance`: cmkd.utils.determinism.provenance().
 PROBE_STAGE = r"""
 import json, os, sys
 
 if sys.argv[1] == "environ":
     print(json.dumps(dict(os.environ)))
 elif sys.argv[1] == "provenance":
-    from cmkd.determinism import provenance
+    from cmkd.utils.determinism import provenance
     print(json.dumps(provenance()))
 else:
     import hashlib, torch
@@ -95,7 +95,7 @@ def test_unpinned_kernels_would_differ(probe_repo):
 
 
 def test_pin_refuses_to_run_after_torch_chose_its_kernels():
-    code = "import os, torch; os.environ.pop('ATEN_CPU_CAPABILITY', None)\nfrom cmkd.determinism import pin_cpu_kernels\npin_cpu_kernels()"
+    code = "import os, torch; os.environ.pop('ATEN_CPU_CAPABILITY', None)\nfrom cmkd.utils.determinism import pin_cpu_kernels\npin_cpu_kernels()"
     env = {k: v for k, v in os.environ.items() if k not in PINNED_CPU_KERNELS}
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True)
     if "AVX2" in subprocess.run([sys.executable, "-c", "import torch;print(torch.backends.cpu.get_cpu_capability())"],
@@ -111,7 +111,7 @@ def test_native_mode_and_bad_mode():
         pin_cpu_kernels({"CMKD_CPU_KERNELS": "fast"})
 
 
-# --- Kernels no switch pins: MKL's vector math (cmkd/exactmath.py) ---------------------------
+# --- Kernels no switch pins: MKL's vector math (cmkd/utils/exactmath.py) ---------------------------
 
 def test_vendor_independent_mkl_mode_is_pinned(probe_repo):
     """MKL_CBWR=AVX2 is an Intel-only branch (MKL takes its own path on other vendors);
@@ -165,7 +165,7 @@ def test_exactmath_is_correctly_rounded_where_torch_float32_need_not_be():
     import numpy as np
     import torch
 
-    from cmkd import exactmath
+    from cmkd.utils import exactmath
 
     g = torch.Generator().manual_seed(0)
     x = torch.rand(200_000, generator=g) * 10.0 ** torch.randint(-20, 20, (200_000,), generator=g).float()
@@ -196,7 +196,7 @@ def _vml_calls(run) -> set[str]:
     """aten ops served by MKL's vector math on float32 CPU tensors, nested calls included."""
     from torch.profiler import ProfilerActivity, profile
 
-    from cmkd.exactmath import VML_SERVED_OPS
+    from cmkd.utils.exactmath import VML_SERVED_OPS
 
     with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
         run()
@@ -227,10 +227,12 @@ def test_a_training_epoch_of_every_run_reaches_no_float32_vml_kernel(kind, tmp_p
 
     from cmkd.config import STUDENT_RUN, TEACHER_RUN
     from cmkd.data.h5 import read_attrs
-    from cmkd.engine import SplitData, TrainConfig, fit, load_split
+    from cmkd.training.data import SplitData, load_split
+    from cmkd.training.config import TrainConfig
+    from cmkd.training.loop import fit
     from cmkd.methods import build_distiller, get_method
     from cmkd.models import build_model
-    from cmkd.tuning import load_tuned, tuned_run_config
+    from cmkd.pipeline.tuning import load_tuned, tuned_run_config
     from tests.conftest import tiny_synthetic_file
 
     params = yaml.safe_load(open(os.path.join(ROOT, "params.yaml")))
@@ -239,7 +241,7 @@ def test_a_training_epoch_of_every_run_reaches_no_float32_vml_kernel(kind, tmp_p
         prepared, dataset = tiny_synthetic_file(tmp_path / "tiny.h5"), "synthetic"
         arch = params["models"]["synthetic"]["student"]
     else:
-        from cmkd.data import digits
+        from cmkd.data.datasets import digits
 
         prepared, dataset = tmp_path / "digits.h5", "digits"
         digits.prepare({"image_size": 8, "blend": 0.5, "split": [0.6, 0.2, 0.2], "seed": 0}, tmp_path, prepared)

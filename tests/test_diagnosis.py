@@ -13,8 +13,8 @@ import pytest
 import torch
 import yaml
 
-from cmkd.diagnosis import (INDICATORS, calibration_error, fit_predictor, indicators, leave_one_sweep_out, predict, ridge_r2,
-                            validation_summary)
+from cmkd.diagnosis.indicators import INDICATORS, calibration_error, indicators, ridge_r2
+from cmkd.diagnosis.predictor import fit_predictor, leave_one_sweep_out, predict, validation_summary
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -201,7 +201,7 @@ def test_predictor_names_missing_indicator():
 
 
 def test_validation_format_and_markdown(tmp_path):
-    from cmkd.diagnosis_report import fit_committed, validate, validation_figure, validation_markdown
+    from cmkd.diagnosis.report import fit_committed, validate, validation_figure, validation_markdown
 
     conds = []
     rng = np.random.default_rng(3)
@@ -226,7 +226,7 @@ def test_validation_format_and_markdown(tmp_path):
 
 
 def test_dataset_report_format():
-    from cmkd.diagnosis_report import dataset_report
+    from cmkd.diagnosis.report import dataset_report
 
     diag = {"dataset": "d", "split": "val", "seeds": [0, 1], "indicators": {"acc_gap": 0.1},
             "predicted_kd_gain": {"mean": 0.01, "ci95": [-0.01, 0.03]}}
@@ -243,7 +243,7 @@ def test_dataset_report_format():
 def test_experiment_indicators_are_emitted_per_point():
     """teacher_student_kd gives every slice its diag_* indicators, equal to indicators() on that
     slice's own teacher and no-KD student."""
-    from cmkd.analysis import Slices, teacher_student_kd
+    from cmkd.experiments.analysis import Slices, teacher_student_kd
 
     g = torch.Generator().manual_seed(0)
     n, s = 40, 2
@@ -262,10 +262,10 @@ def test_experiment_indicators_are_emitted_per_point():
 def test_diagnose_stage_end_to_end(tmp_path, monkeypatch, one_thread):
     """measure_dataset + apply_predictor on the tiny prepared synthetic file with a teacher and
     a student trained by the pipeline."""
-    from cmkd.diagnosis_report import apply_predictor, diagnosis_markdown, measure_dataset
-    from cmkd.engine import TrainConfig
+    from cmkd.diagnosis.report import apply_predictor, diagnosis_markdown, measure_dataset
+    from cmkd.training.config import TrainConfig
     from cmkd.config import STUDENT_RUN, TEACHER_RUN
-    from cmkd.pipeline import train_run
+    from cmkd.pipeline.train import train_run
     from tests.conftest import tiny_synthetic_file
 
     tiny_synthetic_file(tmp_path / "d.h5")
@@ -338,7 +338,7 @@ def test_pipeline_artifact_shows_the_diagnosis_first(tmp_path):
 
 
 def test_collect_conditions_reads_sweeps_and_measured_main_datasets(tmp_path):
-    from cmkd.diagnosis_report import SWEEPS, collect_conditions
+    from cmkd.diagnosis.report import SWEEPS, collect_conditions
 
     point = {**{f"diag_{n}": {"mean": 0.1} for n in INDICATORS}, "kd_gain": {"mean": 0.02, "sem": 0.01, "n": 3}, "gamma": 0.5}
     for sweep in SWEEPS:
@@ -356,7 +356,7 @@ def test_collect_conditions_reads_sweeps_and_measured_main_datasets(tmp_path):
 
 
 def test_diagnosis_params_are_checked_naming_the_key():
-    from cmkd.diagnosis_report import check_config
+    from cmkd.diagnosis.report import check_config
     from cmkd.errors import ConfigError
 
     cfg = yaml.safe_load((REPO / "params.yaml").read_text())["diagnosis"]

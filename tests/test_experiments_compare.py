@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cmkd.claims import record_configuration
+from cmkd.reporting.claims import record_configuration
 from tests.conftest import REPO, copy_pipeline, dvc, tiny_params, tool_env
 
 

@@ -18,9 +18,13 @@ import pytest
 import torch
 import yaml
 
-from cmkd.atomic import atomic_dir, atomic_path, owner_pid, remove_stale, remove_stale_tree
-from cmkd.data.synthetic import ntdh_sklearn
-from cmkd.engine import SplitData, TrainConfig, cache_logits, fit, seed_everything, verify_logits
+from cmkd.utils.atomic import atomic_dir, atomic_path, owner_pid, remove_stale, remove_stale_tree
+from cmkd.data.datasets.synthetic import ntdh_sklearn
+from cmkd.training.data import SplitData
+from cmkd.training.config import TrainConfig
+from cmkd.training.logit_cache import cache_logits, verify_logits
+from cmkd.training.loop import fit
+from cmkd.training.distributed import seed_everything
 from cmkd.errors import DataFormatError
 from cmkd.methods import build_distiller
 from cmkd.models import build_model
@@ -106,7 +110,7 @@ def test_a_temporary_that_cannot_be_removed_is_reported_and_the_sweep_goes_on(tm
         return real_unlink(path, *args, **kwargs)
 
     monkeypatch.setattr(os, "unlink", unlink)
-    with caplog.at_level(logging.WARNING, logger="cmkd.atomic"):
+    with caplog.at_level(logging.WARNING, logger="cmkd.utils.atomic"):
         removed = remove_stale(tmp_path)
     assert [p.name for p in removed] == [f".b.{dead}-y.tmp"]
     assert (tmp_path / f".a.{dead}-x.tmp").exists() and f".a.{dead}-x.tmp" in caplog.text
@@ -166,7 +170,7 @@ def test_a_truncated_checkpoint_is_set_aside_with_a_warning_and_training_restart
     _fit(ckpt.parent, epochs=2)
     data = ckpt.read_bytes()
     ckpt.write_bytes(data[: len(data) // 2])
-    with caplog.at_level(logging.WARNING, logger="cmkd.engine"):
+    with caplog.at_level(logging.WARNING, logger="cmkd.training.checkpoint"):
         result, model = _fit(ckpt.parent)
     warning = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warning) == 1 and str(ckpt) in warning[0] and "restarts" in warning[0]
@@ -176,7 +180,7 @@ def test_a_truncated_checkpoint_is_set_aside_with_a_warning_and_training_restart
     assert len(aside) == 1 and aside[0].read_bytes() == data[: len(data) // 2]
     # The good checkpoint written by this run resumes as before (a retry does not warn again).
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="cmkd.engine"):
+    with caplog.at_level(logging.WARNING, logger="cmkd.training.checkpoint"):
         again, _ = _fit(ckpt.parent, epochs=4)
     assert again.resumed_from_epoch == 3 and not [r for r in caplog.records if r.levelno == logging.WARNING]
 
@@ -269,7 +273,7 @@ def test_a_teacher_killed_after_3_of_8_epochs_resumes_to_byte_identical_outputs(
 _PAUSED_PREPARE = """
 import sys, time
 from pathlib import Path
-from cmkd.data import kitti_sample
+from cmkd.data.samples import semantickitti as kitti_sample
 from cmkd.data.h5 import PreparedWriter
 
 def paused(self, split, arrays, root=""):  # a stage killed while it writes the HDF5 file
@@ -302,7 +306,7 @@ def _ours_in_dev_shm(pid: int) -> list[str]:
 
 @pytest.mark.skipif(sys.platform != "linux", reason="/dev/shm, process sessions: Linux")
 def test_kill_9_of_a_preparing_stage_leaves_no_process_and_the_next_run_removes_its_segments(tmp_path):
-    from cmkd.data import kitti_sample
+    from cmkd.data.samples import semantickitti as kitti_sample
 
     tiny = {"seed": 3, "sequences": [{"sequence": 0, "frames": 3, "image_size": [1241, 376]},
                                      {"sequence": 8, "frames": 1, "image_size": [1226, 370]}],

@@ -10,7 +10,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cmkd.engine import SplitData, TrainConfig, fit
+from cmkd.training.data import SplitData
+from cmkd.training.config import TrainConfig
+from cmkd.training.loop import fit
 from cmkd.errors import ConfigError
 from cmkd.losses import at_loss, rkd_loss
 from cmkd.methods import available_methods, build_distiller, get_method
@@ -323,9 +325,9 @@ def test_params_yaml_feature_runs_build():
 
 def test_methods_train_on_prepared_digits(tmp_path):
     """The project's digits -> digits-M data (8 x 8, a subset of rows), small CNNs, one epoch."""
-    from cmkd.data import digits
+    from cmkd.data.datasets import digits
     from cmkd.data.h5 import read_attrs
-    from cmkd.engine import load_split
+    from cmkd.training.data import load_split
 
     out = tmp_path / "digits.h5"
     digits.prepare({"image_size": 8, "blend": 0.5, "split": [0.6, 0.2, 0.2], "seed": 0}, tmp_path, out)

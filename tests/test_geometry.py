@@ -1,4 +1,4 @@
-"""cmkd.geometry against values computed by hand (or by plain loops) in the tests."""
+"""cmkd.data.geometry against values computed by hand (or by plain loops) in the tests."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from cmkd.geometry import lidar_image, nearest_per_pixel, project_to_image, range_projection
+from cmkd.data.geometry import lidar_image, nearest_per_pixel, project_to_image, range_projection
 
 # A calibration whose products are exact in binary floating point, so the image border can be
 # tested at exactly u = W - 0.5 and u = W. Tr is the usual velodyne -> camera axis swap plus a
@@ -65,7 +65,7 @@ def test_projection_with_a_different_image_size_keeps_fewer_points():
 
 def test_projection_with_kitti_calibration_and_translation():
     # KITTI sequence 00's calibration; reference computed point by point with explicit sums.
-    from cmkd.data.kitti_sample import KITTI_CALIB
+    from cmkd.data.samples.semantickitti import KITTI_CALIB
 
     P = np.array(KITTI_CALIB[(1241, 376)]["P2"]).reshape(3, 4)
     T = np.vstack([np.array(KITTI_CALIB[(1241, 376)]["Tr"]).reshape(3, 4), [0, 0, 0, 1]])

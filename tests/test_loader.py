@@ -9,7 +9,8 @@ import torch
 
 from cmkd.data.h5 import PreparedWriter
 from cmkd.data.loader import LoaderConfig, batch_plan
-from cmkd.engine import LOGITS_CHECKSUM_ATTR, load_split
+from cmkd.training.logit_cache import LOGITS_CHECKSUM_ATTR
+from cmkd.training.data import load_split
 
 
 def _write(tmp_path, n=70, chunk_rows=8):
@@ -105,7 +106,7 @@ def test_streamed_teacher_logits_follow_their_rows(tmp_path):
     logits = np.arange(70 * 7 * 36, dtype=np.float32).reshape(70, 7, 6, 6)
     with h5py.File(tmp_path / "logits.h5", "w") as f:
         f["logits"] = logits
-        # the checksum cmkd.engine.cache_logits stores (verified when the cache is attached)
+        # the checksum cmkd.training.logit_cache.cache_logits stores (verified when the cache is attached)
         f["logits"].attrs[LOGITS_CHECKSUM_ATTR] = hashlib.sha256(logits.astype("<f4").tobytes()).hexdigest()
     data = load_split(path, "train", attrs, in_memory=False).with_teacher_logits(tmp_path / "logits.h5")
     for b in _epoch(data, 2, augment=None):

@@ -53,7 +53,7 @@ def test_seed_workers_follow_available_memory(monkeypatch):
 
 _FAULTS_CHILD = """
 import resource, sys
-from cmkd.parallel import keep_freed_memory
+from cmkd.utils.parallel import keep_freed_memory
 took = keep_freed_memory(1 << 30, 1 << 30) if sys.argv[1] == "kept" else None
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 for _ in range(20):

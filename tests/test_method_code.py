@@ -1,4 +1,4 @@
-"""A run's code (cmkd/codedeps.py, stage `method_code`) covers what its method really imports,
+"""A run's code (cmkd/pipeline/codedeps.py, stage `method_code`) covers what its method really imports,
 the registry finds methods without an index, and a new method module reruns only its stages."""
 
 import json
@@ -9,7 +9,7 @@ import textwrap
 import pytest
 import yaml
 
-from cmkd.codedeps import methods_of_run, registered_methods, run_code
+from cmkd.pipeline.codedeps import methods_of_run, registered_methods, run_code
 from tests.conftest import REPO, copy_pipeline, dvc, stages_run, tiny_params, tool_env
 
 PARAMS = yaml.safe_load((REPO / "params.yaml").read_text())
@@ -131,11 +131,11 @@ def test_a_new_method_module_reruns_only_its_own_stages(tmp_path):
 
 
 def test_experiment_stages_declare_every_method_module_they_use():
-    from cmkd.codedeps import closure, module_path, stage_code
+    from cmkd.pipeline.codedeps import closure, module_path, stage_code
 
     registry = registered_methods(REPO)
     used = methods_of_run(PARAMS["experiments"]) + ["teacher", "supervised"]
-    modules = closure(REPO, ["cmkd.analysis"] + [registry[m] for m in used if m in registry])
+    modules = closure(REPO, ["cmkd.experiments.analysis"] + [registry[m] for m in used if m in registry])
     needed = {module_path(REPO, m).relative_to(REPO).as_posix() for m in modules}
     declared = set(stage_code(REPO, "stages/experiment.py", [PARAMS["experiments"], {"method": "teacher"},
                                                               {"method": "supervised"}]))
@@ -158,7 +158,7 @@ def test_training_stages_depend_on_one_code_file_each():
 
 
 def test_baseline_code_files_hold_the_supervised_module_and_no_distillation_method():
-    from cmkd.codedeps import stage_code
+    from cmkd.pipeline.codedeps import stage_code
     from cmkd.config import STUDENT_RUN, TEACHER_RUN
 
     for baseline in (TEACHER_RUN, STUDENT_RUN):
@@ -168,29 +168,31 @@ def test_baseline_code_files_hold_the_supervised_module_and_no_distillation_meth
 
 
 def test_a_run_code_file_holds_the_training_code_and_only_its_method():
-    from cmkd.codedeps import stage_code
+    from cmkd.pipeline.codedeps import stage_code
 
     kdv1 = stage_code(REPO, "stages/train.py", PARAMS["runs"]["kdv1"])
-    for shared in ("stages/train.py", "stages/_common.py", "cmkd/engine.py", "cmkd/training.py", "cmkd/pipeline.py",
-                   "cmkd/data/loader.py", "cmkd/metrics.py", "cmkd/determinism.py", "cmkd/tuning.py",
-                   "cmkd/models/cnn.py", "cmkd/methods/base.py", "cmkd/methods/kd.py", "cmkd/losses.py"):
+    for shared in ("stages/train.py", "stages/_common.py", "cmkd/training/loop.py", "cmkd/training/precision.py",
+                   "cmkd/pipeline/train.py", "cmkd/data/loader.py", "cmkd/data/augment.py", "cmkd/training/metrics.py",
+                   "cmkd/utils/determinism.py", "cmkd/pipeline/tuning.py", "cmkd/pipeline/layout.py",
+                   "cmkd/utils/registry.py", "cmkd/models/cnn.py", "cmkd/models/segmentation.py",
+                   "cmkd/methods/base.py", "cmkd/methods/kd.py", "cmkd/losses.py"):
         assert shared in kdv1, shared
     assert "cmkd/methods/dkd.py" not in kdv1 and "stages/experiment.py" not in kdv1
 
 
 def test_a_changed_shared_file_changes_every_run_code_file_and_only_that_entry(tmp_path):
-    from cmkd.codedeps import stage_code
+    from cmkd.pipeline.codedeps import stage_code
 
     repo = copy_pipeline(tmp_path / "repo")
     before = {run: stage_code(repo, "stages/train.py", PARAMS["runs"][run]) for run in ("kdv1", "mgkd")}
-    engine = repo / "cmkd/engine.py"
+    engine = repo / "cmkd/training/loop.py"
     engine.write_text(engine.read_text() + "\n# touched\n")
     dkd = repo / "cmkd/methods/dkd.py"  # no part of kdv1 or mgkd
     dkd.write_text(dkd.read_text() + "\n# touched\n")
     for run, files in before.items():
         after = stage_code(repo, "stages/train.py", PARAMS["runs"][run])
         assert set(after) == set(files)
-        assert {path for path in files if after[path] != files[path]} == {"cmkd/engine.py"}, run
+        assert {path for path in files if after[path] != files[path]} == {"cmkd/training/loop.py"}, run
 
 
 def _cmkd_modules_imported(stderr: str) -> set[str]:
@@ -203,7 +205,7 @@ def _cmkd_modules_imported(stderr: str) -> set[str]:
 def test_code_files_cover_what_the_training_and_experiment_stages_import(tmp_path):
     """Run the stages for real (forked seed workers included) and compare every cmkd module they
     import with the files their code file lists."""
-    from cmkd.codedeps import module_path
+    from cmkd.pipeline.codedeps import module_path
 
     repo = copy_pipeline(tmp_path / "repo")
     env = tool_env(tmp_path)

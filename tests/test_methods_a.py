@@ -388,7 +388,7 @@ def test_ntdh_pssm_segmentation_normalises_by_valid_pixels():
 
 def _shared_channel_split(n, g):
     """Teacher input: 8 channels, 0-3 the student's too (decisive), 4-7 noise."""
-    from cmkd.engine import SplitData
+    from cmkd.training.data import SplitData
 
     z = torch.randn(n, 4, generator=g)
     y = (z @ torch.tensor([[1.0, 0, -1], [0, 1.0, -1], [1.0, -1, 0], [0, 1.0, 1]])).argmax(1)
@@ -398,7 +398,7 @@ def _shared_channel_split(n, g):
 
 
 def test_ntdh_feature_mask_is_algorithm1_with_ntdh_distance_and_a_retrained_teacher():
-    from cmkd.engine import TrainConfig
+    from cmkd.training.config import TrainConfig
 
     g = torch.Generator().manual_seed(0)
     train, val = _shared_channel_split(400, g), _shared_channel_split(200, g)
@@ -481,9 +481,11 @@ def test_params_yaml_runs_build():
 
 
 def test_methods_train_through_engine_fit():
-    """A smoke run of cmkd.engine.fit: the optimiser reaches CTKD's theta, the NTDH feature mask
+    """A smoke run of cmkd.training.loop.fit: the optimiser reaches CTKD's theta, the NTDH feature mask
     is prepared, and every run ends with a finite history."""
-    from cmkd.engine import SplitData, TrainConfig, fit
+    from cmkd.training.data import SplitData
+    from cmkd.training.config import TrainConfig
+    from cmkd.training.loop import fit
 
     g = torch.Generator().manual_seed(0)
 

@@ -553,12 +553,12 @@ def test_params_runs_validate():
         get_method(cfg.pop("method"), f"runs.{name}").validate(cfg, f"runs.{name}")
 
 
-# ------------------------------------------------------------------ through cmkd.engine.fit
+# ------------------------------------------------------------------ through cmkd.training.loop.fit
 
 
 def _engine_data(n_features=8, n_classes=3):
-    from cmkd.data.synthetic import ntdh_sklearn
-    from cmkd.engine import SplitData
+    from cmkd.data.datasets.synthetic import ntdh_sklearn
+    from cmkd.training.data import SplitData
 
     t, s, y = ntdh_sklearn(n_samples=300, n_features=n_features, n_classes=n_classes, gamma=0.5, seed=0)
     return (SplitData.from_arrays(teacher_input=t[:200], student_input=s[:200], target=y[:200]),
@@ -570,7 +570,9 @@ def _params_of(net):
 
 
 def test_fit_c2kd_trains_student_and_teacher():
-    from cmkd.engine import TrainConfig, fit, seed_everything
+    from cmkd.training.config import TrainConfig
+    from cmkd.training.loop import fit
+    from cmkd.training.distributed import seed_everything
 
     train, val = _engine_data()
     seed_everything(0)
@@ -583,7 +585,10 @@ def test_fit_c2kd_trains_student_and_teacher():
 
 
 def test_fit_discom_kd_selects_on_student_and_both_deployables_evaluate():
-    from cmkd.engine import TrainConfig, evaluate, fit, seed_everything
+    from cmkd.training.config import TrainConfig
+    from cmkd.training.evaluate import evaluate
+    from cmkd.training.loop import fit
+    from cmkd.training.distributed import seed_everything
 
     train, val = _engine_data()
     seed_everything(0)
@@ -598,7 +603,9 @@ def test_fit_discom_kd_selects_on_student_and_both_deployables_evaluate():
 
 
 def test_mgkd_prepare_selects_retrains_and_freezes_the_teacher():
-    from cmkd.engine import TrainConfig, fit, seed_everything
+    from cmkd.training.config import TrainConfig
+    from cmkd.training.loop import fit
+    from cmkd.training.distributed import seed_everything
 
     train, val = _engine_data()
     seed_everything(0)
@@ -616,8 +623,8 @@ def test_mgkd_prepare_selects_retrains_and_freezes_the_teacher():
 
 def test_pipeline_train_run_c2kd_and_discom_deployables(tmp_path):
     from tests.conftest import tiny_synthetic_file
-    from cmkd.engine import TrainConfig
-    from cmkd.pipeline import train_run
+    from cmkd.training.config import TrainConfig
+    from cmkd.pipeline.train import train_run
 
     tiny_synthetic_file(tmp_path / "d.h5")
     models = {"teacher": {"arch": "mlp", "hidden": [16]}, "student": {"arch": "mlp", "hidden": [16]}}

@@ -73,7 +73,9 @@ def test_mlkd_class_norm_is_validated():
 
 
 def _ctkd_fit(temperature_lr, epochs=3):
-    from cmkd.engine import SplitData, TrainConfig, fit
+    from cmkd.training.data import SplitData
+    from cmkd.training.config import TrainConfig
+    from cmkd.training.loop import fit
 
     g = torch.Generator().manual_seed(0)
 
@@ -129,7 +131,7 @@ def test_ctkd_temperature_lr_is_validated(lr):
 
 
 def test_student_noise_degrades_only_the_student_modality():
-    from cmkd.data.synthetic import GENERATORS
+    from cmkd.data.datasets.synthetic import GENERATORS
 
     gen = GENERATORS["ntdh"]
     t0, s0, y0 = gen(n_samples=500, n_features=8, n_classes=4, gamma=0.5, seed=3)
@@ -145,7 +147,7 @@ def test_student_noise_degrades_only_the_student_modality():
 
 
 def test_student_noise_is_validated():
-    from cmkd.data.synthetic import validate
+    from cmkd.data.datasets.synthetic import validate
 
     base = {"generator": "ntdh", "gamma": 0.5, "gammas": [0.5], "split": [0.6, 0.2, 0.2]}
     with pytest.raises(ConfigError, match="generator_params.student_noise"):

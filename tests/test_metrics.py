@@ -2,7 +2,7 @@ import numpy as np
 import torch
 from sklearn.metrics import accuracy_score, f1_score
 
-from cmkd.metrics import MetricAccumulator
+from cmkd.training.metrics import MetricAccumulator
 
 
 def test_classification_metrics_match_sklearn():

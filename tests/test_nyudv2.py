@@ -12,9 +12,10 @@ import pytest
 import torch
 from scipy.io import loadmat, savemat
 
-from cmkd.data import nyudv2, nyudv2_sample
+from cmkd.data.datasets import nyudv2
+from cmkd.data.samples import nyudv2 as nyudv2_sample
 from cmkd.data.h5 import PreparedSplit, read_attrs
-from cmkd.data.nyudv2_classes import CLASSES_13, CLASSES_40, MAP_40_TO_13, MAP_894_TO_40, raw_to_train_ids
+from cmkd.data.datasets.nyudv2_classes import CLASSES_13, CLASSES_40, MAP_40_TO_13, MAP_894_TO_40, raw_to_train_ids
 from cmkd.data.registry import available_datasets, dataset_module
 from cmkd.errors import ChecksumError, ConfigError, DataFormatError
 
@@ -53,7 +54,15 @@ def test_label_maps():
 def test_registry():
     names = available_datasets()
     assert "nyudv2" in names and "nyudv2-sample" in names and names == sorted(names)
-    assert dataset_module("nyudv2-sample") is nyudv2
+    assert dataset_module("nyudv2") is nyudv2
+    # the sample generates the raw files and prepares them with the reader's own prepare
+    assert dataset_module("nyudv2-sample") is nyudv2_sample
+
+
+def test_the_reader_refuses_sample_settings():
+    with pytest.raises(ConfigError) as err:
+        nyudv2.validate({**CFG, "sample": {}}, "data.nyudv2")
+    assert err.value.key == "data.nyudv2.sample" and "nyudv2-sample" in err.value.problem
 
 
 # ---------------------------------------------------------------------- generated v7.3 files
@@ -172,13 +181,13 @@ def test_config_errors_name_the_key():
            ({"student_modality": "rgb"}, "student_modality"), ({"teacher_modality": "hha"}, "teacher_modality")]
     for change, key in bad:
         with pytest.raises(ConfigError) as err:
-            nyudv2.validate({**CFG, "sample": {}, **change}, "data.nyudv2")
+            nyudv2_sample.validate({**CFG, "sample": {}, **change}, "data.nyudv2")
         assert err.value.key == f"data.nyudv2.{key}"
     with pytest.raises(ConfigError) as err:
         nyudv2.validate(dict(CFG), "data.nyudv2")
     assert err.value.key == "data.nyudv2.labeled"
     with pytest.raises(ConfigError) as err:
-        nyudv2.validate({**CFG, "sample": {"frames": 5, "train_frames": 5}}, "data.x")
+        nyudv2_sample.validate({**CFG, "sample": {"frames": 5, "train_frames": 5}}, "data.x")
     assert err.value.key == "data.x.sample.train_frames"
 
 
@@ -188,7 +197,8 @@ def test_config_errors_name_the_key():
 @pytest.fixture(scope="module")
 def sample_raw(tmp_path_factory):
     raw = tmp_path_factory.mktemp("nyu") / "raw"
-    nyudv2.download({**CFG, "sample": {"frames": 6, "train_frames": 4, "seed": 0, "render_scale": 8}}, raw, progress=False)
+    nyudv2_sample.download({**CFG, "sample": {"frames": 6, "train_frames": 4, "seed": 0, "render_scale": 8}}, raw,
+                           progress=False)
     return raw
 
 
@@ -242,7 +252,9 @@ def test_download_from_local_paths_checks_sha256(tmp_path, sample_raw):
 
 
 def test_feature_methods_train_on_the_prepared_sample(tmp_path, sample_raw):
-    from cmkd.engine import TrainConfig, fit, load_split
+    from cmkd.training.config import TrainConfig
+    from cmkd.training.loop import fit
+    from cmkd.training.data import load_split
     from cmkd.methods import build_distiller
     from cmkd.models import build_model
 

@@ -8,7 +8,7 @@ import subprocess
 import pytest
 import yaml
 
-from cmkd.curves import curves_csv
+from cmkd.reporting.curves import curves_csv
 from tests.conftest import REPO, dvc, tool_env
 
 

@@ -7,8 +7,8 @@ import sys
 
 import pytest
 
-from cmkd.readme import ReadmeError, blocks, compact_claims, compact_table, replace_blocks, results_page
-from cmkd.report import markdown_table
+from cmkd.reporting.readme import ReadmeError, blocks, compact_claims, compact_table, replace_blocks, results_page
+from cmkd.reporting.tables import markdown_table
 from tests.conftest import REPO
 
 
@@ -16,7 +16,7 @@ def _stat(mean, std=0.01):
     return {"mean": mean, "std": std, "n": 3, "values": [mean] * 3}
 
 
-# a report as cmkd.report.collect builds it: the table comes from the real writer, not a copy of its format
+# a report as cmkd.reporting.tables.collect builds it: the table comes from the real writer, not a copy of its format
 REPORT = {
     "metric": "f1_weighted",
     "rows": {

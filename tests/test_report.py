@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from cmkd.report import (
+from cmkd.reporting.tables import (
     aggregate_run, bar_figure, collect, compact_hyperparameters, markdown_table, metrics_file_name, metrics_summary,
     scores_csv, vs_student,
 )
-from cmkd.stats import paired, t_interval, verdict
+from cmkd.utils.stats import paired, t_interval, verdict
 
 
 def _run(tmp_path, name, method, values, extra=None, seeds=None, **top):
@@ -159,9 +159,9 @@ def test_same_seed_kd_without_kd_term_trains_bit_identically_to_student(tmp_path
     import torch
 
     from tests.conftest import tiny_synthetic_file
-    from cmkd.engine import TrainConfig
+    from cmkd.training.config import TrainConfig
     from cmkd.config import STUDENT_RUN, TEACHER_RUN
-    from cmkd.pipeline import train_run
+    from cmkd.pipeline.train import train_run
 
     tiny_synthetic_file(tmp_path / "d.h5")
     models = {"teacher": {"arch": "mlp", "hidden": [16]}, "student": {"arch": "mlp", "hidden": [16]}}

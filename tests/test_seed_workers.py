@@ -21,7 +21,7 @@ EPOCHS = 20
 RESUMED = 5  # epochs replayed from a checkpoint's history, as a resumed run does
 
 # The stage side, run as the stage command's own process: the pipeline's fork of seed workers
-# (cmkd.pipeline.train_run), each logging through cmkd.engine's logger as `fit` does. All end
+# (cmkd.pipeline.train.train_run), each logging through cmkd.training.live as `fit` does. All end
 # at once (a barrier), the moment the FileNotFoundError came from.
 _STAGE = textwrap.dedent("""
     import json, multiprocessing, os, sys, traceback
@@ -29,8 +29,8 @@ _STAGE = textwrap.dedent("""
     from pathlib import Path
 
     import dvc.scm, dvclive  # what train_run's import_before_fork loads for DVCLive
-    from cmkd.engine import open_live
-    from cmkd.parallel import die_with_parent
+    from cmkd.training.live import open_live
+    from cmkd.utils.parallel import die_with_parent
 
     workers, epochs, resumed = (int(a) for a in sys.argv[1:4])
     root, out = Path(sys.argv[4]), Path(sys.argv[5])

@@ -48,7 +48,7 @@ def test_bad_stem_stride():
 
 
 def test_integer_inputs_are_refused():
-    """Stored uint8 images reach models normalised (cmkd.engine.load_split), never raw."""
+    """Stored uint8 images reach models normalised (cmkd.training.data.load_split), never raw."""
     model = build_model({"arch": "seg_resnet", "width": 4}, (3, 16, 32), 3).eval()
     with pytest.raises(TypeError, match="uint8"):
         model(torch.zeros(1, 3, 16, 32, dtype=torch.uint8))

@@ -16,10 +16,11 @@ import pytest
 import torch
 from PIL import Image
 
-from cmkd.data import kitti_sample, semantickitti as sk
+from cmkd.data.samples import semantickitti as kitti_sample
+from cmkd.data.datasets import semantickitti as sk
 from cmkd.data.h5 import PreparedSplit, PreparedWriter, read_attrs
 from cmkd.data.registry import dataset_module
-from cmkd.engine import load_split
+from cmkd.training.data import load_split
 from cmkd.errors import ConfigError, DataFormatError
 
 TINY = {
@@ -200,7 +201,7 @@ def test_sample_has_the_exact_semantickitti_layout(sample):
 
 def test_sample_lidar_and_camera_agree_on_labels():
     """The LiDAR and camera are ray-cast separately; projecting the LiDAR points with
-    cmkd.geometry must land them on camera pixels that saw the same surface."""
+    cmkd.data.geometry must land them on camera pixels that saw the same surface."""
     rng = np.random.default_rng(0)
     street = kitti_sample.Street(rng, -90.0, 100.0, "natural")
     P2, Tr, size = kitti_sample.scaled_calib((1241, 376), 0.25)
@@ -208,7 +209,7 @@ def test_sample_lidar_and_camera_agree_on_labels():
     sun = np.array([0.3, 0.3, 0.9]) / np.linalg.norm([0.3, 0.3, 0.9])
     out = kitti_sample.render_frame(street, 0, pose, kitti_sample.lidar_directions(64, 512), P2, Tr, size,
                                     rng, sun, range_noise=0.0, pixel_noise=0.0)
-    from cmkd.geometry import lidar_image
+    from cmkd.data.geometry import lidar_image
 
     raw = (out["labels"] & 0xFFFF).astype(np.int16)
     _, label_map, valid = lidar_image(out["points"], P2, Tr, size[0], size[1], labels=raw)

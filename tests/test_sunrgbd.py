@@ -17,7 +17,8 @@ import torch
 import yaml
 from PIL import Image
 
-from cmkd.data import sunrgbd, sunrgbd_sample
+from cmkd.data import sunrgbd
+from cmkd.data.samples import sunrgbd as sunrgbd_sample
 from cmkd.data.h5 import PreparedSplit, read_attrs
 from cmkd.errors import ChecksumError, ConfigError, DataFormatError
 from cmkd.models import build_model

@@ -1,4 +1,4 @@
-"""The real-scale training options (cmkd/training.py): schedules across a resume, bf16 autocast,
+"""The real-scale training options (cmkd/training/precision.py): schedules across a resume, bf16 autocast,
 gradient clipping, channels_last, torch.compile, and their params validation."""
 
 import numpy as np
@@ -6,12 +6,15 @@ import pytest
 import torch
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
-from cmkd.data.synthetic import ntdh_sklearn
-from cmkd.engine import SplitData, TrainConfig, fit, seed_everything
+from cmkd.data.datasets.synthetic import ntdh_sklearn
+from cmkd.training.data import SplitData
+from cmkd.training.config import TrainConfig
+from cmkd.training.loop import fit
+from cmkd.training.distributed import seed_everything
 from cmkd.errors import ConfigError
 from cmkd.methods import build_distiller
 from cmkd.models import build_model
-from cmkd.training import scheduled_lr, validate_schedule
+from cmkd.training.precision import scheduled_lr, validate_schedule
 
 
 def _vector_data(n=300):

@@ -1,4 +1,4 @@
-"""The tuning protocol (cmkd/tuning.py, stages/tune.py): grids, equal budgets, selection on the
+"""The tuning protocol (cmkd/pipeline/tuning.py, stages/tune.py): grids, equal budgets, selection on the
 validation split only, tuning seeds apart from the reporting seeds, the selection merged into
 the distill runs, and the run metadata (hyperparameters, selected_on) in metrics.json."""
 
@@ -18,10 +18,8 @@ import yaml
 
 from cmkd.config import load_params, validate_params
 from cmkd.errors import ConfigError
-from cmkd.tuning import (
-    apply_overrides, budgeted_configs, expand_grid, load_tuned, render_tuned, select, tune_run, tuned_run_config,
-    update_tuned, validate_tuning,
-)
+from cmkd.config import apply_overrides, budgeted_configs, expand_grid, validate_tuning
+from cmkd.pipeline.tuning import load_tuned, render_tuned, select, tune_run, tuned_run_config, update_tuned
 from tests.conftest import REPO, tool_env
 
 PARAMS = load_params(REPO / "params.yaml")
@@ -159,10 +157,10 @@ def test_select_takes_the_best_mean_and_the_first_of_ties():
 @pytest.fixture(scope="module")
 def tiny_data(tmp_path_factory):
     """A small synthetic dataset and a TEACHER trained on the tuning seeds."""
-    from cmkd.data import synthetic
-    from cmkd.engine import TrainConfig
+    from cmkd.data.datasets import synthetic
+    from cmkd.training.config import TrainConfig
     from cmkd.config import TEACHER_RUN
-    from cmkd.pipeline import train_run
+    from cmkd.pipeline.train import train_run
 
     tmp = tmp_path_factory.mktemp("tuning")
     cfg = dict(PARAMS["data"]["synthetic"], n_samples=400, gammas=[0.5])
@@ -207,7 +205,7 @@ def test_selection_reads_validation_only(tiny_data):
 
 
 def test_train_run_records_hyperparameters_and_selected_on(tiny_data):
-    from cmkd.pipeline import train_run
+    from cmkd.pipeline.train import train_run
 
     tmp, h5, train_cfg = tiny_data
     tuned = {"mlkd": {"synthetic": {"class_norm": "batch", "kd_weight": 2.0}}}
@@ -224,7 +222,7 @@ def test_train_run_records_hyperparameters_and_selected_on(tiny_data):
 
 
 def test_ctkd_metrics_record_the_temperature_trajectory(tiny_data):
-    from cmkd.pipeline import train_run
+    from cmkd.pipeline.train import train_run
 
     tmp, h5, train_cfg = tiny_data
     cfg = dict(PARAMS["runs"]["ctkd"], temperature_lr=0.2, ramp_epochs=0)

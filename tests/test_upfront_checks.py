@@ -53,7 +53,7 @@ def test_a_method_undefined_for_the_task_is_skipped_and_shown_as_na(tmp_path):
     import json
 
     from cmkd.methods import get_method
-    from cmkd.report import collect, markdown_table
+    from cmkd.reporting.tables import collect, markdown_table
 
     assert "segmentation" not in get_method("discom_kd").tasks
     assert "segmentation" in get_method("kd").tasks
@@ -119,9 +119,9 @@ def test_at_on_vector_data_is_skipped_in_training_and_in_tuning(tmp_path):
     from conftest import tiny_synthetic_file
 
     from cmkd.data.h5 import read_attrs
-    from cmkd.engine import TrainConfig
-    from cmkd.pipeline import skip_reason, train_run
-    from cmkd.tuning import tune_run
+    from cmkd.training.config import TrainConfig
+    from cmkd.pipeline.train import skip_reason, train_run
+    from cmkd.pipeline.tuning import tune_run
 
     prepared = tiny_synthetic_file(tmp_path / "synthetic.h5")
     attrs = read_attrs(prepared)

@@ -52,7 +52,7 @@ from typing import Any, Iterable, Mapping
 
 from tqdm.auto import tqdm
 
-from cmkd.atomic import write_json
+from cmkd.utils.atomic import write_json
 from cmkd.errors import ChecksumError, CmkdError, ConfigError, DataFormatError, UnsafeArchiveError
 
 log = logging.getLogger(__name__)

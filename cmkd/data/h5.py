@@ -27,7 +27,7 @@ import h5py
 import numpy as np
 
 from cmkd import __version__
-from cmkd.atomic import remove_stale
+from cmkd.utils.atomic import remove_stale
 from cmkd.errors import DataFormatError
 
 FORMAT_VERSION = 1
@@ -199,3 +199,10 @@ class PreparedSplit:
             for start in starts:
                 stop = min(start + rows, self.length)
                 yield np.arange(start, stop), {n: group[n][start:stop] for n in names}
+
+
+def seed_root(attrs: Mapping[str, Any], seed: int) -> str:
+    """Datasets with one split per seed (SUN RGB-D's five 70/10/20 splits) list their groups in
+    the `seed_roots` attribute; seed k uses group k modulo their number."""
+    roots = attrs.get("seed_roots") or [""]
+    return roots[seed % len(roots)]

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from cmkd.data.augment import augment_batch  # the one augmentation, shared with the in-memory path
 from cmkd.errors import ConfigError
 
 
@@ -169,8 +170,6 @@ class H5Batches(Dataset):
             batch["teacher_logits"] = torch.from_numpy(_read_rows(logits_file["logits"], rows))
         if self.augment is None:
             return batch
-        from cmkd.engine import augment_batch  # the one augmentation, shared with the in-memory path
-
         # Flips and rotations commute with the per-channel normalisation that follows.
         return augment_batch(batch, self.augment, torch.Generator().manual_seed(int(aug_seed) * 1_000_003 + batch_no))
 
@@ -193,8 +192,6 @@ def normalise_batch(batch: dict[str, torch.Tensor], normalise: Mapping[str, tupl
 def finish_batch(batch: dict[str, torch.Tensor], normalise: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
                  augment: str | None, generator: torch.Generator | None) -> dict[str, torch.Tensor]:
     """The in-memory path: normalised, int64 targets, then the augmentation (as before)."""
-    from cmkd.engine import augment_batch
-
     batch = normalise_batch(batch, normalise)
     if augment is not None:
         batch = augment_batch(batch, augment, generator)

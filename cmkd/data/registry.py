@@ -1,4 +1,4 @@
-"""Dataset registry: name -> module implementing the dataset's stages.
+"""Dataset registry: name -> module implementing the dataset's stages (cmkd/utils/registry.py).
 
 Each module provides
     download(cfg: dict, raw_dir: Path, progress: bool = True) -> None
@@ -13,39 +13,25 @@ and optionally validate(cfg: dict, key: str) -> None, raising ConfigError, and
 
 from __future__ import annotations
 
-import importlib
+import sys
 from types import ModuleType
 
-from cmkd.errors import ConfigError
+from cmkd.utils.registry import Registry
 
-DATASETS: dict[str, str] = {
-    "synthetic": "cmkd.data.synthetic",
-    "digits": "cmkd.data.digits",
-    "semantickitti": "cmkd.data.semantickitti",
-    "semantickitti-sample": "cmkd.data.kitti_sample",
-    # SUN RGB-D Kinect v2 (one module; the teacher/student modalities come from data.<name>):
-    # cross-modal rgb -> depth, multi-modal rgb_depth -> depth (and -> rgb), and the offline sample.
-    "sunrgbd": "cmkd.data.sunrgbd",
-    "sunrgbd-mm": "cmkd.data.sunrgbd",
-    "sunrgbd-mm-rgb": "cmkd.data.sunrgbd",
-    "sunrgbd-sample": "cmkd.data.sunrgbd",
-    "sunrgbd-sample-mm": "cmkd.data.sunrgbd",
-    "sunrgbd-sample-mm-rgb": "cmkd.data.sunrgbd",
-    # NYU-Depth-V2 RGB -> depth segmentation (40 or 13 classes), and the offline rendered sample.
-    "nyudv2": "cmkd.data.nyudv2",
-    "nyudv2-sample": "cmkd.data.nyudv2",
-}
+#: A dataset is the module whose `prepare` carries `@register_dataset("name", ...)`, in
+#: cmkd/data/datasets/ (the readers) or cmkd/data/samples/ (the offline samples).
+DATASETS = Registry("dataset", ["cmkd.data.datasets", "cmkd.data.samples"], decorator="register_dataset")
+register_dataset = DATASETS.register
 
 
 def available_datasets() -> list[str]:
-    """The dataset names `datasets` in params.yaml may list."""
-    return sorted(DATASETS)
+    """The dataset names `datasets` in params.yaml may list (read from the source)."""
+    return DATASETS.names()
 
 
 def dataset_module(name: str, key: str = "datasets") -> ModuleType:
-    if name not in DATASETS:
-        raise ConfigError(key, f"unknown dataset {name!r}; known: {sorted(DATASETS)}")
-    return importlib.import_module(DATASETS[name])
+    """The module of dataset `name` (imports only that module)."""
+    return sys.modules[DATASETS.lookup(name, key).__module__]
 
 
 def is_smoke_test(name: str, cfg) -> bool:

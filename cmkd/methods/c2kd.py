@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cmkd import exactmath
+from cmkd.utils import exactmath
 from cmkd.errors import ConfigError
 from cmkd.losses import cross_entropy, kendall_tau, kl_rows, mask_rows, masked_mean, to_rows
 from cmkd.methods import register

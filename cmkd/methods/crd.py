@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cmkd import exactmath
+from cmkd.utils import exactmath
 from cmkd.errors import ConfigError
 from cmkd.methods import register
 from cmkd.methods.feature import FeatureDistiller, pooled

@@ -155,7 +155,7 @@ class DisComKD(Distiller):
     trains_teacher = True  # the teacher-modality branch is trained (and never frozen)
     uses_teacher_logits_only = False
     # The paper defines per-sample embeddings and classifiers only; on a segmentation dataset
-    # the run is skipped with this reason and its row reads n/a (cmkd/pipeline.py).
+    # the run is skipped with this reason and its row reads n/a (cmkd/pipeline/train.py).
     tasks = ("classification",)
     defaults = {
         "embedding_dim": None,  # None: half the specific encoders' feature width

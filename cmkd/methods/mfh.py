@@ -29,7 +29,7 @@ of [N, D] vectors or the channels of [N, C, H, W] images):
     channel_mask(channels, num_channels) -> [C] bool
     ChannelMasked(model, mask, level)  a network that sees only the masked input (or feature) channels
     retrain_teacher_on_channels(teacher, channels, num_channels, train, val, cfg, ..., level)
-        -> (ChannelMasked teacher, FitResult)    (uses cmkd.engine.fit)
+        -> (ChannelMasked teacher, FitResult)    (uses cmkd.training.loop.fit)
 
 `level="feature"` applies the same procedure to the channels of `teacher.features(x)` (permuted
 in front of `teacher.head`), as the paper does on its real datasets; for any other feature-channel
@@ -51,6 +51,8 @@ from cmkd.losses import cross_entropy, kd_loss, non_target_divergence, standardi
 from cmkd.methods import register
 from cmkd.methods.base import Distiller
 from cmkd.methods.discom import reinitialised_copy
+from cmkd.training.distributed import resolve_device
+from cmkd.training.loop import fit
 
 log = logging.getLogger(__name__)
 
@@ -373,14 +375,13 @@ def retrain_teacher_on_channels(
     desc: str = "modality-general teacher",
 ) -> tuple[ChannelMasked, Any]:
     """Train the modality-general teacher on `channels` only (the others zeroed), by supervised CE
-    with `cmkd.engine.fit` (`train` / `val`: engine SplitData; `cfg`: engine TrainConfig).
+    with `cmkd.training.loop.fit` (`train` / `val`: engine SplitData; `cfg`: engine TrainConfig).
 
     `level="input"`: `teacher`'s architecture re-initialised (the paper retrains a new teacher on
     the kept input channels). `level="feature"`: feature channels are only meaningful for the
     network they were measured on, so `teacher` (Algorithm 1's jointly trained one) is trained
     further with its other feature channels masked. `reinitialise` overrides that default.
     Returns (the trained ChannelMasked teacher, the FitResult)."""
-    from cmkd.engine import fit  # the engine imports the method registry; import it lazily
     from cmkd.methods.supervised import TeacherSupervised
 
     if reinitialise is None:
@@ -440,12 +441,10 @@ def modality_general_teacher(
     `teacher` / `student` give the architectures: Algorithm 1 runs on fresh copies of them
     (`reinitialised_copy`) on up to `saliency_samples` shuffled rows of `train`, keeps the top
     `cfg[fraction_key]` of the teacher's channels (or takes `cfg["channels"]`) and retrains the
-    teacher on them with `cmkd.engine.fit` (`train_cfg`: engine TrainConfig). `cfg` holds the
+    teacher on them with `cmkd.training.loop.fit` (`train_cfg`: engine TrainConfig). `cfg` holds the
     `ALGORITHM1_DEFAULTS` keys. Deterministic given torch's global seed and `train_cfg.seed`.
     Returns (the trained ChannelMasked teacher, {"level", "channels", "saliency", "teacher_val"}).
     """
-    from cmkd.engine import resolve_device
-
     rows = _leading_rows(train, int(cfg["saliency_samples"]), seed=int(train_cfg.seed))
     device = resolve_device(train_cfg.device)
     x_t, x_s, y = (rows[k].to(device) for k in ("teacher_input", "student_input", "target"))
@@ -491,7 +490,7 @@ class MGKD(Distiller):
     The teacher is not the pipeline's pre-trained one: call `prepare(...)` before training. It
     runs Algorithm 1 on fresh copies of the teacher and student architectures (or takes the
     `channels` parameter), keeps the top `k_fraction` of the teacher's channels, retrains the
-    teacher on them with `cmkd.engine.fit`, and installs it (frozen) as `self.teacher`.
+    teacher on them with `cmkd.training.loop.fit`, and installs it (frozen) as `self.teacher`.
     `set_teacher(masked_teacher)` installs an already retrained ChannelMasked teacher instead.
 
     `level`: "input" ranks the teacher's input channels (MFH's synthetic experiments),

@@ -42,7 +42,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from cmkd import exactmath
+from cmkd.utils import exactmath
 from cmkd.errors import ConfigError
 from cmkd.losses import batch_correlation_loss, class_correlation_loss, cross_entropy, to_rows
 from cmkd.methods import register

@@ -1,4 +1,5 @@
-"""Model registry. Every model exposes `features(x)` (penultimate representation) and `head`
+"""Model registry (one module per architecture family, `@register_arch("name")` on a builder:
+cmkd/utils/registry.py). Every model exposes `features(x)` (penultimate representation) and `head`
 (the classifier on it), with `forward(x) == head(features(x))`; methods that need features
 (C2KD proxies, feature masks, DisCoM-KD) rely on that split.
 
@@ -23,31 +24,24 @@ from typing import Any, Callable, Mapping, Sequence
 from torch import nn
 
 from cmkd.errors import ConfigError
+from cmkd.utils.registry import Registry
 
-_ARCHS: dict[str, Callable[..., nn.Module]] = {}
-
-
-def register_arch(name: str) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
-    def wrap(builder: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
-        _ARCHS[name] = builder
-        return builder
-
-    return wrap
+#: `@register_arch("name")` on a builder (in_shape, num_classes, **cfg) -> nn.Module in a module of
+#: this package (cmkd/utils/registry.py); `models.<dataset>.<role>.arch` names it.
+MODELS = Registry("architecture", ["cmkd.models"], decorator="register_arch")
+register_arch = MODELS.register
 
 
 def available_archs() -> list[str]:
-    _load_builtin()
-    return sorted(_ARCHS)
+    """Every architecture name (read from the source; nothing imported)."""
+    return MODELS.names()
 
 
 def build_model(cfg: Mapping[str, Any], in_shape: Sequence[int], num_classes: int, key: str = "models") -> nn.Module:
     """Build `cfg["arch"]` for inputs of shape `in_shape` (without the batch dimension)."""
-    _load_builtin()
     cfg = dict(cfg)
-    arch = cfg.pop("arch", None)
-    if arch not in _ARCHS:
-        raise ConfigError(f"{key}.arch", f"unknown architecture {arch!r}; known: {sorted(_ARCHS)}")
-    return _ARCHS[arch](in_shape=tuple(in_shape), num_classes=num_classes, **cfg)
+    builder: Callable[..., nn.Module] = MODELS.lookup(cfg.pop("arch", None), f"{key}.arch")
+    return builder(in_shape=tuple(in_shape), num_classes=num_classes, **cfg)
 
 
 def select_stages(outputs: dict[str, Any], names: Sequence[str] | None, logits) -> dict[str, Any]:
@@ -67,11 +61,3 @@ def stage_outputs(model: nn.Module, x, names: Sequence[str] | None = None) -> di
         raise ConfigError("models", f"{type(model).__name__} has no stage {unknown[0]!r}; known: {known}")
     return model.forward_stages(x, names)
 
-
-def _load_builtin() -> None:
-    # Imported here so `import cmkd.models` stays cheap and side-effect free.
-    from cmkd.models import mlp, cnn, resnet, fusion  # noqa: F401
-    try:
-        from cmkd.models import segmentation  # noqa: F401
-    except ImportError:
-        pass

@@ -6,7 +6,7 @@ down (bilinear upsampling to the finer stage's size, so any input size works), r
 3x3 convolution and upsamples to the input size. `features(x)` is that per-pixel map
 [N, D, H, W]; `head` is a 1x1 convolution to the class logits [N, C, H, W]. Inputs of any
 floating dtype (float16 LiDAR images in prepared files) are cast to the weights' dtype first;
-integer inputs (stored uint8 RGB) are refused: cmkd.engine.load_split normalises them.
+integer inputs (stored uint8 RGB) are refused: cmkd.training.data.load_split normalises them.
 """
 
 from __future__ import annotations

@@ -1,0 +1,1 @@
+"""The papers' synthetic experiments (MFH, NTDH, digits): batched ensembles of small networks."""
