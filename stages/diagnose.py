@@ -11,7 +11,7 @@ from pathlib import Path
 from cmkd.atomic import write_json, write_text
 from cmkd.determinism import provenance
 from cmkd.diagnosis_report import apply_predictor, check_config, diagnosis_markdown, load_predictor, measure_dataset
-from cmkd.errors import ConfigError
+from cmkd.resolve import models_of, origin_note, roles_for_prepared
 from stages._common import DATA, main, parser, start
 
 PREDICTOR_FILE = "diagnosis_predictor.json"
@@ -24,18 +24,20 @@ def run() -> None:
     args = p.parse_args()
     params = start(args)
     ds = args.dataset
-    if ds not in params["models"]:
-        raise ConfigError(f"models.{ds}", "missing")
+    prepared = Path(DATA) / "prepared" / f"{ds}.h5"
+    roles = roles_for_prepared(params, ds, prepared)  # the models train_*@<ds> trained
     cfg = check_config(params.get("diagnosis"))
     predictor = load_predictor(Path(args.params).with_name(PREDICTOR_FILE))
     runs = Path(DATA) / "runs" / ds
-    result = measure_dataset(Path(DATA) / "prepared" / f"{ds}.h5", runs / "teacher", runs / "student", params["models"][ds],
-                             params["seeds"], ds, cfg)
+    result = measure_dataset(prepared, runs / "teacher", runs / "student", models_of(roles), params["seeds"], ds, cfg)
     result = apply_predictor(result, predictor, cfg)
     result["provenance"] = provenance()
+    note = origin_note(roles)  # a paired dataset's models chosen from its input shapes
+    if note:
+        result["models_origin"] = note
     out = Path(args.out_dir)
     write_json(out / f"{ds}.json", result)
-    write_text(out / f"{ds}.md", diagnosis_markdown(result))
+    write_text(out / f"{ds}.md", (f"{note}\n\n" if note else "") + diagnosis_markdown(result))
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ def run() -> None:
     p.add_argument("--dataset", required=True)
     args = p.parse_args()
     params = start(args, data_only=True)
-    module = dataset_module(args.dataset)
+    module = dataset_module(args.dataset, cfg=params["data"][args.dataset])
     with atomic_dir(Path(DATA) / "raw" / args.dataset, scratch=SCRATCH) as tmp:
         module.download(params["data"][args.dataset], tmp, progress=not args.no_progress)
 

@@ -14,6 +14,7 @@ from cmkd.engine import TrainConfig, distributed_info, init_distributed_from_env
 from cmkd.errors import ConfigError
 from cmkd.config import STUDENT_RUN, TEACHER_RUN
 from cmkd.pipeline import train_run
+from cmkd.resolve import models_of, roles_for_prepared
 from cmkd.tuning import TUNED_FILE, load_tuned, tuned_run_config
 from stages._common import DATA, SCRATCH, main, parser, seed_workers, start
 
@@ -41,8 +42,11 @@ def run() -> None:
         tuned = load_tuned(Path(args.params).with_name(TUNED_FILE))
         run_cfg, selected_on = tuned_run_config(params["runs"][args.run], tuned, ds, args.run)
         train_key = "student"
-    train_cfg = TrainConfig.from_params(params["train"][ds][train_key], f"train.{ds}.{train_key}")
-    teacher_cfg = TrainConfig.from_params(params["train"][ds]["teacher"], f"train.{ds}.teacher")
+    prepared = Path(DATA) / "prepared" / f"{ds}.h5"
+    # params.yaml's models / train blocks, or a paired dataset's defaults (data/resolved/<ds>/)
+    roles = roles_for_prepared(params, ds, prepared)
+    train_cfg = TrainConfig.from_params(roles[train_key]["train"], f"train.{ds}.{train_key}")
+    teacher_cfg = TrainConfig.from_params(roles["teacher"]["train"], f"train.{ds}.teacher")
     runs_dir = Path(DATA) / "runs" / ds
     checkpoints = Path(DATA) / "checkpoints" / ds / name
     rank, _ = distributed_info()
@@ -51,8 +55,8 @@ def run() -> None:
     with target as out:
         out = Path(out)
         train_run(
-            dataset=ds, prepared=Path(DATA) / "prepared" / f"{ds}.h5", run_name=name, run_cfg=run_cfg,
-            models=params["models"][ds], train_cfg=train_cfg, seeds=params["seeds"], out_dir=out,
+            dataset=ds, prepared=prepared, run_name=name, run_cfg=run_cfg,
+            models=models_of(roles), train_cfg=train_cfg, seeds=params["seeds"], out_dir=out,
             checkpoint_root=checkpoints,
             teacher_dir=runs_dir / "teacher" if args.run else None, teacher_train_cfg=teacher_cfg,
             cache_train_logits=args.role == "teacher", progress=not args.no_progress,
