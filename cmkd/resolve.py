@@ -97,7 +97,8 @@ def resolve_roles(params: Mapping[str, Any], ds: str,
         origin = f"{model['arch']} chosen from the input shapes ({what})"
         given_model, given_train = _block(params, "models", ds, role), _block(params, "train", ds, role)
         if given_model:
-            model = dict(given_model) if given_model.get("arch", model["arch"]) != model["arch"] else {**model, **given_model}
+            same_arch = given_model.get("arch", model["arch"]) == model["arch"]
+            model = {**model, **given_model} if same_arch else dict(given_model)  # another arch: replaced
         if given_train:
             train = {**train, **given_train}
         overrides = [f"{s}.{ds}.{role}" for s, given in (("models", given_model), ("train", given_train)) if given]

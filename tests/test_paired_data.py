@@ -195,7 +195,8 @@ def test_bad_input_is_one_line_naming_file_and_array_and_writes_nothing(case, tm
 def test_segmentation_labels_other_than_ignore_index_must_not_be_negative(tmp_path):
     src = make_paired(tmp_path / "src", kind="image", task="segmentation")
     _rewrite(src, "val", lambda a: a.update(labels=np.where(a["labels"] == 255, -1, a["labels"].astype(np.int16))))
-    with pytest.raises(DataFormatError, match=r"val\.npz: array 'labels': negative label -1 in row 0 \(only ignore_index 255"):
+    expected = r"val\.npz: array 'labels': negative label -1 in row 0 \(only ignore_index 255"
+    with pytest.raises(DataFormatError, match=expected):
         paired.check_sources(block(src, task="segmentation"), "data.mine")
     paired.check_sources(block(src, task="segmentation", ignore_index=-1), "data.mine")  # declared: fine
 
@@ -317,7 +318,8 @@ def test_diagnosis_and_table_on_the_users_data(mine_pipeline):
     assert resolved["model"] == {"arch": "mlp", "hidden": [128, 128]} and resolved["train"]["epochs"] == 20
     sources = json.loads((repo / "data/resolved/mine/sources.json").read_text())
     assert sources["sha256"]["train.npz"] == hashlib.sha256((src / "train.npz").read_bytes()).hexdigest()
-    note = "teacher mlp chosen from the input shapes (vectors of 6); student mlp chosen from the input shapes (vectors of 8)"
+    note = ("teacher mlp chosen from the input shapes (vectors of 6); "
+            "student mlp chosen from the input shapes (vectors of 8)")
     assert note in (repo / "data/diagnosis/mine.md").read_text()
     table = (repo / "data/reports/mine/table.md").read_text()
     assert note in table and "selected_on: default" in table

@@ -127,7 +127,8 @@ def _npz_headers(path: Path) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
                     continue
                 with zf.open(member) as fh:
                     version = np.lib.format.read_magic(fh)
-                    read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+                    fmt = np.lib.format
+                    read = fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0
                     shape, _, dtype = read(fh)
                 headers[member[:-4]] = (tuple(shape), np.dtype(dtype))
     except (zipfile.BadZipFile, ValueError, OSError) as err:
@@ -206,7 +207,8 @@ def open_sources(cfg: Mapping[str, Any], key: str) -> Sources:
             for name in (teacher, student):
                 if sf.shape(name)[2:] != labels[1:]:
                     raise DataFormatError(sf.path, f"array {name!r}: shape {sf.shape(name)} does not match "
-                                          f"{LABELS!r} {labels}: segmentation needs (N, C, H, W) images of the labels' H, W")
+                                          f"{LABELS!r} {labels}: segmentation needs (N, C, H, W) images "
+                                          "of the labels' H, W")
         lengths = {name: sf.shape(name)[0] for name in (teacher, student, LABELS)}
         if len(set(lengths.values())) != 1:
             name = next(n for n in (student, LABELS) if lengths[n] != lengths[teacher])
@@ -275,12 +277,14 @@ def check_values(sources: Sources, cfg: Mapping[str, Any]) -> dict[str, Any]:
                 bad = labelled & ~(np.isfinite(y) & (y == np.round(y)))
                 if bad.any():
                     row = start + _first_row(bad)
-                    raise DataFormatError(sf.path, f"array {LABELS!r}: non-integer label {y[bad][0].item()!r} in row {row}")
+                    raise DataFormatError(sf.path, f"array {LABELS!r}: non-integer label {y[bad][0].item()!r} "
+                                          f"in row {row}")
             values = y[labelled]
             if values.size and values.min() < 0:
                 row = start + _first_row(labelled & (y < 0))
                 allowed = f" (only ignore_index {ignore} marks unlabelled pixels)" if ignore is not None else ""
-                raise DataFormatError(sf.path, f"array {LABELS!r}: negative label {values.min().item()!r} in row {row}{allowed}")
+                raise DataFormatError(sf.path, f"array {LABELS!r}: negative label {values.min().item()!r} "
+                                      f"in row {row}{allowed}")
             if values.size:
                 top = int(values.max())
                 if class_names is not None and top >= len(class_names):
