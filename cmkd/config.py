@@ -57,7 +57,7 @@ def validate_params(params: Mapping[str, Any], data_only: bool = False) -> None:
         raise ConfigError("seeds", f"has duplicates: {seeds}")
 
     for ds in datasets:
-        module = dataset_module(ds, "datasets")
+        module = dataset_module(ds, "datasets", (params.get("data") or {}).get(ds))
         data_cfg = _require(params, f"data.{ds}")
         if hasattr(module, "validate"):
             module.validate(data_cfg, f"data.{ds}")
@@ -84,13 +84,20 @@ def validate_params(params: Mapping[str, Any], data_only: bool = False) -> None:
 
     validate_tuning(params)  # grids, budget, tuning seeds disjoint from `seeds`
 
+    from cmkd.data.datasets.paired import is_paired
+    from cmkd.training.resolve import resolve_roles
+
     archs = set(available_archs())
     for ds in datasets:
+        paired = is_paired(params["data"][ds])
+        # a paired dataset's blocks are optional overrides of defaults chosen from its input
+        # shapes, known once its files are read (cmkd/training/resolve.py): its keys are checked over a default
+        roles = resolve_roles(params, ds, ("classification", (1,), (1,)) if paired else None)
         for role in ("teacher", "student"):
-            model = _require(params, f"models.{ds}.{role}")
+            model = roles[role]["model"]
             if model.get("arch") not in archs:
                 raise ConfigError(f"models.{ds}.{role}.arch", f"unknown architecture {model.get('arch')!r}; known: {sorted(archs)}")
-            TrainConfig.from_params(_require(params, f"train.{ds}.{role}"), f"train.{ds}.{role}")
+            TrainConfig.from_params(roles[role]["train"], f"train.{ds}.{role}")
 
 
 # ---------------------------------------------------------------------------- tuning grids

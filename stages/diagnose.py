@@ -1,6 +1,6 @@
 """Stage `diagnose@<dataset>`: will KD help here? From the trained TEACHER and the no-KD STUDENT
 (data/runs/<dataset>/{teacher,student}) on the validation split, the indicators of
-cmkd/diagnosis.py and the predicted KD gain of the committed predictor (diagnosis_predictor.json)
+cmkd/diagnosis/indicators.py and the predicted KD gain of the committed predictor (diagnosis_predictor.json)
 -> data/diagnosis/<dataset>.json and .md. Runs before, and independent of, every distill stage.
 
     python -m stages diagnose --dataset synthetic
@@ -13,6 +13,7 @@ from cmkd.utils.determinism import provenance
 from cmkd.diagnosis.report import apply_predictor, check_config, diagnosis_markdown, load_predictor, measure_dataset
 from cmkd.errors import ConfigError
 from cmkd.pipeline.layout import DIAGNOSIS, PREDICTOR_FILE, prepared_file, run_dir
+from cmkd.training.resolve import models_of, origin_note, roles_for_prepared
 from stages._common import main, parser, start
 
 
@@ -23,17 +24,20 @@ def run() -> None:
     args = p.parse_args()
     params = start(args)
     ds = args.dataset
-    if ds not in params["models"]:
-        raise ConfigError(f"models.{ds}", "missing")
+    prepared = prepared_file(ds)
+    roles = roles_for_prepared(params, ds, prepared)  # the models train_*@<ds> trained
     cfg = check_config(params.get("diagnosis"))
     predictor = load_predictor(Path(args.params).with_name(PREDICTOR_FILE))
-    result = measure_dataset(prepared_file(ds), run_dir(ds, "teacher"), run_dir(ds, "student"), params["models"][ds],
+    result = measure_dataset(prepared_file(ds), run_dir(ds, "teacher"), run_dir(ds, "student"), models_of(roles),
                              params["seeds"], ds, cfg)
     result = apply_predictor(result, predictor, cfg)
     result["provenance"] = provenance()
+    note = origin_note(roles)  # a paired dataset's models chosen from its input shapes
+    if note:
+        result["models_origin"] = note
     out = Path(args.out_dir)
     write_json(out / f"{ds}.json", result)
-    write_text(out / f"{ds}.md", diagnosis_markdown(result))
+    write_text(out / f"{ds}.md", (f"{note}\n\n" if note else "") + diagnosis_markdown(result))
 
 
 if __name__ == "__main__":

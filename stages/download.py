@@ -11,7 +11,7 @@ def run() -> None:
     p.add_argument("--dataset", required=True)
     args = p.parse_args()
     params = start(args, data_only=True)
-    module = dataset_module(args.dataset)
+    module = dataset_module(args.dataset, cfg=params["data"][args.dataset])
     with atomic_dir(raw_dir(args.dataset), scratch=SCRATCH) as tmp:
         module.download(params["data"][args.dataset], tmp, progress=not args.no_progress)
 

@@ -7,14 +7,23 @@ import json
 from cmkd.utils.atomic import atomic_dir, atomic_path, write_json, write_text
 from cmkd.reporting.curves import curves_csv
 from cmkd.data.h5 import read_attrs
+from cmkd.data.datasets.paired import is_paired
 from cmkd.data.registry import is_smoke_test
 from cmkd.utils.determinism import provenance
+from cmkd.training.resolve import origin_note, roles_for_prepared
 from cmkd.reporting.tables import bar_figure, collect, markdown_table, metrics_file_name, metrics_summary, scores_csv
 from cmkd.pipeline.layout import dataset_metrics, metrics_dir, prepared_file, report_dir, runs_dir
 from stages._common import main, parser, start
 
 SMOKE_NOTE = ("**Smoke test, not a result.** `{ds}` is a small sample generated offline to exercise "
               "the code path end to end; its numbers say nothing about the methods.\n\n")
+
+# A user's own data (data.<name>.kind: paired): how its models were chosen, and that tuned.yaml
+# (the tuning protocol's selection) has nothing for it, so every run uses params.yaml's values.
+PAIRED_NOTE = "**Your own data.** {models} {tuning}\n\n"
+UNTUNED_NOTE = ("Hyper-parameters: params.yaml's `runs` (selected_on: default; tuned.yaml has no selection for "
+                "`{ds}`: `dvc repro tuning/dvc.yaml` makes one, docs/tuning.md).")
+TUNED_NOTE = "Hyper-parameters: tuned.yaml's selection on the validation split where marked, else params.yaml's `runs`."
 
 
 def run() -> None:
@@ -33,6 +42,11 @@ def run() -> None:
     if is_smoke_test(ds, params["data"][ds]):
         report["smoke_test"] = True
         table = SMOKE_NOTE.format(ds=ds) + table
+    if is_paired(params["data"][ds]):
+        note = origin_note(roles_for_prepared(params, ds, prepared_file(ds)))
+        report["models_origin"] = note
+        tuned = any(row.get("selected_on") == "val" for row in report["rows"].values())
+        table = PAIRED_NOTE.format(models=note, tuning=(TUNED_NOTE if tuned else UNTUNED_NOTE).format(ds=ds)) + table
     write_json(dataset_metrics(ds), report)
     write_text(out / "table.md", table)
     write_text(out / "scores.csv", scores_csv(report))

@@ -10,7 +10,7 @@ def run() -> None:
     p.add_argument("--dataset", required=True)
     args = p.parse_args()
     params = start(args, data_only=True)
-    module = dataset_module(args.dataset)
+    module = dataset_module(args.dataset, cfg=params["data"][args.dataset])
     # prepare() writes through PreparedWriter, which renames into place only on success.
     module.prepare(params["data"][args.dataset], raw_dir(args.dataset), prepared_file(args.dataset),
                    progress=not args.no_progress)

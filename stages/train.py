@@ -17,6 +17,7 @@ from cmkd.config import STUDENT_RUN, TEACHER_RUN
 from cmkd.pipeline.train import train_run
 from cmkd.pipeline.tuning import load_tuned, tuned_run_config
 from cmkd.pipeline.layout import TUNED_FILE, checkpoint_dir, prepared_file, run_dir
+from cmkd.training.resolve import models_of, roles_for_prepared
 from stages._common import SCRATCH, main, parser, seed_workers, start
 
 
@@ -43,8 +44,11 @@ def run() -> None:
         tuned = load_tuned(Path(args.params).with_name(TUNED_FILE))
         run_cfg, selected_on = tuned_run_config(params["runs"][args.run], tuned, ds, args.run)
         train_key = "student"
-    train_cfg = TrainConfig.from_params(params["train"][ds][train_key], f"train.{ds}.{train_key}")
-    teacher_cfg = TrainConfig.from_params(params["train"][ds]["teacher"], f"train.{ds}.teacher")
+    prepared = prepared_file(ds)
+    # params.yaml's models / train blocks, or a paired dataset's defaults (data/resolved/<ds>/)
+    roles = roles_for_prepared(params, ds, prepared)
+    train_cfg = TrainConfig.from_params(roles[train_key]["train"], f"train.{ds}.{train_key}")
+    teacher_cfg = TrainConfig.from_params(roles["teacher"]["train"], f"train.{ds}.teacher")
     checkpoints = checkpoint_dir(ds, name)
     rank, _ = distributed_info()
     # Under torchrun only rank 0 writes the stage's outputs; the other ranks train alongside.
@@ -52,8 +56,8 @@ def run() -> None:
     with target as out:
         out = Path(out)
         train_run(
-            dataset=ds, prepared=prepared_file(ds), run_name=name, run_cfg=run_cfg,
-            models=params["models"][ds], train_cfg=train_cfg, seeds=params["seeds"], out_dir=out,
+            dataset=ds, prepared=prepared, run_name=name, run_cfg=run_cfg,
+            models=models_of(roles), train_cfg=train_cfg, seeds=params["seeds"], out_dir=out,
             checkpoint_root=checkpoints,
             teacher_dir=run_dir(ds, "teacher") if args.run else None, teacher_train_cfg=teacher_cfg,
             cache_train_logits=args.role == "teacher", progress=not args.no_progress,

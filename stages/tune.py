@@ -23,15 +23,22 @@ from cmkd.pipeline.train import train_run
 from cmkd.pipeline.tuning import grid_for, load_tuned, render_tuned, report_markdown, tune_run, update_tuned
 from cmkd.pipeline.layout import TUNED_FILE, prepared_file, tuning_evidence_file, tuning_report
 from cmkd.pipeline.layout import tuning_teacher_dir as teacher_dir
+from cmkd.training.resolve import models_of, roles_for_prepared
 from stages._common import main, parser, seed_workers, start
+
+
+def dataset_roles(params, ds: str) -> dict:
+    """Each role's model and training (params.yaml's blocks, or a paired dataset's defaults)."""
+    return roles_for_prepared(params, ds, prepared_file(ds))
 
 
 def train_teacher(params, ds: str, progress: bool) -> None:
     """The TEACHER on the tuning seeds (the reporting seeds' teachers are never used here)."""
-    cfg = TrainConfig.from_params(params["train"][ds]["teacher"], f"train.{ds}.teacher")
+    roles = dataset_roles(params, ds)
+    cfg = TrainConfig.from_params(roles["teacher"]["train"], f"train.{ds}.teacher")
     with atomic_dir(teacher_dir(ds)) as out:
         train_run(dataset=ds, prepared=prepared_file(ds), run_name="teacher", run_cfg=TEACHER_RUN,
-                  models=params["models"][ds], train_cfg=cfg, seeds=params["tuning"]["seeds"], out_dir=Path(out),
+                  models=models_of(roles), train_cfg=cfg, seeds=params["tuning"]["seeds"], out_dir=Path(out),
                   checkpoint_root=None, cache_train_logits=True, progress=progress, seed_workers=seed_workers(),
                   evaluate_test=False)
 
@@ -42,14 +49,15 @@ def tune(params, ds: str, run: str, progress: bool) -> None:
     tuning = params["tuning"]
     if not (teacher_dir(ds) / "metrics.json").exists():
         train_teacher(params, ds, progress)
+    roles = dataset_roles(params, ds)
     with tempfile.TemporaryDirectory(prefix=f"tune-{ds}-{run}-") as work:
         evidence = tune_run(
             dataset=ds, prepared=prepared_file(ds), run_name=run, run_cfg=params["runs"][run],
             grid=grid_for(params, run), budget=int(tuning["budget"]), subsample_seed=int(tuning.get("subsample_seed", 0)),
-            seeds=tuning["seeds"], models=params["models"][ds],
-            train_cfg=TrainConfig.from_params(params["train"][ds]["student"], f"train.{ds}.student"),
+            seeds=tuning["seeds"], models=models_of(roles),
+            train_cfg=TrainConfig.from_params(roles["student"]["train"], f"train.{ds}.student"),
             teacher_dir=teacher_dir(ds),
-            teacher_train_cfg=TrainConfig.from_params(params["train"][ds]["teacher"], f"train.{ds}.teacher"),
+            teacher_train_cfg=TrainConfig.from_params(roles["teacher"]["train"], f"train.{ds}.teacher"),
             work_dir=Path(work), seed_workers=seed_workers(), progress=progress)
     evidence["run_config"] = params["runs"][run]
     evidence["provenance"] = provenance()
@@ -64,6 +72,7 @@ def tune(params, ds: str, run: str, progress: bool) -> None:
 def select(params, ds: str) -> None:
     """Gather every run's evidence into the dataset's report and its section of tuned.yaml."""
     tuning = params["tuning"]
+    epochs = int(dataset_roles(params, ds)["student"]["train"]["epochs"])
     runs, untuned = {}, []
     for run in params["methods"]:
         path = tuning_evidence_file(ds, run)
@@ -73,7 +82,7 @@ def select(params, ds: str) -> None:
         evidence = json.loads(path.read_text())
         current = {"grid": {k: list(v) for k, v in grid_for(params, run).items()}, "seeds": list(tuning["seeds"]),
                    "budget": int(tuning["budget"]), "run_config": params["runs"][run],
-                   "epochs": int(params["train"][ds]["student"]["epochs"])}
+                   "epochs": epochs}
         stale = [k for k, v in current.items() if json.loads(json.dumps(v)) != evidence.get(k)]
         if stale:
             raise ConfigError(f"tuning.grids.{run}", f"{path} was made with other {', '.join(stale)}: re-tune it "
@@ -85,7 +94,7 @@ def select(params, ds: str) -> None:
                "seconds_total": round(seconds, 1), "runs": runs}
     write_json(tuning_report(ds), summary)
     extra = {"tuning seeds": list(tuning["seeds"]), "budget": f"{tuning['budget']} configurations x "
-             f"{len(tuning['seeds'])} seeds x {params['train'][ds]['student']['epochs']} epochs per run",
+             f"{len(tuning['seeds'])} seeds x {epochs} epochs per run",
              "training seconds (all runs)": f"{seconds:.0f}"}
     if untuned:
         extra["not tuned (params.yaml values)"] = ", ".join(untuned)

@@ -120,9 +120,14 @@ def dvc(args: list[str], cwd: Path, env: dict[str, str], check: bool = True) -> 
     return proc
 
 
+# Stages DVC runs on every repro (`always_changed`): `resolve` fingerprints files outside the
+# repository (stages/resolve.py). What matters is what they trigger, so stages_run leaves them out.
+ALWAYS_CHANGED = {"resolve"}
+
+
 def stages_run(output: str) -> set[str]:
-    """Names of the stages `dvc repro` ran (it prints "Running stage 'name':")."""
-    return {line.split("'")[1] for line in output.splitlines() if line.startswith("Running stage '")}
+    """Names of the stages `dvc repro` ran (it prints "Running stage 'name':"), but ALWAYS_CHANGED."""
+    return {line.split("'")[1] for line in output.splitlines() if line.startswith("Running stage '")} - ALWAYS_CHANGED
 
 
 # --- Prefect ---------------------------------------------------------------------------------

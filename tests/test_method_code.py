@@ -150,10 +150,14 @@ def test_training_stages_depend_on_one_code_file_each():
     """dvc.lock is parsed and rewritten by DVC after every stage: a dozen source deps per training
     stage made it ~2x longer (issue 15). The code files are folded into method_code's output."""
     stages = DVC_YAML["stages"]
+    # (+ each role's model and training, data/resolved/: stages/resolve.py)
     assert stages["distill"]["deps"] == ["data/method_code/${item.run}.json", "data/prepared/${item.dataset}.h5",
-                                         "data/runs/${item.dataset}/teacher"]
-    assert stages["train_teacher"]["do"]["deps"] == ["data/method_code/stages/teacher.json", "data/prepared/${item}.h5"]
-    assert stages["train_student"]["do"]["deps"] == ["data/method_code/stages/student.json", "data/prepared/${item}.h5"]
+                                         "data/runs/${item.dataset}/teacher", "data/resolved/${item.dataset}/teacher.json",
+                                         "data/resolved/${item.dataset}/student.json"]
+    assert stages["train_teacher"]["do"]["deps"] == ["data/method_code/stages/teacher.json", "data/prepared/${item}.h5",
+                                                     "data/resolved/${item}/teacher.json"]
+    assert stages["train_student"]["do"]["deps"] == ["data/method_code/stages/student.json", "data/prepared/${item}.h5",
+                                                     "data/resolved/${item}/student.json"]
     assert {"stages", "cmkd"} <= set(stages["method_code"]["deps"])
 
 

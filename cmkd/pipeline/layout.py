@@ -25,6 +25,7 @@ DIAGNOSIS_VALIDATION = REPORTS / "diagnosis"
 METHOD_CODE = DATA / "method_code"
 PLOTS_PAGE = DATA / "plots_offline.html"
 TUNING = DATA / "tuning"
+RESOLVED = DATA / "resolved"  # each dataset's model and training per role, and its source files' checksums
 TUNING_REPORTS = Path("reports") / "tuning"
 # Beside params.yaml (git-tracked inputs)
 PREDICTOR_FILE = "diagnosis_predictor.json"
