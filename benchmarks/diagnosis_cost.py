@@ -1,4 +1,4 @@
-"""What the diagnosis costs against one distill stage (issue 13: "well under one distill run").
+"""What the diagnosis costs against one distill stage ("well under one distill run").
 
     CMKD_SEED_WORKERS=1 python benchmarks/diagnosis_cost.py synthetic [digits ...]
 

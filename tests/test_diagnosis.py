@@ -1,4 +1,4 @@
-"""The diagnosis (issue 13): indicators against independent numpy references, batched == per
+"""The diagnosis: indicators against independent numpy references, batched == per
 slice, the predictor and its leave-one-sweep-out validation on data whose answer is known, the
 report formats, the stage end to end on the tiny synthetic file, and dvc.yaml's dependencies."""
 

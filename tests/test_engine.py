@@ -234,7 +234,7 @@ def _alive(pid):
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="seed workers fork (Linux only)")
-def test_seed_workers_give_the_same_run_and_die_with_a_killed_stage(tmp_path):
+def test_dvclive_seed_workers_give_the_same_run_and_die_with_a_killed_stage(tmp_path):
     """A stage training its seeds in 1 or 2 processes writes identical metrics and models; a
     SIGKILLed stage leaves no seed worker running."""
     base = yaml.safe_load((REPO / "params.yaml").read_text())

@@ -35,7 +35,7 @@ def test_saliency_does_not_depend_on_the_pass_size(monkeypatch):
     torch.testing.assert_close(full, small)
 
 
-def test_seed_workers_follow_available_memory(monkeypatch):
+def test_dvclive_seed_workers_follow_available_memory(monkeypatch):
     import stages._common as common
 
     monkeypatch.delenv("CMKD_SEED_WORKERS", raising=False)

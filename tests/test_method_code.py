@@ -148,7 +148,7 @@ def test_experiment_stages_declare_every_method_module_they_use():
 
 def test_training_stages_depend_on_one_code_file_each():
     """dvc.lock is parsed and rewritten by DVC after every stage: a dozen source deps per training
-    stage made it ~2x longer (issue 15). The code files are folded into method_code's output."""
+    stage made it ~2x longer. The code files are folded into method_code's output."""
     stages = DVC_YAML["stages"]
     # (+ each role's model and training, data/resolved/: stages/resolve.py)
     assert stages["distill"]["deps"] == ["data/method_code/${item.run}.json", "data/prepared/${item.dataset}.h5",

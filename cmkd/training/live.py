@@ -16,7 +16,7 @@ from typing import Any, Iterator, Mapping
 #   mark_dvclive_step_completed / cleanup_dvclive_step_completed: every next_step() writes
 #     <$DVC_ROOT or the cwd's repo>/.dvc/tmp/exps/run/DVCLIVE_STEP_COMPLETED (a hint for VS
 #     Code) and end() removes it after an exists() check: two seeds ending together raise
-#     FileNotFoundError (issue 24);
+#     FileNotFoundError;
 #   get_dvc_repo: each Live() opens a dvc Repo (its state databases in DVC's site cache dir are
 #     written), and under `dvc exp run` end() `git add`s untracked files of `dir` with it;
 #   get_dvc_studio_config: live-metric posts to Studio, where parallel seeds would interleave.

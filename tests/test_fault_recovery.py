@@ -1,4 +1,4 @@
-"""Faults: killed runs, corrupt state, temporaries of dead processes, permissions (issue 12)."""
+"""Faults: killed runs, corrupt state, temporaries of dead processes, permissions."""
 
 from __future__ import annotations
 

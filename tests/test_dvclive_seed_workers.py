@@ -1,5 +1,5 @@
 """Seed workers logging side by side in one DVC repository, as a training stage's do under
-`dvc repro` (issue 24): each writes only its own DVCLive folder, so none can trip over another.
+`dvc repro`: each writes only its own DVCLive folder, so none can trip over another.
 
 DVCLive 3.x writes <repo>/.dvc/tmp/exps/run/DVCLIVE_STEP_COMPLETED at every step and removes
 it at end() after an exists() check: workers sharing the repository raced on it and one's end()
@@ -73,7 +73,7 @@ _STAGE = textwrap.dedent("""
 
 @pytest.mark.skipif(sys.platform != "linux", reason="seed workers fork (Linux only)")
 @pytest.mark.parametrize("run", ["repro", "exp_run"])
-def test_seed_workers_write_nothing_outside_their_folders(tmp_path, run):
+def test_dvclive_seed_workers_write_nothing_outside_their_folders(tmp_path, run):
     env = tool_env(tmp_path)
     repo = tmp_path / "repo"
     repo.mkdir()

@@ -1,4 +1,4 @@
-"""The knobs issue 11 adds to the methods: MLKD's batch-normalised class term (against NumPy),
+"""The methods' options: MLKD's batch-normalised class term (against NumPy),
 CTKD's temperature learning rate (tau moves with it, barely without) and its logged trajectory,
 and the synthetic generator's student noise."""
 
