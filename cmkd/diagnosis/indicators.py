@@ -1,4 +1,4 @@
-""""Will KD work here?": indicators measured before any student is distilled (issue 13;
+""""Will KD work here?": indicators measured before any student is distilled (
 docs/diagnosis.md).
 
 Everything here is computed from a TRAINED TEACHER and the NO-KD STUDENT on held-out data
