@@ -20,10 +20,17 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from cmkd.utils.atomic import write_json
-from cmkd.losses import (batch_correlation_loss, class_correlation_loss, dkd_loss, kd_loss, non_target_divergence,
-                         target_divergence, to_rows)
+from cmkd.losses import (
+    batch_correlation_loss,
+    class_correlation_loss,
+    dkd_loss,
+    kd_loss,
+    non_target_divergence,
+    target_divergence,
+    to_rows,
+)
 from cmkd.methods.ntdh import NonTargetSampleMask
+from cmkd.utils.atomic import write_json
 
 
 def reference_dkd(s, t, y, alpha, beta, T):

@@ -43,9 +43,9 @@ def main() -> None:
 
     from cmkd.config import load_params
     from cmkd.diagnosis.report import apply_predictor, check_config, load_predictor, measure_dataset
-    from cmkd.training.config import TrainConfig
     from cmkd.pipeline.train import train_run
     from cmkd.pipeline.tuning import TUNED_FILE, load_tuned, tuned_run_config
+    from cmkd.training.config import TrainConfig
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("datasets", nargs="+")

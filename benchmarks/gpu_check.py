@@ -99,11 +99,11 @@ def _step_loop(distiller, batches, precision, optimizer, params, steps: int, war
 
 
 def _build(params, ds: str, role: str, in_shape, num_classes: int, amp, channels_last: bool, device: torch.device):
-    from cmkd.training.config import TrainConfig
-    from cmkd.training.loop import _optimizer
-    from cmkd.training.distributed import seed_everything
     from cmkd.methods import build_distiller
     from cmkd.models import build_model
+    from cmkd.training.config import TrainConfig
+    from cmkd.training.distributed import seed_everything
+    from cmkd.training.loop import _optimizer
     from cmkd.training.precision import Precision
 
     seed_everything(0)

@@ -21,8 +21,8 @@ import numpy as np
 import torch
 from scipy.stats import kendalltau
 
-from cmkd.utils.atomic import write_json
 from cmkd.losses import kendall_tau
+from cmkd.utils.atomic import write_json
 
 
 def _time(fn, repeats: int) -> float:

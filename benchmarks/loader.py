@@ -46,13 +46,13 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, installed or not
 
+from cmkd.data.datasets.semantickitti import CLASS_NAMES, RGB_MEAN, RGB_STD  # noqa: E402
 from cmkd.data.h5 import PreparedWriter, read_attrs  # noqa: E402
 from cmkd.data.loader import LoaderConfig  # noqa: E402
-from cmkd.data.datasets.semantickitti import CLASS_NAMES, RGB_MEAN, RGB_STD  # noqa: E402
-from cmkd.training.data import load_split
-from cmkd.training.distributed import seed_everything  # noqa: E402
 from cmkd.methods import build_distiller  # noqa: E402
 from cmkd.models import build_model  # noqa: E402
+from cmkd.training.data import load_split
+from cmkd.training.distributed import seed_everything  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 H, W = 256, 1024

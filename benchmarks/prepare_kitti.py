@@ -22,15 +22,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import pickle
 import os
+import pickle
 import platform
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
-
-import sys
 
 import numpy as np
 from PIL import Image
@@ -38,9 +37,9 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, installed or not
 
 from cmkd.data.datasets import semantickitti as sk
+from cmkd.data.geometry import lidar_image
 from cmkd.data.h5 import PreparedWriter
 from cmkd.data.samples.semantickitti import KITTI_CALIB, write_calib
-from cmkd.data.geometry import lidar_image
 
 HERE = Path(__file__).resolve().parent
 BEAMS, AZIMUTHS = 64, 1875  # 120,000 rays

@@ -133,7 +133,7 @@ def main() -> int:
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
-    record = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "cpus": os.cpu_count(),
+    record = {"date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), "cpus": os.cpu_count(),
               "seed_workers": os.environ.get("CMKD_SEED_WORKERS", "unset (cores and memory)"),
               "datasets": results}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -19,9 +19,9 @@ from pathlib import Path
 
 import numpy as np
 
-from cmkd.utils.atomic import write_json
 from cmkd.data import sunrgbd
 from cmkd.data.samples import sunrgbd as sunrgbd_sample
+from cmkd.utils.atomic import write_json
 
 
 def main() -> None:

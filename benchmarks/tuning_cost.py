@@ -44,8 +44,8 @@ def summarise(params) -> dict:
 def time_runs(params, ds: str, runs: list[str]) -> dict:
     import torch
 
-    from cmkd.training.config import TrainConfig
     from cmkd.pipeline.tuning import grid_for, tune_run
+    from cmkd.training.config import TrainConfig
 
     torch.set_num_threads(1)
     tuning = params["tuning"]

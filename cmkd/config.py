@@ -5,8 +5,9 @@ methods, training); the tuning grids here, so that checking params never imports
 from __future__ import annotations
 
 import itertools
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import yaml
@@ -64,9 +65,9 @@ def validate_params(params: Mapping[str, Any], data_only: bool = False) -> None:
     if data_only:
         return
 
-    from cmkd.training.config import TrainConfig
     from cmkd.methods import get_method
     from cmkd.models import available_archs
+    from cmkd.training.config import TrainConfig
 
     runs = _require(params, "runs")
     methods = _require(params, "methods")

@@ -13,12 +13,17 @@ diagnosis_predictor.json is that fit (`predictor_up_to_date`); `--write-predicto
 import json
 from pathlib import Path
 
-from cmkd.utils.atomic import atomic_path, write_json, write_text
-from cmkd.utils.determinism import provenance
 from cmkd.diagnosis.report import (
-    check_config, collect_conditions, fit_committed, validate, validation_figure, validation_markdown,
+    check_config,
+    collect_conditions,
+    fit_committed,
+    validate,
+    validation_figure,
+    validation_markdown,
 )
 from cmkd.pipeline.layout import DIAGNOSIS_VALIDATION, EXPERIMENTS, PREDICTOR_FILE, measured_diagnosis_file
+from cmkd.utils.atomic import atomic_path, write_json, write_text
+from cmkd.utils.determinism import provenance
 from stages._common import main, parser, start
 
 

@@ -7,18 +7,17 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import torch
 from torch import nn
 
 from cmkd.data.h5 import PreparedWriter
 from cmkd.data.loader import LoaderConfig
+from cmkd.methods import build_distiller
+from cmkd.models import build_model
 from cmkd.training.config import TrainConfig
+from cmkd.training.data import load_split
 from cmkd.training.distributed import distributed_info, init_distributed_from_env, seed_everything
 from cmkd.training.evaluate import evaluate
 from cmkd.training.loop import fit
-from cmkd.training.data import load_split
-from cmkd.methods import build_distiller
-from cmkd.models import build_model
 
 ATTRS = {"task": "segmentation", "class_names": ["a", "b", "c"], "modalities": ["x"], "teacher_modality": "x",
          "student_modality": "x", "ignore_index": -1, "source_checksum": "t"}

@@ -15,18 +15,27 @@ import pytest
 import torch
 import yaml
 from sklearn.linear_model import LogisticRegression
+from torch import nn
 
-from cmkd.experiments.analysis import (
-    EXPERIMENTS, Slices, derive_mfh_alpha, derive_mfh_gamma, mfh_sweep, plot_rows, run_experiment, seeds_needed,
-    slice_divergences, split_indices, summarize,
-)
-from cmkd.experiments.batched import BatchedMLP, slice_accuracy, train_batched
 from cmkd.data.datasets.synthetic import GENERATORS, mfh_general_channels, mfh_layout, n_shared, ntdh_sklearn
 from cmkd.errors import ConfigError
+from cmkd.experiments.analysis import (
+    EXPERIMENTS,
+    Slices,
+    derive_mfh_alpha,
+    derive_mfh_gamma,
+    mfh_sweep,
+    plot_rows,
+    run_experiment,
+    seeds_needed,
+    slice_divergences,
+    split_indices,
+    summarize,
+)
+from cmkd.experiments.batched import BatchedMLP, slice_accuracy, train_batched
 from cmkd.losses import kd_loss
 from cmkd.methods import build_distiller
 from cmkd.models import build_model
-from torch import nn
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -390,8 +399,8 @@ def test_batched_ntdh_masks_train_each_slice_exactly_as_alone(mode):
     """A slice of `fit_mask_slices` equals the `ntdh_mask` method trained on that slice alone;
     for the feature mask, alone = Algorithm 1 with NTDH's distance on a fresh pair, a teacher
     trained on the kept channels, then the base KD (PSSM too with `both`) from it."""
-    from cmkd.experiments.analysis import fit_mask_slices, fit_slices
     from cmkd.config import TEACHER_RUN
+    from cmkd.experiments.analysis import fit_mask_slices, fit_slices
     from cmkd.methods.mfh import algorithm1
 
     n, s, d, c = 48, 3, 6, 4

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import subprocess
 import sys
 from pathlib import Path
@@ -15,12 +14,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-
 from scipy import stats
 
 from cmkd.reporting.claims import (
-    ClaimsError, ResultMissing, compare, evaluate_claim, load_claims, params_hash, parse_claims, parse_path,
-    record_configuration, render_markdown, resolve_path,
+    ClaimsError,
+    ResultMissing,
+    compare,
+    evaluate_claim,
+    load_claims,
+    params_hash,
+    parse_claims,
+    parse_path,
+    record_configuration,
+    render_markdown,
+    resolve_path,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -378,8 +385,8 @@ def test_check_stage_reports_a_changed_verdict_and_succeeds_strict_fails(tmp_pat
 
 
 def test_check_stage_has_no_report_only_flag_and_rejects_the_old_params_switch(tmp_path, capsys):
-    from cmkd.reporting.claims import check_params
     from cmkd.errors import ConfigError
+    from cmkd.reporting.claims import check_params
 
     doc = {"claims": [claim()]}
     assert run_check(tmp_path, doc, {"r.json": {"gain": 1.0}}, "--report-only") == 2  # argparse: unknown flag

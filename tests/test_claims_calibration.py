@@ -9,7 +9,6 @@ n = 3 passes 9% of the time, and "Spearman < 0 over 4 points" 46% (asserted belo
 from __future__ import annotations
 
 import numpy as np
-import pytest
 from scipy import stats
 
 from cmkd.experiments.analysis import band_ratio_bootstrap

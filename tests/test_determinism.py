@@ -227,12 +227,12 @@ def test_a_training_epoch_of_every_run_reaches_no_float32_vml_kernel(kind, tmp_p
 
     from cmkd.config import STUDENT_RUN, TEACHER_RUN
     from cmkd.data.h5 import read_attrs
-    from cmkd.training.data import SplitData, load_split
-    from cmkd.training.config import TrainConfig
-    from cmkd.training.loop import fit
     from cmkd.methods import build_distiller, get_method
     from cmkd.models import build_model
     from cmkd.pipeline.tuning import load_tuned, tuned_run_config
+    from cmkd.training.config import TrainConfig
+    from cmkd.training.data import SplitData, load_split
+    from cmkd.training.loop import fit
     from tests.conftest import tiny_synthetic_file
 
     params = yaml.safe_load(open(os.path.join(ROOT, "params.yaml")))

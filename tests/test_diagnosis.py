@@ -262,10 +262,10 @@ def test_experiment_indicators_are_emitted_per_point():
 def test_diagnose_stage_end_to_end(tmp_path, monkeypatch, one_thread):
     """measure_dataset + apply_predictor on the tiny prepared synthetic file with a teacher and
     a student trained by the pipeline."""
-    from cmkd.diagnosis.report import apply_predictor, diagnosis_markdown, measure_dataset
-    from cmkd.training.config import TrainConfig
     from cmkd.config import STUDENT_RUN, TEACHER_RUN
+    from cmkd.diagnosis.report import apply_predictor, diagnosis_markdown, measure_dataset
     from cmkd.pipeline.train import train_run
+    from cmkd.training.config import TrainConfig
     from tests.conftest import tiny_synthetic_file
 
     tiny_synthetic_file(tmp_path / "d.h5")

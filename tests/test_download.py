@@ -18,7 +18,6 @@ import pytest
 from cmkd.data.download import fetch, sha256_file, source_roots
 from cmkd.errors import ChecksumError, ConfigError, DataFormatError, UnsafeArchiveError
 
-
 # --------------------------------------------------------------------------- helpers
 
 def make_tar(path: Path, files: dict[str, bytes], mode: str = "w:gz") -> Path:

@@ -12,15 +12,15 @@ import pytest
 import torch
 import yaml
 
-from cmkd.data.h5 import PreparedWriter, read_attrs
-from cmkd.data.datasets.synthetic import ntdh_sklearn
-from cmkd.training.data import SplitData, load_split
-from cmkd.training.config import TrainConfig
 from cmkd.data.augment import augment_batch
-from cmkd.training.loop import fit
-from cmkd.training.distributed import seed_everything
+from cmkd.data.datasets.synthetic import ntdh_sklearn
+from cmkd.data.h5 import PreparedWriter, read_attrs
 from cmkd.methods import build_distiller
 from cmkd.models import build_model
+from cmkd.training.config import TrainConfig
+from cmkd.training.data import SplitData, load_split
+from cmkd.training.distributed import seed_everything
+from cmkd.training.loop import fit
 from tests.conftest import REPO, copy_pipeline, tiny_params, tool_env
 
 

@@ -7,7 +7,6 @@ saves an experiment with the claim marked not enforced."""
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import yaml

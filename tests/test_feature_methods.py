@@ -10,14 +10,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cmkd.training.data import SplitData
-from cmkd.training.config import TrainConfig
-from cmkd.training.loop import fit
 from cmkd.errors import ConfigError
 from cmkd.losses import at_loss, rkd_loss
 from cmkd.methods import available_methods, build_distiller, get_method
 from cmkd.methods.crd import nce_loss
 from cmkd.models import build_model
+from cmkd.training.config import TrainConfig
+from cmkd.training.data import SplitData
+from cmkd.training.loop import fit
 
 C = 4
 FEATURE_METHODS = ("fitnet", "at", "rkd", "crd")

@@ -9,8 +9,8 @@ import torch
 
 from cmkd.data.h5 import PreparedWriter
 from cmkd.data.loader import LoaderConfig, batch_plan
-from cmkd.training.logit_cache import LOGITS_CHECKSUM_ATTR
 from cmkd.training.data import load_split
+from cmkd.training.logit_cache import LOGITS_CHECKSUM_ATTR
 
 
 def _write(tmp_path, n=70, chunk_rows=8):

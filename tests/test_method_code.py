@@ -162,8 +162,8 @@ def test_training_stages_depend_on_one_code_file_each():
 
 
 def test_baseline_code_files_hold_the_supervised_module_and_no_distillation_method():
-    from cmkd.pipeline.codedeps import stage_code
     from cmkd.config import STUDENT_RUN, TEACHER_RUN
+    from cmkd.pipeline.codedeps import stage_code
 
     for baseline in (TEACHER_RUN, STUDENT_RUN):
         files = stage_code(REPO, "stages/train.py", baseline)

@@ -73,8 +73,8 @@ def test_mlkd_class_norm_is_validated():
 
 
 def _ctkd_fit(temperature_lr, epochs=3):
-    from cmkd.training.data import SplitData
     from cmkd.training.config import TrainConfig
+    from cmkd.training.data import SplitData
     from cmkd.training.loop import fit
 
     g = torch.Generator().manual_seed(0)

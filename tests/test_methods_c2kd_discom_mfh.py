@@ -571,8 +571,8 @@ def _params_of(net):
 
 def test_fit_c2kd_trains_student_and_teacher():
     from cmkd.training.config import TrainConfig
-    from cmkd.training.loop import fit
     from cmkd.training.distributed import seed_everything
+    from cmkd.training.loop import fit
 
     train, val = _engine_data()
     seed_everything(0)
@@ -586,9 +586,9 @@ def test_fit_c2kd_trains_student_and_teacher():
 
 def test_fit_discom_kd_selects_on_student_and_both_deployables_evaluate():
     from cmkd.training.config import TrainConfig
+    from cmkd.training.distributed import seed_everything
     from cmkd.training.evaluate import evaluate
     from cmkd.training.loop import fit
-    from cmkd.training.distributed import seed_everything
 
     train, val = _engine_data()
     seed_everything(0)
@@ -604,8 +604,8 @@ def test_fit_discom_kd_selects_on_student_and_both_deployables_evaluate():
 
 def test_mgkd_prepare_selects_retrains_and_freezes_the_teacher():
     from cmkd.training.config import TrainConfig
-    from cmkd.training.loop import fit
     from cmkd.training.distributed import seed_everything
+    from cmkd.training.loop import fit
 
     train, val = _engine_data()
     seed_everything(0)
@@ -622,9 +622,9 @@ def test_mgkd_prepare_selects_retrains_and_freezes_the_teacher():
 
 
 def test_pipeline_train_run_c2kd_and_discom_deployables(tmp_path):
-    from tests.conftest import tiny_synthetic_file
-    from cmkd.training.config import TrainConfig
     from cmkd.pipeline.train import train_run
+    from cmkd.training.config import TrainConfig
+    from tests.conftest import tiny_synthetic_file
 
     tiny_synthetic_file(tmp_path / "d.h5")
     models = {"teacher": {"arch": "mlp", "hidden": [16]}, "student": {"arch": "mlp", "hidden": [16]}}

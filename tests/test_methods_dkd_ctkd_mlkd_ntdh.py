@@ -14,8 +14,8 @@ from cmkd.losses import dkd_loss, kd_loss
 from cmkd.methods import build_distiller, get_method
 from cmkd.methods.ctkd import GlobalTemperature, cosine_ramp, gradient_reversal
 from cmkd.methods.dkd import linear_warmup
-from cmkd.methods.mlkd import strong_augment, teacher_confidence_mask
 from cmkd.methods.mfh import ChannelMasked, channel_mask
+from cmkd.methods.mlkd import strong_augment, teacher_confidence_mask
 from cmkd.methods.ntdh import NonTargetSampleMask, PSSMSampleMask
 from cmkd.models import build_model
 
@@ -368,7 +368,7 @@ def test_ntdh_pssm_default_weights_kd_as_ntdh_code_and_leaves_ce():
 
 
 def test_ntdh_pssm_segmentation_normalises_by_valid_pixels():
-    from cmkd.losses import kd_rows, pssm_weights
+    from cmkd.losses import pssm_weights
 
     s, t, y = hand_made_batch()
     seg = lambda z: z.T.reshape(1, C, 2, 3)
@@ -458,8 +458,9 @@ def test_bad_config_names_the_key(cfg, key):
 
 
 def test_params_yaml_runs_build():
-    import yaml
     from pathlib import Path
+
+    import yaml
 
     params = yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())
     names = ["dkd", "dkd_lskd", "ctkd", "ctkd_lskd", "mlkd", "mlkd_lskd", "kdv1_ntdh", "kdv1_ntdh_feat", "kdv1_ntdh_drop"]
@@ -483,8 +484,8 @@ def test_params_yaml_runs_build():
 def test_methods_train_through_engine_fit():
     """A smoke run of cmkd.training.loop.fit: the optimiser reaches CTKD's theta, the NTDH feature mask
     is prepared, and every run ends with a finite history."""
-    from cmkd.training.data import SplitData
     from cmkd.training.config import TrainConfig
+    from cmkd.training.data import SplitData
     from cmkd.training.loop import fit
 
     g = torch.Generator().manual_seed(0)

@@ -13,10 +13,10 @@ import torch
 from scipy.io import loadmat, savemat
 
 from cmkd.data.datasets import nyudv2
-from cmkd.data.samples import nyudv2 as nyudv2_sample
-from cmkd.data.h5 import PreparedSplit, read_attrs
 from cmkd.data.datasets.nyudv2_classes import CLASSES_13, CLASSES_40, MAP_40_TO_13, MAP_894_TO_40, raw_to_train_ids
+from cmkd.data.h5 import PreparedSplit, read_attrs
 from cmkd.data.registry import available_datasets, dataset_module
+from cmkd.data.samples import nyudv2 as nyudv2_sample
 from cmkd.errors import ChecksumError, ConfigError, DataFormatError
 
 CFG = {"classes": 40, "image_size": [480, 640], "val_fraction": 0.5, "split_seed": 0,
@@ -252,11 +252,11 @@ def test_download_from_local_paths_checks_sha256(tmp_path, sample_raw):
 
 
 def test_feature_methods_train_on_the_prepared_sample(tmp_path, sample_raw):
-    from cmkd.training.config import TrainConfig
-    from cmkd.training.loop import fit
-    from cmkd.training.data import load_split
     from cmkd.methods import build_distiller
     from cmkd.models import build_model
+    from cmkd.training.config import TrainConfig
+    from cmkd.training.data import load_split
+    from cmkd.training.loop import fit
 
     out = tmp_path / "nyu.h5"
     nyudv2.prepare({**CFG, "classes": 13, "image_size": [24, 32]}, sample_raw, out, progress=False)

@@ -119,9 +119,9 @@ def test_at_on_vector_data_is_skipped_in_training_and_in_tuning(tmp_path):
     from conftest import tiny_synthetic_file
 
     from cmkd.data.h5 import read_attrs
-    from cmkd.training.config import TrainConfig
     from cmkd.pipeline.train import skip_reason, train_run
     from cmkd.pipeline.tuning import tune_run
+    from cmkd.training.config import TrainConfig
 
     prepared = tiny_synthetic_file(tmp_path / "synthetic.h5")
     attrs = read_attrs(prepared)

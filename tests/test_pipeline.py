@@ -10,7 +10,6 @@ from cmkd.config import validate_params
 from cmkd.errors import ConfigError
 from tests.conftest import REPO, copy_pipeline, dvc, stages_run, tiny_params, tool_env
 
-
 # The main table's branch of the graph (the paper experiments and `check` have their own tests).
 TARGET = "evaluate@synthetic"
 

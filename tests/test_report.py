@@ -8,8 +8,15 @@ import pytest
 from scipy import stats
 
 from cmkd.reporting.tables import (
-    aggregate_run, bar_figure, collect, compact_hyperparameters, markdown_table, metrics_file_name, metrics_summary,
-    scores_csv, vs_student,
+    aggregate_run,
+    bar_figure,
+    collect,
+    compact_hyperparameters,
+    markdown_table,
+    metrics_file_name,
+    metrics_summary,
+    scores_csv,
+    vs_student,
 )
 from cmkd.utils.stats import paired, t_interval, verdict
 
@@ -158,10 +165,10 @@ def test_same_seed_kd_without_kd_term_trains_bit_identically_to_student(tmp_path
     weights and see the same batches, so KD with kd_weight 0 and ce_weight 1 is STUDENT."""
     import torch
 
-    from tests.conftest import tiny_synthetic_file
-    from cmkd.training.config import TrainConfig
     from cmkd.config import STUDENT_RUN, TEACHER_RUN
     from cmkd.pipeline.train import train_run
+    from cmkd.training.config import TrainConfig
+    from tests.conftest import tiny_synthetic_file
 
     tiny_synthetic_file(tmp_path / "d.h5")
     models = {"teacher": {"arch": "mlp", "hidden": [16]}, "student": {"arch": "mlp", "hidden": [16]}}

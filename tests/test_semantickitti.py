@@ -16,12 +16,12 @@ import pytest
 import torch
 from PIL import Image
 
-from cmkd.data.samples import semantickitti as kitti_sample
 from cmkd.data.datasets import semantickitti as sk
 from cmkd.data.h5 import PreparedSplit, PreparedWriter, read_attrs
 from cmkd.data.registry import dataset_module
-from cmkd.training.data import load_split
+from cmkd.data.samples import semantickitti as kitti_sample
 from cmkd.errors import ConfigError, DataFormatError
+from cmkd.training.data import load_split
 
 TINY = {
     "seed": 3,

@@ -18,8 +18,8 @@ import yaml
 from PIL import Image
 
 from cmkd.data import sunrgbd
-from cmkd.data.samples import sunrgbd as sunrgbd_sample
 from cmkd.data.h5 import PreparedSplit, read_attrs
+from cmkd.data.samples import sunrgbd as sunrgbd_sample
 from cmkd.errors import ChecksumError, ConfigError, DataFormatError
 from cmkd.models import build_model
 

@@ -7,13 +7,13 @@ import torch
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from cmkd.data.datasets.synthetic import ntdh_sklearn
-from cmkd.training.data import SplitData
-from cmkd.training.config import TrainConfig
-from cmkd.training.loop import fit
-from cmkd.training.distributed import seed_everything
 from cmkd.errors import ConfigError
 from cmkd.methods import build_distiller
 from cmkd.models import build_model
+from cmkd.training.config import TrainConfig
+from cmkd.training.data import SplitData
+from cmkd.training.distributed import seed_everything
+from cmkd.training.loop import fit
 from cmkd.training.precision import scheduled_lr, validate_schedule
 
 

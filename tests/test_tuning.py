@@ -16,9 +16,8 @@ import numpy as np
 import pytest
 import yaml
 
-from cmkd.config import load_params, validate_params
+from cmkd.config import apply_overrides, budgeted_configs, expand_grid, load_params, validate_params, validate_tuning
 from cmkd.errors import ConfigError
-from cmkd.config import apply_overrides, budgeted_configs, expand_grid, validate_tuning
 from cmkd.pipeline.tuning import load_tuned, render_tuned, select, tune_run, tuned_run_config, update_tuned
 from tests.conftest import REPO, tool_env
 
@@ -157,10 +156,10 @@ def test_select_takes_the_best_mean_and_the_first_of_ties():
 @pytest.fixture(scope="module")
 def tiny_data(tmp_path_factory):
     """A small synthetic dataset and a TEACHER trained on the tuning seeds."""
-    from cmkd.data.datasets import synthetic
-    from cmkd.training.config import TrainConfig
     from cmkd.config import TEACHER_RUN
+    from cmkd.data.datasets import synthetic
     from cmkd.pipeline.train import train_run
+    from cmkd.training.config import TrainConfig
 
     tmp = tmp_path_factory.mktemp("tuning")
     cfg = dict(PARAMS["data"]["synthetic"], n_samples=400, gammas=[0.5])

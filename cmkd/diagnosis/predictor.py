@@ -5,13 +5,13 @@ distribution on the residuals; it is validated by leaving one whole sweep out at
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 from scipy import stats
 
 from cmkd.diagnosis.indicators import INDICATORS
-
 
 # --------------------------------------------------------------------------- the predictor
 

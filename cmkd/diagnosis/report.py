@@ -11,15 +11,21 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 
 from cmkd.diagnosis.indicators import INDICATORS, indicators
 from cmkd.diagnosis.predictor import (
-    _spearman, fit_predictor, indicator_correlations, leave_one_sweep_out, predict, validation_summary,
+    _spearman,
+    fit_predictor,
+    indicator_correlations,
+    leave_one_sweep_out,
+    predict,
+    validation_summary,
 )
 from cmkd.errors import ConfigError, DataFormatError
 from cmkd.utils.stats import t_interval

@@ -26,16 +26,17 @@ points in sweep order, and ``<metric>_sem``), and ``derived`` (the scalars the c
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 
-from cmkd.experiments.batched import BatchedMLP, slice_accuracy, train_batched
-from cmkd.data.datasets.synthetic import GENERATORS, mfh_layout
 from cmkd.config import STUDENT_RUN, TEACHER_RUN
+from cmkd.data.datasets.synthetic import GENERATORS, mfh_layout
 from cmkd.errors import ConfigError
+from cmkd.experiments.batched import BatchedMLP, slice_accuracy, train_batched
 from cmkd.losses import DIVERGENCE_FORMS, cross_entropy, to_rows
 from cmkd.methods import build_distiller
 from cmkd.models import build_model
@@ -84,13 +85,13 @@ class Slices:
             out["teacher_logits"] = self.teacher_logits
         return out
 
-    def with_teacher(self, teacher: torch.nn.Module) -> "Slices":
+    def with_teacher(self, teacher: torch.nn.Module) -> Slices:
         """The split with the frozen teacher's logits cached (they never change during KD)."""
         with torch.no_grad():
             logits = teacher(self.teacher)
         return Slices(self.teacher, self.student, self.target, logits)
 
-    def with_teacher_channels(self, channels: torch.Tensor) -> "Slices":
+    def with_teacher_channels(self, channels: torch.Tensor) -> Slices:
         """The teacher modality reduced to per-slice channels [S, k] (MFH's MG teacher input)."""
         idx = channels.unsqueeze(0).expand(self.teacher.shape[0], -1, -1)
         return Slices(torch.gather(self.teacher, 2, idx), self.student, self.target)

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Mapping
+from collections.abc import Mapping
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -77,7 +78,7 @@ class Distiller(nn.Module):
             if name.endswith("_weight") and float(value) < 0:
                 raise ConfigError(f"{key}.{name}", f"must be >= 0, got {value}")
 
-    def train(self, mode: bool = True) -> "Distiller":
+    def train(self, mode: bool = True) -> Distiller:
         super().train(mode)
         if self.teacher is not None and not self.trains_teacher:
             self.teacher.eval()  # a frozen teacher keeps its BatchNorm statistics

@@ -40,11 +40,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cmkd.utils import exactmath
 from cmkd.errors import ConfigError
 from cmkd.losses import cross_entropy, kendall_tau, kl_rows, mask_rows, masked_mean, to_rows
 from cmkd.methods import register
 from cmkd.methods.base import Distiller
+from cmkd.utils import exactmath
 
 
 class _BatchNorm(nn.BatchNorm1d):

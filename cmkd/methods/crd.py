@@ -28,10 +28,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cmkd.utils import exactmath
 from cmkd.errors import ConfigError
 from cmkd.methods import register
 from cmkd.methods.feature import FeatureDistiller, pooled
+from cmkd.utils import exactmath
 
 NEGATIVES = ("other_class", "any")
 

@@ -9,7 +9,7 @@ features, so `uses_teacher_logits_only` is False. Every method adds CE on the st
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F

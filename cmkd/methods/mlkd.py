@@ -42,12 +42,11 @@ import math
 import torch
 import torch.nn.functional as F
 
-from cmkd.utils import exactmath
 from cmkd.errors import ConfigError
 from cmkd.losses import batch_correlation_loss, class_correlation_loss, cross_entropy, to_rows
 from cmkd.methods import register
 from cmkd.methods.logit import LogitDistiller
-
+from cmkd.utils import exactmath
 
 CLASS_NORMS = ("none", "batch")
 

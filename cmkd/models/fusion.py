@@ -7,7 +7,7 @@ The network takes a single tensor with the modalities concatenated along channel
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn

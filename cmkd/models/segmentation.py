@@ -11,11 +11,11 @@ integer inputs (stored uint8 RGB) are refused: cmkd.training.data.load_split nor
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-from typing import Sequence
 
 from cmkd.errors import ConfigError
 from cmkd.models import register_arch, select_stages

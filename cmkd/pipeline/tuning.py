@@ -34,8 +34,9 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import yaml
@@ -43,8 +44,6 @@ import yaml
 from cmkd.config import _deep_copy, apply_overrides, budgeted_configs, expand_grid
 from cmkd.errors import ConfigError
 from cmkd.pipeline.layout import TUNED_FILE
-
-
 
 # ---------------------------------------------------------------------------- configuration
 
@@ -133,10 +132,8 @@ def tune_run(*, dataset: str, prepared: Path, run_name: str, run_cfg: Mapping[st
     evaluated. Returns the run's evidence: every configuration's val score per seed, its mean,
     the chosen configuration and the seconds spent."""
     from cmkd.data.h5 import read_attrs
+    from cmkd.pipeline.train import skip_reason, train_run
     from cmkd.training.metrics import primary_metric
-    from cmkd.pipeline.train import train_run
-
-    from cmkd.pipeline.train import skip_reason
 
     attrs = read_attrs(prepared)
     metric = primary_metric(attrs["task"])

@@ -71,16 +71,17 @@ import hashlib
 import json
 import math
 import re
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import yaml
 
 from cmkd.errors import ConfigError, DataFormatError
-from cmkd.utils.stats import ALPHA, one_sided, seed_slopes, welch
 from cmkd.utils.jsonable import jsonable
+from cmkd.utils.stats import ALPHA, one_sided, seed_slopes, welch
 
 SCALAR_OPS = (">", ">=", "<", "<=")
 ELEMENTWISE = tuple(f"{q} {op}" for q in ("all", "any") for op in SCALAR_OPS)
@@ -258,7 +259,7 @@ def record_configuration(text: str, params: Mapping[str, Any], path: str | Path 
     (comments and layout kept). Every key some claim depends on must already be listed there."""
     doc = yaml.safe_load(text)
     claims = parse_claims(doc, path, check_configuration=False)
-    listed = set((doc.get("configuration") or {}))
+    listed = set(doc.get("configuration") or {})
     needed = {key for c in claims for key, _ in c.configuration}
     missing = sorted(needed - listed)
     if missing:

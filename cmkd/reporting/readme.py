@@ -16,8 +16,8 @@ whether they are current). Pure functions here; the command is in stages/readme.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from cmkd.errors import CmkdError
 

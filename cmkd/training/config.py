@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 from cmkd.data.loader import LoaderConfig
 from cmkd.errors import ConfigError
 from cmkd.training.precision import validate_amp, validate_schedule
-
 
 AUGMENTS = (None, "flip", "flip_rot90")
 OPTIMIZERS = ("adam", "adamw", "sgd")
@@ -38,7 +38,7 @@ class TrainConfig:
     loader: Any = None
 
     @classmethod
-    def from_params(cls, params: Mapping[str, Any], key: str, **overrides: Any) -> "TrainConfig":
+    def from_params(cls, params: Mapping[str, Any], key: str, **overrides: Any) -> TrainConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(params) - names)
         if unknown:

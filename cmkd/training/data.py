@@ -3,8 +3,9 @@ through cmkd.data.loader."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any
 
 import h5py
 import numpy as np
@@ -12,11 +13,16 @@ import torch
 
 from cmkd.data.h5 import PreparedSplit
 from cmkd.data.loader import (
-    H5Batches, LoaderConfig, PlanSampler, batch_plan, finish_batch, make_loader, normalise_batch,
+    H5Batches,
+    LoaderConfig,
+    PlanSampler,
+    batch_plan,
+    finish_batch,
+    make_loader,
+    normalise_batch,
 )
 from cmkd.errors import DataFormatError
 from cmkd.training.logit_cache import verify_logits
-
 
 # Splits up to this size are read into memory; larger ones are streamed chunk by chunk.
 IN_MEMORY_LIMIT_BYTES = 2 * 1024**3
@@ -59,7 +65,7 @@ class SplitData:
             self.length = len(stream["split"])
 
     @classmethod
-    def from_arrays(cls, **arrays: Any) -> "SplitData":
+    def from_arrays(cls, **arrays: Any) -> SplitData:
         tensors = {k: torch.as_tensor(np.asarray(v)) for k, v in arrays.items() if v is not None}
         return cls(tensors=tensors)
 
@@ -77,7 +83,7 @@ class SplitData:
             return tuple(self.tensors[key].shape[1:])
         return self.stream["split"].shapes[self.stream["names"][key]][1:]
 
-    def with_teacher_logits(self, logits: torch.Tensor | str | Path) -> "SplitData":
+    def with_teacher_logits(self, logits: torch.Tensor | str | Path) -> SplitData:
         """Attach cached teacher logits (a tensor, or an HDF5 file with dataset `logits`)."""
         if not isinstance(logits, torch.Tensor):
             rows = verify_logits(logits)  # a corrupt or altered cache is an error naming the file
@@ -95,7 +101,7 @@ class SplitData:
     def _stream_spec(self) -> dict[str, Any]:
         return {k: v for k, v in self.stream.items() if k != "loaders"}
 
-    def without(self, key: str) -> "SplitData":
+    def without(self, key: str) -> SplitData:
         if self.tensors is not None:
             return SplitData(tensors={k: v for k, v in self.tensors.items() if k != key}, normalise=self.normalise)
         if key == "teacher_logits":

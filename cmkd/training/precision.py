@@ -24,7 +24,8 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import nn

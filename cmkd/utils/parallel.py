@@ -10,7 +10,7 @@ import re
 import secrets
 import signal
 import sys
-from typing import Iterator
+from collections.abc import Iterator
 
 
 def available_cores() -> int:
