@@ -31,10 +31,10 @@ from cmkd.data.h5 import read_attrs  # noqa: E402
 from cmkd.data.registry import dataset_module  # noqa: E402
 from cmkd.methods import build_distiller  # noqa: E402
 from cmkd.pipeline.train import skip_reason  # noqa: E402
-from cmkd.training.data import load_split
+from cmkd.training.data import load_split  # noqa: E402
 from cmkd.training.distributed import seed_everything  # noqa: E402
-from cmkd.training.logit_cache import cache_logits
-from cmkd.training.networks import build_networks
+from cmkd.training.logit_cache import cache_logits  # noqa: E402
+from cmkd.training.networks import build_networks  # noqa: E402
 
 
 def make_stepper(distiller, batches):

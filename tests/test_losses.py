@@ -69,7 +69,9 @@ def np_dkd(zs, zt, y, alpha, beta, temperature, weights=None):
             continue
         tckd[i] = np_kl(np_binary(t, c, temperature), np_binary(s, c, temperature))
         nckd[i] = np_kl(np_non_target(t, c, temperature), np_non_target(s, c, temperature))
-    mean = lambda v: (v * w).sum() / max(w.sum(), 1e-12)
+    def mean(v):
+        return (v * w).sum() / max(w.sum(), 1e-12)
+
     return temperature**2 * (alpha * mean(tckd) + beta * mean(nckd))
 
 
@@ -332,7 +334,9 @@ def test_ntdh_form_matches_ntdh_reference_formula_on_probabilities(rng):
     ps, pt = np_softmax(zs - 1000.0 * gt), np_softmax(zt - 1000.0 * gt)
     m = 0.5 * (ps + pt)
     with np.errstate(divide="ignore", invalid="ignore"):
-        kl = lambda p: np.where(m > 0, m * (np.log(np.where(m > 0, m, 1)) - np.log(np.where(p > 0, p, 1))), 0).sum() / len(y)
+        def kl(p):
+            return np.where(m > 0, m * (np.log(np.where(m > 0, m, 1)) - np.log(np.where(p > 0, p, 1))), 0).sum() / len(y)
+
     batch_value = 0.5 * (kl(ps) + kl(pt))
     ntd = L.non_target_divergence(t64(zs), t64(zt), torch.tensor(y), form="ntdh")
     assert math.isclose(float(ntd.mean()), batch_value, rel_tol=1e-9)

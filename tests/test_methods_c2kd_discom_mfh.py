@@ -90,8 +90,10 @@ def _np_nontarget_kl(s, t, y, temperature):
     for si, ti, yi in zip(s, t, y):
         keep = np.arange(len(si)) != yi
         zs, zt = si[keep] / temperature, ti[keep] / temperature
-        ps = np.exp(zs - zs.max()); ps /= ps.sum()
-        pt = np.exp(zt - zt.max()); pt /= pt.sum()
+        ps = np.exp(zs - zs.max())
+        ps /= ps.sum()
+        pt = np.exp(zt - zt.max())
+        pt /= pt.sum()
         out.append(np.sum(pt * (np.log(pt) - np.log(ps))))
     return np.array(out)
 
@@ -488,7 +490,9 @@ def test_permutation_saliency_with_labels_matches_naive():
     x, y = torch.randn(30, 6), torch.randint(0, C, (30,))
     with torch.no_grad():
         reference_out = ref_model(x)
-    dist = lambda o, r, lab: non_target_divergence(r, o, lab, form="ntdh")
+    def dist(o, r, lab):
+        return non_target_divergence(r, o, lab, form="ntdh")
+
     sal = permutation_saliency(model, x, reference_out, n_repeats=2, generator=torch.Generator().manual_seed(1), loss=dist,
                                labels=y, batch_size=25)
     ref = _naive_saliency(model, x, reference_out, 2, 1, lambda o, t: dist(o, t, y))

@@ -312,7 +312,9 @@ def test_ntdh_sample_mask_drops_expected_rows():
 def test_ntdh_sample_mask_segmentation_counts_valid_pixels():
     s, t, y = hand_made_batch()
     # the same 6 rows as one 2x3 image: [1, C, 2, 3]
-    seg = lambda z: z.T.reshape(1, C, 2, 3)
+    def seg(z):
+        return z.T.reshape(1, C, 2, 3)
+
     dropped = NonTargetSampleMask(0.4).dropped(seg(s), seg(t), y.reshape(1, 2, 3))
     assert dropped.reshape(-1).tolist() == [False, True, False, True, False, True]
 
@@ -371,7 +373,9 @@ def test_ntdh_pssm_segmentation_normalises_by_valid_pixels():
     from cmkd.losses import pssm_weights
 
     s, t, y = hand_made_batch()
-    seg = lambda z: z.T.reshape(1, C, 2, 3)
+    def seg(z):
+        return z.T.reshape(1, C, 2, 3)
+
     ys = y.reshape(1, 2, 3)
     d = build_distiller({"method": "ntdh_mask", "base": {"method": "dkd", "warmup_epochs": 0, "ce_weight": 0.0}}, Fixed(seg(s)), Fixed(seg(t)), C)
     d.on_epoch_start(1, 2)

@@ -421,7 +421,7 @@ def test_prepare_bad_input_names_file_and_writes_nothing(sample_copy, tmp_path, 
     elif problem in ("no_P2", "no_Tr"):
         key = problem[3:]
         calib = d / "calib.txt"
-        calib.write_text("\n".join(l for l in calib.read_text().splitlines() if not l.startswith(key + ":")))
+        calib.write_text("\n".join(line for line in calib.read_text().splitlines() if not line.startswith(key + ":")))
         culprit, match = calib, f"has no {key} entry"
     elif problem == "no_image":
         (d / "image_2" / "000001.png").unlink()

@@ -62,7 +62,6 @@ def calibration_error(logits: torch.Tensor, target: torch.Tensor, n_bins: int = 
     bounds = torch.linspace(0, 1, n_bins + 1, dtype=conf.dtype)
     idx = (torch.bucketize(conf, bounds, right=True) - 1).clamp(0, n_bins - 1)
     s = conf.shape[0]
-    count = torch.zeros(s, n_bins, dtype=conf.dtype).scatter_add_(1, idx, torch.ones_like(conf))
     conf_sum = torch.zeros(s, n_bins, dtype=conf.dtype).scatter_add_(1, idx, conf)
     acc_sum = torch.zeros(s, n_bins, dtype=conf.dtype).scatter_add_(1, idx, correct)
     return (conf_sum - acc_sum).abs().sum(1) / conf.shape[1]

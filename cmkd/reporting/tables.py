@@ -280,7 +280,7 @@ def bar_figure(report: Mapping[str, Any], dataset: str, path: Path) -> None:
     handles = [Patch(color=COLOURS[k], label=label) for k, label in
                (("better", "better than STUDENT"), ("worse", "worse"), ("indistinguishable", "indistinguishable"))]
     ax.legend(handles=handles, loc="lower right", fontsize=8)
-    low = min([c - l for c, l in zip(centres, lo)] + means) if means else 0.0
+    low = min([c - low_err for c, low_err in zip(centres, lo)] + means) if means else 0.0
     ax.set_xlim(left=max(0.0, math.floor(low - 5)))
     ax.set_xlabel(f"{metric} × 100 (mean over seeds; whiskers: 95% CI of the paired difference to STUDENT, dashed)")
     ax.set_title(dataset)
