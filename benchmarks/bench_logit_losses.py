@@ -40,7 +40,8 @@ def reference_dkd(s, t, y, alpha, beta, T):
     bs = torch.stack([(ps * gt).sum(1), (ps * (1 - gt)).sum(1)], 1)
     bt = torch.stack([(pt * gt).sum(1), (pt * (1 - gt)).sum(1)], 1)
     tckd = F.kl_div(bs.log(), bt, reduction="sum") * T**2 / y.shape[0]
-    nckd = F.kl_div(F.log_softmax(s / T - 1000 * gt, 1), F.softmax(t / T - 1000 * gt, 1), reduction="sum") * T**2 / y.shape[0]
+    nckd = F.kl_div(F.log_softmax(s / T - 1000 * gt, 1), F.softmax(t / T - 1000 * gt, 1),
+                    reduction="sum") * T**2 / y.shape[0]
     return alpha * tckd + beta * nckd
 
 

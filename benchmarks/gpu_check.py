@@ -130,7 +130,8 @@ def semantickitti(params, args, tmp: Path, device: torch.device) -> dict:
     out = {"rows": n_rows, "row_shape": list(size["rows"]), "batch_size": batch}
     for role, key in (("teacher", "teacher_input"), ("student", "student_input")):
         for amp in (False, "auto"):
-            distiller, precision, opt, trainable, cfg = _build(params, "semantickitti", role, data.sample_shape(key), 19,
+            distiller, precision, opt, trainable, cfg = _build(params, "semantickitti", role, data.sample_shape(key),
+                                                               19,
                                                               amp, True, device)
             if role == "teacher":  # the supervised distiller trains on student_input: feed it the camera rows
                 source = ({**b, "student_input": b["teacher_input"]}

@@ -120,7 +120,8 @@ def stepped_epoch(data, workers: int, steps: int, model_cfg: dict, simulated_ste
         waits.append(t2 - t1)
         totals.append(t2 - t0)
     batches.close()  # shuts the workers down
-    return {"step_wait_share": sum(waits) / sum(totals), "step_s": float(np.median([t - w for t, w in zip(totals, waits)])),
+    return {"step_wait_share": sum(waits) / sum(totals),
+            "step_s": float(np.median([t - w for t, w in zip(totals, waits)])),
             "wait_s_per_step": sum(waits) / steps}
 
 

@@ -140,9 +140,11 @@ def main() -> None:
                 "student_passes_mlkd": 2 if strong_view else 1,
             }
             results["datasets"][ds] = {"batch_size": bs, "rows": rows, "summary": summary}
-            print(f"\n### {ds} (batch {bs}, median ms/step, 1 thread)\n\n| run | ms/step | × STUDENT | cached teacher |\n|---|---|---|---|")
+            print(f"\n### {ds} (batch {bs}, median ms/step, 1 thread)\n\n| run | ms/step | × STUDENT | cached teacher "
+                  "|\n|---|---|---|---|")
             for name, r in rows.items():
-                print(f"| {name} | {r['ms_per_step']:.2f} | {r['x_student']:.2f} | {'yes' if r['cached_teacher'] else ''} |")
+                print(f"| {name} | {r['ms_per_step']:.2f} | {r['x_student']:.2f} | "
+                      f"{'yes' if r['cached_teacher'] else ''} |")
             print(f"\nsummary: {summary}")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=2) + "\n")

@@ -77,7 +77,8 @@ def workspace(tmp: Path, seeds: list[int], digits_epochs: int) -> Path:
 def train(ws: Path, cpu: str, dataset: str, what: list[str]) -> dict:
     env = {**os.environ, "CMKD_LOG_LEVEL": "WARNING"}
     t0 = time.perf_counter()
-    subprocess.run([*prefix(cpu), sys.executable, "-m", "stages", "train", "--dataset", dataset, *what, "--no-progress"],
+    subprocess.run([*prefix(cpu), sys.executable, "-m", "stages", "train", "--dataset", dataset, *what,
+                    "--no-progress"],
                    cwd=ws, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     run = what[-1]
     out = ws / "data" / "runs" / dataset / run
@@ -108,7 +109,8 @@ def main() -> None:
         prov = subprocess.run([sys.executable, "-c", host], cwd=ws, capture_output=True, text=True, check=True)
         result["host"] = json.loads(prov.stdout)
         for cpu in cpus:
-            probe = subprocess.run([*prefix(cpu), sys.executable, "-c", PROBE], cwd=ws, capture_output=True, text=True, check=True)
+            probe = subprocess.run([*prefix(cpu), sys.executable, "-c", PROBE], cwd=ws, capture_output=True,
+                                   text=True, check=True)
             entry = {"kernels": json.loads(probe.stdout.strip().splitlines()[-1])}
             for ds in ("synthetic", "digits"):
                 entry[ds] = {"teacher": train(ws, cpu, ds, ["--role", "teacher"])}

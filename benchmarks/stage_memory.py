@@ -111,7 +111,8 @@ def main() -> int:
             lock_lines = len(lock.read_text().splitlines()) if lock.exists() else 0
             load = os.getloadavg()
             start = time.perf_counter()
-            proc = subprocess.Popen([sys.executable, "-m", "dvc", "repro", f"check_tables@{ds}", f"diagnosis_report@{ds}"], cwd=work, env=env,
+            proc = subprocess.Popen([sys.executable, "-m", "dvc", "repro", f"check_tables@{ds}",
+                                     f"diagnosis_report@{ds}"], cwd=work, env=env,
                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
             sampler = Sampler(proc.pid)
             sampler.start()

@@ -97,7 +97,8 @@ def validate_params(params: Mapping[str, Any], data_only: bool = False) -> None:
         for role in ("teacher", "student"):
             model = roles[role]["model"]
             if model.get("arch") not in archs:
-                raise ConfigError(f"models.{ds}.{role}.arch", f"unknown architecture {model.get('arch')!r}; known: {sorted(archs)}")
+                raise ConfigError(f"models.{ds}.{role}.arch",
+                                  f"unknown architecture {model.get('arch')!r}; known: {sorted(archs)}")
             TrainConfig.from_params(roles[role]["train"], f"train.{ds}.{role}")
 
 
@@ -117,7 +118,8 @@ def budgeted_configs(grid: Mapping[str, Sequence[Any]], budget: int, subsample_s
     """Exactly `budget` configurations of `grid` (see cmkd/pipeline/tuning.py's docstring)."""
     configs = expand_grid(grid)
     if len(configs) < budget:
-        raise ConfigError(key, f"has {len(configs)} configurations, fewer than tuning.budget = {budget}: declare more values")
+        raise ConfigError(key, f"has {len(configs)} configurations, fewer than tuning.budget = {budget}: declare more "
+                               "values")
     if len(configs) == budget:
         return configs
     keep = np.sort(np.random.default_rng([int(subsample_seed), len(configs)]).permutation(len(configs))[:budget])
@@ -176,7 +178,8 @@ def validate_tuning(params: Mapping[str, Any]) -> None:
     runs = params.get("runs") or {}
     for name in params.get("methods") or []:
         if name not in grids:
-            raise ConfigError(f"tuning.grids.{name}", "missing: every run of `methods` needs a grid (the same budget for every method)")
+            raise ConfigError(f"tuning.grids.{name}",
+                              "missing: every run of `methods` needs a grid (the same budget for every method)")
     for name, grid in grids.items():
         gkey = f"tuning.grids.{name}"
         if name not in runs:

@@ -31,7 +31,8 @@ def run(write_predictor: bool = False) -> None:
     p = parser(__doc__.splitlines()[0])
     p.add_argument("--experiments-dir", default=str(EXPERIMENTS))
     p.add_argument("--out-dir", default=str(DIAGNOSIS_VALIDATION))
-    p.add_argument("--write-predictor", action="store_true", help=f"rewrite {PREDICTOR_FILE} from every condition, then validate")
+    p.add_argument("--write-predictor", action="store_true",
+                   help=f"rewrite {PREDICTOR_FILE} from every condition, then validate")
     args = p.parse_args()
     params = start(args)
     cfg = check_config(params.get("diagnosis"))

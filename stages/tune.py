@@ -53,7 +53,8 @@ def tune(params, ds: str, run: str, progress: bool) -> None:
     with tempfile.TemporaryDirectory(prefix=f"tune-{ds}-{run}-") as work:
         evidence = tune_run(
             dataset=ds, prepared=prepared_file(ds), run_name=run, run_cfg=params["runs"][run],
-            grid=grid_for(params, run), budget=int(tuning["budget"]), subsample_seed=int(tuning.get("subsample_seed", 0)),
+            grid=grid_for(params, run), budget=int(tuning["budget"]),
+                            subsample_seed=int(tuning.get("subsample_seed", 0)),
             seeds=tuning["seeds"], models=models_of(roles),
             train_cfg=TrainConfig.from_params(roles["student"]["train"], f"train.{ds}.student"),
             teacher_dir=teacher_dir(ds),

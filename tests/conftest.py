@@ -20,7 +20,8 @@ from cmkd.utils.determinism import pin_cpu_kernels
 pin_cpu_kernels()
 
 REPO = Path(__file__).resolve().parents[1]
-PIPELINE_FILES = ["cmkd", "stages", "dvc.yaml", "params.yaml", "tuned.yaml", "claims.yaml", "diagnosis_predictor.json", "flows"]
+PIPELINE_FILES = ["cmkd", "stages", "dvc.yaml", "params.yaml", "tuned.yaml", "claims.yaml",
+                  "diagnosis_predictor.json", "flows"]
 
 
 @pytest.fixture(scope="module")

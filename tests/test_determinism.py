@@ -271,7 +271,8 @@ def test_a_training_epoch_of_every_run_reaches_no_float32_vml_kernel(kind, tmp_p
 
         def one_epoch():
             if hasattr(d, "prepare"):
-                d.prepare(train, val, cfg, task="classification", num_classes=classes, ignore_index=None, progress=False)
+                d.prepare(train, val, cfg, task="classification", num_classes=classes,
+                          ignore_index=None, progress=False)
             fit(d, train, val, cfg, task="classification", num_classes=classes, progress=False)
 
         assert _vml_calls(one_epoch) == set(), name

@@ -174,7 +174,8 @@ def _initial_params():
 
 
 def _run_stage(cwd, env, *args):
-    return subprocess.Popen([sys.executable, "-m", *args], cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen([sys.executable, "-m", *args], cwd=cwd, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
 
 
 def test_killed_training_resumes_to_the_same_metrics(tmp_path):
@@ -186,7 +187,8 @@ def test_killed_training_resumes_to_the_same_metrics(tmp_path):
         params["data"]["synthetic"]["n_samples"] = 3000
         (repo / "params.yaml").write_text(yaml.safe_dump(params))
         for stage in ("download", "prepare"):
-            assert subprocess.run([sys.executable, "-m", "stages", stage, "--dataset", "synthetic"], cwd=repo, env=env).returncode == 0
+            assert subprocess.run([sys.executable, "-m", "stages", stage, "--dataset", "synthetic"],
+                                  cwd=repo, env=env).returncode == 0
         cmd = ("stages", "train", "--dataset", "synthetic", "--role", "teacher", "--no-progress")
         if name == "killed":
             ckpt = repo / "data/checkpoints/synthetic/teacher/seed0/last.pt"
@@ -246,11 +248,13 @@ def test_dvclive_seed_workers_give_the_same_run_and_die_with_a_killed_stage(tmp_
         env = _stage_env(tmp_path, workers)
         if workers == 1:
             for stage in ("download", "prepare"):
-                assert subprocess.run([sys.executable, "-m", "stages", stage, "--dataset", "synthetic"], cwd=repo, env=env).returncode == 0
+                assert subprocess.run([sys.executable, "-m", "stages", stage, "--dataset", "synthetic"],
+                                      cwd=repo, env=env).returncode == 0
         else:  # the same prepared data
             shutil.copytree(tmp_path / "w1" / "data" / "prepared", repo / "data" / "prepared")
         for args in (("--role", "teacher"), ("--run", "kdv1")):
-            proc = subprocess.run([sys.executable, "-m", "stages", "train", "--dataset", "synthetic", *args, "--no-progress"],
+            proc = subprocess.run([sys.executable, "-m", "stages", "train", "--dataset", "synthetic", *args,
+                                   "--no-progress"],
                                   cwd=repo, env=env, capture_output=True, text=True)
             assert proc.returncode == 0, proc.stderr
         runs[workers] = repo / "data/runs/synthetic"
@@ -268,7 +272,8 @@ def test_dvclive_seed_workers_give_the_same_run_and_die_with_a_killed_stage(tmp_
     repo = runs[2].parents[2]
     params["train"]["synthetic"]["teacher"]["epochs"] = 400
     (repo / "params.yaml").write_text(yaml.safe_dump(params))
-    proc = _run_stage(repo, _stage_env(tmp_path, 2), "stages", "train", "--dataset", "synthetic", "--role", "teacher", "--no-progress")
+    proc = _run_stage(repo, _stage_env(tmp_path, 2), "stages", "train", "--dataset", "synthetic", "--role", "teacher",
+                      "--no-progress")
     deadline = time.time() + 120
     workers = []
     while time.time() < deadline and len(workers) < 2:

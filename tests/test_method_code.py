@@ -109,7 +109,8 @@ def test_a_new_method_module_reruns_only_its_own_stages(tmp_path):
     subprocess.run(["git", "init", "-q"], cwd=repo, env=env, check=True)
     dvc(["init", "-q"], repo, env)
     subprocess.run(["git", "add", "-A"], cwd=repo, env=env, check=True)
-    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "p"], cwd=repo, env=env, check=True)
+    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "p"], cwd=repo,
+                   env=env, check=True)
     dvc(["repro", "evaluate@synthetic"], repo, env)
     (repo / "cmkd/methods/kd3.py").write_text(NEW_METHOD)
     params["runs"]["kd3"] = {"method": "kd3", "ce_weight": 0.5}
@@ -152,7 +153,8 @@ def test_training_stages_depend_on_one_code_file_each():
     stages = DVC_YAML["stages"]
     # (+ each role's model and training, data/resolved/: stages/resolve.py)
     assert stages["distill"]["deps"] == ["data/method_code/${item.run}.json", "data/prepared/${item.dataset}.h5",
-                                         "data/runs/${item.dataset}/teacher", "data/resolved/${item.dataset}/teacher.json",
+                                         "data/runs/${item.dataset}/teacher",
+                                         "data/resolved/${item.dataset}/teacher.json",
                                          "data/resolved/${item.dataset}/student.json"]
     assert stages["train_teacher"]["do"]["deps"] == ["data/method_code/stages/teacher.json", "data/prepared/${item}.h5",
                                                      "data/resolved/${item}/teacher.json"]
@@ -219,7 +221,8 @@ def test_code_files_cover_what_the_training_and_experiment_stages_import(tmp_pat
     subprocess.run(["git", "init", "-q"], cwd=repo, env=env, check=True)
     dvc(["init", "-q"], repo, env)
     subprocess.run(["git", "add", "-A"], cwd=repo, env=env, check=True)  # DVCLive needs a commit
-    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "p"], cwd=repo, env=env, check=True)
+    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "p"], cwd=repo,
+                   env=env, check=True)
     dvc(["repro", "train_teacher@synthetic", "method_code"], repo, env)
     env = {**env, "PYTHONPROFILEIMPORTTIME": "1"}
     commands = {"mgkd.json": ["train", "--dataset", "synthetic", "--run", "mgkd"],

@@ -41,8 +41,10 @@ def test_label_maps():
     to13 = {"wall": "wall", "floor": "floor", "cabinet": "furniture", "bed": "bed", "chair": "chair", "sofa": "sofa",
             "table": "table", "door": "wall", "window": "window", "bookshelf": "furniture", "picture": "picture",
             "counter": "furniture", "blinds": "window", "desk": "table", "shelves": "furniture", "curtain": "window",
-            "dresser": "furniture", "pillow": "objects", "mirror": "objects", "floor_mat": "floor", "clothes": "objects",
-            "ceiling": "ceiling", "books": "books", "refrigerator": "furniture", "television": "tv", "night_stand": "furniture",
+            "dresser": "furniture", "pillow": "objects", "mirror": "objects", "floor_mat": "floor",
+            "clothes": "objects",
+            "ceiling": "ceiling", "books": "books", "refrigerator": "furniture", "television": "tv",
+            "night_stand": "furniture",
             "otherfurniture": "furniture"}
     for i, name in enumerate(CLASSES_40):
         assert CLASSES_13[MAP_40_TO_13[i] - 1] == to13.get(name, "objects"), name
@@ -87,7 +89,8 @@ def hand_made(tmp_path, n=3, h=12, w=16, seed=0, train=(1, 3), test=(2,), **kw):
     raw = tmp_path / "raw"
     raw.mkdir(exist_ok=True)
     write_mat73(raw / nyudv2.LABELED, rgb, depth, labels, **kw)
-    savemat(raw / nyudv2.SPLITS, {"trainNdxs": np.array(train, float)[:, None], "testNdxs": np.array(test, float)[:, None]})
+    savemat(raw / nyudv2.SPLITS,
+            {"trainNdxs": np.array(train, float)[:, None], "testNdxs": np.array(test, float)[:, None]})
     return raw, rgb, depth, labels
 
 
@@ -120,7 +123,8 @@ def test_reverse_direction_and_13_classes(tmp_path):
     cfg = {**CFG, "classes": 13, "image_size": [10, 12], "teacher_modality": "depth", "student_modality": "rgb"}
     nyudv2.prepare(cfg, raw, tmp_path / "x.h5", progress=False)
     attrs = read_attrs(tmp_path / "x.h5")
-    assert (attrs["teacher_modality"], attrs["student_modality"]) == ("depth", "rgb") and len(attrs["class_names"]) == 13
+    assert (attrs["teacher_modality"],
+            attrs["student_modality"]) == ("depth", "rgb") and len(attrs["class_names"]) == 13
     got = PreparedSplit(tmp_path / "x.h5", "test").load(["depth", "labels"])
     rows, cols = np.arange(10) * 20 // 10, np.arange(12) * 36 // 12
     np.testing.assert_array_equal(got["depth"][0, 0], depth[:, :, 2][np.ix_(rows, cols)])
@@ -177,7 +181,8 @@ def test_bad_splits(tmp_path, splits, match):
 
 
 def test_config_errors_name_the_key():
-    bad = [({"classes": 20}, "classes"), ({"image_size": [4, 8]}, "image_size"), ({"val_fraction": 1.0}, "val_fraction"),
+    bad = [({"classes": 20}, "classes"), ({"image_size": [4, 8]}, "image_size"),
+           ({"val_fraction": 1.0}, "val_fraction"),
            ({"student_modality": "rgb"}, "student_modality"), ({"teacher_modality": "hha"}, "teacher_modality")]
     for change, key in bad:
         with pytest.raises(ConfigError) as err:
@@ -270,5 +275,6 @@ def test_feature_methods_train_on_the_prepared_sample(tmp_path, sample_raw):
         teacher = build_model({"arch": "seg_resnet", "width": 4}, (3, 24, 32), 13)
         student = build_model({"arch": "seg_resnet", "width": 4}, (1, 24, 32), 13)
         d = build_distiller({"method": method}, student, teacher, 13)
-        result = fit(d, train, val, TrainConfig(epochs=1, batch_size=2, device="cpu"), task="segmentation", num_classes=13, progress=False)
+        result = fit(d, train, val, TrainConfig(epochs=1, batch_size=2, device="cpu"), task="segmentation",
+                     num_classes=13, progress=False)
         assert math.isfinite(result.history[0]["train/loss"]) and 0.0 <= result.best_val["miou"] <= 1.0, method

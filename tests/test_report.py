@@ -30,7 +30,8 @@ def _run(tmp_path, name, method, values, extra=None, seeds=None, **top):
         out[str(seeds[i] if seeds else i)] = {"best_epoch": 1, "val": {}, "test": test}
     d = tmp_path / name
     d.mkdir()
-    (d / "metrics.json").write_text(json.dumps({"run": name, "method": method, "task": "classification", "seeds": out, **top}))
+    (d / "metrics.json").write_text(json.dumps({"run": name, "method": method, "task": "classification",
+                                                "seeds": out, **top}))
     return d
 
 
@@ -86,7 +87,8 @@ def test_collect_rows_vs_student_hyperparameters_and_provenance(tmp_path):
     assert rows["noisy"]["vs_student"]["verdict"] == "indistinguishable"
     assert set(rows["noisy"]["vs_student"]) == {"mean", "ci95", "n", "verdict"}
     # the run's own record wins; else params.yaml's entry, marked as such
-    assert rows["kdv1"]["hyperparameters"] == {"temperature": 2.0, "kd_weight": 1.0} and rows["kdv1"]["selected_on"] == "val"
+    assert rows["kdv1"]["hyperparameters"] == {"temperature": 2.0,
+                                               "kd_weight": 1.0} and rows["kdv1"]["selected_on"] == "val"
     assert rows["bad"]["hyperparameters"] == {"temperature": 4.0, "lskd": True} and rows["bad"]["selected_on"] == "params"
     assert report["provenance"] is None  # none of these runs recorded one (evaluate then adds its own)
 
@@ -121,7 +123,8 @@ def test_metrics_summary_is_small_and_rounded(tmp_path):
     assert set(small["student"]) == {"f1_weighted", "ci95_lo", "ci95_hi", "n"}
     assert small["kdv1"]["f1_weighted"] == 0.7233 and small["kdv1"]["verdict"] == "better"
     assert small["kdv1"]["ci95_lo"] < 0.7233 < small["kdv1"]["ci95_hi"]
-    one = metrics_summary({"metric": "f1_weighted", "rows": {"student": {"f1_weighted": {"mean": 0.5, "values": [0.5], "n": 1}}}})
+    one = metrics_summary({"metric": "f1_weighted",
+                           "rows": {"student": {"f1_weighted": {"mean": 0.5, "values": [0.5], "n": 1}}}})
     assert one == {"student": {"f1_weighted": 0.5, "n": 1}}
     assert metrics_file_name("discom_kd/teacher_modality") == "discom_kd.teacher_modality.json"
     assert max(len(json.dumps(v)) for v in small.values()) < 200
@@ -129,7 +132,8 @@ def test_metrics_summary_is_small_and_rounded(tmp_path):
 
 def test_compact_hyperparameters():
     assert compact_hyperparameters({"method": "dkd", "beta": 8.0, "temperature": 4.0, "lskd": False}) == "β=8, T=4"
-    assert compact_hyperparameters({"base": {"method": "kd", "temperature": 4.0}, "mode": "sample"}) == "base(method=kd, T=4), mode=sample"
+    assert compact_hyperparameters({"base": {"method": "kd", "temperature": 4.0},
+                                    "mode": "sample"}) == "base(method=kd, T=4), mode=sample"
 
 
 def test_bar_figure_colours_by_verdict(tmp_path, monkeypatch):
@@ -172,7 +176,8 @@ def test_same_seed_kd_without_kd_term_trains_bit_identically_to_student(tmp_path
 
     tiny_synthetic_file(tmp_path / "d.h5")
     models = {"teacher": {"arch": "mlp", "hidden": [16]}, "student": {"arch": "mlp", "hidden": [16]}}
-    common = dict(dataset="synthetic", prepared=tmp_path / "d.h5", models=models, train_cfg=TrainConfig(epochs=2, batch_size=32),
+    common = dict(dataset="synthetic", prepared=tmp_path / "d.h5", models=models,
+                  train_cfg=TrainConfig(epochs=2, batch_size=32),
                   seeds=[0, 1], checkpoint_root=None, progress=False)
     train_run(run_name="teacher", run_cfg=TEACHER_RUN, out_dir=tmp_path / "teacher", cache_train_logits=True, **common)
     student = train_run(run_name="student", run_cfg=STUDENT_RUN, out_dir=tmp_path / "student", **common)
@@ -188,4 +193,5 @@ def test_same_seed_kd_without_kd_term_trains_bit_identically_to_student(tmp_path
     a1 = torch.load(tmp_path / "student" / "seed1" / "model.pt", weights_only=True)
     assert not all(torch.equal(a0[k], a1[k]) for k in a0)
     report = collect([tmp_path / "student", tmp_path / "kd0"])
-    assert report["rows"]["kd0"]["vs_student"] == {"mean": 0.0, "ci95": [0.0, 0.0], "n": 2, "verdict": "indistinguishable"}
+    assert report["rows"]["kd0"]["vs_student"] == {"mean": 0.0, "ci95": [0.0, 0.0], "n": 2,
+                                                   "verdict": "indistinguishable"}

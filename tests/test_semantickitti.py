@@ -219,7 +219,8 @@ def test_sample_lidar_and_camera_agree_on_labels():
 
 
 def test_sample_is_deterministic(tmp_path):
-    cfg = {**TINY, "sequences": [{"sequence": 8, "frames": 1, "image_size": [1226, 370]}], "split": {"train": [8], "val": [8]}}
+    cfg = {**TINY, "sequences": [{"sequence": 8, "frames": 1, "image_size": [1226, 370]}],
+           "split": {"train": [8], "val": [8]}}
     a, b = tmp_path / "a", tmp_path / "b"
     kitti_sample.download(cfg, a, progress=False)
     kitti_sample.download(cfg, b, progress=False)
@@ -297,7 +298,8 @@ def test_prepare_writes_the_expected_hdf5(sample, tmp_path):
     assert (row["valid"][0] == ref["valid"]).all() and ref["valid"].sum() > 50
     assert (row["labels"][0] == ref["labels"]).all()
     mean, std = sk.LIDAR_MEAN[0], sk.LIDAR_STD[0]
-    np.testing.assert_allclose(row["lidar"][0, 0][ref["valid"]], (ref["range"][ref["valid"]] - mean) / std, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(row["lidar"][0, 0][ref["valid"]], (ref["range"][ref["valid"]] - mean) / std,
+                               rtol=1e-5, atol=1e-5)
     np.testing.assert_array_equal(row["rgb"][0], ref["rgb"].transpose(2, 0, 1))  # the camera pixels
     # Loaded for training, they are float32 (x / 255 - mean) / std, in memory and streamed.
     assert attrs["normalise"] == {"rgb": {"scale": 255.0, "mean": list(sk.RGB_MEAN), "std": list(sk.RGB_STD)}}

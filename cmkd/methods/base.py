@@ -58,7 +58,8 @@ class Distiller(nn.Module):
     def validate(cls, cfg: Mapping[str, Any], key: str) -> None:
         unknown = sorted(set(cfg) - set(cls.defaults))
         if unknown:
-            raise ConfigError(f"{key}.{unknown[0]}", f"not a parameter of method {cls.method_name!r}; known: {sorted(cls.defaults)}")
+            raise ConfigError(f"{key}.{unknown[0]}",
+                              f"not a parameter of method {cls.method_name!r}; known: {sorted(cls.defaults)}")
         merged = {**cls.defaults, **cfg}
         # A value of the wrong kind (`temperature: four`) is one line naming the key, not a
         # float() traceback in a subclass's range check. Numbers and switches only: string

@@ -157,7 +157,8 @@ class CRD(FeatureDistiller):
             pool[c, :len(m)] = m
         sizes = torch.tensor([len(m) for m in members])
         if bool((sizes[torch.unique(labels)] == 0).any()):
-            raise ConfigError(self.key("negatives"), "every training row has the same class: no other-class negatives (use negatives: any)")
+            raise ConfigError(self.key("negatives"),
+                              "every training row has the same class: no other-class negatives (use negatives: any)")
         self.pool, self.pool_size = pool.to(device), sizes.to(device)
 
     def n_negatives(self) -> int:

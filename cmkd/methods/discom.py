@@ -178,9 +178,11 @@ class DisComKD(Distiller):
         super().validate(cfg, key)
         merged = {**cls.defaults, **cfg}
         if merged["orthogonality"] not in ORTHOGONALITY:
-            raise ConfigError(f"{key}.orthogonality", f"must be one of {list(ORTHOGONALITY)}, got {merged['orthogonality']!r}")
+            raise ConfigError(f"{key}.orthogonality",
+                              f"must be one of {list(ORTHOGONALITY)}, got {merged['orthogonality']!r}")
         if merged["representation"] not in REPRESENTATIONS:
-            raise ConfigError(f"{key}.representation", f"must be one of {list(REPRESENTATIONS)}, got {merged['representation']!r}")
+            raise ConfigError(f"{key}.representation",
+                              f"must be one of {list(REPRESENTATIONS)}, got {merged['representation']!r}")
         for name in ("use_adv", "use_mod", "use_aux", "use_orth"):
             if not isinstance(merged[name], bool):
                 raise ConfigError(f"{key}.{name}", f"must be true or false, got {merged[name]!r}")
@@ -190,18 +192,21 @@ class DisComKD(Distiller):
 
     def __init__(self, student, teacher, cfg, num_classes):
         if teacher is None:
-            raise ConfigError("runs", "method 'discom_kd' needs a (fresh) network for the teacher modality: it trains one branch per modality")
+            raise ConfigError("runs", "method 'discom_kd' needs a (fresh) network for the teacher modality: it trains "
+                                      "one branch per modality")
         super().__init__(student, teacher, cfg, num_classes)
         dims = []
         for name, net in (("student", student), ("teacher", teacher)):
             dim = getattr(net, "feature_dim", None)
             if not isinstance(dim, int):
-                raise ConfigError("models", f"the {name}-modality network ({type(net).__name__}) has no integer `feature_dim`; discom_kd needs it")
+                raise ConfigError("models", f"the {name}-modality network ({type(net).__name__}) has no integer "
+                                            "`feature_dim`; discom_kd needs it")
             dims.append(dim)
         e = self.cfg["embedding_dim"]
         if e is None:
             if dims[0] != dims[1] or dims[0] % 2:
-                raise ConfigError("runs.embedding_dim", f"feature widths {dims} are unequal or odd; set embedding_dim explicitly")
+                raise ConfigError("runs.embedding_dim",
+                                  f"feature widths {dims} are unequal or odd; set embedding_dim explicitly")
             e = dims[0] // 2
         rep = self.cfg["representation"]
         self.student_branch = DisComBranch(student, e, num_classes, rep)
@@ -221,7 +226,8 @@ class DisComKD(Distiller):
     def forward(self, batch):
         target = batch["target"]
         if target.dim() != 1:
-            raise ConfigError("runs", "discom_kd supports classification only (the paper leaves dense tasks open); got segmentation targets")
+            raise ConfigError("runs", "discom_kd supports classification only (the paper leaves dense tasks open); got "
+                                      "segmentation targets")
         cfg = self.cfg
         enabled = [name for name, on in (("cl", True), ("adv", cfg["use_adv"]), ("mod", cfg["use_mod"]),
                                          ("aux", cfg["use_aux"]), ("orth", cfg["use_orth"])) if on]

@@ -107,7 +107,8 @@ class NonTargetSampleMask:
             drop |= valid & (teacher_logits.argmax(dim=1) != target)
         return drop
 
-    def dropped_per_column(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    def dropped_per_column(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+                           target: torch.Tensor) -> torch.Tensor:
         """`dropped` for a target [N, ...] whose every trailing position is a batch of its own
         (the batched experiments' slices): each column's N rows are ranked apart, in one pass."""
         valid = target >= 0
@@ -164,9 +165,11 @@ class NTDHMask(Distiller):
         if merged["mode"] not in MODES:
             raise ConfigError(f"{key}.mode", f"must be one of {list(MODES)}, got {merged['mode']!r}")
         if merged["divergence_form"] not in DIVERGENCE_FORMS:
-            raise ConfigError(f"{key}.divergence_form", f"must be one of {list(DIVERGENCE_FORMS)}, got {merged['divergence_form']!r}")
+            raise ConfigError(f"{key}.divergence_form",
+                              f"must be one of {list(DIVERGENCE_FORMS)}, got {merged['divergence_form']!r}")
         if not -1.0 <= float(merged["cos_threshold"]) <= 1.0:
-            raise ConfigError(f"{key}.cos_threshold", f"a cosine threshold must lie in [-1, 1], got {merged['cos_threshold']}")
+            raise ConfigError(f"{key}.cos_threshold",
+                              f"a cosine threshold must lie in [-1, 1], got {merged['cos_threshold']}")
         if not 0.0 <= float(merged["drop_ratio"]) < 1.0:
             raise ConfigError(f"{key}.drop_ratio", f"must lie in [0, 1), got {merged['drop_ratio']}")
         if not 0.0 <= float(merged["down_weight"]) <= 1.0:
@@ -197,8 +200,10 @@ class NTDHMask(Distiller):
         if mode in ("sample", "both"):
             inner.sample_weight_hook = PSSMSampleMask(self.cfg["cos_threshold"])
         elif mode == "sample_drop":
-            inner.sample_weight_hook = NonTargetSampleMask(self.cfg["drop_ratio"], self.cfg["drop_wrong"], self.cfg["down_weight"],
-                                                           self.cfg["divergence_temperature"], self.cfg["divergence_form"])
+            inner.sample_weight_hook = NonTargetSampleMask(self.cfg["drop_ratio"], self.cfg["drop_wrong"],
+                                                           self.cfg["down_weight"],
+                                                           self.cfg["divergence_temperature"],
+                                                           self.cfg["divergence_form"])
         self.inner = inner
 
     def on_epoch_start(self, epoch: int, total_epochs: int) -> None:
@@ -223,10 +228,13 @@ class NTDHMask(Distiller):
         if not self.uses_feature_mask:
             return None
         if self.teacher is None:
-            raise ConfigError("runs", "the NTDH feature mask needs the teacher architecture (a teacher-modality network)")
+            raise ConfigError("runs", "the NTDH feature mask needs the teacher architecture (a teacher-modality "
+                                      "network)")
         masked, self.selection = modality_general_teacher(
-            self.teacher, self.student, train, val, train_cfg, self.cfg, distance=FEATURE_DISTANCES[self.cfg["divergence_form"]],
-            task=task, num_classes=num_classes, ignore_index=ignore_index, checkpoint_dir=checkpoint_dir, progress=progress,
+            self.teacher, self.student, train, val, train_cfg, self.cfg,
+                                                          distance=FEATURE_DISTANCES[self.cfg["divergence_form"]],
+            task=task, num_classes=num_classes, ignore_index=ignore_index, checkpoint_dir=checkpoint_dir,
+                                                          progress=progress,
             name="ntdh feature mask", fraction_key="keep_ratio")
         self.set_teacher(masked)
         return self.selection

@@ -213,7 +213,8 @@ def _train_seed(
     for name, (net, input_key) in distiller.deployables().items():
         if evaluate_test:
             seed_result["test"][name] = evaluate(net, splits["test"], input_key, task=task, num_classes=num_classes,
-                                                 ignore_index=ignore_index, batch_size=seed_cfg.eval_batch_size, device=device,
+                                                 ignore_index=ignore_index, batch_size=seed_cfg.eval_batch_size,
+                                                 device=device,
                                                  precision=Precision(seed_cfg.amp, device),
                                                  channels_last=seed_cfg.channels_last is True or (
                                                      seed_cfg.channels_last == "auto" and device.type == "cuda"),

@@ -72,7 +72,8 @@ def load_tuned(path: str | Path = TUNED_FILE) -> dict[str, Any]:
     return data
 
 
-def tuned_run_config(run_cfg: Mapping[str, Any], tuned: Mapping[str, Any], dataset: str, run: str) -> tuple[dict[str, Any], str]:
+def tuned_run_config(run_cfg: Mapping[str, Any], tuned: Mapping[str, Any],
+                     dataset: str, run: str) -> tuple[dict[str, Any], str]:
     """The run's configuration with its selected values merged in, and where they came from:
     ("val" when tuned.yaml holds a selection for (run, dataset), else "default")."""
     selection = (tuned.get(run) or {}).get(dataset) or {}
@@ -122,7 +123,8 @@ def select(configs: Sequence[Mapping[str, Any]]) -> int:
     return best
 
 
-def tune_run(*, dataset: str, prepared: Path, run_name: str, run_cfg: Mapping[str, Any], grid: Mapping[str, Sequence[Any]],
+def tune_run(*, dataset: str, prepared: Path, run_name: str, run_cfg: Mapping[str, Any],
+             grid: Mapping[str, Sequence[Any]],
              budget: int, subsample_seed: int, seeds: Sequence[int], models: Mapping[str, Any], train_cfg,
              teacher_dir: Path | None, teacher_train_cfg, work_dir: Path, seed_workers: int = 1,
              progress: bool = False) -> dict[str, Any]:
@@ -169,7 +171,8 @@ def tune_run(*, dataset: str, prepared: Path, run_name: str, run_cfg: Mapping[st
     chosen = select(entries)
     return {
         "dataset": dataset, "run": run_name, "method": run_cfg["method"], "metric": metric, "split": "val",
-        "seeds": list(seeds), "budget": budget, "epochs": int(train_cfg.epochs), "grid": {k: list(v) for k, v in grid.items()},
+        "seeds": list(seeds), "budget": budget, "epochs": int(train_cfg.epochs),
+            "grid": {k: list(v) for k, v in grid.items()},
         "grid_size": len(expand_grid(grid)), "configurations": entries, "selected_index": chosen,
         "selected": dict(entries[chosen]["config"]), "selected_val_mean": entries[chosen]["val_mean"],
         "seconds": round(time.perf_counter() - start, 2),
@@ -202,7 +205,8 @@ def report_markdown(dataset: str, runs: Mapping[str, Mapping[str, Any]], extra: 
             lines.append(f"| {name} | n/a ({r['skipped']}) | | | |")
             continue
         sel = ", ".join(f"{k}={v}" for k, v in r["selected"].items())
-        lines.append(f"| {name} | {sel} | {100 * r['selected_val_mean']:.2f} | {len(r['configurations'])} of {r['grid_size']} | {r['seconds']:.0f} |")
+        lines.append(f"| {name} | {sel} | {100 * r['selected_val_mean']:.2f} | {len(r['configurations'])} of "
+                     f"{r['grid_size']} | {r['seconds']:.0f} |")
     for name, r in runs.items():
         if r.get("skipped"):
             continue

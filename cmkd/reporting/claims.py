@@ -540,7 +540,8 @@ def difference(a: Sample, b: Sample, paired: bool = True) -> tuple[float, float,
     return diff, se, df, "Welch t"
 
 
-def scalar_p(op: str, a: Sample, b: Sample, tolerance: float = 0.0, paired: bool = True) -> tuple[float, float, dict[str, Any]]:
+def scalar_p(op: str, a: Sample, b: Sample, tolerance: float = 0.0,
+             paired: bool = True) -> tuple[float, float, dict[str, Any]]:
     """(p of the paper's side, p of the other side, statistics) of `a op b` (op in SCALAR_OPS)."""
     sign = 1.0 if op.startswith(">") else -1.0
     if a.exact and b.exact:  # exact numbers: the comparison as written
@@ -602,7 +603,8 @@ def evaluate_claim(claim: Claim, load: Loader, params: Mapping[str, Any] | None 
     except (TypeError, ValueError) as err:
         return Outcome(claim, jsonable(measured), "not_run", detail=f"invalid measurement: {err}",
                        against_measured=against, enforced=not note, note=note)
-    return Outcome(claim, shown, verdict, detail=detail, against_measured=_means(against) if against is not None else None,
+    return Outcome(claim, shown, verdict, detail=detail,
+                   against_measured=_means(against) if against is not None else None,
                    statistics=statistics, enforced=not note, note=note)
 
 
@@ -659,7 +661,8 @@ def compare(comparison: str, measured: Any, value: Any, tolerance: float, agains
     raise ValueError(f"unknown comparison {comparison!r}")
 
 
-def _trend(comparison: str, measured: Any, x: Any, tolerance: float, alpha: float) -> tuple[str, Any, str, dict[str, Any]]:
+def _trend(comparison: str, measured: Any, x: Any,
+           tolerance: float, alpha: float) -> tuple[str, Any, str, dict[str, Any]]:
     ys = _list(measured, "measured")
     if len(ys) < 2:
         raise ValueError("a trend needs at least two points")
@@ -758,7 +761,8 @@ def summary_line(outcomes: Sequence[Outcome]) -> str:
 
 def changed_line(o: Outcome) -> str:
     """One changed claim in words: its id, the verdict measured and the one expected."""
-    line = (f"{o.claim.id}: verdict {o.verdict.replace('_', ' ')}, expected {o.claim.expected_verdict.replace('_', ' ')}")
+    line = (f"{o.claim.id}: verdict {o.verdict.replace('_', ' ')}, expected "
+            f"{o.claim.expected_verdict.replace('_', ' ')}")
     extra = "; ".join(t for t in (o.detail if o.verdict == "not_run" else "", o.note) if t)
     return f"{line} ({extra})" if extra else line
 
@@ -784,7 +788,8 @@ def render_markdown(outcomes: Sequence[Outcome], title: str = "Paper claims") ->
             measured += f" ({o.detail})"
         mark = "ok" if o.passed else ("changed (not enforced)" if not o.enforced else "**CHANGED**")
         lines.append(f"| `{c.id}` | {c.paper} | {c.tests or ''} | {_md(c.statement)} | `{_md(c.expected_text())}` | "
-                     f"{_md(measured)} | {o.verdict.replace('_', ' ')} | {c.expected_verdict.replace('_', ' ')} | {mark} |")
+                     f"{_md(measured)} | {o.verdict.replace('_', ' ')} | {c.expected_verdict.replace('_', ' ')} | "
+                     f"{mark} |")
     notes = [o for o in outcomes if o.claim.reason or o.note or o.verdict == "not_run"]
     if notes:
         lines += ["", "## Notes", ""]

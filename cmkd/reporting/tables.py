@@ -82,7 +82,8 @@ def collect(run_dirs: Iterable[Path], run_configs: Mapping[str, Any] | None = No
         extra: dict[str, Any] = {}
         if run not in BASELINES:
             if "hyperparameters" in metrics:
-                extra = {"hyperparameters": metrics["hyperparameters"], "selected_on": metrics.get("selected_on", "val")}
+                extra = {"hyperparameters": metrics["hyperparameters"],
+                         "selected_on": metrics.get("selected_on", "val")}
             else:
                 cfg = dict((run_configs or {}).get(run) or {})
                 cfg.pop("method", None)

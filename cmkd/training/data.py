@@ -105,7 +105,8 @@ class SplitData:
         if self.tensors is not None:
             return SplitData(tensors={k: v for k, v in self.tensors.items() if k != key}, normalise=self.normalise)
         if key == "teacher_logits":
-            return SplitData(stream={k: v for k, v in self._stream_spec().items() if k != "logits"}, normalise=self.normalise)
+            return SplitData(stream={k: v for k, v in self._stream_spec().items() if k != "logits"},
+                             normalise=self.normalise)
         return self
 
     def batches(
@@ -159,7 +160,8 @@ class SplitData:
         loaders = self.stream.setdefault("loaders", {})
         if key not in loaders:
             sampler = PlanSampler(dict(n_rows=split.length, chunk_rows=split.chunk_rows, batch_size=batch_size,
-                                       shuffle=shuffle, rank=rank, world=world, buffer_chunks=cfg.buffer_chunks, even=even))
+                                       shuffle=shuffle, rank=rank, world=world,
+                                       buffer_chunks=cfg.buffer_chunks, even=even))
             dataset = H5Batches(split.path, split.group_path, self.stream["names"], self.stream.get("logits"), augment)
             loaders[key] = (sampler, make_loader(dataset, sampler, cfg))
         sampler, data_loader = loaders[key]
@@ -167,7 +169,8 @@ class SplitData:
         yield from data_loader
 
 
-def load_split(path: str | Path, split: str, attrs: Mapping[str, Any], root: str = "", in_memory: bool | None = None) -> SplitData:
+def load_split(path: str | Path, split: str, attrs: Mapping[str, Any], root: str = "",
+               in_memory: bool | None = None) -> SplitData:
     """A split of a prepared file with the batch keys the methods use."""
     prepared = PreparedSplit(path, split, root)
     names = {"teacher_input": attrs["teacher_modality"], "student_input": attrs["student_modality"], "target": "labels"}

@@ -11,6 +11,8 @@ from cmkd.training.data import SplitData
 
 def build_networks(attrs: Mapping[str, Any], train: SplitData, models: Mapping[str, Any], dataset: str):
     num_classes = len(attrs["class_names"])
-    teacher = build_model(models["teacher"], train.sample_shape("teacher_input"), num_classes, f"models.{dataset}.teacher")
-    student = build_model(models["student"], train.sample_shape("student_input"), num_classes, f"models.{dataset}.student")
+    teacher = build_model(models["teacher"], train.sample_shape("teacher_input"), num_classes,
+                          f"models.{dataset}.teacher")
+    student = build_model(models["student"], train.sample_shape("student_input"), num_classes,
+                          f"models.{dataset}.student")
     return teacher, student
