@@ -38,7 +38,8 @@ def count(names: list[str], datasets: list[str]) -> dict:
     kinds = Counter(name.split("@")[0] for name in names)
     per_dataset = {}
     for ds in datasets:
-        per_dataset[ds] = sum(1 for n in names if "@" in n and (n.split("@")[1] == ds or n.split("@")[1].startswith(ds + "-")))
+        per_dataset[ds] = sum(1 for n in names
+                              if "@" in n and (n.split("@")[1] == ds or n.split("@")[1].startswith(ds + "-")))
     return {"total": len(names), "per_kind": dict(sorted(kinds.items())), "per_dataset": per_dataset}
 
 

@@ -135,7 +135,8 @@ def main() -> None:
                         "default output then benchmarks/results/loader_simulated_step.json")
     p.add_argument("--out", default=None)
     args = p.parse_args()
-    args.out = args.out or str(HERE / "results" / ("loader_simulated_step.json" if args.simulated_step_s else "loader.json"))
+    args.out = args.out or str(HERE / "results" / ("loader_simulated_step.json" if args.simulated_step_s
+                                                    else "loader.json"))
     if args.rows < BATCH * (args.steps + 2):
         raise SystemExit(f"error: --rows {args.rows} is too few for {args.steps} steps of batch {BATCH}")
     torch.set_num_threads(1)

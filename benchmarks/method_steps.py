@@ -132,7 +132,8 @@ def main() -> None:
             for r in rows.values():
                 r["x_student"] = round(r["ms_per_step"] / base, 3)
             summary = {
-                "cache_speedup_kdv1": round(rows["kdv1 (teacher recomputed)"]["ms_per_step"] / rows["kdv1"]["ms_per_step"], 3),
+                "cache_speedup_kdv1": round(rows["kdv1 (teacher recomputed)"]["ms_per_step"]
+                                            / rows["kdv1"]["ms_per_step"], 3),
                 "ofsd_overhead": round(rows["c2kd"]["ms_per_step"] / rows["c2kd without OFSD"]["ms_per_step"] - 1, 4),
                 "logit_methods_cached_max_x_student": max(
                     r["x_student"] for n, r in rows.items() if r["cached_teacher"]),

@@ -68,7 +68,8 @@ def natural_images(sizes: list[tuple[int, int]], rng: np.random.Generator) -> di
         out[size] = []
         for k in range(4):
             img = Image.fromarray(photos[k % len(photos)]).resize(size, Image.BILINEAR)
-            arr = np.clip(np.asarray(img, np.float32) + rng.normal(0, 3, (size[1], size[0], 3)), 0, 255).astype(np.uint8)
+            arr = np.clip(np.asarray(img, np.float32) + rng.normal(0, 3, (size[1], size[0], 3)),
+                          0, 255).astype(np.uint8)
             buf = io.BytesIO()
             Image.fromarray(arr).save(buf, format="PNG")
             out[size].append(buf.getvalue())

@@ -130,7 +130,8 @@ def main() -> int:
                 "output_tail": output.splitlines()[-15:] if proc.returncode else [],
             }
             top = next(iter(results[ds]["peak_rss_mib"].items()), ("-", 0))
-            print(f"{ds}: exit {proc.returncode}, {seconds:.0f} s, largest stage {top[1]:.0f} MiB ({top[0]})", flush=True)
+            print(f"{ds}: exit {proc.returncode}, {seconds:.0f} s, "
+                  f"largest stage {top[1]:.0f} MiB ({top[0]})", flush=True)
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)

@@ -160,7 +160,8 @@ def validate_tuning(params: Mapping[str, Any]) -> None:
     if not isinstance(tuning, Mapping):
         raise ConfigError("tuning", "must be a mapping with seeds, budget and grids")
     seeds = tuning.get("seeds")
-    if not isinstance(seeds, list) or len(seeds) < 1 or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds):
+    if not isinstance(seeds, list) or len(seeds) < 1 or not all(
+            isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds):
         raise ConfigError("tuning.seeds", f"must be a non-empty list of non-negative integers, got {seeds!r}")
     if len(set(seeds)) != len(seeds):
         raise ConfigError("tuning.seeds", f"has duplicates: {seeds}")

@@ -318,7 +318,8 @@ def kendall_tau(a: torch.Tensor, b: torch.Tensor, chunk_elements: int = 1 << 24)
     NaN compares False with any threshold. No gradient flows (ranks are piecewise constant).
     """
     if a.shape != b.shape or a.dim() != 2:
-        raise ValueError(f"kendall_tau needs two [N, C] tensors of one shape, got {tuple(a.shape)} and {tuple(b.shape)}")
+        raise ValueError(f"kendall_tau needs two [N, C] tensors of one shape, "
+                         f"got {tuple(a.shape)} and {tuple(b.shape)}")
     # float64 stays float64; anything else is ranked in float32 (sums of +-1 are exact below 2^24)
     dtype = torch.float64 if a.dtype == torch.float64 else torch.float32
     a, b = a.detach().to(dtype), b.detach().to(dtype)

@@ -44,7 +44,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 def shared_columns(teacher: np.ndarray, student: np.ndarray) -> list[tuple[int, int]]:
     """(teacher channel, student channel) pairs holding identical values."""
-    return [(i, j) for i in range(teacher.shape[1]) for j in range(student.shape[1]) if np.array_equal(teacher[:, i], student[:, j])]
+    return [(i, j) for i in range(teacher.shape[1]) for j in range(student.shape[1])
+            if np.array_equal(teacher[:, i], student[:, j])]
 
 
 @pytest.mark.parametrize("gamma", [0.0, 0.3, 0.5, 1.0])
@@ -131,7 +132,8 @@ def test_batched_slice_trains_exactly_as_alone(optimizer, lr):
     t_alone = build_model(cfg, (d,), c)
     torch.manual_seed(12)
     s_alone = build_model(cfg, (d,), c)
-    opt = torch.optim.Adam(s_alone.parameters(), lr=lr) if optimizer == "adam" else torch.optim.SGD(s_alone.parameters(), lr=lr)
+    opt = (torch.optim.Adam(s_alone.parameters(), lr=lr) if optimizer == "adam"
+           else torch.optim.SGD(s_alone.parameters(), lr=lr))
     with torch.no_grad():
         zt = t_alone(x_t[:, 1])
     for _ in range(15):
@@ -339,7 +341,8 @@ def test_ntdh_gap_tiny_with_masks():
     # NTDH's form by default (unbounded), textbook JS (at most ln 2) recorded beside it
     assert result["divergence_form"] == "ntdh"
     assert all(0.0 <= v <= math.log(2) + 1e-6 for v in s["target_div_js"] + s["non_target_div_js"])
-    assert all(v >= 0.0 for v in s["target_div"] + s["non_target_div"]) and s["non_target_div"] != s["non_target_div_js"]
+    assert (all(v >= 0.0 for v in s["target_div"] + s["non_target_div"])
+            and s["non_target_div"] != s["non_target_div_js"])
     masks = result["masks"]
     assert masks["names"] == ["ntdh_feature", "ntdh_sample"]
     assert [p["gamma"] for p in masks["points"]] == [0.5, 1.0]
@@ -497,7 +500,8 @@ def test_batched_pair_training_equals_algorithm1_step1_alone():
     i = 1
     x_t, x_s, y = data.slice(i)
     torch.manual_seed(seeds[i])
-    t_alone, s_alone = build_model(nets["teacher"]["model"], (d,), c), build_model(nets["student"]["model"], (d + 2,), c)
+    t_alone, s_alone = (build_model(nets["teacher"]["model"], (d,), c),
+                        build_model(nets["student"]["model"], (d + 2,), c))
     train_modality_pair(t_alone, s_alone, x_t, x_s, y, epochs=25, lr=0.05)
     with torch.no_grad():
         assert torch.allclose(pair_t.unstack(i)(x_t), t_alone(x_t), atol=1e-5)

@@ -1,7 +1,8 @@
 """Claims machinery: every comparison against hand-made results and scipy's tests, the
 verdicts and expected verdicts, configurations, the claims-file validation, and the check
 stage: a changed verdict is reported loudly and exits 0, `--strict` exits 1 on it (the form
-every regression guard here uses), missing or unreadable results are `not_run`. (Calibration under the null: tests/test_claims_calibration.py.)"""
+every regression guard here uses), missing or unreadable results are `not_run`. (Calibration under
+the null: tests/test_claims_calibration.py.)"""
 
 from __future__ import annotations
 
@@ -547,7 +548,8 @@ def test_check_cli_flipping_a_repository_claim_fails(tmp_path):
     assert "mfh-gamma-kd-gain-rises" in flipped.stderr
     default = subprocess.run([c for c in cmd if c != "--strict"], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert default.returncode == 0, default.stderr
-    assert "WARNING check: CHANGED mfh-gamma-kd-gain-rises: verdict not reproduced, expected reproduced" in default.stderr
+    assert ("WARNING check: CHANGED mfh-gamma-kd-gain-rises: verdict not reproduced, expected reproduced"
+            in default.stderr)
 
 
 def test_filter_and_empty_report():

@@ -95,7 +95,8 @@ def test_unpinned_kernels_would_differ(probe_repo):
 
 
 def test_pin_refuses_to_run_after_torch_chose_its_kernels():
-    code = "import os, torch; os.environ.pop('ATEN_CPU_CAPABILITY', None)\nfrom cmkd.utils.determinism import pin_cpu_kernels\npin_cpu_kernels()"
+    code = ("import os, torch; os.environ.pop('ATEN_CPU_CAPABILITY', None)\n"
+            "from cmkd.utils.determinism import pin_cpu_kernels\npin_cpu_kernels()")
     env = {k: v for k, v in os.environ.items() if k not in PINNED_CPU_KERNELS}
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True)
     if "AVX2" in subprocess.run([sys.executable, "-c", "import torch;print(torch.backends.cpu.get_cpu_capability())"],

@@ -309,7 +309,8 @@ def test_dvc_diagnose_depends_on_no_distill_or_experiment_output():
             for out in body.get("outs", []):
                 path = out if isinstance(out, str) else next(iter(out))
                 for run in params["methods"]:
-                    forbidden.add(path.replace("${item.dataset}", ds).replace("${item.run}", run).replace("${item}", ds))
+                    forbidden.add(path.replace("${item.dataset}", ds).replace("${item.run}", run)
+                                  .replace("${item}", ds))
         resolved = [d.replace("${item}", ds) for d in deps]
         assert "data/runs/" + ds + "/kdv1" in forbidden  # the check sees the distill outputs
         for dep in resolved:

@@ -150,7 +150,8 @@ def test_interrupted_download_leaves_part_and_resumes_next_call(tmp_path, archiv
         assert everything_under(tmp_path / "raw") == []  # nothing extracted, no staging left
         fetch([{"url": srv.url + url_path}], tmp_path / "raw", progress=False, cache_dir=tmp_path / "cache", retries=0)
     assert srv.requests[-1] == (url_path, "bytes=50000-")
-    assert (tmp_path / "raw" / "dataset/sequences/00/velodyne/000000.bin").read_bytes() == payload["dataset/sequences/00/velodyne/000000.bin"]
+    assert ((tmp_path / "raw" / "dataset/sequences/00/velodyne/000000.bin").read_bytes()
+            == payload["dataset/sequences/00/velodyne/000000.bin"])
 
 
 def test_server_without_range_support_restarts_cleanly(tmp_path, archive_bytes):
@@ -158,7 +159,8 @@ def test_server_without_range_support_restarts_cleanly(tmp_path, archive_bytes):
     with _Server({"/a.tar.gz": data}, cut={"/a.tar.gz": 30_000}, honour_range=False) as srv:
         fetch([{"url": srv.url + "/a.tar.gz", "sha256": hashlib.sha256(data).hexdigest()}], tmp_path / "raw",
               progress=False, cache_dir=tmp_path / "cache")
-    assert (tmp_path / "raw" / "dataset/sequences/00/calib.txt").read_bytes() == payload["dataset/sequences/00/calib.txt"]
+    assert ((tmp_path / "raw" / "dataset/sequences/00/calib.txt").read_bytes()
+            == payload["dataset/sequences/00/calib.txt"])
 
 
 def test_checksum_mismatch_names_file_and_writes_nothing(tmp_path, archive_bytes):

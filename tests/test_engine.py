@@ -259,7 +259,8 @@ def test_dvclive_seed_workers_give_the_same_run_and_die_with_a_killed_stage(tmp_
             assert proc.returncode == 0, proc.stderr
         runs[workers] = repo / "data/runs/synthetic"
     for run in ("teacher", "kdv1"):
-        assert json.loads((runs[1] / run / "metrics.json").read_text()) == json.loads((runs[2] / run / "metrics.json").read_text())
+        assert (json.loads((runs[1] / run / "metrics.json").read_text())
+                == json.loads((runs[2] / run / "metrics.json").read_text()))
         for seed in (0, 1, 2):
             files = sorted(p.name for p in (runs[1] / run / f"seed{seed}").glob("*.pt"))
             assert files

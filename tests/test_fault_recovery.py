@@ -262,7 +262,8 @@ def test_a_teacher_killed_after_3_of_8_epochs_resumes_to_byte_identical_outputs(
             assert list((repo / "data/.tmp").iterdir()) == []  # the dead run's folder was removed
         assert sorted(p.name for p in (repo / "data/runs/synthetic").iterdir()) == ["teacher"]
         trees[name] = _tree(repo / "data/runs/synthetic/teacher")
-        steps = (repo / "data/runs/synthetic/teacher/seed0/live/plots/metrics/val/f1_weighted.tsv").read_text().split("\n")
+        steps = (repo / "data/runs/synthetic/teacher/seed0/live/plots/metrics/val/f1_weighted.tsv"
+                 ).read_text().split("\n")
         assert [line.split("\t")[0] for line in steps[1:] if line] == [str(i) for i in range(8)]
     assert trees["killed"] == trees["straight"]
 

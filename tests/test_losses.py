@@ -337,7 +337,8 @@ def test_ntdh_form_matches_ntdh_reference_formula_on_probabilities(rng):
     m = 0.5 * (ps + pt)
     with np.errstate(divide="ignore", invalid="ignore"):
         def kl(p):
-            return np.where(m > 0, m * (np.log(np.where(m > 0, m, 1)) - np.log(np.where(p > 0, p, 1))), 0).sum() / len(y)
+            return np.where(m > 0, m * (np.log(np.where(m > 0, m, 1)) - np.log(np.where(p > 0, p, 1))),
+                            0).sum() / len(y)
 
     batch_value = 0.5 * (kl(ps) + kl(pt))
     ntd = L.non_target_divergence(t64(zs), t64(zt), torch.tensor(y), form="ntdh")

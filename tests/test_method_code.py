@@ -46,7 +46,8 @@ _PROBE = textwrap.dedent("""
 def test_registry_finds_every_decorated_method_without_an_index():
     from cmkd.methods import available_methods, method_modules
 
-    on_disk = sorted(f"cmkd.methods.{p.stem}" for p in (REPO / "cmkd/methods").glob("*.py") if not p.name.startswith("_"))
+    on_disk = sorted(f"cmkd.methods.{p.stem}" for p in (REPO / "cmkd/methods").glob("*.py")
+                     if not p.name.startswith("_"))
     assert method_modules() == on_disk
     # the source scan the stage relies on agrees with what importing registers
     assert sorted(registered_methods(REPO)) == available_methods()

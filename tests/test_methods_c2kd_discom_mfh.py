@@ -354,7 +354,8 @@ def test_discom_signed_orthogonality_is_the_printed_sum():
     with torch.no_grad():
         expected = 0.0
         for _, _, z in d.embeddings(batch):
-            expected += float(F.cosine_similarity(z["inv"], z["inf"]).mean() + F.cosine_similarity(z["inf"], z["irr"]).mean())
+            expected += float(F.cosine_similarity(z["inv"], z["inf"]).mean()
+                              + F.cosine_similarity(z["inf"], z["irr"]).mean())
     assert _f(losses["orth"]) == pytest.approx(expected, rel=1e-5, abs=1e-7)
 
 
@@ -589,7 +590,8 @@ def test_fit_c2kd_trains_student_and_teacher():
 
     train, val = _engine_data()
     seed_everything(0)
-    student, teacher = build_model({"arch": "mlp", "hidden": [16]}, (8,), 3), build_model({"arch": "mlp", "hidden": [16]}, (8,), 3)
+    student, teacher = (build_model({"arch": "mlp", "hidden": [16]}, (8,), 3),
+                        build_model({"arch": "mlp", "hidden": [16]}, (8,), 3))
     d = build_distiller({"method": "c2kd"}, student, teacher, 3)
     before_t, before_s = _params_of(teacher), _params_of(student)
     result = fit(d, train, val, TrainConfig(epochs=2, batch_size=64), task="classification", num_classes=3,
@@ -667,4 +669,5 @@ def test_pipeline_train_run_c2kd_and_discom_deployables(tmp_path):
                     models=models, train_cfg=TrainConfig(epochs=1, batch_size=64), seeds=[0], out_dir=tmp_path / "out",
                     checkpoint_root=None, progress=False)
     assert set(out["seeds"]["0"]["test"]) == {"student", "teacher_modality"}
-    assert (tmp_path / "out" / "seed0" / "student.pt").exists() and (tmp_path / "out" / "seed0" / "teacher_modality.pt").exists()
+    assert ((tmp_path / "out" / "seed0" / "student.pt").exists()
+            and (tmp_path / "out" / "seed0" / "teacher_modality.pt").exists())

@@ -261,9 +261,11 @@ def test_mlkd_masked_batch_equals_batch_of_confident_rows():
     assert float(full["kd_instance"].detach()) == pytest.approx(want, rel=1e-5)
     # batch level ||P_s P_s^T - P_t P_t^T||^2 / n and class level ||P_s^T P_s - P_t^T P_t||^2 / C, summed over T
     n = len(s)
-    want_batch = sum(((np_softmax(s / T) @ np_softmax(s / T).T - np_softmax(t / T) @ np_softmax(t / T).T) ** 2).sum() / n
+    want_batch = sum(((np_softmax(s / T) @ np_softmax(s / T).T - np_softmax(t / T) @ np_softmax(t / T).T) ** 2)
+                     .sum() / n
                      for T in temps)
-    want_class = sum(((np_softmax(s / T).T @ np_softmax(s / T) - np_softmax(t / T).T @ np_softmax(t / T)) ** 2).sum() / C
+    want_class = sum(((np_softmax(s / T).T @ np_softmax(s / T) - np_softmax(t / T).T @ np_softmax(t / T)) ** 2)
+                     .sum() / C
                      for T in temps)
     assert float(full["kd_batch"].detach()) == pytest.approx(want_batch, rel=1e-4)
     assert float(full["kd_class"].detach()) == pytest.approx(want_class, rel=1e-4)
@@ -301,7 +303,8 @@ def test_ntdh_sample_mask_drops_expected_rows():
     s, t, y = hand_made_batch()
     # independent NTD: JS of softmax over np.delete(row, target)
     ntd = [np_js(np_softmax(np.delete(t.numpy()[i], y[i]).astype(np.float64)),
-                 np_softmax(np.delete(s.numpy()[i], y[i]).astype(np.float64))) if y[i] >= 0 else -np.inf for i in range(6)]
+                 np_softmax(np.delete(s.numpy()[i], y[i]).astype(np.float64))) if y[i] >= 0 else -np.inf
+           for i in range(6)]
     valid_order = np.argsort(ntd)[::-1]
     assert list(valid_order[:2]) == [3, 1]  # the construction works as intended
     mask = NonTargetSampleMask(drop_ratio=0.4)  # floor(0.4 * 5 valid) = 2 rows + the teacher-wrong row
@@ -372,7 +375,8 @@ def test_ntdh_pssm_default_weights_kd_as_ntdh_code_and_leaves_ce():
     w2 = pssm_weights(s2, t, y)
     assert float(w2[5]) == 0.0
     d2 = build_distiller({"method": "ntdh_mask", "base": {"method": "kd", "temperature": 2.0}}, Fixed(s2), Fixed(t), C)
-    assert float(d2(batch)["kd"].detach()) == pytest.approx(float((kd_rows(s2, t, 2.0) * w2).sum() / valid.sum()), rel=1e-6)
+    assert float(d2(batch)["kd"].detach()) == pytest.approx(
+        float((kd_rows(s2, t, 2.0) * w2).sum() / valid.sum()), rel=1e-6)
 
 
 def test_ntdh_pssm_segmentation_normalises_by_valid_pixels():
@@ -522,7 +526,8 @@ def test_methods_train_through_engine_fit():
                       task="classification", num_classes=C)
         theta0 = float(d.temperature_module.theta.detach()) if run["method"] == "ctkd" else None
         result = fit(d, train, val, cfg, task="classification", num_classes=C, progress=False)
-        assert len(result.history) == 2 and all(math.isfinite(v) for h in result.history for v in h.values() if isinstance(v, float))
+        assert len(result.history) == 2 and all(math.isfinite(v) for h in result.history for v in h.values()
+                                                if isinstance(v, float))
         if theta0 is not None:
             assert float(d.temperature_module.theta.detach()) != theta0
         else:

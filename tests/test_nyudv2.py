@@ -50,7 +50,8 @@ def test_label_maps():
         assert CLASSES_13[MAP_40_TO_13[i] - 1] == to13.get(name, "objects"), name
     lut13, lut40 = raw_to_train_ids(13), raw_to_train_ids(40)
     assert lut13[0] == lut40[0] == -1 and lut13.shape == (895,)
-    assert CLASSES_13[lut13[21]] == "wall" and CLASSES_40[lut40[157]] == "bed" and CLASSES_40[lut40[172]] == "television"
+    assert (CLASSES_13[lut13[21]] == "wall" and CLASSES_40[lut40[157]] == "bed"
+            and CLASSES_40[lut40[172]] == "television")
 
 
 def test_registry():

@@ -89,7 +89,8 @@ def test_collect_rows_vs_student_hyperparameters_and_provenance(tmp_path):
     # the run's own record wins; else params.yaml's entry, marked as such
     assert rows["kdv1"]["hyperparameters"] == {"temperature": 2.0,
                                                "kd_weight": 1.0} and rows["kdv1"]["selected_on"] == "val"
-    assert rows["bad"]["hyperparameters"] == {"temperature": 4.0, "lskd": True} and rows["bad"]["selected_on"] == "params"
+    assert (rows["bad"]["hyperparameters"] == {"temperature": 4.0, "lskd": True}
+            and rows["bad"]["selected_on"] == "params")
     assert report["provenance"] is None  # none of these runs recorded one (evaluate then adds its own)
 
 
@@ -105,7 +106,8 @@ def test_provenance_is_copied_and_differences_named(tmp_path):
 def test_table_arrow_only_when_the_interval_excludes_zero(tmp_path):
     report = _report(tmp_path)
     table = markdown_table(report, "toy", ("rgb", "depth"))
-    lines = {line.split("|")[1].strip(): line for line in table.splitlines() if line.startswith("| ") and "---" not in line}
+    lines = {line.split("|")[1].strip(): line for line in table.splitlines()
+             if line.startswith("| ") and "---" not in line}
     assert "↑ +10.33 [" in lines["kdv1"] and "72.33 ± 2.52" in lines["kdv1"]
     assert "T=2, kd=1" in lines["kdv1"] and "(params)" not in lines["kdv1"]
     assert "↓ -10.33 [" in lines["bad"] and "T=4, LSKD (params)" in lines["bad"]

@@ -366,7 +366,8 @@ def test_worker_fills_its_slot_or_returns_a_row_that_does_not_fit(sample, tmp_pa
 
 def test_rows_outlive_a_closed_pool_and_no_shared_memory_is_left(sample, shm_created):
     settings = {split: sk.settings_for(TINY, kitti_sample.KEY, split) for split in ("train", "val")}
-    jobs = [("train", r) for r in sk.list_scans([sample], ["00"])] + [("val", r) for r in sk.list_scans([sample], ["08"])]
+    jobs = ([("train", r) for r in sk.list_scans([sample], ["00"])]
+            + [("val", r) for r in sk.list_scans([sample], ["08"])])
     expected = [{name: a.copy() for name, a in row.items()} for row in sk.iter_prepared(jobs, settings, workers=1)]
     rows = sk.iter_prepared(jobs, settings, workers=2)
     first = next(rows)

@@ -287,7 +287,8 @@ def test_counts_are_reported_and_differences_warned(tmp_path, caplog):
     with caplog.at_level(logging.INFO, logger="cmkd.data.sunrgbd"):
         sunrgbd.report_counts(frames, sunrgbd.PAPER_COUNTS)
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    assert len(warnings) == 1 and "office: found 2, expected 418" in warnings[0] and "3 found, 2105 expected" in warnings[0]
+    assert (len(warnings) == 1 and "office: found 2, expected 418" in warnings[0]
+            and "3 found, 2105 expected" in warnings[0])
 
 
 def test_paper_counts_and_default_expectation():
@@ -603,7 +604,8 @@ def test_params_entries_validate_and_build():
         cfg = params["data"][name]
         dataset_module(name).validate(cfg, f"data.{name}")
         size = cfg["image_size"]
-        channels = {m: sum(sunrgbd.BASE_CHANNELS[p] for p in sunrgbd.modality_parts(m)) for m in sunrgbd.written_modalities(cfg)}
+        channels = {m: sum(sunrgbd.BASE_CHANNELS[p] for p in sunrgbd.modality_parts(m))
+                    for m in sunrgbd.written_modalities(cfg)}
         for role in ("teacher", "student"):
             in_shape = (channels[cfg[f"{role}_modality"]], size, size)
             if "sample" in name:
@@ -679,7 +681,8 @@ def test_default_sample_params_download_and_prepare(tmp_path):
         out = tmp_path / name / "prepared.h5"
         sunrgbd.prepare(cfg, tmp_path / name / "raw", out, progress=False)
         attrs = read_attrs(out)
-        assert attrs["teacher_modality"] == cfg["teacher_modality"] and attrs["seed_roots"] == [f"split_{k}" for k in range(5)]
+        assert (attrs["teacher_modality"] == cfg["teacher_modality"]
+                and attrs["seed_roots"] == [f"split_{k}" for k in range(5)])
         for k in range(5):
             sizes = [len(PreparedSplit(out, s, root=f"split_{k}")) for s in ("train", "val", "test")]
             assert sizes == [105, 15, 30]

@@ -33,7 +33,8 @@ def test_expand_grid_is_the_product_in_declared_order():
     assert len(configs) == 8
     assert configs[:3] == [{"beta": 0.5, "temperature": 1}, {"beta": 0.5, "temperature": 4},
                            {"beta": 1, "temperature": 1}]
-    assert {(c["beta"], c["temperature"]) for c in configs} == {(b, t) for b in grid["beta"] for t in grid["temperature"]}
+    assert ({(c["beta"], c["temperature"]) for c in configs}
+            == {(b, t) for b in grid["beta"] for t in grid["temperature"]})
 
 
 def test_budget_subsamples_deterministically_and_rejects_small_grids():

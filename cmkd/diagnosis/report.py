@@ -51,7 +51,8 @@ def check_config(cfg: Any, key: str = "diagnosis") -> dict[str, Any]:
     pred = cfg["predictor"]
     if not isinstance(pred, Mapping) or set(pred) != _PREDICTOR_KEYS:
         raise ConfigError(f"{key}.predictor", f"must have exactly {sorted(_PREDICTOR_KEYS)}")
-    bad = [f for f in pred["features"] if f not in INDICATORS] if isinstance(pred["features"], list) else [pred["features"]]
+    bad = ([f for f in pred["features"] if f not in INDICATORS] if isinstance(pred["features"], list)
+           else [pred["features"]])
     if bad or not pred["features"]:
         raise ConfigError(f"{key}.predictor.features",
                           f"must be a non-empty list of indicators {list(INDICATORS)}; bad: {bad}")
@@ -121,7 +122,8 @@ def measure_dataset(prepared: Path, teacher_dir: Path, student_dir: Path, models
             try:
                 net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
             except (RuntimeError, OSError) as err:
-                raise DataFormatError(path, f"not a checkpoint of models.{dataset}: {str(err).splitlines()[0]}") from None
+                raise DataFormatError(path, f"not a checkpoint of models.{dataset}: "
+                                            f"{str(err).splitlines()[0]}") from None
         zt, zs, y, f = pair_outputs(teacher, student, data, int(cfg["batch_size"]), int(cfg["max_rows"]))
         per_seed[str(seed)] = indicators(zt, zs, y, f, temperature=float(cfg["temperature"]),
                                          ece_bins=int(cfg["ece_bins"]),
@@ -148,7 +150,8 @@ def load_predictor(path: Path) -> dict[str, Any]:
 def apply_predictor(diagnosis: dict[str, Any], predictor: Mapping[str, Any], cfg: Mapping[str, Any]) -> dict[str, Any]:
     """Add `predicted_kd_gain` and `method_expectations` to a `measure_dataset` result."""
     model = predictor["model"]
-    if list(model["features"]) != list(cfg["predictor"]["features"]) or float(model["penalty"]) != float(cfg["predictor"]["penalty"]):
+    if (list(model["features"]) != list(cfg["predictor"]["features"])
+            or float(model["penalty"]) != float(cfg["predictor"]["penalty"])):
         raise ConfigError("diagnosis.predictor", f"differs from the committed predictor's features/penalty "
                                                  f"({model['features']}, {model['penalty']}): run `python -m stages "
                                                  "diagnosis_fit`")
@@ -301,7 +304,8 @@ def validation_markdown(v: Mapping[str, Any]) -> str:
 
     ok = (v["spearman_heldout"] or -1) >= 0.7 and (v["sign_accuracy"] or 0) >= 0.8
     lines = ["# Does the diagnosis predict the KD gain? (leave one sweep out)\n",
-             f"{v['conditions']} conditions; predictor: ridge on {', '.join(v['features'])} (penalty {v['penalty']}).\n",
+             f"{v['conditions']} conditions; predictor: ridge on {', '.join(v['features'])} "
+             f"(penalty {v['penalty']}).\n",
              f"- held-out Spearman (predicted vs measured KD gain): **{f(v['spearman_heldout'])}** (target >= 0.7)",
              f"- sign right: **{f(v['sign_accuracy'])}** (target >= 0.8)",
              f"- target met: **{'yes' if ok else 'no'}**",

@@ -284,7 +284,8 @@ def slice_divergences(teacher_logits: torch.Tensor, student_logits: torch.Tensor
     for f in (form, *(other for other in DIVERGENCE_FORMS if other != form)):
         suffix = "" if f == form else f"_{f}"
         out[f"target_div{suffix}"] = target_divergence(zs, zt, y, temperature, form=f).reshape(n, s).mean(0).numpy()
-        out[f"non_target_div{suffix}"] = non_target_divergence(zs, zt, y, temperature, form=f).reshape(n, s).mean(0).numpy()
+        out[f"non_target_div{suffix}"] = (non_target_divergence(zs, zt, y, temperature, form=f)
+                                          .reshape(n, s).mean(0).numpy())
     return out
 
 

@@ -35,7 +35,8 @@ class AT(FeatureDistiller):
         if not float(merged["p"]) > 0:
             raise ConfigError(f"{key}.p", f"must be > 0, got {merged['p']}")
         stages = merged["stages"]
-        if stages != "auto" and (not isinstance(stages, (list, tuple)) or not stages or not all(isinstance(s, str) for s in stages)):
+        if stages != "auto" and (not isinstance(stages, (list, tuple)) or not stages
+                                 or not all(isinstance(s, str) for s in stages)):
             raise ConfigError(f"{key}.stages", f"must be 'auto' or a non-empty list of stage names, got {stages!r}")
 
     def __init__(self, student, teacher, cfg, num_classes):

@@ -147,7 +147,8 @@ class CRD(FeatureDistiller):
         if self.memory.rows != n:
             self.memory.reset(n)
         if labels is None:
-            self.pool, self.pool_size = torch.zeros(0, 0, dtype=torch.long, device=device), torch.zeros(0, dtype=torch.long, device=device)
+            self.pool, self.pool_size = (torch.zeros(0, 0, dtype=torch.long, device=device),
+                                         torch.zeros(0, dtype=torch.long, device=device))
             return
         classes = int(labels.max()) + 1
         members = [torch.nonzero(labels != c).flatten() for c in range(classes)]

@@ -113,7 +113,8 @@ class DisComBranch(nn.Module):
         self.specific = specific
         # Paper: the specific encoder's embedding is split in halves; a linear map to 2E is added
         # only when its width is not 2E (e.g. an odd feature width).
-        self.specific_projection = nn.Identity() if spec_dim == 2 * embedding_dim else nn.Linear(spec_dim, 2 * embedding_dim)
+        self.specific_projection = (nn.Identity() if spec_dim == 2 * embedding_dim
+                                    else nn.Linear(spec_dim, 2 * embedding_dim))
         self.invariant = reinitialised_copy(specific)
         self.invariant_projection = nn.Linear(self.invariant.feature_dim, embedding_dim)
         self.embedding_dim = embedding_dim
@@ -239,12 +240,15 @@ class DisComKD(Distiller):
             if "adv" in terms:
                 terms["adv"].append(F.cross_entropy(self.adversary(grad_reverse(z["inv"], cfg["grl_strength"])), m))
             if "mod" in terms:
-                terms["mod"].append(F.cross_entropy(self.inf_modality(z["inf"]), m) + F.cross_entropy(self.irr_modality(z["irr"]), m))
+                terms["mod"].append(F.cross_entropy(self.inf_modality(z["inf"]), m)
+                                    + F.cross_entropy(self.irr_modality(z["irr"]), m))
             if "aux" in terms:
-                terms["aux"].append(cross_entropy(self.aux_classifier(z["inv"]), target) + cross_entropy(self.aux_classifier(z["inf"]), target))
+                terms["aux"].append(cross_entropy(self.aux_classifier(z["inv"]), target)
+                                    + cross_entropy(self.aux_classifier(z["inf"]), target))
             if "orth" in terms:
                 mode = cfg["orthogonality"]
-                terms["orth"].append(orthogonality_loss(z["inv"], z["inf"], mode) + orthogonality_loss(z["inf"], z["irr"], mode))
+                terms["orth"].append(orthogonality_loss(z["inv"], z["inf"], mode)
+                                     + orthogonality_loss(z["inf"], z["irr"], mode))
         return {name: cfg[f"{name}_weight"] * torch.stack(vals).sum() for name, vals in terms.items()}
 
     def deployables(self):

@@ -231,7 +231,8 @@ def train_modality_pair(
     bs = n if batch_size is None else batch_size
     history = []
     for _ in tqdm(range(epochs), desc="algorithm 1: joint pair", disable=not progress, leave=False):
-        order = torch.randperm(n, generator=generator).to(teacher_inputs.device) if bs < n else torch.arange(n, device=teacher_inputs.device)
+        order = (torch.randperm(n, generator=generator).to(teacher_inputs.device) if bs < n
+                 else torch.arange(n, device=teacher_inputs.device))
         total = 0.0
         for start in range(0, n, bs):
             idx = order[start:start + bs]

@@ -136,7 +136,8 @@ class MLKD(LogitDistiller):
             views.append(self.student(strong_augment(x, float(cfg["strong_noise_std"]), bool(cfg["strong_erase"]))))
         t = self.teacher_logits(batch)
         t_kd = self.kd_view(t)
-        weights = self.kd_weights(batch, self.kd_view(s), t_kd) * teacher_confidence_mask(t, float(cfg["confidence_threshold"]))
+        weights = (self.kd_weights(batch, self.kd_view(s), t_kd)
+                   * teacher_confidence_mask(t, float(cfg["confidence_threshold"])))
         row_weights = weights.reshape(-1)
         rows_per_sample = math.prod(target.shape[1:])  # 1 for classification, H*W for segmentation
         t_rows = to_rows(t_kd)

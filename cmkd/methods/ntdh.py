@@ -118,7 +118,8 @@ class NonTargetSampleMask:
         # floor(ratio * valid rows) per column, in float64 as `dropped` computes it
         n_drop = torch.floor(self.drop_ratio * valid.reshape(n, -1).sum(0).to(torch.float64))
         order = scores.argsort(dim=0, descending=True)
-        rank = torch.empty_like(order).scatter_(0, order, torch.arange(n, device=order.device).unsqueeze(1).expand_as(order))
+        rank = torch.empty_like(order).scatter_(
+            0, order, torch.arange(n, device=order.device).unsqueeze(1).expand_as(order))
         drop = (rank < n_drop.unsqueeze(0)).reshape(target.shape)
         if self.drop_wrong:
             drop |= valid & (teacher_logits.argmax(dim=1) != target)

@@ -170,7 +170,8 @@ def _train_seed(
     rank, _ = distributed_info()
     root = seed_root(attrs, seed)
     # Tuning never loads the test split, so no test number can reach a selection.
-    splits = {s: load_split(prepared, s, attrs, root) for s in (("train", "val", "test") if evaluate_test else ("train", "val"))}
+    splits = {s: load_split(prepared, s, attrs, root)
+              for s in (("train", "val", "test") if evaluate_test else ("train", "val"))}
     seed_everything(seed)
     teacher, student = build_networks(attrs, splits["train"], models, dataset)
     cfg = dict(run_cfg)

@@ -345,7 +345,8 @@ def _parse_claim(raw: Mapping[str, Any], path: str | Path, where: str, recorded:
         raise fail(f"`x` applies to {list(TRENDS)} only")
     value = raw.get("value")
     if comparison == "between":
-        if not (isinstance(value, list) and len(value) == 2 and all(_is_number(v) for v in value) and value[0] <= value[1]):
+        if not (isinstance(value, list) and len(value) == 2 and all(_is_number(v) for v in value)
+                and value[0] <= value[1]):
             raise fail("comparison 'between' needs `value: [lo, hi]` with lo <= hi")
     elif comparison in TRENDS:
         if value is not None or against is not None:
@@ -650,9 +651,11 @@ def compare(comparison: str, measured: Any, value: Any, tolerance: float, agains
         p_paper, p_other = [p for p, _, _ in tests], [q for _, q, _ in tests]
         k = len(tests)
         if quantifier == "all":  # intersection-union: every point at alpha; Bonferroni the other way
-            verdict = "reproduced" if max(p_paper) < alpha else "not_reproduced" if min(p_other) < alpha / k else "inconclusive"
+            verdict = ("reproduced" if max(p_paper) < alpha
+                       else "not_reproduced" if min(p_other) < alpha / k else "inconclusive")
         else:
-            verdict = "reproduced" if min(p_paper) < alpha / k else "not_reproduced" if max(p_other) < alpha else "inconclusive"
+            verdict = ("reproduced" if min(p_paper) < alpha / k
+                       else "not_reproduced" if max(p_other) < alpha else "inconclusive")
         n_sig = sum(p < alpha for p in p_paper)
         st = {"test": tests[0][2]["test"], "p": p_paper, "p_other_side": p_other}
         return verdict, [m.mean for m in ms], f"{n_sig}/{k} points significant ({tests[0][2]['test']})", st
@@ -676,7 +679,8 @@ def _trend(comparison: str, measured: Any, x: Any,
         ms = [means[i] for i in order]
         steps = [sign * (b - a) for a, b in zip(ms, ms[1:])]
         holds = sign * (ms[-1] - ms[0]) > tolerance and min(steps) >= -tolerance
-        return ("reproduced" if holds else "not_reproduced"), means, f"first->last {_fmt(ms[-1] - ms[0])}", {"test": "exact"}
+        return (("reproduced" if holds else "not_reproduced"), means, f"first->last {_fmt(ms[-1] - ms[0])}",
+                {"test": "exact"})
     if any(y.values is None for y in ys) or len({len(y.values) for y in ys}) != 1:
         raise TypeError("a trend over samples needs per-seed `values`, the same seeds at every point")
     y = _aligned(ys)
@@ -688,7 +692,8 @@ def _trend(comparison: str, measured: Any, x: Any,
     mean, se = float(slopes.mean()), float(slopes.std(ddof=1)) / math.sqrt(n)
     p_paper, p_other = one_sided(sign * mean + tolerance, se, n - 1)
     st = {"test": "t test of per-seed slopes", "slope": mean, "se": se, "df": n - 1, "p": p_paper}
-    return _decide(p_paper, p_other, alpha), means, f"slope {_fmt(mean)} (s.e. {_fmt(se)}, {n} seeds, p {_fmt(p_paper)})", st
+    return (_decide(p_paper, p_other, alpha), means,
+            f"slope {_fmt(mean)} (s.e. {_fmt(se)}, {n} seeds, p {_fmt(p_paper)})", st)
 
 
 def _aligned(samples: Sequence[Sample]) -> np.ndarray:
@@ -806,7 +811,8 @@ def _changed_section(outcomes: Sequence[Outcome]) -> list[str]:
     if not changed:
         return []
     enforced = [o for o in changed if o.enforced]
-    head = f"## CHANGED: {len(changed)} verdict{'s' if len(changed) > 1 else ''} differ{'' if len(changed) > 1 else 's'} from claims.yaml"
+    head = (f"## CHANGED: {len(changed)} verdict{'s' if len(changed) > 1 else ''} "
+            f"differ{'' if len(changed) > 1 else 's'} from claims.yaml")
     lines = [head, ""]
     for o in sorted(changed, key=lambda o: not o.enforced):
         lines.append(f"- {'**CHANGED**' if o.enforced else 'changed (not enforced)'} `{o.claim.id}`: verdict "

@@ -119,7 +119,8 @@ def compact_claims(claims_md: str, source: str | Path) -> str:
     try:
         columns = [header.index(name) for name in ("claim", "paper", "verdict", "expected")]
     except ValueError:
-        raise ReadmeError(f"{source}:{start + 1}: claims table header {header} lacks claim, paper, verdict or expected") from None
+        raise ReadmeError(f"{source}:{start + 1}: claims table header {header} "
+                          "lacks claim, paper, verdict or expected") from None
     out = ["| claim | paper | verdict | expected |", "|---|---|---|---|"]
     for i in range(start + 2, len(lines)):
         if not lines[i].startswith("|"):
