@@ -1,5 +1,6 @@
 # Quick start:  make repro   (install + run the default pipeline)
 #               make test    (install + run the test suite)
+#               make lint    (install + ruff check)
 PYTHON ?= python3.11
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -8,7 +9,7 @@ export PATH := $(abspath $(BIN)):$(PATH)
 export DVC_NO_ANALYTICS := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
-.PHONY: setup system-deps repro plots test test-all bench clean-venv
+.PHONY: setup system-deps repro plots lint test test-all bench clean-venv
 
 setup: $(VENV)/.installed
 
@@ -39,6 +40,10 @@ repro: setup
 plots: setup
 	$(BIN)/python -m flows.lock $(BIN)/dvc repro plots_page
 	$(BIN)/dvc plots show
+
+# ruff, configured in pyproject.toml ([tool.ruff]).
+lint: setup
+	$(BIN)/ruff check .
 
 test: setup
 	$(BIN)/python -m pytest

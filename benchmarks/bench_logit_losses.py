@@ -20,10 +20,17 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from cmkd.utils.atomic import write_json
-from cmkd.losses import (batch_correlation_loss, class_correlation_loss, dkd_loss, kd_loss, non_target_divergence,
-                         target_divergence, to_rows)
+from cmkd.losses import (
+    batch_correlation_loss,
+    class_correlation_loss,
+    dkd_loss,
+    kd_loss,
+    non_target_divergence,
+    target_divergence,
+    to_rows,
+)
 from cmkd.methods.ntdh import NonTargetSampleMask
+from cmkd.utils.atomic import write_json
 
 
 def reference_dkd(s, t, y, alpha, beta, T):
@@ -33,7 +40,8 @@ def reference_dkd(s, t, y, alpha, beta, T):
     bs = torch.stack([(ps * gt).sum(1), (ps * (1 - gt)).sum(1)], 1)
     bt = torch.stack([(pt * gt).sum(1), (pt * (1 - gt)).sum(1)], 1)
     tckd = F.kl_div(bs.log(), bt, reduction="sum") * T**2 / y.shape[0]
-    nckd = F.kl_div(F.log_softmax(s / T - 1000 * gt, 1), F.softmax(t / T - 1000 * gt, 1), reduction="sum") * T**2 / y.shape[0]
+    nckd = F.kl_div(F.log_softmax(s / T - 1000 * gt, 1), F.softmax(t / T - 1000 * gt, 1),
+                    reduction="sum") * T**2 / y.shape[0]
     return alpha * tckd + beta * nckd
 
 

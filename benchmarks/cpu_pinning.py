@@ -63,7 +63,8 @@ print(json.dumps(out))
 
 MODES = {
     "portable": ({}, "fused"),
-    "avx2_cbwr": ({"CMKD_CPU_KERNELS": "native", "ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2"}, "unfused"),
+    "avx2_cbwr": ({"CMKD_CPU_KERNELS": "native", "ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2",
+                   "ONEDNN_MAX_CPU_ISA": "AVX2"}, "unfused"),
     "native": ({"CMKD_CPU_KERNELS": "native"}, "unfused"),
 }
 
@@ -91,7 +92,8 @@ print(json.dumps(out))
 
 
 def clean_env(extra: dict) -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in ("ATEN_CPU_CAPABILITY", "MKL_CBWR", "ONEDNN_MAX_CPU_ISA", "CMKD_CPU_KERNELS")}
+    env = {k: v for k, v in os.environ.items() if k not in ("ATEN_CPU_CAPABILITY", "MKL_CBWR", "ONEDNN_MAX_CPU_ISA",
+                                                            "CMKD_CPU_KERNELS")}
     return {**env, **extra}
 
 

@@ -38,7 +38,8 @@ def count(names: list[str], datasets: list[str]) -> dict:
     kinds = Counter(name.split("@")[0] for name in names)
     per_dataset = {}
     for ds in datasets:
-        per_dataset[ds] = sum(1 for n in names if "@" in n and (n.split("@")[1] == ds or n.split("@")[1].startswith(ds + "-")))
+        per_dataset[ds] = sum(1 for n in names
+                              if "@" in n and (n.split("@")[1] == ds or n.split("@")[1].startswith(ds + "-")))
     return {"total": len(names), "per_kind": dict(sorted(kinds.items())), "per_dataset": per_dataset}
 
 
@@ -75,7 +76,7 @@ def main() -> int:
     print(f"experiments + check: {seconds['check']:.0f} s")
     total = sum(seconds.values())
     print(f"total: {total:.0f} s ({int(total // 60)} min {total % 60:.0f} s)")
-    result = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+    result = {"date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
               "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
               "seed_workers": os.environ.get("CMKD_SEED_WORKERS", "unset (one per core)"),
               "note": args.note, "stages": facts, "seconds": seconds, "total_seconds": round(total, 1)}

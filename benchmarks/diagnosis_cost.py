@@ -43,9 +43,9 @@ def main() -> None:
 
     from cmkd.config import load_params
     from cmkd.diagnosis.report import apply_predictor, check_config, load_predictor, measure_dataset
-    from cmkd.training.config import TrainConfig
     from cmkd.pipeline.train import train_run
     from cmkd.pipeline.tuning import TUNED_FILE, load_tuned, tuned_run_config
+    from cmkd.training.config import TrainConfig
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("datasets", nargs="+")
@@ -60,19 +60,23 @@ def main() -> None:
     for ds in args.datasets:
         runs, prepared = Path("data/runs") / ds, Path("data/prepared") / f"{ds}.h5"
         load = os.getloadavg()[0]
-        diag = timed(lambda: apply_predictor(measure_dataset(prepared, runs / "teacher", runs / "student", params["models"][ds],
+        diag = timed(lambda: apply_predictor(measure_dataset(prepared, runs / "teacher", runs / "student",
+                                                             params["models"][ds],
                                                              params["seeds"], ds, cfg), predictor, cfg))
         run_cfg, selected = tuned_run_config(params["runs"]["kdv1"], load_tuned(Path(TUNED_FILE)), ds, "kdv1")
         with tempfile.TemporaryDirectory() as tmp:
             distill = timed(lambda: train_run(
                 dataset=ds, prepared=prepared, run_name="kdv1", run_cfg=run_cfg, models=params["models"][ds],
-                train_cfg=TrainConfig.from_params(params["train"][ds]["student"], f"train.{ds}.student"), seeds=params["seeds"],
+                train_cfg=TrainConfig.from_params(params["train"][ds]["student"], f"train.{ds}.student"),
+                                              seeds=params["seeds"],
                 out_dir=Path(tmp), checkpoint_root=None, teacher_dir=runs / "teacher",
                 teacher_train_cfg=TrainConfig.from_params(params["train"][ds]["teacher"], f"train.{ds}.teacher"),
                 progress=False, seed_workers=workers, selected_on=selected))
-        results[ds] = {"diagnose": diag, "distill_kdv1": distill, "seeds": len(params["seeds"]), "seed_workers": workers,
+        results[ds] = {"diagnose": diag, "distill_kdv1": distill, "seeds": len(params["seeds"]),
+                       "seed_workers": workers,
                        "cpu_ratio": round(diag["cpu_s"] / max(distill["cpu_s"], 1e-9), 4),
-                       "wall_ratio": round(diag["wall_s"] / max(distill["wall_s"], 1e-9), 4), "load_average": round(load, 2)}
+                       "wall_ratio": round(diag["wall_s"] / max(distill["wall_s"], 1e-9), 4),
+                       "load_average": round(load, 2)}
         print(ds, json.dumps(results[ds]))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")

@@ -99,11 +99,11 @@ def _step_loop(distiller, batches, precision, optimizer, params, steps: int, war
 
 
 def _build(params, ds: str, role: str, in_shape, num_classes: int, amp, channels_last: bool, device: torch.device):
-    from cmkd.training.config import TrainConfig
-    from cmkd.training.loop import _optimizer
-    from cmkd.training.distributed import seed_everything
     from cmkd.methods import build_distiller
     from cmkd.models import build_model
+    from cmkd.training.config import TrainConfig
+    from cmkd.training.distributed import seed_everything
+    from cmkd.training.loop import _optimizer
     from cmkd.training.precision import Precision
 
     seed_everything(0)
@@ -130,7 +130,8 @@ def semantickitti(params, args, tmp: Path, device: torch.device) -> dict:
     out = {"rows": n_rows, "row_shape": list(size["rows"]), "batch_size": batch}
     for role, key in (("teacher", "teacher_input"), ("student", "student_input")):
         for amp in (False, "auto"):
-            distiller, precision, opt, trainable, cfg = _build(params, "semantickitti", role, data.sample_shape(key), 19,
+            distiller, precision, opt, trainable, cfg = _build(params, "semantickitti", role, data.sample_shape(key),
+                                                               19,
                                                               amp, True, device)
             if role == "teacher":  # the supervised distiller trains on student_input: feed it the camera rows
                 source = ({**b, "student_input": b["teacher_input"]}

@@ -21,8 +21,8 @@ import numpy as np
 import torch
 from scipy.stats import kendalltau
 
-from cmkd.utils.atomic import write_json
 from cmkd.losses import kendall_tau
+from cmkd.utils.atomic import write_json
 
 
 def _time(fn, repeats: int) -> float:
@@ -44,7 +44,8 @@ def main() -> None:
     gen = torch.Generator().manual_seed(0)
     results = {"device": str(device), "torch": torch.__version__, "machine": platform.machine(),
                "threads": torch.get_num_threads(), "load_average_1min": os.getloadavg()[0], "cases": []}
-    for name, n, c in (("classification", 128, 10), ("classification", 128, 100), ("segmentation_8x64x256", 8 * 64 * 256, 20)):
+    for name, n, c in (("classification", 128, 10), ("classification", 128, 100),
+                       ("segmentation_8x64x256", 8 * 64 * 256, 20)):
         a = torch.randn(n, c, generator=gen)
         b = a + torch.randn(n, c, generator=gen)
         a_dev, b_dev = a.to(device), b.to(device)

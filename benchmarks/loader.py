@@ -46,13 +46,13 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, installed or not
 
+from cmkd.data.datasets.semantickitti import CLASS_NAMES, RGB_MEAN, RGB_STD  # noqa: E402
 from cmkd.data.h5 import PreparedWriter, read_attrs  # noqa: E402
 from cmkd.data.loader import LoaderConfig  # noqa: E402
-from cmkd.data.datasets.semantickitti import CLASS_NAMES, RGB_MEAN, RGB_STD  # noqa: E402
-from cmkd.training.data import load_split
-from cmkd.training.distributed import seed_everything  # noqa: E402
 from cmkd.methods import build_distiller  # noqa: E402
 from cmkd.models import build_model  # noqa: E402
+from cmkd.training.data import load_split
+from cmkd.training.distributed import seed_everything  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 H, W = 256, 1024
@@ -120,7 +120,8 @@ def stepped_epoch(data, workers: int, steps: int, model_cfg: dict, simulated_ste
         waits.append(t2 - t1)
         totals.append(t2 - t0)
     batches.close()  # shuts the workers down
-    return {"step_wait_share": sum(waits) / sum(totals), "step_s": float(np.median([t - w for t, w in zip(totals, waits)])),
+    return {"step_wait_share": sum(waits) / sum(totals),
+            "step_s": float(np.median([t - w for t, w in zip(totals, waits)])),
             "wait_s_per_step": sum(waits) / steps}
 
 
@@ -134,7 +135,8 @@ def main() -> None:
                         "default output then benchmarks/results/loader_simulated_step.json")
     p.add_argument("--out", default=None)
     args = p.parse_args()
-    args.out = args.out or str(HERE / "results" / ("loader_simulated_step.json" if args.simulated_step_s else "loader.json"))
+    args.out = args.out or str(HERE / "results" / ("loader_simulated_step.json" if args.simulated_step_s
+                                                    else "loader.json"))
     if args.rows < BATCH * (args.steps + 2):
         raise SystemExit(f"error: --rows {args.rows} is too few for {args.steps} steps of batch {BATCH}")
     torch.set_num_threads(1)

@@ -29,12 +29,12 @@ sys.path.insert(0, str(ROOT))
 from cmkd.config import load_params  # noqa: E402
 from cmkd.data.h5 import read_attrs  # noqa: E402
 from cmkd.data.registry import dataset_module  # noqa: E402
-from cmkd.training.logit_cache import cache_logits
-from cmkd.training.data import load_split
-from cmkd.training.distributed import seed_everything  # noqa: E402
 from cmkd.methods import build_distiller  # noqa: E402
-from cmkd.training.networks import build_networks
 from cmkd.pipeline.train import skip_reason  # noqa: E402
+from cmkd.training.data import load_split  # noqa: E402
+from cmkd.training.distributed import seed_everything  # noqa: E402
+from cmkd.training.logit_cache import cache_logits  # noqa: E402
+from cmkd.training.networks import build_networks  # noqa: E402
 
 
 def make_stepper(distiller, batches):
@@ -132,7 +132,8 @@ def main() -> None:
             for r in rows.values():
                 r["x_student"] = round(r["ms_per_step"] / base, 3)
             summary = {
-                "cache_speedup_kdv1": round(rows["kdv1 (teacher recomputed)"]["ms_per_step"] / rows["kdv1"]["ms_per_step"], 3),
+                "cache_speedup_kdv1": round(rows["kdv1 (teacher recomputed)"]["ms_per_step"]
+                                            / rows["kdv1"]["ms_per_step"], 3),
                 "ofsd_overhead": round(rows["c2kd"]["ms_per_step"] / rows["c2kd without OFSD"]["ms_per_step"] - 1, 4),
                 "logit_methods_cached_max_x_student": max(
                     r["x_student"] for n, r in rows.items() if r["cached_teacher"]),
@@ -140,9 +141,11 @@ def main() -> None:
                 "student_passes_mlkd": 2 if strong_view else 1,
             }
             results["datasets"][ds] = {"batch_size": bs, "rows": rows, "summary": summary}
-            print(f"\n### {ds} (batch {bs}, median ms/step, 1 thread)\n\n| run | ms/step | × STUDENT | cached teacher |\n|---|---|---|---|")
+            print(f"\n### {ds} (batch {bs}, median ms/step, 1 thread)\n\n| run | ms/step | × STUDENT | cached teacher "
+                  "|\n|---|---|---|---|")
             for name, r in rows.items():
-                print(f"| {name} | {r['ms_per_step']:.2f} | {r['x_student']:.2f} | {'yes' if r['cached_teacher'] else ''} |")
+                print(f"| {name} | {r['ms_per_step']:.2f} | {r['x_student']:.2f} | "
+                      f"{'yes' if r['cached_teacher'] else ''} |")
             print(f"\nsummary: {summary}")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=2) + "\n")

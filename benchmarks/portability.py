@@ -77,7 +77,8 @@ def workspace(tmp: Path, seeds: list[int], digits_epochs: int) -> Path:
 def train(ws: Path, cpu: str, dataset: str, what: list[str]) -> dict:
     env = {**os.environ, "CMKD_LOG_LEVEL": "WARNING"}
     t0 = time.perf_counter()
-    subprocess.run([*prefix(cpu), sys.executable, "-m", "stages", "train", "--dataset", dataset, *what, "--no-progress"],
+    subprocess.run([*prefix(cpu), sys.executable, "-m", "stages", "train", "--dataset", dataset, *what,
+                    "--no-progress"],
                    cwd=ws, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     run = what[-1]
     out = ws / "data" / "runs" / dataset / run
@@ -86,7 +87,8 @@ def train(ws: Path, cpu: str, dataset: str, what: list[str]) -> dict:
     net = next(iter(metrics["seeds"][seeds[0]]["test"]))  # the deployed network: model.pt, student.pt, ...
     return {"seconds": round(time.perf_counter() - t0, 1),
             "test": [round(100 * metrics["seeds"][s]["test"][net]["f1_weighted"], 4) for s in seeds],
-            "model_sha256": [hashlib.sha256((out / f"seed{s}" / f"{net}.pt").read_bytes()).hexdigest()[:16] for s in seeds]}
+            "model_sha256": [hashlib.sha256((out / f"seed{s}" / f"{net}.pt").read_bytes()).hexdigest()[:16]
+                             for s in seeds]}
 
 
 def main() -> None:
@@ -108,7 +110,8 @@ def main() -> None:
         prov = subprocess.run([sys.executable, "-c", host], cwd=ws, capture_output=True, text=True, check=True)
         result["host"] = json.loads(prov.stdout)
         for cpu in cpus:
-            probe = subprocess.run([*prefix(cpu), sys.executable, "-c", PROBE], cwd=ws, capture_output=True, text=True, check=True)
+            probe = subprocess.run([*prefix(cpu), sys.executable, "-c", PROBE], cwd=ws, capture_output=True,
+                                   text=True, check=True)
             entry = {"kernels": json.loads(probe.stdout.strip().splitlines()[-1])}
             for ds in ("synthetic", "digits"):
                 entry[ds] = {"teacher": train(ws, cpu, ds, ["--role", "teacher"])}
@@ -118,7 +121,8 @@ def main() -> None:
             result["cpus"][cpu] = entry
     base = result["cpus"]["native"]
     result["identical_to_native"] = {
-        cpu: {"models": all(e[ds][r]["model_sha256"] == base[ds][r]["model_sha256"] for ds in ("synthetic", "digits") for r in e[ds]),
+        cpu: {"models": all(e[ds][r]["model_sha256"] == base[ds][r]["model_sha256"]
+                            for ds in ("synthetic", "digits") for r in e[ds]),
               "torch_float32_kernels": e["kernels"]["torch"] == base["kernels"]["torch"],
               "exactmath_kernels": e["kernels"]["exactmath"] == base["kernels"]["exactmath"]}
         for cpu, e in result["cpus"].items() if cpu != "native"}

@@ -164,7 +164,7 @@ def main() -> None:
                     "load_avg_1m_at_end": os.getloadavg()[0],
                     "python": platform.python_version(), "platform": platform.platform()},
         "versions": {"prefect": prefect.__version__, "dvc": dvc.__version__},
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
     }
     write_json(args.out, result)
     print(json.dumps({k: result[k] for k in ("stages", "dvc_repro_s", "flow_s", "overhead_s",

@@ -22,15 +22,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import pickle
 import os
+import pickle
 import platform
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
-
-import sys
 
 import numpy as np
 from PIL import Image
@@ -38,9 +37,9 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, installed or not
 
 from cmkd.data.datasets import semantickitti as sk
+from cmkd.data.geometry import lidar_image
 from cmkd.data.h5 import PreparedWriter
 from cmkd.data.samples.semantickitti import KITTI_CALIB, write_calib
-from cmkd.data.geometry import lidar_image
 
 HERE = Path(__file__).resolve().parent
 BEAMS, AZIMUTHS = 64, 1875  # 120,000 rays
@@ -69,7 +68,8 @@ def natural_images(sizes: list[tuple[int, int]], rng: np.random.Generator) -> di
         out[size] = []
         for k in range(4):
             img = Image.fromarray(photos[k % len(photos)]).resize(size, Image.BILINEAR)
-            arr = np.clip(np.asarray(img, np.float32) + rng.normal(0, 3, (size[1], size[0], 3)), 0, 255).astype(np.uint8)
+            arr = np.clip(np.asarray(img, np.float32) + rng.normal(0, 3, (size[1], size[0], 3)),
+                          0, 255).astype(np.uint8)
             buf = io.BytesIO()
             Image.fromarray(arr).save(buf, format="PNG")
             out[size].append(buf.getvalue())
@@ -91,7 +91,8 @@ def write_dataset(root: Path, counts: dict[str, int], seed: int = 0) -> dict[str
         for i in range(n):
             pts = synthetic_scan(rng)
             pts.tofile(d / "velodyne" / f"{i:06d}.bin")
-            (rng.choice(labels_pool, len(pts)) | (rng.integers(0, 50, len(pts), dtype=np.uint32) << 16)).astype("<u4").tofile(
+            (rng.choice(labels_pool, len(pts)) | (rng.integers(0, 50, len(pts),
+                                                               dtype=np.uint32) << 16)).astype("<u4").tofile(
                 d / "labels" / f"{i:06d}.label")
             (d / "image_2" / f"{i:06d}.png").write_bytes(pngs[sizes[seq]][i % 4])
     png_kb = float(np.mean([len(b) for v in pngs.values() for b in v]) / 1024)
@@ -170,7 +171,8 @@ def main() -> None:
     p.add_argument("--scans", type=int, default=200, help="training scans (plus a quarter as many validation scans)")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--out", type=Path, default=HERE / "results" / "prepare_kitti.json")
-    p.add_argument("--dtype", default="float16", help="dtype of lidar in the HDF5 file (params default: float16; rgb is uint8)")
+    p.add_argument("--dtype", default="float16",
+                   help="dtype of lidar in the HDF5 file (params default: float16; rgb is uint8)")
     p.add_argument("--tmp", type=Path, default=None, help="folder for the synthetic data (default: a temp dir)")
     args = p.parse_args()
 
@@ -196,12 +198,14 @@ def main() -> None:
         out_mb = (root / "out.h5").stat().st_size / 2**20
 
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=HERE).stdout.strip()
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                                text=True, cwd=HERE).stdout.strip()
     except OSError:
         commit = ""
     result = {
         "benchmark": "prepare_kitti",
-        "what": "cmkd.data.datasets.semantickitti.prepare end to end: read .bin/.label/.png/calib, project, crop 256x1024, write HDF5",
+        "what": "cmkd.data.datasets.semantickitti.prepare end to end: read .bin/.label/.png/calib, project, crop "
+                "256x1024, write HDF5",
         "transport": "workers write rows into shared-memory slots; the main process writes HDF5 from views of them",
         "scans": total,
         "scans_per_s": round(total / seconds, 2),

@@ -27,8 +27,8 @@ pin_cpu_kernels()  # the stages' kernels (before torch is imported)
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from cmkd.utils.atomic import write_json  # noqa: E402
 from cmkd.losses import _mean_normalised_distances, rkd_loss  # noqa: E402
+from cmkd.utils.atomic import write_json  # noqa: E402
 
 
 def reference_rkd(s: torch.Tensor, t: torch.Tensor, wd: float = 25.0, wa: float = 50.0) -> torch.Tensor:

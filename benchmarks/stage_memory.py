@@ -111,7 +111,8 @@ def main() -> int:
             lock_lines = len(lock.read_text().splitlines()) if lock.exists() else 0
             load = os.getloadavg()
             start = time.perf_counter()
-            proc = subprocess.Popen([sys.executable, "-m", "dvc", "repro", f"check_tables@{ds}", f"diagnosis_report@{ds}"], cwd=work, env=env,
+            proc = subprocess.Popen([sys.executable, "-m", "dvc", "repro", f"check_tables@{ds}",
+                                     f"diagnosis_report@{ds}"], cwd=work, env=env,
                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
             sampler = Sampler(proc.pid)
             sampler.start()
@@ -129,11 +130,12 @@ def main() -> int:
                 "output_tail": output.splitlines()[-15:] if proc.returncode else [],
             }
             top = next(iter(results[ds]["peak_rss_mib"].items()), ("-", 0))
-            print(f"{ds}: exit {proc.returncode}, {seconds:.0f} s, largest stage {top[1]:.0f} MiB ({top[0]})", flush=True)
+            print(f"{ds}: exit {proc.returncode}, {seconds:.0f} s, "
+                  f"largest stage {top[1]:.0f} MiB ({top[0]})", flush=True)
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
-    record = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "cpus": os.cpu_count(),
+    record = {"date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), "cpus": os.cpu_count(),
               "seed_workers": os.environ.get("CMKD_SEED_WORKERS", "unset (cores and memory)"),
               "datasets": results}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -19,9 +19,9 @@ from pathlib import Path
 
 import numpy as np
 
-from cmkd.utils.atomic import write_json
 from cmkd.data import sunrgbd
 from cmkd.data.samples import sunrgbd as sunrgbd_sample
+from cmkd.utils.atomic import write_json
 
 
 def main() -> None:
@@ -33,7 +33,8 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
-        root = sunrgbd_sample.generate(Path(tmp), frames_per_class=args.frames_per_class, image_scale=1.0, progress=False)
+        root = sunrgbd_sample.generate(Path(tmp), frames_per_class=args.frames_per_class,
+                                       image_scale=1.0, progress=False)
         render_s = time.perf_counter() - t0
         frames, _ = sunrgbd.index_frames(root)
         reader = sunrgbd.VerifiedReader(root, None)

@@ -33,7 +33,8 @@ def summarise(params) -> dict:
             if ev.get("skipped"):
                 continue  # the method is not defined on this dataset: nothing was trained
             n = len(ev["configurations"]) * len(ev["seeds"])
-            runs[ev["run"]] = {"seconds": ev["seconds"], "trainings": n, "seconds_per_training": round(ev["seconds"] / n, 2)}
+            runs[ev["run"]] = {"seconds": ev["seconds"], "trainings": n,
+                               "seconds_per_training": round(ev["seconds"] / n, 2)}
         if runs:
             out[ds] = {"runs": runs, "seconds_total": round(sum(r["seconds"] for r in runs.values()), 1),
                        "trainings_total": sum(r["trainings"] for r in runs.values()),
@@ -44,8 +45,8 @@ def summarise(params) -> dict:
 def time_runs(params, ds: str, runs: list[str]) -> dict:
     import torch
 
-    from cmkd.training.config import TrainConfig
     from cmkd.pipeline.tuning import grid_for, tune_run
+    from cmkd.training.config import TrainConfig
 
     torch.set_num_threads(1)
     tuning = params["tuning"]
@@ -59,10 +60,12 @@ def time_runs(params, ds: str, runs: list[str]) -> dict:
         start = time.perf_counter()
         with tempfile.TemporaryDirectory() as tmp:
             tune_run(dataset=ds, prepared=Path("data/prepared") / f"{ds}.h5", run_name=run, run_cfg=params["runs"][run],
-                     grid=grid_for(params, run), budget=int(tuning["budget"]), subsample_seed=int(tuning.get("subsample_seed", 0)),
+                     grid=grid_for(params, run), budget=int(tuning["budget"]),
+                     subsample_seed=int(tuning.get("subsample_seed", 0)),
                      seeds=tuning["seeds"], models=params["models"][ds],
                      train_cfg=TrainConfig.from_params(params["train"][ds]["student"], f"train.{ds}.student"),
-                     teacher_dir=teacher, teacher_train_cfg=TrainConfig.from_params(params["train"][ds]["teacher"], "t"),
+                     teacher_dir=teacher,
+                     teacher_train_cfg=TrainConfig.from_params(params["train"][ds]["teacher"], "t"),
                      work_dir=Path(tmp), seed_workers=workers)
         timed[run] = {"seconds": round(time.perf_counter() - start, 1), "load_average_at_start": round(load, 1),
                       "seed_workers": workers}

@@ -5,8 +5,9 @@ methods, training); the tuning grids here, so that checking params never imports
 from __future__ import annotations
 
 import itertools
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import yaml
@@ -64,9 +65,9 @@ def validate_params(params: Mapping[str, Any], data_only: bool = False) -> None:
     if data_only:
         return
 
-    from cmkd.training.config import TrainConfig
     from cmkd.methods import get_method
     from cmkd.models import available_archs
+    from cmkd.training.config import TrainConfig
 
     runs = _require(params, "runs")
     methods = _require(params, "methods")
@@ -96,7 +97,8 @@ def validate_params(params: Mapping[str, Any], data_only: bool = False) -> None:
         for role in ("teacher", "student"):
             model = roles[role]["model"]
             if model.get("arch") not in archs:
-                raise ConfigError(f"models.{ds}.{role}.arch", f"unknown architecture {model.get('arch')!r}; known: {sorted(archs)}")
+                raise ConfigError(f"models.{ds}.{role}.arch",
+                                  f"unknown architecture {model.get('arch')!r}; known: {sorted(archs)}")
             TrainConfig.from_params(roles[role]["train"], f"train.{ds}.{role}")
 
 
@@ -116,7 +118,8 @@ def budgeted_configs(grid: Mapping[str, Sequence[Any]], budget: int, subsample_s
     """Exactly `budget` configurations of `grid` (see cmkd/pipeline/tuning.py's docstring)."""
     configs = expand_grid(grid)
     if len(configs) < budget:
-        raise ConfigError(key, f"has {len(configs)} configurations, fewer than tuning.budget = {budget}: declare more values")
+        raise ConfigError(key, f"has {len(configs)} configurations, fewer than tuning.budget = {budget}: declare more "
+                               "values")
     if len(configs) == budget:
         return configs
     keep = np.sort(np.random.default_rng([int(subsample_seed), len(configs)]).permutation(len(configs))[:budget])
@@ -157,7 +160,8 @@ def validate_tuning(params: Mapping[str, Any]) -> None:
     if not isinstance(tuning, Mapping):
         raise ConfigError("tuning", "must be a mapping with seeds, budget and grids")
     seeds = tuning.get("seeds")
-    if not isinstance(seeds, list) or len(seeds) < 1 or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds):
+    if not isinstance(seeds, list) or len(seeds) < 1 or not all(
+            isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds):
         raise ConfigError("tuning.seeds", f"must be a non-empty list of non-negative integers, got {seeds!r}")
     if len(set(seeds)) != len(seeds):
         raise ConfigError("tuning.seeds", f"has duplicates: {seeds}")
@@ -175,7 +179,8 @@ def validate_tuning(params: Mapping[str, Any]) -> None:
     runs = params.get("runs") or {}
     for name in params.get("methods") or []:
         if name not in grids:
-            raise ConfigError(f"tuning.grids.{name}", "missing: every run of `methods` needs a grid (the same budget for every method)")
+            raise ConfigError(f"tuning.grids.{name}",
+                              "missing: every run of `methods` needs a grid (the same budget for every method)")
     for name, grid in grids.items():
         gkey = f"tuning.grids.{name}"
         if name not in runs:

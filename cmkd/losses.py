@@ -95,7 +95,8 @@ def non_target_logits(rows: torch.Tensor, target_rows: torch.Tensor) -> torch.Te
     return rows.gather(1, index)
 
 
-def decoupled_log_probs(rows: torch.Tensor, target_rows: torch.Tensor, temperature=1.0) -> tuple[torch.Tensor, torch.Tensor]:
+def decoupled_log_probs(rows: torch.Tensor, target_rows: torch.Tensor,
+                        temperature=1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Both DKD / NTDH distributions of p = softmax(z / T), from one pass over the logits:
     [R, 2] log [p_gt, 1 - p_gt] (stable via logsumexp) and [R, C-1] log-softmax over the
     non-target classes only (the target class removed)."""
@@ -182,7 +183,8 @@ def target_divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor
         raise ValueError(f"unknown divergence form {form!r}; known: {list(DIVERGENCE_FORMS)}")
     s, t = to_rows(student_logits), to_rows(teacher_logits)
     tgt, valid = _target_rows(target, s.shape[0])
-    div = _divergence_from_log_probs(binary_target_log_probs(s, tgt, temperature), binary_target_log_probs(t, tgt, temperature), form)
+    div = _divergence_from_log_probs(binary_target_log_probs(s, tgt, temperature),
+                                     binary_target_log_probs(t, tgt, temperature), form)
     return (div * valid).reshape(_per_row_shape(student_logits))
 
 
@@ -203,7 +205,8 @@ def non_target_divergence(student_logits: torch.Tensor, teacher_logits: torch.Te
         raise ValueError(f"unknown divergence form {form!r}; known: {list(DIVERGENCE_FORMS)}")
     s, t = to_rows(student_logits), to_rows(teacher_logits)
     tgt, valid = _target_rows(target, s.shape[0])
-    div = _divergence_from_log_probs(non_target_log_probs(s, tgt, temperature), non_target_log_probs(t, tgt, temperature), form)
+    div = _divergence_from_log_probs(non_target_log_probs(s, tgt, temperature),
+                                     non_target_log_probs(t, tgt, temperature), form)
     return (div * valid).reshape(_per_row_shape(student_logits))
 
 
@@ -315,13 +318,15 @@ def kendall_tau(a: torch.Tensor, b: torch.Tensor, chunk_elements: int = 1 << 24)
     NaN compares False with any threshold. No gradient flows (ranks are piecewise constant).
     """
     if a.shape != b.shape or a.dim() != 2:
-        raise ValueError(f"kendall_tau needs two [N, C] tensors of one shape, got {tuple(a.shape)} and {tuple(b.shape)}")
+        raise ValueError(f"kendall_tau needs two [N, C] tensors of one shape, "
+                         f"got {tuple(a.shape)} and {tuple(b.shape)}")
     # float64 stays float64; anything else is ranked in float32 (sums of +-1 are exact below 2^24)
     dtype = torch.float64 if a.dtype == torch.float64 else torch.float32
     a, b = a.detach().to(dtype), b.detach().to(dtype)
     n, c = a.shape
     rows = max(1, chunk_elements // max(1, 2 * c * c))
-    taus = [_kendall_tau_rows(torch.stack([a[start:start + rows], b[start:start + rows]])) for start in range(0, n, rows)]
+    taus = [_kendall_tau_rows(torch.stack([a[start:start + rows],
+                                           b[start:start + rows]])) for start in range(0, n, rows)]
     return taus[0] if len(taus) == 1 else torch.cat(taus)
 
 
@@ -420,7 +425,8 @@ def rkd_loss(student_emb: torch.Tensor, teacher_emb: torch.Tensor, distance_weig
     The teacher side is a target (detached), as in the authors' code.
     """
     if student_emb.shape[0] != teacher_emb.shape[0]:
-        raise ValueError(f"rkd_loss needs the same number of rows, got {student_emb.shape[0]} and {teacher_emb.shape[0]}")
+        raise ValueError(f"rkd_loss needs the same number of rows, got {student_emb.shape[0]} and "
+                         f"{teacher_emb.shape[0]}")
     s = student_emb.reshape(student_emb.shape[0], -1)
     t = teacher_emb.detach().reshape(teacher_emb.shape[0], -1).to(s.dtype)
     distance = F.smooth_l1_loss(_mean_normalised_distances(s), _mean_normalised_distances(t))
@@ -441,7 +447,8 @@ def at_loss(student_feat: torch.Tensor, teacher_feat: torch.Tensor, p: float = 2
     two attention maps (`attention_map`). Channel counts may differ; spatial sizes must match
     (the AT method interpolates first). The teacher side is detached."""
     if student_feat.shape[0] != teacher_feat.shape[0] or student_feat.shape[2:] != teacher_feat.shape[2:]:
-        raise ValueError(f"at_loss needs the same batch and spatial size, got {tuple(student_feat.shape)} and {tuple(teacher_feat.shape)}")
+        raise ValueError(f"at_loss needs the same batch and spatial size, got {tuple(student_feat.shape)} and "
+                         f"{tuple(teacher_feat.shape)}")
     a_s = attention_map(student_feat, p)
     a_t = attention_map(teacher_feat.detach().to(student_feat.dtype), p)
     return (a_s - a_t).pow(2).mean()

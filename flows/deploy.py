@@ -24,8 +24,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 NIGHTLY_CRON = "0 3 * * *"
 DEPLOYMENT_NAME = "nightly-claims"

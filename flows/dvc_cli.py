@@ -25,9 +25,10 @@ import sys
 import threading
 import time
 from collections import deque
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 # Lines of a failed command kept for its error message.
 ERROR_TAIL_LINES = 40

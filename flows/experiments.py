@@ -20,7 +20,6 @@ from prefect.cache_policies import NO_CACHE
 from prefect.runtime import task_run
 
 from cmkd.errors import CmkdError
-
 from flows.dvc_cli import dvc_args, run_json, run_streaming
 
 

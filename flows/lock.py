@@ -16,8 +16,8 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
 
 WORKSPACE_LOCK = Path(".dvc") / "tmp" / "cmkd-flows" / "workspace.lock"
 

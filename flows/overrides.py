@@ -16,13 +16,13 @@ import json
 import subprocess
 import sys
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import yaml
 
 from cmkd.errors import CmkdError, ConfigError
-
 from flows.dvc_cli import child_env
 
 

@@ -53,8 +53,8 @@ import contextlib
 import json
 import sys
 import tempfile
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Iterator, Sequence
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
@@ -69,7 +69,7 @@ from prefect.tasks import exponential_backoff
 
 from cmkd.errors import CmkdError, ConfigError
 from flows.dvc_cli import DvcCommandError, dvc_args, run_streaming, stopping, terminate_children
-from flows.experiments import head_commit, experiment_results, read_at, run_experiment, stage_outcomes
+from flows.experiments import experiment_results, head_commit, read_at, run_experiment, stage_outcomes
 from flows.lock import workspace_lock
 from flows.overrides import require_git_commit, selection_overrides, validate_overrides
 from flows.reports import changed_claims, pipeline_markdown

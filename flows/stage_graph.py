@@ -17,7 +17,6 @@ from pathlib import Path
 import yaml
 
 from cmkd.errors import CmkdError
-
 from flows.dvc_cli import DvcCommandError, dvc_args, run_captured, run_json
 
 PROJECT_FILE = "dvc.yaml"

@@ -44,8 +44,9 @@ import json
 import re
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
@@ -53,8 +54,8 @@ from prefect.futures import wait
 from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.tasks import exponential_backoff
 
-from cmkd.utils.atomic import write_text
 from cmkd.errors import CmkdError, ConfigError
+from cmkd.utils.atomic import write_text
 from flows.dvc_cli import DvcCommandError, dvc_args, run_captured, terminate_children
 from flows.experiments import ExperimentFailedError, experiment_results, head_commit, run_experiment
 from flows.lock import workspace_lock

@@ -21,7 +21,7 @@ import contextlib
 import os
 import signal
 import sys
-from typing import Iterator
+from collections.abc import Iterator
 
 
 def stop_temporary_server() -> bool:

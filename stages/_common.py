@@ -8,11 +8,11 @@ import os
 import sys
 from typing import Any
 
-from cmkd.utils.atomic import remove_stale, remove_stale_tree
 from cmkd.config import load_params, validate_params
-from cmkd.utils.determinism import PINNED_CPU_KERNELS, pin_cpu_kernels
 from cmkd.errors import CmkdError, ConfigError, DataFormatError
 from cmkd.pipeline import layout
+from cmkd.utils.atomic import remove_stale, remove_stale_tree
+from cmkd.utils.determinism import PINNED_CPU_KERNELS, pin_cpu_kernels
 from cmkd.utils.parallel import available_cores
 
 # Left-overs of killed runs under SCRATCH are removed by the next stage that starts (sweep_stale,

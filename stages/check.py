@@ -19,15 +19,24 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-from cmkd.utils.atomic import write_json, write_text
-from cmkd.reporting.claims import (
-    ResultMissing, changed_line, check_params, evaluate_all, filter_claims, load_claims, record_configuration,
-    render_markdown, report_json, summary_line,
-)
 from cmkd.pipeline.layout import REPORTS
+from cmkd.reporting.claims import (
+    ResultMissing,
+    changed_line,
+    check_params,
+    evaluate_all,
+    filter_claims,
+    load_claims,
+    record_configuration,
+    render_markdown,
+    report_json,
+    summary_line,
+)
+from cmkd.utils.atomic import write_json, write_text
 from stages._common import main, parser, start
 
 log = logging.getLogger("check")

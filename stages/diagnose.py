@@ -8,12 +8,11 @@ cmkd/diagnosis/indicators.py and the predicted KD gain of the committed predicto
 
 from pathlib import Path
 
-from cmkd.utils.atomic import write_json, write_text
-from cmkd.utils.determinism import provenance
 from cmkd.diagnosis.report import apply_predictor, check_config, diagnosis_markdown, load_predictor, measure_dataset
-from cmkd.errors import ConfigError
 from cmkd.pipeline.layout import DIAGNOSIS, PREDICTOR_FILE, prepared_file, run_dir
 from cmkd.training.resolve import models_of, origin_note, roles_for_prepared
+from cmkd.utils.atomic import write_json, write_text
+from cmkd.utils.determinism import provenance
 from stages._common import main, parser, start
 
 

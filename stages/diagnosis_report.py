@@ -7,11 +7,12 @@ the same JSON as data/diagnosis/measured/<dataset>.json, where diagnosis_validat
 """
 
 import json
-from cmkd.utils.atomic import write_json, write_text
-from cmkd.utils.determinism import provenance
+
 from cmkd.diagnosis.report import dataset_report, diagnosis_markdown
 from cmkd.errors import DataFormatError
 from cmkd.pipeline.layout import dataset_metrics, diagnosis_file, measured_diagnosis_file, report_dir
+from cmkd.utils.atomic import write_json, write_text
+from cmkd.utils.determinism import provenance
 from stages._common import main, parser
 
 

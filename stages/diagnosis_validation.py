@@ -13,12 +13,17 @@ diagnosis_predictor.json is that fit (`predictor_up_to_date`); `--write-predicto
 import json
 from pathlib import Path
 
-from cmkd.utils.atomic import atomic_path, write_json, write_text
-from cmkd.utils.determinism import provenance
 from cmkd.diagnosis.report import (
-    check_config, collect_conditions, fit_committed, validate, validation_figure, validation_markdown,
+    check_config,
+    collect_conditions,
+    fit_committed,
+    validate,
+    validation_figure,
+    validation_markdown,
 )
 from cmkd.pipeline.layout import DIAGNOSIS_VALIDATION, EXPERIMENTS, PREDICTOR_FILE, measured_diagnosis_file
+from cmkd.utils.atomic import atomic_path, write_json, write_text
+from cmkd.utils.determinism import provenance
 from stages._common import main, parser, start
 
 
@@ -26,7 +31,8 @@ def run(write_predictor: bool = False) -> None:
     p = parser(__doc__.splitlines()[0])
     p.add_argument("--experiments-dir", default=str(EXPERIMENTS))
     p.add_argument("--out-dir", default=str(DIAGNOSIS_VALIDATION))
-    p.add_argument("--write-predictor", action="store_true", help=f"rewrite {PREDICTOR_FILE} from every condition, then validate")
+    p.add_argument("--write-predictor", action="store_true",
+                   help=f"rewrite {PREDICTOR_FILE} from every condition, then validate")
     args = p.parse_args()
     params = start(args)
     cfg = check_config(params.get("diagnosis"))

@@ -1,8 +1,8 @@
 """Stage `download@<dataset>`: fetch (or, for generated data, record) a dataset's raw files."""
 
-from cmkd.utils.atomic import atomic_dir
 from cmkd.data.registry import dataset_module
 from cmkd.pipeline.layout import raw_dir
+from cmkd.utils.atomic import atomic_dir
 from stages._common import SCRATCH, main, parser, start
 
 

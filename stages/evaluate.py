@@ -4,15 +4,16 @@ methods.png) and metrics/<dataset>/<row>.json, the few numbers per row that git 
 (`dvc metrics`, `dvc exp show`)."""
 
 import json
-from cmkd.utils.atomic import atomic_dir, atomic_path, write_json, write_text
-from cmkd.reporting.curves import curves_csv
-from cmkd.data.h5 import read_attrs
+
 from cmkd.data.datasets.paired import is_paired
+from cmkd.data.h5 import read_attrs
 from cmkd.data.registry import is_smoke_test
-from cmkd.utils.determinism import provenance
-from cmkd.training.resolve import origin_note, roles_for_prepared
-from cmkd.reporting.tables import bar_figure, collect, markdown_table, metrics_file_name, metrics_summary, scores_csv
 from cmkd.pipeline.layout import dataset_metrics, metrics_dir, prepared_file, report_dir, runs_dir
+from cmkd.reporting.curves import curves_csv
+from cmkd.reporting.tables import bar_figure, collect, markdown_table, metrics_file_name, metrics_summary, scores_csv
+from cmkd.training.resolve import origin_note, roles_for_prepared
+from cmkd.utils.atomic import atomic_dir, atomic_path, write_json, write_text
+from cmkd.utils.determinism import provenance
 from stages._common import main, parser, start
 
 SMOKE_NOTE = ("**Smoke test, not a result.** `{ds}` is a small sample generated offline to exercise "

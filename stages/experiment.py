@@ -15,13 +15,13 @@ import logging
 import time
 from pathlib import Path
 
-from cmkd.experiments.analysis import EXPERIMENTS, plot_rows, run_experiment
-from cmkd.utils.atomic import atomic_path, write_json, write_text
 from cmkd.errors import ConfigError
+from cmkd.experiments.analysis import EXPERIMENTS, plot_rows, run_experiment
+from cmkd.pipeline import layout
 from cmkd.reporting.figures import sweep_figure
+from cmkd.utils.atomic import atomic_path, write_json, write_text
 from cmkd.utils.determinism import provenance
 from cmkd.utils.parallel import keep_freed_memory
-from cmkd.pipeline import layout
 from stages._common import main, parser, start
 
 log = logging.getLogger("experiment")

@@ -19,12 +19,12 @@ Reads the source with `ast` and never imports torch: the stage takes well under 
 import json
 from pathlib import Path
 
-from cmkd.utils.atomic import atomic_dir
-from cmkd.pipeline.codedeps import stage_code
 from cmkd.config import STUDENT_RUN, TEACHER_RUN, load_params
 from cmkd.errors import ConfigError
-from cmkd.pipeline.tuning import load_tuned
+from cmkd.pipeline.codedeps import stage_code
 from cmkd.pipeline.layout import METHOD_CODE, TUNED_FILE
+from cmkd.pipeline.tuning import load_tuned
+from cmkd.utils.atomic import atomic_dir
 from stages._common import main, parser
 
 

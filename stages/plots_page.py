@@ -8,8 +8,8 @@ stage `plots_page` (so a plain `dvc repro` makes it), which .dvc/config names as
 
 import sys
 
-from cmkd.utils.atomic import write_text
 from cmkd.pipeline.layout import PLOTS_PAGE
+from cmkd.utils.atomic import write_text
 from stages._common import main, parser
 
 PAGE = PLOTS_PAGE

@@ -5,10 +5,10 @@ claims' verdicts) and the whole results page docs/results.md from data/reports/ 
 import sys
 from pathlib import Path
 
-from cmkd.utils.atomic import write_text
 from cmkd.config import load_params
-from cmkd.reporting.readme import blocks, replace_blocks, results_page
 from cmkd.pipeline.layout import REPORTS
+from cmkd.reporting.readme import blocks, replace_blocks, results_page
+from cmkd.utils.atomic import write_text
 from stages._common import main, parser
 
 

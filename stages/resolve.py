@@ -19,10 +19,10 @@ are the previous run's (stat.json), so unchanged large files are not read again.
 import json
 from pathlib import Path
 
-from cmkd.utils.atomic import write_json
 from cmkd.data.datasets.paired import input_shapes, is_paired, sha256, split_paths
-from cmkd.training.resolve import ROLES, resolve_roles
 from cmkd.pipeline.layout import RESOLVED
+from cmkd.training.resolve import ROLES, resolve_roles
+from cmkd.utils.atomic import write_json
 from stages._common import main, parser, start
 
 

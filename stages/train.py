@@ -9,15 +9,15 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from cmkd.utils.atomic import atomic_dir
-from cmkd.training.config import TrainConfig
-from cmkd.training.distributed import distributed_info, init_distributed_from_env
-from cmkd.errors import ConfigError
 from cmkd.config import STUDENT_RUN, TEACHER_RUN
+from cmkd.errors import ConfigError
+from cmkd.pipeline.layout import TUNED_FILE, checkpoint_dir, prepared_file, run_dir
 from cmkd.pipeline.train import train_run
 from cmkd.pipeline.tuning import load_tuned, tuned_run_config
-from cmkd.pipeline.layout import TUNED_FILE, checkpoint_dir, prepared_file, run_dir
+from cmkd.training.config import TrainConfig
+from cmkd.training.distributed import distributed_info, init_distributed_from_env
 from cmkd.training.resolve import models_of, roles_for_prepared
+from cmkd.utils.atomic import atomic_dir
 from stages._common import SCRATCH, main, parser, seed_workers, start
 
 

@@ -14,16 +14,16 @@ import json
 import tempfile
 from pathlib import Path
 
-from cmkd.utils.atomic import atomic_dir, write_json, write_text
-from cmkd.utils.determinism import provenance
-from cmkd.training.config import TrainConfig
-from cmkd.errors import ConfigError
 from cmkd.config import TEACHER_RUN
-from cmkd.pipeline.train import train_run
-from cmkd.pipeline.tuning import grid_for, load_tuned, render_tuned, report_markdown, tune_run, update_tuned
+from cmkd.errors import ConfigError
 from cmkd.pipeline.layout import TUNED_FILE, prepared_file, tuning_evidence_file, tuning_report
 from cmkd.pipeline.layout import tuning_teacher_dir as teacher_dir
+from cmkd.pipeline.train import train_run
+from cmkd.pipeline.tuning import grid_for, load_tuned, render_tuned, report_markdown, tune_run, update_tuned
+from cmkd.training.config import TrainConfig
 from cmkd.training.resolve import models_of, roles_for_prepared
+from cmkd.utils.atomic import atomic_dir, write_json, write_text
+from cmkd.utils.determinism import provenance
 from stages._common import main, parser, seed_workers, start
 
 
@@ -53,7 +53,8 @@ def tune(params, ds: str, run: str, progress: bool) -> None:
     with tempfile.TemporaryDirectory(prefix=f"tune-{ds}-{run}-") as work:
         evidence = tune_run(
             dataset=ds, prepared=prepared_file(ds), run_name=run, run_cfg=params["runs"][run],
-            grid=grid_for(params, run), budget=int(tuning["budget"]), subsample_seed=int(tuning.get("subsample_seed", 0)),
+            grid=grid_for(params, run), budget=int(tuning["budget"]),
+                            subsample_seed=int(tuning.get("subsample_seed", 0)),
             seeds=tuning["seeds"], models=models_of(roles),
             train_cfg=TrainConfig.from_params(roles["student"]["train"], f"train.{ds}.student"),
             teacher_dir=teacher_dir(ds),

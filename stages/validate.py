@@ -10,9 +10,9 @@ value; nothing is written."""
 
 import sys
 
-from cmkd.reporting.claims import check_params
 from cmkd.config import load_params, validate_params
 from cmkd.data.datasets.paired import check_sources, is_paired
+from cmkd.reporting.claims import check_params
 from stages._common import main, parser
 
 

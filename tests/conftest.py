@@ -20,7 +20,8 @@ from cmkd.utils.determinism import pin_cpu_kernels
 pin_cpu_kernels()
 
 REPO = Path(__file__).resolve().parents[1]
-PIPELINE_FILES = ["cmkd", "stages", "dvc.yaml", "params.yaml", "tuned.yaml", "claims.yaml", "diagnosis_predictor.json", "flows"]
+PIPELINE_FILES = ["cmkd", "stages", "dvc.yaml", "params.yaml", "tuned.yaml", "claims.yaml",
+                  "diagnosis_predictor.json", "flows"]
 
 
 @pytest.fixture(scope="module")
@@ -37,8 +38,8 @@ def one_thread():
 
 def tiny_synthetic_file(path: Path) -> Path:
     """A 300-row, 3-class NTDH sklearn dataset in the prepared HDF5 format (200/50/50 split)."""
-    from cmkd.data.h5 import PreparedWriter
     from cmkd.data.datasets.synthetic import ntdh_sklearn
+    from cmkd.data.h5 import PreparedWriter
 
     t, s, y = ntdh_sklearn(n_samples=300, n_features=8, n_classes=3, gamma=0.5, seed=0)
     attrs = {"task": "classification", "class_names": ["a", "b", "c"], "modalities": ["teacher", "student"],

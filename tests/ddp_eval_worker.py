@@ -7,18 +7,17 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import torch
 from torch import nn
 
 from cmkd.data.h5 import PreparedWriter
 from cmkd.data.loader import LoaderConfig
+from cmkd.methods import build_distiller
+from cmkd.models import build_model
 from cmkd.training.config import TrainConfig
+from cmkd.training.data import load_split
 from cmkd.training.distributed import distributed_info, init_distributed_from_env, seed_everything
 from cmkd.training.evaluate import evaluate
 from cmkd.training.loop import fit
-from cmkd.training.data import load_split
-from cmkd.methods import build_distiller
-from cmkd.models import build_model
 
 ATTRS = {"task": "segmentation", "class_names": ["a", "b", "c"], "modalities": ["x"], "teacher_modality": "x",
          "student_modality": "x", "ignore_index": -1, "source_checksum": "t"}
@@ -54,7 +53,8 @@ def evaluate_all(path: Path) -> dict:
         net = Counting(model())
         metrics = evaluate(net, data, "student_input", task="segmentation", num_classes=3, batch_size=5,
                            loader=LoaderConfig(workers=1, persistent=False))
-        out["memory" if in_memory else "stream"] = {"rows": net.rows, "miou": metrics["miou"], "accuracy": metrics["accuracy"]}
+        out["memory" if in_memory else "stream"] = {"rows": net.rows, "miou": metrics["miou"],
+                                                    "accuracy": metrics["accuracy"]}
     return out
 
 
@@ -63,7 +63,8 @@ def train_streamed(path: Path) -> dict:
     net = model()
     distiller = build_distiller({"method": "supervised"}, student=net, teacher=None, num_classes=3)
     result = fit(distiller, data, data, TrainConfig(epochs=2, batch_size=4, lr=0.01, seed=0, augment="flip",
-                                                    loader={"workers": 1}, schedule={"name": "cosine", "warmup_epochs": 1}),
+                                                    loader={"workers": 1},
+                                                    schedule={"name": "cosine", "warmup_epochs": 1}),
                  task="segmentation", num_classes=3, progress=False)
     return {"best_val": result.best_val["miou"], "params": float(sum(p.double().sum() for p in net.parameters()))}
 
@@ -72,5 +73,6 @@ if __name__ == "__main__":
     init_distributed_from_env()
     rank, world = distributed_info()
     out_dir = Path(sys.argv[1])
-    result = {"rank": rank, "world": world, "eval": evaluate_all(out_dir / "d.h5"), "train": train_streamed(out_dir / "d.h5")}
+    result = {"rank": rank, "world": world, "eval": evaluate_all(out_dir / "d.h5"),
+              "train": train_streamed(out_dir / "d.h5")}
     (out_dir / f"eval_rank{rank}.json").write_text(json.dumps(result))

@@ -7,12 +7,12 @@ import sys
 import torch
 
 from cmkd.data.datasets.synthetic import ntdh_sklearn
-from cmkd.training.data import SplitData
-from cmkd.training.config import TrainConfig
-from cmkd.training.distributed import distributed_info, init_distributed_from_env, seed_everything
-from cmkd.training.loop import fit
 from cmkd.methods import build_distiller
 from cmkd.models import build_model
+from cmkd.training.config import TrainConfig
+from cmkd.training.data import SplitData
+from cmkd.training.distributed import distributed_info, init_distributed_from_env, seed_everything
+from cmkd.training.loop import fit
 
 
 def train(batch_size: int) -> torch.Tensor:

@@ -15,18 +15,27 @@ import pytest
 import torch
 import yaml
 from sklearn.linear_model import LogisticRegression
+from torch import nn
 
-from cmkd.experiments.analysis import (
-    EXPERIMENTS, Slices, derive_mfh_alpha, derive_mfh_gamma, mfh_sweep, plot_rows, run_experiment, seeds_needed,
-    slice_divergences, split_indices, summarize,
-)
-from cmkd.experiments.batched import BatchedMLP, slice_accuracy, train_batched
 from cmkd.data.datasets.synthetic import GENERATORS, mfh_general_channels, mfh_layout, n_shared, ntdh_sklearn
 from cmkd.errors import ConfigError
+from cmkd.experiments.analysis import (
+    EXPERIMENTS,
+    Slices,
+    derive_mfh_alpha,
+    derive_mfh_gamma,
+    mfh_sweep,
+    plot_rows,
+    run_experiment,
+    seeds_needed,
+    slice_divergences,
+    split_indices,
+    summarize,
+)
+from cmkd.experiments.batched import BatchedMLP, slice_accuracy, train_batched
 from cmkd.losses import kd_loss
 from cmkd.methods import build_distiller
 from cmkd.models import build_model
-from torch import nn
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -35,13 +44,15 @@ REPO = Path(__file__).resolve().parents[1]
 
 def shared_columns(teacher: np.ndarray, student: np.ndarray) -> list[tuple[int, int]]:
     """(teacher channel, student channel) pairs holding identical values."""
-    return [(i, j) for i in range(teacher.shape[1]) for j in range(student.shape[1]) if np.array_equal(teacher[:, i], student[:, j])]
+    return [(i, j) for i in range(teacher.shape[1]) for j in range(student.shape[1])
+            if np.array_equal(teacher[:, i], student[:, j])]
 
 
 @pytest.mark.parametrize("gamma", [0.0, 0.3, 0.5, 1.0])
 def test_mfh_shares_exactly_the_modality_general_features(gamma):
     d, width = 8, 24
-    teacher, student, y = GENERATORS["mfh"](n_samples=300, n_features=width, n_classes=3, gamma=gamma, seed=4, n_decisive=d)
+    teacher, student, y = GENERATORS["mfh"](n_samples=300, n_features=width, n_classes=3, gamma=gamma,
+                                            seed=4, n_decisive=d)
     assert teacher.shape == (300, width) and student.shape == (300, width) and y.shape == (300,)
     assert teacher.dtype == np.float32 and y.dtype == np.int64
     k = int(round((1 - gamma) * d))
@@ -56,9 +67,11 @@ def test_mfh_shares_exactly_the_modality_general_features(gamma):
 
 def test_mfh_label_is_a_linear_function_of_the_decisive_features_only():
     d, width = 6, 20
-    teacher, student, y = GENERATORS["mfh"](n_samples=2000, n_features=width, n_classes=2, gamma=0.5, seed=1, n_decisive=d)
+    teacher, student, y = GENERATORS["mfh"](n_samples=2000, n_features=width, n_classes=2, gamma=0.5,
+                                            seed=1, n_decisive=d)
     layout = mfh_layout(width, 0.5, 1, n_decisive=d)
-    decisive = np.concatenate([student[:, layout.student_latent >= 0], teacher[:, (layout.teacher_latent >= 0) & ~layout.teacher_general_mask]], axis=1)
+    decisive = np.concatenate([student[:, layout.student_latent >= 0],
+                               teacher[:, (layout.teacher_latent >= 0) & ~layout.teacher_general_mask]], axis=1)
     assert decisive.shape[1] == layout.n_latent  # every latent is seen by one modality here
     fit = LogisticRegression(C=1e6, max_iter=5000).fit(decisive, y)
     assert fit.score(decisive, y) == 1.0  # y = 1[delta^T z > 0]: linearly separable
@@ -111,14 +124,16 @@ def test_batched_slice_trains_exactly_as_alone(optimizer, lr):
     student = BatchedMLP.build(cfg, d, c, seeds)
     run = {"method": "kd", "ce_weight": 1.0, "kd_weight": 0.5, "temperature": 2.0}
     distiller = build_distiller(run, student, teacher, c)
-    train_batched(distiller, {"teacher_input": x_t, "student_input": x_s, "target": y}, s, epochs=15, lr=lr, optimizer=optimizer)
+    train_batched(distiller, {"teacher_input": x_t, "student_input": x_s, "target": y}, s, epochs=15, lr=lr,
+                  optimizer=optimizer)
 
     # slice 1 alone, written out by hand: same init, same loss, same optimizer
     torch.manual_seed(12)
     t_alone = build_model(cfg, (d,), c)
     torch.manual_seed(12)
     s_alone = build_model(cfg, (d,), c)
-    opt = torch.optim.Adam(s_alone.parameters(), lr=lr) if optimizer == "adam" else torch.optim.SGD(s_alone.parameters(), lr=lr)
+    opt = (torch.optim.Adam(s_alone.parameters(), lr=lr) if optimizer == "adam"
+           else torch.optim.SGD(s_alone.parameters(), lr=lr))
     with torch.no_grad():
         zt = t_alone(x_t[:, 1])
     for _ in range(15):
@@ -213,7 +228,8 @@ def test_mfh_sweep_tiny_is_well_formed_and_deterministic():
         for m in ("teacher_acc", "nokd_acc", "kd_acc", "kd_gain"):
             assert p[m]["n"] == 2 and len(p[m]["values"]) == 2
         assert all(0.0 <= v <= 1.0 for v in p["kd_acc"]["values"])
-        assert p["kd_gain"]["values"] == pytest.approx(np.subtract(p["kd_acc"]["values"], p["nokd_acc"]["values"]).tolist())
+        assert p["kd_gain"]["values"] == pytest.approx(np.subtract(p["kd_acc"]["values"],
+                                                                   p["nokd_acc"]["values"]).tolist())
     assert result["series"]["general_share"] == [0.0, 0.5, 1.0]
     # the no-KD student never sees the teacher: identical at every gamma of one seed
     assert len({tuple(p["nokd_acc"]["values"]) for p in result["points"]}) == 1
@@ -232,7 +248,8 @@ def test_mfh_alpha_tiny_and_derived():
     s = result["series"]
     assert d["teacher_gain"]["mean"] == pytest.approx(s["teacher_acc"][1] - s["teacher_acc"][0])
     t = result["points"]
-    assert d["teacher_gain"]["values"] == pytest.approx(np.subtract(t[1]["teacher_acc"]["values"], t[0]["teacher_acc"]["values"]).tolist())
+    assert d["teacher_gain"]["values"] == pytest.approx(np.subtract(t[1]["teacher_acc"]["values"],
+                                                                    t[0]["teacher_acc"]["values"]).tolist())
     assert d["kd_gain_band"] == pytest.approx(abs(s["kd_gain"][1] - s["kd_gain"][0]))
     ratio = d["kd_gain_band_over_teacher_gain"]
     if d["teacher_gain"]["mean"] > 0:
@@ -255,7 +272,8 @@ def test_bad_sweeps_name_the_key():
 
 
 def test_stacked_slices_keep_each_slice_data():
-    data = [GENERATORS["mfh"](n_samples=20, n_features=6, n_classes=2, gamma=g, seed=s) for g in (0.0, 1.0) for s in (0, 1)]
+    data = [GENERATORS["mfh"](n_samples=20, n_features=6, n_classes=2,
+                              gamma=g, seed=s) for g in (0.0, 1.0) for s in (0, 1)]
     from cmkd.experiments.analysis import stack
     idx = [split_indices(20, {"train": 8, "test": 12}, s) for s in (0, 1, 0, 1)]
     splits = stack(data, idx)
@@ -272,7 +290,8 @@ def test_experiment_stage_writes_json_csv_and_figure(tmp_path):
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["experiments"]["mfh_gamma"] = tiny_mfh({"gamma": [1.0, 0.0]})
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-    out = subprocess.run([sys.executable, "-m", "stages", "experiment", "mfh_gamma", "--params", str(tmp_path / "params.yaml"),
+    out = subprocess.run([sys.executable, "-m", "stages", "experiment", "mfh_gamma", "--params",
+                          str(tmp_path / "params.yaml"),
                           "--out-dir", str(tmp_path / "exp")], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     result = json.loads((tmp_path / "exp" / "mfh_gamma.json").read_text())
@@ -313,7 +332,8 @@ def test_ntdh_gap_tiny_with_masks():
         "sweep": {"gamma": [0.0, 0.5, 1.0]}, "split": {"train": 90, "test": 60},
         "nets": {"teacher": SMALL_MLP, "student": SMALL_MLP}, "kd": KD, "seeds": 2, "mask_points": 2,
         "masks": {"ntdh_sample": {"method": "ntdh_mask", "mode": "sample", "base": KD},
-                  "ntdh_feature": {"method": "ntdh_mask", "mode": "feature", "base": KD, "pair_epochs": 10, "n_repeats": 2}},
+                  "ntdh_feature": {"method": "ntdh_mask", "mode": "feature", "base": KD,
+                                   "pair_epochs": 10, "n_repeats": 2}},
     }
     result = run_experiment("ntdh_gap", cfg)
     s = result["series"]
@@ -321,7 +341,8 @@ def test_ntdh_gap_tiny_with_masks():
     # NTDH's form by default (unbounded), textbook JS (at most ln 2) recorded beside it
     assert result["divergence_form"] == "ntdh"
     assert all(0.0 <= v <= math.log(2) + 1e-6 for v in s["target_div_js"] + s["non_target_div_js"])
-    assert all(v >= 0.0 for v in s["target_div"] + s["non_target_div"]) and s["non_target_div"] != s["non_target_div_js"]
+    assert (all(v >= 0.0 for v in s["target_div"] + s["non_target_div"])
+            and s["non_target_div"] != s["non_target_div_js"])
     masks = result["masks"]
     assert masks["names"] == ["ntdh_feature", "ntdh_sample"]
     assert [p["gamma"] for p in masks["points"]] == [0.5, 1.0]
@@ -330,7 +351,8 @@ def test_ntdh_gap_tiny_with_masks():
     assert "ntdh_feature_teacher_acc" in masks["series"] and "ntdh_sample_teacher_acc" not in masks["series"]
     for p in masks["points"]:
         assert p["ntdh_sample_acc"]["n"] == 2
-        assert p["ntdh_sample_minus_kd"]["values"] == pytest.approx(np.subtract(p["ntdh_sample_acc"]["values"], p["kd_acc"]["values"]).tolist())
+        assert p["ntdh_sample_minus_kd"]["values"] == pytest.approx(np.subtract(p["ntdh_sample_acc"]["values"],
+                                                                                p["kd_acc"]["values"]).tolist())
     d = result["derived"]
     assert d["non_target_div_growth"]["mean"] == pytest.approx(s["non_target_div"][-1] - s["non_target_div"][0])
     assert d["non_target_div_growth"]["n"] == 2  # per seed: the claims pair it with target_div_growth
@@ -339,7 +361,8 @@ def test_ntdh_gap_tiny_with_masks():
 
 def test_mfh_algorithm1_tiny_recovers_channels_and_trains_mg_teacher():
     cfg = tiny_mfh({"n_decisive": [3]})
-    cfg["generator"] = {"n_features": 10, "student_features": 10, "n_classes": 2, "gamma": 0.0, "n_extra": 2, "label_weights": "ones"}
+    cfg["generator"] = {"n_features": 10, "student_features": 10, "n_classes": 2, "gamma": 0.0, "n_extra": 2,
+                        "label_weights": "ones"}
     cfg["algorithm1"] = {"n_repeats": 2, "pair_epochs": 20, "pair_lr": 0.01, "distance": "mse"}
     result = run_experiment("mfh_alg1", cfg)
     p = result["points"][0]
@@ -347,7 +370,8 @@ def test_mfh_algorithm1_tiny_recovers_channels_and_trains_mg_teacher():
     assert all(v in (0.0, 1 / 3, 2 / 3, 1.0) for v in p["recovered_fraction"]["values"])
     for m in ("teacher_acc", "mg_teacher_acc", "kd_acc", "mgkd_acc", "nokd_acc"):
         assert all(0.0 <= v <= 1.0 for v in p[m]["values"])
-    assert p["mgkd_minus_kd"]["values"] == pytest.approx(np.subtract(p["mgkd_acc"]["values"], p["kd_acc"]["values"]).tolist())
+    assert p["mgkd_minus_kd"]["values"] == pytest.approx(np.subtract(p["mgkd_acc"]["values"],
+                                                                     p["kd_acc"]["values"]).tolist())
     assert result["derived"]["recovered_fraction_mean"] == pytest.approx(p["recovered_fraction"]["mean"])
 
 
@@ -390,8 +414,8 @@ def test_batched_ntdh_masks_train_each_slice_exactly_as_alone(mode):
     """A slice of `fit_mask_slices` equals the `ntdh_mask` method trained on that slice alone;
     for the feature mask, alone = Algorithm 1 with NTDH's distance on a fresh pair, a teacher
     trained on the kept channels, then the base KD (PSSM too with `both`) from it."""
-    from cmkd.experiments.analysis import fit_mask_slices, fit_slices
     from cmkd.config import TEACHER_RUN
+    from cmkd.experiments.analysis import fit_mask_slices, fit_slices
     from cmkd.methods.mfh import algorithm1
 
     n, s, d, c = 48, 3, 6, 4
@@ -402,7 +426,8 @@ def test_batched_ntdh_masks_train_each_slice_exactly_as_alone(mode):
     seeds = [5, 6, 7]
     teacher = fit_slices(TEACHER_RUN, net, data, seeds, c)
     base = {"method": "kd", "ce_weight": 1.0, "kd_weight": 1.0, "temperature": 2.0}
-    run = {"method": "ntdh_mask", "mode": mode, "base": base, "keep_ratio": 0.5, "pair_epochs": 6, "pair_lr": 0.05, "n_repeats": 2}
+    run = {"method": "ntdh_mask", "mode": mode, "base": base, "keep_ratio": 0.5, "pair_epochs": 6,
+           "pair_lr": 0.05, "n_repeats": 2}
     if mode == "sample":
         run["cos_threshold"] = 0.2  # low enough that some teacher-wrong rows get a fractional weight
     if mode == "sample_drop":
@@ -416,20 +441,23 @@ def test_batched_ntdh_masks_train_each_slice_exactly_as_alone(mode):
     if feature is not None:
         torch.manual_seed(seeds[i])
         pair_t, pair_s = build_model(net["model"], (d,), c), build_model(net["model"], (d,), c)
-        channels, _ = algorithm1(pair_t, pair_s, x_t, x_s, y, 3, n_repeats=2, pair_epochs=6, pair_lr=0.05, distance="ntdh",
+        channels, _ = algorithm1(pair_t, pair_s, x_t, x_s, y, 3, n_repeats=2, pair_epochs=6, pair_lr=0.05,
+                                 distance="ntdh",
                                  generator=torch.Generator().manual_seed(seeds[i]))
         assert feature[1][i].tolist() == channels.tolist()
         torch.manual_seed(seeds[i])
         kd_teacher = build_model(net["model"], (3,), c)
         x_t = x_t[:, channels]
-        train_batched(build_distiller(TEACHER_RUN, kd_teacher, None, c), {"teacher_input": x_t, "student_input": x_s, "target": y},
+        train_batched(build_distiller(TEACHER_RUN, kd_teacher, None, c),
+                      {"teacher_input": x_t, "student_input": x_s, "target": y},
                       1, seed=seeds[0], **net["train"])
         kd_teacher.eval()
         alone_run = {**run, "mode": "sample"} if mode == "both" else base
     torch.manual_seed(seeds[i])
     alone = build_model(net["model"], (d,), c)
     distiller = build_distiller(alone_run, alone, kd_teacher, c)
-    train_batched(distiller, {"teacher_input": x_t, "student_input": x_s, "target": y}, 1, seed=seeds[0], **net["train"])
+    train_batched(distiller, {"teacher_input": x_t, "student_input": x_s, "target": y}, 1,
+                  seed=seeds[0], **net["train"])
     with torch.no_grad():
         assert torch.allclose(batched(data.student)[:, :, i, 0], alone(x_s), atol=1e-4)
 
@@ -446,7 +474,8 @@ def test_pssm_in_the_batched_layout_weights_each_slice_as_alone():
     zs[:, :, 1] = zt[:, :, 1] * 2  # slice 1: aligned, teacher-wrong rows keep ~1
     y = torch.randint(0, c, (n, s, 1), generator=g)
     y[:3, 0] = -1
-    d = build_distiller({"method": "ntdh_mask", "base": {"method": "kd", "temperature": 1.0}}, nn.Identity(), nn.Identity(), c)
+    d = build_distiller({"method": "ntdh_mask", "base": {"method": "kd", "temperature": 1.0}}, nn.Identity(),
+                        nn.Identity(), c)
     d.inner.sample_weight_hook = PerSliceWeights(d.inner.sample_weight_hook)
     got = float(d({"student_input": zs, "teacher_input": zt, "target": y})["kd"])
     per_slice = []
@@ -471,7 +500,8 @@ def test_batched_pair_training_equals_algorithm1_step1_alone():
     i = 1
     x_t, x_s, y = data.slice(i)
     torch.manual_seed(seeds[i])
-    t_alone, s_alone = build_model(nets["teacher"]["model"], (d,), c), build_model(nets["student"]["model"], (d + 2,), c)
+    t_alone, s_alone = (build_model(nets["teacher"]["model"], (d,), c),
+                        build_model(nets["student"]["model"], (d + 2,), c))
     train_modality_pair(t_alone, s_alone, x_t, x_s, y, epochs=25, lr=0.05)
     with torch.no_grad():
         assert torch.allclose(pair_t.unstack(i)(x_t), t_alone(x_t), atol=1e-5)

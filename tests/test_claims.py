@@ -1,13 +1,13 @@
 """Claims machinery: every comparison against hand-made results and scipy's tests, the
 verdicts and expected verdicts, configurations, the claims-file validation, and the check
 stage: a changed verdict is reported loudly and exits 0, `--strict` exits 1 on it (the form
-every regression guard here uses), missing or unreadable results are `not_run`. (Calibration under the null: tests/test_claims_calibration.py.)"""
+every regression guard here uses), missing or unreadable results are `not_run`. (Calibration under
+the null: tests/test_claims_calibration.py.)"""
 
 from __future__ import annotations
 
 import json
 import logging
-import math
 import subprocess
 import sys
 from pathlib import Path
@@ -15,12 +15,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-
 from scipy import stats
 
 from cmkd.reporting.claims import (
-    ClaimsError, ResultMissing, compare, evaluate_claim, load_claims, params_hash, parse_claims, parse_path,
-    record_configuration, render_markdown, resolve_path,
+    ClaimsError,
+    ResultMissing,
+    compare,
+    evaluate_claim,
+    load_claims,
+    params_hash,
+    parse_claims,
+    parse_path,
+    record_configuration,
+    render_markdown,
+    resolve_path,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -30,7 +38,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 def sample(values, seeds=None):
     v = np.asarray(values, dtype=float)
-    out = {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if len(v) > 1 else 0.0, "n": len(v), "values": v.tolist()}
+    out = {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if len(v) > 1 else 0.0, "n": len(v),
+           "values": v.tolist()}
     if seeds is not None:
         out["seeds"] = list(seeds)
     return out
@@ -230,7 +239,8 @@ def test_verdicts_and_passed_is_agreement_with_the_expected_verdict():
     assert evaluate_claim(c, loader({"r.json": {"other": 1}})).verdict == "not_run"
     invalid = evaluate_claim(c, loader({"r.json": {"gain": [1, 2]}}))
     assert invalid.verdict == "not_run" and "invalid" in invalid.detail
-    known = parse_claims({"claims": [claim(expected_verdict="not_reproduced", reason="measured -0.1 at every seed")]})[0]
+    known = parse_claims({"claims": [claim(expected_verdict="not_reproduced",
+                                           reason="measured -0.1 at every seed")]})[0]
     assert evaluate_claim(known, loader({"r.json": {"gain": -0.1}})).passed is True
     assert evaluate_claim(known, loader({"r.json": {"gain": 0.2}})).passed is False  # now holds: noticed
     # inconclusive is its own verdict: expected only where it was recorded
@@ -378,8 +388,8 @@ def test_check_stage_reports_a_changed_verdict_and_succeeds_strict_fails(tmp_pat
 
 
 def test_check_stage_has_no_report_only_flag_and_rejects_the_old_params_switch(tmp_path, capsys):
-    from cmkd.reporting.claims import check_params
     from cmkd.errors import ConfigError
+    from cmkd.reporting.claims import check_params
 
     doc = {"claims": [claim()]}
     assert run_check(tmp_path, doc, {"r.json": {"gain": 1.0}}, "--report-only") == 2  # argparse: unknown flag
@@ -493,9 +503,11 @@ def test_check_stage_reports_a_broken_claims_file(tmp_path):
 def test_check_stage_under_other_params_reports_but_does_not_fail(tmp_path):
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     doc = {"configuration": {"runs.kdv1": params_hash(params, "runs.kdv1")},
-           "claims": [claim(id="kd", source={"file": "m.json", "path": "rows.kdv1.f1"}, against={"file": "m.json", "path": "rows.student.f1"},
+           "claims": [claim(id="kd", source={"file": "m.json", "path": "rows.kdv1.f1"},
+                            against={"file": "m.json", "path": "rows.student.f1"},
                             value=None, depends_on=["runs.kdv1"])]}
-    worse = {"m.json": {"rows": {"kdv1": {"f1": sample([0.5, 0.52, 0.51])}, "student": {"f1": sample([0.6, 0.63, 0.61])}}}}
+    worse = {"m.json": {"rows": {"kdv1": {"f1": sample([0.5, 0.52, 0.51])},
+                                 "student": {"f1": sample([0.6, 0.63, 0.61])}}}}
     assert run_check(tmp_path, doc, worse, "--strict", params=params) == 1  # the claim's configuration: enforced
     params["runs"]["kdv1"]["temperature"] = 2.0                             # dvc exp run -S runs.kdv1.temperature=2
     assert run_check(tmp_path, doc, worse, "--strict", params=params) == 0
@@ -522,7 +534,8 @@ def test_check_cli_flipping_a_repository_claim_fails(tmp_path):
     target = next(c for c in claims_doc["claims"] if c["id"] == "mfh-gamma-kd-gain-rises")
     claims_doc["claims"] = [target]
     rng = np.random.default_rng(0)
-    points = [{"kd_gain": sample(0.02 * share + rng.normal(0, 0.002, 7)), "general_share": share} for share in (0.0, 0.5, 1.0)]
+    points = [{"kd_gain": sample(0.02 * share + rng.normal(0, 0.002, 7)),
+               "general_share": share} for share in (0.0, 0.5, 1.0)]
     results = {target["source"]["file"]: {"points": points}}
     argv = write_inputs(tmp_path, claims_doc, results)
     cmd = [sys.executable, "-m", "stages", "check", "--strict", *argv]
@@ -535,7 +548,8 @@ def test_check_cli_flipping_a_repository_claim_fails(tmp_path):
     assert "mfh-gamma-kd-gain-rises" in flipped.stderr
     default = subprocess.run([c for c in cmd if c != "--strict"], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert default.returncode == 0, default.stderr
-    assert "WARNING check: CHANGED mfh-gamma-kd-gain-rises: verdict not reproduced, expected reproduced" in default.stderr
+    assert ("WARNING check: CHANGED mfh-gamma-kd-gain-rises: verdict not reproduced, expected reproduced"
+            in default.stderr)
 
 
 def test_filter_and_empty_report():

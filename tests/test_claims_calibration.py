@@ -9,7 +9,6 @@ n = 3 passes 9% of the time, and "Spearman < 0 over 4 points" 46% (asserted belo
 from __future__ import annotations
 
 import numpy as np
-import pytest
 from scipy import stats
 
 from cmkd.experiments.analysis import band_ratio_bootstrap
@@ -51,7 +50,8 @@ def test_paired_comparison_is_calibrated():
 
 def test_welch_comparison_is_calibrated_with_unequal_spreads():
     def draw(rng):
-        return compare(">", sample(rng.normal(0.5, 0.05, 4)), None, 0.0, sample(rng.normal(0.5, 0.005, 9)), paired=False)[0]
+        return compare(">", sample(rng.normal(0.5, 0.05, 4)), None, 0.0,
+                       sample(rng.normal(0.5, 0.005, 9)), paired=False)[0]
 
     assert rate(draw) <= LIMIT
 
@@ -59,7 +59,8 @@ def test_welch_comparison_is_calibrated_with_unequal_spreads():
 def test_all_points_is_an_intersection_union_test():
     # least favourable null for "all >": one point exactly at the null, the others far above it
     def draw(rng):
-        points = [sample(0.3 + rng.normal(0, 0.01, 5)), sample(rng.normal(0, 0.01, 5)), sample(0.3 + rng.normal(0, 0.01, 5))]
+        points = [sample(0.3 + rng.normal(0, 0.01, 5)), sample(rng.normal(0, 0.01, 5)),
+                  sample(0.3 + rng.normal(0, 0.01, 5))]
         return compare("all >", points, 0.0, 0.0)[0]
 
     assert rate(draw) <= LIMIT

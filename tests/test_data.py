@@ -52,7 +52,8 @@ def test_digits_m_follows_the_mnist_m_rule():
 
 def test_digits_prepare(tmp_path):
     out = tmp_path / "d.h5"
-    digits.prepare({"image_size": 16, "blend": 0.5, "noise_std": 0.1, "split": [0.6, 0.2, 0.2], "seed": 0}, tmp_path, out)
+    digits.prepare({"image_size": 16, "blend": 0.5, "noise_std": 0.1,
+                    "split": [0.6, 0.2, 0.2], "seed": 0}, tmp_path, out)
     train = PreparedSplit(out, "train").load(["gray", "digits_m", "labels"])
     assert train["gray"].shape[1:] == (1, 16, 16) and train["digits_m"].shape[1:] == (3, 16, 16)
     total = sum(len(PreparedSplit(out, s)) for s in ("train", "val", "test"))

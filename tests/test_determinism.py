@@ -95,7 +95,8 @@ def test_unpinned_kernels_would_differ(probe_repo):
 
 
 def test_pin_refuses_to_run_after_torch_chose_its_kernels():
-    code = "import os, torch; os.environ.pop('ATEN_CPU_CAPABILITY', None)\nfrom cmkd.utils.determinism import pin_cpu_kernels\npin_cpu_kernels()"
+    code = ("import os, torch; os.environ.pop('ATEN_CPU_CAPABILITY', None)\n"
+            "from cmkd.utils.determinism import pin_cpu_kernels\npin_cpu_kernels()")
     env = {k: v for k, v in os.environ.items() if k not in PINNED_CPU_KERNELS}
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True)
     if "AVX2" in subprocess.run([sys.executable, "-c", "import torch;print(torch.backends.cpu.get_cpu_capability())"],
@@ -227,12 +228,12 @@ def test_a_training_epoch_of_every_run_reaches_no_float32_vml_kernel(kind, tmp_p
 
     from cmkd.config import STUDENT_RUN, TEACHER_RUN
     from cmkd.data.h5 import read_attrs
-    from cmkd.training.data import SplitData, load_split
-    from cmkd.training.config import TrainConfig
-    from cmkd.training.loop import fit
     from cmkd.methods import build_distiller, get_method
     from cmkd.models import build_model
     from cmkd.pipeline.tuning import load_tuned, tuned_run_config
+    from cmkd.training.config import TrainConfig
+    from cmkd.training.data import SplitData, load_split
+    from cmkd.training.loop import fit
     from tests.conftest import tiny_synthetic_file
 
     params = yaml.safe_load(open(os.path.join(ROOT, "params.yaml")))
@@ -271,7 +272,8 @@ def test_a_training_epoch_of_every_run_reaches_no_float32_vml_kernel(kind, tmp_p
 
         def one_epoch():
             if hasattr(d, "prepare"):
-                d.prepare(train, val, cfg, task="classification", num_classes=classes, ignore_index=None, progress=False)
+                d.prepare(train, val, cfg, task="classification", num_classes=classes,
+                          ignore_index=None, progress=False)
             fit(d, train, val, cfg, task="classification", num_classes=classes, progress=False)
 
         assert _vml_calls(one_epoch) == set(), name

@@ -249,7 +249,8 @@ def test_experiment_indicators_are_emitted_per_point():
     n, s = 40, 2
     y = torch.randint(0, 3, (n, s, 1), generator=g)
     data = Slices(torch.randn(n, s, 5, generator=g) + y, torch.randn(n, s, 4, generator=g), y)
-    nets = {r: {"model": {"arch": "mlp", "hidden": [6]}, "train": {"epochs": 3, "lr": 0.01, "optimizer": "adam"}} for r in ("teacher", "student")}
+    nets = {r: {"model": {"arch": "mlp", "hidden": [6]},
+                "train": {"epochs": 3, "lr": 0.01, "optimizer": "adam"}} for r in ("teacher", "student")}
     acc, out = teacher_student_kd({"train": data, "test": data}, nets, {"method": "kd"}, 3, [0, 1], "k")
     for i in range(s):
         one = indicators(out["test_logits"]["teacher"][:, :, i, 0], out["test_logits"]["nokd"][:, :, i, 0], y[:, i, 0],
@@ -262,15 +263,16 @@ def test_experiment_indicators_are_emitted_per_point():
 def test_diagnose_stage_end_to_end(tmp_path, monkeypatch, one_thread):
     """measure_dataset + apply_predictor on the tiny prepared synthetic file with a teacher and
     a student trained by the pipeline."""
-    from cmkd.diagnosis.report import apply_predictor, diagnosis_markdown, measure_dataset
-    from cmkd.training.config import TrainConfig
     from cmkd.config import STUDENT_RUN, TEACHER_RUN
+    from cmkd.diagnosis.report import apply_predictor, diagnosis_markdown, measure_dataset
     from cmkd.pipeline.train import train_run
+    from cmkd.training.config import TrainConfig
     from tests.conftest import tiny_synthetic_file
 
     tiny_synthetic_file(tmp_path / "d.h5")
     models = {"teacher": {"arch": "mlp", "hidden": [16]}, "student": {"arch": "mlp", "hidden": [16]}}
-    common = dict(dataset="synthetic", prepared=tmp_path / "d.h5", models=models, train_cfg=TrainConfig(epochs=2, batch_size=32),
+    common = dict(dataset="synthetic", prepared=tmp_path / "d.h5", models=models,
+                  train_cfg=TrainConfig(epochs=2, batch_size=32),
                   seeds=[0, 1], checkpoint_root=None, progress=False)
     train_run(run_name="teacher", run_cfg=TEACHER_RUN, out_dir=tmp_path / "teacher", **common)
     train_run(run_name="student", run_cfg=STUDENT_RUN, out_dir=tmp_path / "student", **common)
@@ -307,7 +309,8 @@ def test_dvc_diagnose_depends_on_no_distill_or_experiment_output():
             for out in body.get("outs", []):
                 path = out if isinstance(out, str) else next(iter(out))
                 for run in params["methods"]:
-                    forbidden.add(path.replace("${item.dataset}", ds).replace("${item.run}", run).replace("${item}", ds))
+                    forbidden.add(path.replace("${item.dataset}", ds).replace("${item.run}", run)
+                                  .replace("${item}", ds))
         resolved = [d.replace("${item}", ds) for d in deps]
         assert "data/runs/" + ds + "/kdv1" in forbidden  # the check sees the distill outputs
         for dep in resolved:
@@ -340,16 +343,21 @@ def test_pipeline_artifact_shows_the_diagnosis_first(tmp_path):
 def test_collect_conditions_reads_sweeps_and_measured_main_datasets(tmp_path):
     from cmkd.diagnosis.report import SWEEPS, collect_conditions
 
-    point = {**{f"diag_{n}": {"mean": 0.1} for n in INDICATORS}, "kd_gain": {"mean": 0.02, "sem": 0.01, "n": 3}, "gamma": 0.5}
+    point = {**{f"diag_{n}": {"mean": 0.1} for n in INDICATORS},
+             "kd_gain": {"mean": 0.02, "sem": 0.01, "n": 3}, "gamma": 0.5}
     for sweep in SWEEPS:
         (tmp_path / f"{sweep}.json").write_text(json.dumps({"points": [point, point]}))
-    (tmp_path / "syn.json").write_text(json.dumps({"indicators": {n: 0.2 for n in INDICATORS}, "measured_kd_gain": -0.01,
+    (tmp_path / "syn.json").write_text(json.dumps({"indicators": {n: 0.2 for n in INDICATORS},
+                                                   "measured_kd_gain": -0.01,
                                                    "measured_detail": {"n": 5}}))
-    (tmp_path / "dig.json").write_text(json.dumps({"indicators": {n: 0.2 for n in INDICATORS}, "measured_kd_gain": None}))
-    conds = collect_conditions(tmp_path, {"syn": tmp_path / "syn.json", "dig": tmp_path / "dig.json", "none": tmp_path / "x.json"})
+    (tmp_path / "dig.json").write_text(json.dumps({"indicators": {n: 0.2 for n in INDICATORS},
+                                                   "measured_kd_gain": None}))
+    conds = collect_conditions(tmp_path, {"syn": tmp_path / "syn.json", "dig": tmp_path / "dig.json",
+                                          "none": tmp_path / "x.json"})
     assert len(conds) == 2 * len(SWEEPS) + 1
     main = [c for c in conds if c["sweep"] == "main"]
-    assert main == [{"sweep": "main", "point": "syn", "coords": {}, "indicators": {n: 0.2 for n in INDICATORS}, "gain": -0.01, "n_seeds": 5}]
+    assert main == [{"sweep": "main", "point": "syn", "coords": {}, "indicators": {n: 0.2 for n in INDICATORS},
+                     "gain": -0.01, "n_seeds": 5}]
     (tmp_path / "mfh_gamma.json").write_text(json.dumps({"points": [{"kd_gain": {"mean": 0.0}}]}))
     with pytest.raises(Exception, match="rerun exp_mfh_gamma"):
         collect_conditions(tmp_path, {})

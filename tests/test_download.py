@@ -18,7 +18,6 @@ import pytest
 from cmkd.data.download import fetch, sha256_file, source_roots
 from cmkd.errors import ChecksumError, ConfigError, DataFormatError, UnsafeArchiveError
 
-
 # --------------------------------------------------------------------------- helpers
 
 def make_tar(path: Path, files: dict[str, bytes], mode: str = "w:gz") -> Path:
@@ -112,7 +111,8 @@ class _Server:
 
 @pytest.fixture
 def archive_bytes(tmp_path):
-    payload = {"dataset/sequences/00/calib.txt": b"P2: 1\n" * 50, "dataset/sequences/00/velodyne/000000.bin": os.urandom(200_000)}
+    payload = {"dataset/sequences/00/calib.txt": b"P2: 1\n" * 50,
+               "dataset/sequences/00/velodyne/000000.bin": os.urandom(200_000)}
     path = make_tar(tmp_path / "src.tar.gz", payload)
     return path.read_bytes(), payload
 
@@ -143,13 +143,15 @@ def test_interrupted_download_leaves_part_and_resumes_next_call(tmp_path, archiv
     url_path = "/seq.tar.gz"
     with _Server({url_path: data}, cut={url_path: 50_000}) as srv:
         with pytest.raises(DataFormatError, match="run again to resume"):
-            fetch([{"url": srv.url + url_path}], tmp_path / "raw", progress=False, cache_dir=tmp_path / "cache", retries=0)
+            fetch([{"url": srv.url + url_path}], tmp_path / "raw", progress=False,
+                  cache_dir=tmp_path / "cache", retries=0)
         parts = list((tmp_path / "cache").glob("*.part"))
         assert len(parts) == 1 and parts[0].stat().st_size == 50_000
         assert everything_under(tmp_path / "raw") == []  # nothing extracted, no staging left
         fetch([{"url": srv.url + url_path}], tmp_path / "raw", progress=False, cache_dir=tmp_path / "cache", retries=0)
     assert srv.requests[-1] == (url_path, "bytes=50000-")
-    assert (tmp_path / "raw" / "dataset/sequences/00/velodyne/000000.bin").read_bytes() == payload["dataset/sequences/00/velodyne/000000.bin"]
+    assert ((tmp_path / "raw" / "dataset/sequences/00/velodyne/000000.bin").read_bytes()
+            == payload["dataset/sequences/00/velodyne/000000.bin"])
 
 
 def test_server_without_range_support_restarts_cleanly(tmp_path, archive_bytes):
@@ -157,7 +159,8 @@ def test_server_without_range_support_restarts_cleanly(tmp_path, archive_bytes):
     with _Server({"/a.tar.gz": data}, cut={"/a.tar.gz": 30_000}, honour_range=False) as srv:
         fetch([{"url": srv.url + "/a.tar.gz", "sha256": hashlib.sha256(data).hexdigest()}], tmp_path / "raw",
               progress=False, cache_dir=tmp_path / "cache")
-    assert (tmp_path / "raw" / "dataset/sequences/00/calib.txt").read_bytes() == payload["dataset/sequences/00/calib.txt"]
+    assert ((tmp_path / "raw" / "dataset/sequences/00/calib.txt").read_bytes()
+            == payload["dataset/sequences/00/calib.txt"])
 
 
 def test_checksum_mismatch_names_file_and_writes_nothing(tmp_path, archive_bytes):
@@ -230,7 +233,8 @@ def test_tar_variants_and_merging_into_one_tree(tmp_path, mode, suffix):
     velodyne = make_tar(tmp_path / f"velodyne{suffix}", {"dataset/sequences/00/velodyne/000000.bin": b"v" * 32}, mode)
     labels = make_zip(tmp_path / "labels.zip", {"dataset/sequences/00/labels/000000.label": b"l" * 8,
                                                 "dataset/sequences/00/": b""})
-    out = fetch([{"path": str(velodyne)}, {"path": str(labels), "sha256": sha256_file(labels)}], tmp_path / "raw", progress=False)
+    out = fetch([{"path": str(velodyne)}, {"path": str(labels), "sha256": sha256_file(labels)}],
+                tmp_path / "raw", progress=False)
     assert everything_under(out / "dataset") == ["sequences", "sequences/00", "sequences/00/labels",
                                                  "sequences/00/labels/000000.label", "sequences/00/velodyne",
                                                  "sequences/00/velodyne/000000.bin"]

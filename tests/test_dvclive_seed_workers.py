@@ -88,7 +88,8 @@ def test_dvclive_seed_workers_write_nothing_outside_their_folders(tmp_path, run)
         env.update(DVC_EXP_BASELINE_REV=head.stdout.strip(), DVC_EXP_NAME="seeds-side-by-side")
     out = repo / "data" / "runs" / "synthetic" / "kdv1"
     out.mkdir(parents=True)  # the stage's output folder (atomic_dir's), made before its workers start
-    proc = subprocess.run([sys.executable, "-c", _STAGE, str(WORKERS), str(EPOCHS), str(RESUMED), str(tmp_path), str(out)],
+    proc = subprocess.run([sys.executable, "-c", _STAGE, str(WORKERS), str(EPOCHS), str(RESUMED),
+                           str(tmp_path), str(out)],
                           cwd=repo, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout.splitlines()[-1])
@@ -99,7 +100,8 @@ def test_dvclive_seed_workers_write_nothing_outside_their_folders(tmp_path, run)
     # Each worker's folder holds exactly DVCLive's files for its epochs, the same in every one.
     folders = [out / f"seed{k}" / "live" for k in range(WORKERS)]
     files = {p.relative_to(folders[0]).as_posix() for p in folders[0].rglob("*") if p.is_file()}
-    assert files == {"metrics.json", "plots/metrics/train/loss.tsv", "plots/metrics/train/lr.tsv", "plots/metrics/val/f1.tsv"}
+    assert files == {"metrics.json", "plots/metrics/train/loss.tsv", "plots/metrics/train/lr.tsv",
+                     "plots/metrics/val/f1.tsv"}
     summary = json.loads((folders[0] / "metrics.json").read_text())
     assert summary["step"] == EPOCHS - 1 and summary["train"]["loss"] == 1.0 / EPOCHS
     assert len((folders[0] / "plots/metrics/train/loss.tsv").read_text().splitlines()) == EPOCHS + 1

@@ -12,15 +12,15 @@ import pytest
 import torch
 import yaml
 
-from cmkd.data.h5 import PreparedWriter, read_attrs
-from cmkd.data.datasets.synthetic import ntdh_sklearn
-from cmkd.training.data import SplitData, load_split
-from cmkd.training.config import TrainConfig
 from cmkd.data.augment import augment_batch
-from cmkd.training.loop import fit
-from cmkd.training.distributed import seed_everything
+from cmkd.data.datasets.synthetic import ntdh_sklearn
+from cmkd.data.h5 import PreparedWriter, read_attrs
 from cmkd.methods import build_distiller
 from cmkd.models import build_model
+from cmkd.training.config import TrainConfig
+from cmkd.training.data import SplitData, load_split
+from cmkd.training.distributed import seed_everything
+from cmkd.training.loop import fit
 from tests.conftest import REPO, copy_pipeline, tiny_params, tool_env
 
 
@@ -174,7 +174,8 @@ def _initial_params():
 
 
 def _run_stage(cwd, env, *args):
-    return subprocess.Popen([sys.executable, "-m", *args], cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen([sys.executable, "-m", *args], cwd=cwd, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
 
 
 def test_killed_training_resumes_to_the_same_metrics(tmp_path):
@@ -186,7 +187,8 @@ def test_killed_training_resumes_to_the_same_metrics(tmp_path):
         params["data"]["synthetic"]["n_samples"] = 3000
         (repo / "params.yaml").write_text(yaml.safe_dump(params))
         for stage in ("download", "prepare"):
-            assert subprocess.run([sys.executable, "-m", "stages", stage, "--dataset", "synthetic"], cwd=repo, env=env).returncode == 0
+            assert subprocess.run([sys.executable, "-m", "stages", stage, "--dataset", "synthetic"],
+                                  cwd=repo, env=env).returncode == 0
         cmd = ("stages", "train", "--dataset", "synthetic", "--role", "teacher", "--no-progress")
         if name == "killed":
             ckpt = repo / "data/checkpoints/synthetic/teacher/seed0/last.pt"
@@ -246,16 +248,19 @@ def test_dvclive_seed_workers_give_the_same_run_and_die_with_a_killed_stage(tmp_
         env = _stage_env(tmp_path, workers)
         if workers == 1:
             for stage in ("download", "prepare"):
-                assert subprocess.run([sys.executable, "-m", "stages", stage, "--dataset", "synthetic"], cwd=repo, env=env).returncode == 0
+                assert subprocess.run([sys.executable, "-m", "stages", stage, "--dataset", "synthetic"],
+                                      cwd=repo, env=env).returncode == 0
         else:  # the same prepared data
             shutil.copytree(tmp_path / "w1" / "data" / "prepared", repo / "data" / "prepared")
         for args in (("--role", "teacher"), ("--run", "kdv1")):
-            proc = subprocess.run([sys.executable, "-m", "stages", "train", "--dataset", "synthetic", *args, "--no-progress"],
+            proc = subprocess.run([sys.executable, "-m", "stages", "train", "--dataset", "synthetic", *args,
+                                   "--no-progress"],
                                   cwd=repo, env=env, capture_output=True, text=True)
             assert proc.returncode == 0, proc.stderr
         runs[workers] = repo / "data/runs/synthetic"
     for run in ("teacher", "kdv1"):
-        assert json.loads((runs[1] / run / "metrics.json").read_text()) == json.loads((runs[2] / run / "metrics.json").read_text())
+        assert (json.loads((runs[1] / run / "metrics.json").read_text())
+                == json.loads((runs[2] / run / "metrics.json").read_text()))
         for seed in (0, 1, 2):
             files = sorted(p.name for p in (runs[1] / run / f"seed{seed}").glob("*.pt"))
             assert files
@@ -268,7 +273,8 @@ def test_dvclive_seed_workers_give_the_same_run_and_die_with_a_killed_stage(tmp_
     repo = runs[2].parents[2]
     params["train"]["synthetic"]["teacher"]["epochs"] = 400
     (repo / "params.yaml").write_text(yaml.safe_dump(params))
-    proc = _run_stage(repo, _stage_env(tmp_path, 2), "stages", "train", "--dataset", "synthetic", "--role", "teacher", "--no-progress")
+    proc = _run_stage(repo, _stage_env(tmp_path, 2), "stages", "train", "--dataset", "synthetic", "--role", "teacher",
+                      "--no-progress")
     deadline = time.time() + 120
     workers = []
     while time.time() < deadline and len(workers) < 2:

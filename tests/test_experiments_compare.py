@@ -7,7 +7,6 @@ saves an experiment with the claim marked not enforced."""
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import yaml
@@ -49,7 +48,8 @@ def test_exp_run_with_another_run_param_saves_an_experiment(tmp_path):
     dvc(["repro", "evaluate@synthetic"], repo, env)
     subprocess.run(["git", "add", "-A"], cwd=repo, env=env, check=True)
     subprocess.run([*git, "commit", "-qm", "first run"], cwd=repo, env=env, check=True)
-    tracked = subprocess.run(["git", "ls-files", "metrics"], cwd=repo, env=env, capture_output=True, text=True).stdout.split()
+    tracked = subprocess.run(["git", "ls-files", "metrics"], cwd=repo, env=env,
+                             capture_output=True, text=True).stdout.split()
     assert "metrics/synthetic/kdv1.json" in tracked
 
     shown = dvc(["metrics", "show"], repo, env).stdout
@@ -67,7 +67,8 @@ def test_exp_run_with_another_run_param_saves_an_experiment(tmp_path):
               "--out-dir", "data/reports/synthetic"]
     assert subprocess.run(strict, cwd=repo, env=env, capture_output=True).returncode == 1
     # ... under another value of a param it depends on, it is reported and the experiment saved
-    exp = dvc(["exp", "run", "-n", "t2", "-S", "runs.kdv1.ce_weight=0.5", "check_tables@synthetic"], repo, env, check=False)
+    exp = dvc(["exp", "run", "-n", "t2", "-S", "runs.kdv1.ce_weight=0.5", "check_tables@synthetic"], repo,
+              env, check=False)
     assert exp.returncode == 0, exp.stdout + exp.stderr
     report = json.loads((repo / "data/reports/synthetic/claims.json").read_text())
     assert report["claims"][0]["enforced"] is False and "runs.kdv1" in report["claims"][0]["note"]

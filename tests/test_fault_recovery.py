@@ -13,22 +13,21 @@ import time
 from pathlib import Path
 
 import h5py
-import numpy as np
 import pytest
 import torch
 import yaml
 
-from cmkd.utils.atomic import atomic_dir, atomic_path, owner_pid, remove_stale, remove_stale_tree
 from cmkd.data.datasets.synthetic import ntdh_sklearn
-from cmkd.training.data import SplitData
-from cmkd.training.config import TrainConfig
-from cmkd.training.logit_cache import cache_logits, verify_logits
-from cmkd.training.loop import fit
-from cmkd.training.distributed import seed_everything
 from cmkd.errors import DataFormatError
 from cmkd.methods import build_distiller
 from cmkd.models import build_model
-from tests.conftest import copy_pipeline, tiny_params, tool_env, REPO
+from cmkd.training.config import TrainConfig
+from cmkd.training.data import SplitData
+from cmkd.training.distributed import seed_everything
+from cmkd.training.logit_cache import cache_logits, verify_logits
+from cmkd.training.loop import fit
+from cmkd.utils.atomic import atomic_dir, atomic_path, owner_pid, remove_stale, remove_stale_tree
+from tests.conftest import REPO, copy_pipeline, tiny_params, tool_env
 
 
 def _dead_pid() -> int:
@@ -263,7 +262,8 @@ def test_a_teacher_killed_after_3_of_8_epochs_resumes_to_byte_identical_outputs(
             assert list((repo / "data/.tmp").iterdir()) == []  # the dead run's folder was removed
         assert sorted(p.name for p in (repo / "data/runs/synthetic").iterdir()) == ["teacher"]
         trees[name] = _tree(repo / "data/runs/synthetic/teacher")
-        steps = (repo / "data/runs/synthetic/teacher/seed0/live/plots/metrics/val/f1_weighted.tsv").read_text().split("\n")
+        steps = (repo / "data/runs/synthetic/teacher/seed0/live/plots/metrics/val/f1_weighted.tsv"
+                 ).read_text().split("\n")
         assert [line.split("\t")[0] for line in steps[1:] if line] == [str(i) for i in range(8)]
     assert trees["killed"] == trees["straight"]
 

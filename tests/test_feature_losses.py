@@ -117,7 +117,8 @@ def test_rkd_gradient_reaches_student_only():
     assert t.grad is None
 
 
-@pytest.mark.parametrize("cs,ct,hw,p", [(4, 4, (5, 5), 2), (3, 8, (4, 6), 2), (2, 5, (3, 3), 1), (6, 2, (1, 1), 2), (3, 3, (4, 4), 3)])
+@pytest.mark.parametrize("cs,ct,hw,p",
+    [(4, 4, (5, 5), 2), (3, 8, (4, 6), 2), (2, 5, (3, 3), 1), (6, 2, (1, 1), 2), (3, 3, (4, 4), 3)])
 def test_at_matches_numpy(cs, ct, hw, p):
     rng = np.random.default_rng(cs * 10 + ct)
     s, t = rng.normal(size=(3, cs, *hw)), rng.normal(size=(3, ct, *hw))

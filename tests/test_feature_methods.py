@@ -10,14 +10,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cmkd.training.data import SplitData
-from cmkd.training.config import TrainConfig
-from cmkd.training.loop import fit
 from cmkd.errors import ConfigError
 from cmkd.losses import at_loss, rkd_loss
 from cmkd.methods import available_methods, build_distiller, get_method
 from cmkd.methods.crd import nce_loss
 from cmkd.models import build_model
+from cmkd.training.config import TrainConfig
+from cmkd.training.data import SplitData
+from cmkd.training.loop import fit
 
 C = 4
 FEATURE_METHODS = ("fitnet", "at", "rkd", "crd")
@@ -29,12 +29,15 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def _nets(kind, seed=0):
     torch.manual_seed(seed)
     if kind == "vector":
-        return (build_model({"arch": "mlp", "hidden": [16, 12]}, (6,), C), build_model({"arch": "mlp", "hidden": [20, 10]}, (9,), C),
+        return (build_model({"arch": "mlp", "hidden": [16, 12]}, (6,), C),
+                build_model({"arch": "mlp", "hidden": [20, 10]}, (9,), C),
                 (6,), (9,))
     if kind == "image":
-        return (build_model({"arch": "small_cnn", "width": 4}, (1, 8, 8), C), build_model({"arch": "small_cnn", "width": 6}, (3, 8, 8), C),
+        return (build_model({"arch": "small_cnn", "width": 4}, (1, 8, 8), C),
+                build_model({"arch": "small_cnn", "width": 6}, (3, 8, 8), C),
                 (1, 8, 8), (3, 8, 8))
-    return (build_model({"arch": "seg_resnet", "width": 4}, (1, 16, 16), C), build_model({"arch": "seg_resnet", "width": 4}, (3, 16, 16), C),
+    return (build_model({"arch": "seg_resnet", "width": 4}, (1, 16, 16), C),
+            build_model({"arch": "seg_resnet", "width": 4}, (3, 16, 16), C),
             (1, 16, 16), (3, 16, 16))
 
 
@@ -43,7 +46,8 @@ def _batch(kind, s_shape, t_shape, n=8, seed=0):
     target = torch.randint(0, C, (n, 16, 16) if kind == "seg" else (n,), generator=g)
     if kind == "seg":
         target[:, 0] = -1  # ignored pixels
-    return {"student_input": torch.randn(n, *s_shape, generator=g), "teacher_input": torch.randn(n, *t_shape, generator=g),
+    return {"student_input": torch.randn(n, *s_shape, generator=g),
+            "teacher_input": torch.randn(n, *t_shape, generator=g),
             "target": target, "index": torch.arange(n)}
 
 
@@ -101,7 +105,8 @@ def test_at_refuses_vectors_naming_the_key():
 @pytest.mark.parametrize("cfg,key", [
     ({"method": "at", "p": 0}, "runs.r.p"), ({"method": "at", "stages": []}, "runs.r.stages"),
     ({"method": "crd", "nce_k": 0}, "runs.r.nce_k"), ({"method": "crd", "nce_m": 1.0}, "runs.r.nce_m"),
-    ({"method": "crd", "negatives": "hard"}, "runs.r.negatives"), ({"method": "rkd", "angle_weight": -1}, "runs.r.angle_weight"),
+    ({"method": "crd", "negatives": "hard"}, "runs.r.negatives"),
+                                     ({"method": "rkd", "angle_weight": -1}, "runs.r.angle_weight"),
     ({"method": "fitnet", "beta": 1}, "runs.r.beta"),
 ])
 def test_bad_config_names_the_key(cfg, key):
@@ -128,7 +133,8 @@ def test_fitnet_loss_is_mse_of_regressed_intermediate_stage():
 
 def test_fitnet_on_vectors_and_other_stages():
     student, teacher, ss, ts = _nets("vector")
-    d = build_distiller({"method": "fitnet", "student_stage": "features", "teacher_stage": "hidden1"}, student, teacher, C)
+    d = build_distiller({"method": "fitnet", "student_stage": "features", "teacher_stage": "hidden1"},
+                        student, teacher, C)
     assert d.regressor.in_channels == 12 and d.regressor.out_channels == 20
     batch = _batch("vector", ss, ts)
     s = student.forward_stages(batch["student_input"], ["features"])["features"]
@@ -153,7 +159,8 @@ def test_at_interpolates_student_maps_to_the_teacher_size():
     student = build_model({"arch": "small_cnn", "width": 4}, (1, 8, 8), C)
     teacher = build_model({"arch": "small_cnn", "width": 4}, (3, 16, 16), C)
     d = build_distiller({"method": "at", "stages": ["block1"]}, student, teacher, C).train()
-    batch = {"student_input": torch.randn(3, 1, 8, 8), "teacher_input": torch.randn(3, 3, 16, 16), "target": torch.tensor([0, 1, 2])}
+    batch = {"student_input": torch.randn(3, 1, 8, 8), "teacher_input": torch.randn(3, 3, 16, 16),
+             "target": torch.tensor([0, 1, 2])}
     s = student.forward_stages(batch["student_input"], ["block1"])["block1"]
     t = teacher.eval().forward_stages(batch["teacher_input"], ["block1"])["block1"]
     up = F.interpolate(s, size=t.shape[-2:], mode="bilinear", align_corners=False)
@@ -200,7 +207,8 @@ def _crd_split(n=30, kind="vector", seed=0):
     student, teacher, ss, ts = _nets(kind, seed)
     g = torch.Generator().manual_seed(seed)
     y = torch.arange(n) % C
-    data = SplitData.from_arrays(student_input=torch.randn(n, *ss, generator=g), teacher_input=torch.randn(n, *ts, generator=g), target=y)
+    data = SplitData.from_arrays(student_input=torch.randn(n, *ss, generator=g),
+                                 teacher_input=torch.randn(n, *ts, generator=g), target=y)
     return student, teacher, data, y
 
 
@@ -220,7 +228,8 @@ def test_crd_negatives_are_other_classes_or_other_rows():
     d_any.on_train_start(data)
     neg = d_any.sample_negatives(index, y)
     assert bool((neg != index[:, None]).all()) and int(neg.min()) >= 0 and int(neg.max()) <= 29
-    assert set(d_any.sample_negatives(torch.full((3000,), 7), y[:1].expand(3000)).flatten().tolist()) == set(range(30)) - {7}
+    assert set(d_any.sample_negatives(torch.full((3000,), 7),
+                                      y[:1].expand(3000)).flatten().tolist()) == set(range(30)) - {7}
 
 
 def test_crd_memory_update_and_loss_by_hand():
@@ -259,7 +268,8 @@ def test_crd_bank_survives_state_dict_round_trip():
     fresh = build_distiller({"method": "crd", "feat_dim": 8}, *_crd_split(n=16)[:2], C)
     assert fresh.memory.rows == 0
     fresh.load_state_dict(state)
-    assert fresh.memory.rows == 16 and torch.equal(fresh.memory.student, d.memory.student) and torch.equal(fresh.memory.z, d.memory.z)
+    assert fresh.memory.rows == 16 and torch.equal(fresh.memory.student,
+                                                   d.memory.student) and torch.equal(fresh.memory.z, d.memory.z)
     fresh.on_train_start(data)  # a resumed run keeps its restored banks
     assert torch.equal(fresh.memory.teacher, d.memory.teacher)
 
@@ -343,5 +353,6 @@ def test_methods_train_on_prepared_digits(tmp_path):
         teacher = build_model({"arch": "small_cnn", "width": 4}, (1, 8, 8), 10)
         student = build_model({"arch": "small_cnn", "width": 4}, (3, 8, 8), 10)
         d = build_distiller({"method": method}, student, teacher, 10)
-        result = fit(d, train, val, TrainConfig(epochs=1, batch_size=32, device="cpu"), task="classification", num_classes=10, progress=False)
+        result = fit(d, train, val, TrainConfig(epochs=1, batch_size=32, device="cpu"), task="classification",
+                     num_classes=10, progress=False)
         assert math.isfinite(result.history[0]["train/loss"]) and 0.0 <= result.best_val["f1_weighted"] <= 1.0, method

@@ -70,7 +70,8 @@ def test_projection_with_kitti_calibration_and_translation():
     P = np.array(KITTI_CALIB[(1241, 376)]["P2"]).reshape(3, 4)
     T = np.vstack([np.array(KITTI_CALIB[(1241, 376)]["Tr"]).reshape(3, 4), [0, 0, 0, 1]])
     rng = np.random.default_rng(0)
-    points = np.column_stack([rng.uniform(-30, 60, 400), rng.uniform(-30, 30, 400), rng.uniform(-3, 3, 400), rng.random(400)])
+    points = np.column_stack([rng.uniform(-30, 60, 400), rng.uniform(-30, 30, 400), rng.uniform(-3, 3, 400),
+                              rng.random(400)])
     uv, depth, index = project_to_image(points, P, T, 1241, 376)
     ref = []
     for i, (x, y, z, _) in enumerate(points):
@@ -148,7 +149,8 @@ def test_lidar_image_nearest_point_label_and_channels():
     np.testing.assert_allclose(image[:, 25, 66], [math.hypot(16, 4), 16.0, -4.0, 0.0, 0.5], rtol=1e-6)
 
     # A crop window shifts pixels by (top, left) and drops points outside it.
-    cropped, cropped_labels, cropped_valid = lidar_image(pts, P2, TR, width, height, labels=labels, box=(20, 45, 10, 10))
+    cropped, cropped_labels, cropped_valid = lidar_image(pts, P2, TR, width, height, labels=labels,
+                                                         box=(20, 45, 10, 10))
     assert cropped.shape == (5, 10, 10)
     assert sorted(map(tuple, np.argwhere(cropped_valid))) == [(5, 5)]
     assert cropped_labels[5, 5] == 7
@@ -169,7 +171,8 @@ def test_lidar_image_nearest_point_label_and_channels():
     filled = lidar_image(pts, P2, TR, width, height, labels=labels, extra=extra, box=(20, 45, 10, 10),
                          dtype=np.float16, out=out)
     assert all(a is b for a, b in zip(filled, out))
-    expected = lidar_image(pts, P2, TR, width, height, labels=labels, extra=extra, box=(20, 45, 10, 10), dtype=np.float16)
+    expected = lidar_image(pts, P2, TR, width, height, labels=labels, extra=extra, box=(20, 45, 10, 10),
+                           dtype=np.float16)
     for got, want in zip(out, expected):
         np.testing.assert_array_equal(got, want)
 

@@ -25,7 +25,7 @@ def stage(file: str, name: str, **item: str) -> dict[str, set[str]]:
     spec = spec.get("do", spec)
     text = yaml.safe_dump(spec)
     for key, value in item.items():
-        text = text.replace("${item}" if key == "item" else "${item.%s}" % key, value)
+        text = text.replace("${item}" if key == "item" else f"${{item.{key}}}", value)
     spec = yaml.safe_load(text)
     return {"deps": _paths(spec.get("deps")), "outs": _paths(spec.get("outs")) | _paths(spec.get("metrics"))}
 

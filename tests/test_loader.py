@@ -9,8 +9,8 @@ import torch
 
 from cmkd.data.h5 import PreparedWriter
 from cmkd.data.loader import LoaderConfig, batch_plan
-from cmkd.training.logit_cache import LOGITS_CHECKSUM_ATTR
 from cmkd.training.data import load_split
+from cmkd.training.logit_cache import LOGITS_CHECKSUM_ATTR
 
 
 def _write(tmp_path, n=70, chunk_rows=8):
@@ -79,7 +79,8 @@ def test_plan_is_chunk_aware_and_shards_evenly_or_completely():
     assert len({len(s) for s in shares}) == 1 and len(shares[0]) == 4 * chunk
     assert len(set(np.concatenate(shares).tolist())) == 3 * 4 * chunk
     # evaluation shares: every row exactly once
-    shares = [np.concatenate(batch_plan(n, chunk, 12, shuffle=False, seed=0, rank=r, world=3, even=False)) for r in range(3)]
+    shares = [np.concatenate(batch_plan(n, chunk, 12, shuffle=False, seed=0, rank=r,
+                                        world=3, even=False)) for r in range(3)]
     assert sorted(np.concatenate(shares).tolist()) == list(range(n))
 
 
@@ -136,7 +137,9 @@ def test_gpu_check_says_there_is_no_cuda_and_exits_0(tmp_path):
 
     from tests.conftest import REPO
 
-    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu_check.py"), "--out", str(tmp_path / "g.json")],
-                          capture_output=True, text=True, timeout=120, env={"CUDA_VISIBLE_DEVICES": "", "PATH": "/usr/bin:/bin"})
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu_check.py"), "--out",
+                           str(tmp_path / "g.json")],
+                          capture_output=True, text=True, timeout=120,
+                          env={"CUDA_VISIBLE_DEVICES": "", "PATH": "/usr/bin:/bin"})
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "no CUDA device" in proc.stdout and not (tmp_path / "g.json").exists()

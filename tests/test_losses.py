@@ -69,7 +69,9 @@ def np_dkd(zs, zt, y, alpha, beta, temperature, weights=None):
             continue
         tckd[i] = np_kl(np_binary(t, c, temperature), np_binary(s, c, temperature))
         nckd[i] = np_kl(np_non_target(t, c, temperature), np_non_target(s, c, temperature))
-    mean = lambda v: (v * w).sum() / max(w.sum(), 1e-12)
+    def mean(v):
+        return (v * w).sum() / max(w.sum(), 1e-12)
+
     return temperature**2 * (alpha * mean(tckd) + beta * mean(nckd))
 
 
@@ -305,8 +307,10 @@ def np_ntdh_div(p, q):
 
 def np_divergences_ntdh(zs, zt, y, temperature=1.0):
     rows = list(zip(np_rows(zs), np_rows(zt), np.ravel(y)))
-    target = [np_ntdh_div(np_binary(s, c, temperature), np_binary(t, c, temperature)) if c >= 0 else 0.0 for s, t, c in rows]
-    non_target = [np_ntdh_div(np_non_target(s, c, temperature), np_non_target(t, c, temperature)) if c >= 0 else 0.0 for s, t, c in rows]
+    target = [np_ntdh_div(np_binary(s, c, temperature),
+                          np_binary(t, c, temperature)) if c >= 0 else 0.0 for s, t, c in rows]
+    non_target = [np_ntdh_div(np_non_target(s, c, temperature),
+                              np_non_target(t, c, temperature)) if c >= 0 else 0.0 for s, t, c in rows]
     return np.array(target), np.array(non_target)
 
 
@@ -332,7 +336,10 @@ def test_ntdh_form_matches_ntdh_reference_formula_on_probabilities(rng):
     ps, pt = np_softmax(zs - 1000.0 * gt), np_softmax(zt - 1000.0 * gt)
     m = 0.5 * (ps + pt)
     with np.errstate(divide="ignore", invalid="ignore"):
-        kl = lambda p: np.where(m > 0, m * (np.log(np.where(m > 0, m, 1)) - np.log(np.where(p > 0, p, 1))), 0).sum() / len(y)
+        def kl(p):
+            return np.where(m > 0, m * (np.log(np.where(m > 0, m, 1)) - np.log(np.where(p > 0, p, 1))),
+                            0).sum() / len(y)
+
     batch_value = 0.5 * (kl(ps) + kl(pt))
     ntd = L.non_target_divergence(t64(zs), t64(zt), torch.tensor(y), form="ntdh")
     assert math.isclose(float(ntd.mean()), batch_value, rel_tol=1e-9)
@@ -347,10 +354,13 @@ def test_ntdh_form_segmentation_ignore_and_edge_cases(rng):
     close(ntd.reshape(-1), np_divergences_ntdh(zs, zt, y)[1])
     # equal rows: 0; two classes: no non-target distribution, 0; dominant logits stay finite
     z = rng.normal(size=(3, 4))
-    assert torch.allclose(L.non_target_divergence(t64(z), t64(z), torch.tensor([0, 1, 2]), form="ntdh"), torch.zeros(3, dtype=torch.float64))
-    assert torch.equal(L.non_target_divergence(t64(z[:, :2]), t64(-z[:, :2]), torch.tensor([0, 1, 0]), form="ntdh"), torch.zeros(3, dtype=torch.float64))
+    assert torch.allclose(L.non_target_divergence(t64(z), t64(z), torch.tensor([0, 1, 2]), form="ntdh"),
+                          torch.zeros(3, dtype=torch.float64))
+    assert torch.equal(L.non_target_divergence(t64(z[:, :2]), t64(-z[:, :2]), torch.tensor([0, 1, 0]), form="ntdh"),
+                       torch.zeros(3, dtype=torch.float64))
     big = torch.tensor([[80.0, -80.0, 0.0, 1.0]], dtype=torch.float64, requires_grad=True)
-    out = L.non_target_divergence(big, torch.tensor([[0.0, 90.0, -90.0, 0.0]], dtype=torch.float64), torch.tensor([0]), form="ntdh")
+    out = L.non_target_divergence(big, torch.tensor([[0.0, 90.0, -90.0, 0.0]], dtype=torch.float64),
+                                  torch.tensor([0]), form="ntdh")
     out.sum().backward()
     assert torch.isfinite(out).all() and torch.isfinite(big.grad).all() and out.item() > 10
 
@@ -397,7 +407,8 @@ def test_pssm_weights_match_numpy(rng):
 
 def test_pssm_weights_edge_cases():
     y = torch.tensor([1, 1, 1, 0])
-    zt = t64([[1.0, 0.0], [1.0, 0.0], [1.0, 0.0], [0.0, 0.0]])   # teacher wrong on rows 0-2; row 3: zero row, argmax 0 = right
+    zt = t64([[1.0, 0.0], [1.0, 0.0],
+              [1.0, 0.0], [0.0, 0.0]])   # teacher wrong on rows 0-2; row 3: zero row, argmax 0 = right
     cos_at = 0.996
     angle = math.acos(cos_at)
     zs = t64([[math.cos(angle), math.sin(angle)],        # cosine exactly at the threshold (within rounding)
@@ -420,4 +431,5 @@ def test_pssm_weights_segmentation_with_ignore(rng):
     assert w.shape == (2, 4, 5)
     assert torch.equal(w[0, 0, :3], torch.zeros(3, dtype=torch.float64))
     close(w.reshape(-1), np_pssm(zs, zt, y))
-    assert L.pssm_weights(torch.tensor(zs, dtype=torch.float32), torch.tensor(zt, dtype=torch.float32), torch.tensor(y)).dtype == torch.float32
+    assert L.pssm_weights(torch.tensor(zs, dtype=torch.float32), torch.tensor(zt, dtype=torch.float32),
+                          torch.tensor(y)).dtype == torch.float32

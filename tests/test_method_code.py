@@ -46,7 +46,8 @@ _PROBE = textwrap.dedent("""
 def test_registry_finds_every_decorated_method_without_an_index():
     from cmkd.methods import available_methods, method_modules
 
-    on_disk = sorted(f"cmkd.methods.{p.stem}" for p in (REPO / "cmkd/methods").glob("*.py") if not p.name.startswith("_"))
+    on_disk = sorted(f"cmkd.methods.{p.stem}" for p in (REPO / "cmkd/methods").glob("*.py")
+                     if not p.name.startswith("_"))
     assert method_modules() == on_disk
     # the source scan the stage relies on agrees with what importing registers
     assert sorted(registered_methods(REPO)) == available_methods()
@@ -109,7 +110,8 @@ def test_a_new_method_module_reruns_only_its_own_stages(tmp_path):
     subprocess.run(["git", "init", "-q"], cwd=repo, env=env, check=True)
     dvc(["init", "-q"], repo, env)
     subprocess.run(["git", "add", "-A"], cwd=repo, env=env, check=True)
-    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "p"], cwd=repo, env=env, check=True)
+    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "p"], cwd=repo,
+                   env=env, check=True)
     dvc(["repro", "evaluate@synthetic"], repo, env)
     (repo / "cmkd/methods/kd3.py").write_text(NEW_METHOD)
     params["runs"]["kd3"] = {"method": "kd3", "ce_weight": 0.5}
@@ -152,7 +154,8 @@ def test_training_stages_depend_on_one_code_file_each():
     stages = DVC_YAML["stages"]
     # (+ each role's model and training, data/resolved/: stages/resolve.py)
     assert stages["distill"]["deps"] == ["data/method_code/${item.run}.json", "data/prepared/${item.dataset}.h5",
-                                         "data/runs/${item.dataset}/teacher", "data/resolved/${item.dataset}/teacher.json",
+                                         "data/runs/${item.dataset}/teacher",
+                                         "data/resolved/${item.dataset}/teacher.json",
                                          "data/resolved/${item.dataset}/student.json"]
     assert stages["train_teacher"]["do"]["deps"] == ["data/method_code/stages/teacher.json", "data/prepared/${item}.h5",
                                                      "data/resolved/${item}/teacher.json"]
@@ -162,8 +165,8 @@ def test_training_stages_depend_on_one_code_file_each():
 
 
 def test_baseline_code_files_hold_the_supervised_module_and_no_distillation_method():
-    from cmkd.pipeline.codedeps import stage_code
     from cmkd.config import STUDENT_RUN, TEACHER_RUN
+    from cmkd.pipeline.codedeps import stage_code
 
     for baseline in (TEACHER_RUN, STUDENT_RUN):
         files = stage_code(REPO, "stages/train.py", baseline)
@@ -219,7 +222,8 @@ def test_code_files_cover_what_the_training_and_experiment_stages_import(tmp_pat
     subprocess.run(["git", "init", "-q"], cwd=repo, env=env, check=True)
     dvc(["init", "-q"], repo, env)
     subprocess.run(["git", "add", "-A"], cwd=repo, env=env, check=True)  # DVCLive needs a commit
-    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "p"], cwd=repo, env=env, check=True)
+    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "p"], cwd=repo,
+                   env=env, check=True)
     dvc(["repro", "train_teacher@synthetic", "method_code"], repo, env)
     env = {**env, "PYTHONPROFILEIMPORTTIME": "1"}
     commands = {"mgkd.json": ["train", "--dataset", "synthetic", "--run", "mgkd"],

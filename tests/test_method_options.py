@@ -42,14 +42,16 @@ def _mlkd(class_norm, threshold=0.0):
 def test_mlkd_batch_normalised_class_term_matches_numpy(n):
     rng = np.random.default_rng(n)
     zs, zt = rng.normal(size=(n, C)) * 2, rng.normal(size=(n, C)) * 3
-    batch = {"student_input": torch.tensor(zs, dtype=torch.float64), "teacher_logits": torch.tensor(zt, dtype=torch.float64),
+    batch = {"student_input": torch.tensor(zs, dtype=torch.float64),
+             "teacher_logits": torch.tensor(zt, dtype=torch.float64),
              "target": torch.tensor(rng.integers(0, C, n))}
     temps = [2.0, 3.0, 4.0, 5.0, 6.0]
     got_batch = float(_mlkd("batch")(batch)["kd_class"])
     got_none = float(_mlkd("none")(batch)["kd_class"])
     np.testing.assert_allclose(got_batch, np_class_term(zs, zt, temps, True), rtol=1e-6)  # the row weights are float32
     np.testing.assert_allclose(got_none, np_class_term(zs, zt, temps, False), rtol=1e-6)  # the row weights are float32
-    np.testing.assert_allclose(got_none / got_batch, n * n, rtol=1e-6)  # the row weights are float32  # the reference's B^2 growth
+    np.testing.assert_allclose(got_none / got_batch,
+                               n * n, rtol=1e-6)  # the row weights are float32  # the reference's B^2 growth
 
 
 def test_mlkd_batch_normalised_class_term_counts_only_selected_rows():
@@ -59,9 +61,11 @@ def test_mlkd_batch_normalised_class_term_counts_only_selected_rows():
     threshold = 0.6
     keep = np_softmax(zt).max(axis=1) >= threshold
     assert 0 < keep.sum() < n
-    batch = {"student_input": torch.tensor(zs), "teacher_logits": torch.tensor(zt), "target": torch.zeros(n, dtype=torch.long)}
+    batch = {"student_input": torch.tensor(zs), "teacher_logits": torch.tensor(zt),
+             "target": torch.zeros(n, dtype=torch.long)}
     got = float(_mlkd("batch", threshold)(batch)["kd_class"])
-    np.testing.assert_allclose(got, np_class_term(zs[keep], zt[keep], [2.0, 3.0, 4.0, 5.0, 6.0], True), rtol=1e-6)  # the row weights are float32
+    np.testing.assert_allclose(got, np_class_term(zs[keep], zt[keep],
+        [2.0, 3.0, 4.0, 5.0, 6.0], True), rtol=1e-6)  # the row weights are float32
 
 
 def test_mlkd_class_norm_is_validated():
@@ -73,8 +77,8 @@ def test_mlkd_class_norm_is_validated():
 
 
 def _ctkd_fit(temperature_lr, epochs=3):
-    from cmkd.training.data import SplitData
     from cmkd.training.config import TrainConfig
+    from cmkd.training.data import SplitData
     from cmkd.training.loop import fit
 
     g = torch.Generator().manual_seed(0)

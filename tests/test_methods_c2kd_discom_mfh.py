@@ -58,7 +58,8 @@ def test_kendall_tau_matches_scipy_with_ties_and_constant_row():
         got = kendall_tau(torch.tensor(a), torch.tensor(b), chunk_elements=chunk).numpy()
         assert np.isnan(got[20]) and np.isnan(expected[20])
         np.testing.assert_allclose(np.delete(got, 20), np.delete(expected, 20), rtol=1e-12, atol=1e-12)
-    assert kendall_tau(torch.tensor(a, dtype=torch.float32), torch.tensor(b, dtype=torch.float32)).dtype == torch.float32
+    assert kendall_tau(torch.tensor(a, dtype=torch.float32),
+                       torch.tensor(b, dtype=torch.float32)).dtype == torch.float32
 
 
 def test_kendall_tau_rejects_mismatched_shapes():
@@ -90,8 +91,10 @@ def _np_nontarget_kl(s, t, y, temperature):
     for si, ti, yi in zip(s, t, y):
         keep = np.arange(len(si)) != yi
         zs, zt = si[keep] / temperature, ti[keep] / temperature
-        ps = np.exp(zs - zs.max()); ps /= ps.sum()
-        pt = np.exp(zt - zt.max()); pt /= pt.sum()
+        ps = np.exp(zs - zs.max())
+        ps /= ps.sum()
+        pt = np.exp(zt - zt.max())
+        pt /= pt.sum()
         out.append(np.sum(pt * (np.log(pt) - np.log(ps))))
     return np.array(out)
 
@@ -143,7 +146,8 @@ def test_c2kd_backward_reaches_student_teacher_and_proxies():
     losses = d(_batch())
     assert set(losses) == {"ce", "ce_teacher", "proxy_student", "proxy_teacher", "ofsd_student", "ofsd_teacher"}
     sum(losses.values()).backward()
-    for name, module in (("student", student), ("teacher", teacher), ("student_proxy", d.student_proxy), ("teacher_proxy", d.teacher_proxy)):
+    for name, module in (("student", student), ("teacher", teacher), ("student_proxy", d.student_proxy),
+                         ("teacher_proxy", d.teacher_proxy)):
         for pname, p in module.named_parameters():
             assert p.requires_grad and p.grad is not None and p.grad.abs().sum() > 0, f"{name}.{pname} got no gradient"
     # the cross-modal term alone trains the teacher's trunk too (bidirectional)
@@ -228,7 +232,8 @@ def test_c2kd_proxies_sit_on_layer3_by_default(task):
     assert _grad_sum(layer3) > 0 and _grad_sum(d.student_proxy) > 0
     assert _grad_sum(layer4) == 0 and _grad_sum(student.head) == 0 and _grad_sum(teacher) == 0
     # the old placement: proxies on the penultimate features, whose gradient reaches layer4
-    old = build_distiller({"method": "c2kd", "threshold": -1.0 + 1e-6, "proxy_stage": "features"}, student, teacher, C).train()
+    old = build_distiller({"method": "c2kd", "threshold": -1.0 + 1e-6, "proxy_stage": "features"},
+                          student, teacher, C).train()
     student.zero_grad()
     old(batch)["ofsd_student"].backward()
     assert old.student_stage == "features" and _grad_sum(layer4) > 0
@@ -292,7 +297,8 @@ def test_discom_modality_targets_are_branch_indices():
 
     def adv_loss(t0, t1):
         n = len(batch["target"])
-        return float(F.cross_entropy(d.adversary(z0["inv"]), torch.full((n,), t0)) + F.cross_entropy(d.adversary(z1["inv"]), torch.full((n,), t1)))
+        return float(F.cross_entropy(d.adversary(z0["inv"]),
+            torch.full((n,), t0)) + F.cross_entropy(d.adversary(z1["inv"]), torch.full((n,), t1)))
 
     with torch.no_grad():
         assert _f(losses["mod"]) == pytest.approx(mod_loss(0, 1), rel=1e-5)
@@ -316,7 +322,8 @@ def test_discom_embeddings_are_halves_and_projection():
     assert not torch.equal(d.student_branch.invariant.body[0].weight, d.student.body[0].weight)
 
 
-@pytest.mark.parametrize("switch,key", [("use_adv", "adv"), ("use_mod", "mod"), ("use_aux", "aux"), ("use_orth", "orth")])
+@pytest.mark.parametrize("switch,key",
+                         [("use_adv", "adv"), ("use_mod", "mod"), ("use_aux", "aux"), ("use_orth", "orth")])
 def test_discom_ablation_switch_removes_exactly_its_term(switch, key):
     batch = _batch()
     full = _discom()(batch)
@@ -347,7 +354,8 @@ def test_discom_signed_orthogonality_is_the_printed_sum():
     with torch.no_grad():
         expected = 0.0
         for _, _, z in d.embeddings(batch):
-            expected += float(F.cosine_similarity(z["inv"], z["inf"]).mean() + F.cosine_similarity(z["inf"], z["irr"]).mean())
+            expected += float(F.cosine_similarity(z["inv"], z["inf"]).mean()
+                              + F.cosine_similarity(z["inf"], z["irr"]).mean())
     assert _f(losses["orth"]) == pytest.approx(expected, rel=1e-5, abs=1e-7)
 
 
@@ -425,7 +433,8 @@ def test_permutation_saliency_image_channels_match_loop():
     x = torch.randn(10, 4, 5, 5)
     model = nn.Sequential(nn.Conv2d(4, 3, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
     reference_out = torch.randn(10, 3)
-    sal = permutation_saliency(model, x, reference_out, n_repeats=2, generator=torch.Generator().manual_seed(1), loss="mse", batch_size=25)
+    sal = permutation_saliency(model, x, reference_out, n_repeats=2, generator=torch.Generator().manual_seed(1),
+                               loss="mse", batch_size=25)
     ref = _naive_saliency(model, x, reference_out, 2, 1, lambda o, t: (o - t).pow(2).mean(1))
     torch.testing.assert_close(sal, ref, rtol=1e-5, atol=1e-6)
 
@@ -469,7 +478,8 @@ def test_algorithm1_with_ntdh_distance_recovers_shared_channels():
     x_t, x_s, y = _four_class_shared()
     torch.manual_seed(0)
     channels, saliency = algorithm1(nn.Linear(20, 4), nn.Linear(20, 4), x_t, x_s, y, k=5, n_repeats=3, distance="ntdh",
-                                    pair_epochs=10, pair_lr=0.05, pair_batch_size=50, generator=torch.Generator().manual_seed(0))
+                                    pair_epochs=10, pair_lr=0.05, pair_batch_size=50,
+                                    generator=torch.Generator().manual_seed(0))
     # at least 4 of the 5 shared channels (a teacher-only decisive channel can outrank one: it
     # changes the teacher's non-target distribution too), and no pure-noise channel
     assert len(set(channels.tolist()) & set(range(5))) >= 4 and max(channels.tolist()) < 10
@@ -488,8 +498,11 @@ def test_permutation_saliency_with_labels_matches_naive():
     x, y = torch.randn(30, 6), torch.randint(0, C, (30,))
     with torch.no_grad():
         reference_out = ref_model(x)
-    dist = lambda o, r, lab: non_target_divergence(r, o, lab, form="ntdh")
-    sal = permutation_saliency(model, x, reference_out, n_repeats=2, generator=torch.Generator().manual_seed(1), loss=dist,
+    def dist(o, r, lab):
+        return non_target_divergence(r, o, lab, form="ntdh")
+
+    sal = permutation_saliency(model, x, reference_out, n_repeats=2, generator=torch.Generator().manual_seed(1),
+                               loss=dist,
                                labels=y, batch_size=25)
     ref = _naive_saliency(model, x, reference_out, 2, 1, lambda o, t: dist(o, t, y))
     torch.testing.assert_close(sal, ref, rtol=1e-5, atol=1e-6)
@@ -506,7 +519,8 @@ def test_algorithm1_feature_level_ranks_feature_channels():
     assert saliency.shape == (12,) and channels.shape == (4,)
     # the same as permuting the features in front of the head, by hand
     with torch.no_grad():
-        ref = permutation_saliency(teacher.head, teacher.features(x_t), student(x_s), 2, torch.Generator().manual_seed(0), loss="mse")
+        ref = permutation_saliency(teacher.head, teacher.features(x_t), student(x_s), 2,
+                                   torch.Generator().manual_seed(0), loss="mse")
     assert channels.tolist() == torch.argsort(ref, descending=True, stable=True)[:4].tolist()
 
 
@@ -571,46 +585,52 @@ def _params_of(net):
 
 def test_fit_c2kd_trains_student_and_teacher():
     from cmkd.training.config import TrainConfig
-    from cmkd.training.loop import fit
     from cmkd.training.distributed import seed_everything
+    from cmkd.training.loop import fit
 
     train, val = _engine_data()
     seed_everything(0)
-    student, teacher = build_model({"arch": "mlp", "hidden": [16]}, (8,), 3), build_model({"arch": "mlp", "hidden": [16]}, (8,), 3)
+    student, teacher = (build_model({"arch": "mlp", "hidden": [16]}, (8,), 3),
+                        build_model({"arch": "mlp", "hidden": [16]}, (8,), 3))
     d = build_distiller({"method": "c2kd"}, student, teacher, 3)
     before_t, before_s = _params_of(teacher), _params_of(student)
-    result = fit(d, train, val, TrainConfig(epochs=2, batch_size=64), task="classification", num_classes=3, ignore_index=None, progress=False)
+    result = fit(d, train, val, TrainConfig(epochs=2, batch_size=64), task="classification", num_classes=3,
+                 ignore_index=None, progress=False)
     assert {"train/ofsd_student", "train/ofsd_teacher", "train/ce_teacher"} <= set(result.history[-1])
     assert not torch.equal(before_t, _params_of(teacher)) and not torch.equal(before_s, _params_of(student))
 
 
 def test_fit_discom_kd_selects_on_student_and_both_deployables_evaluate():
     from cmkd.training.config import TrainConfig
+    from cmkd.training.distributed import seed_everything
     from cmkd.training.evaluate import evaluate
     from cmkd.training.loop import fit
-    from cmkd.training.distributed import seed_everything
 
     train, val = _engine_data()
     seed_everything(0)
     d = build_distiller({"method": "discom_kd"}, build_model({"arch": "mlp", "hidden": [16]}, (8,), 3),
                         build_model({"arch": "mlp", "hidden": [16]}, (8,), 3), 3)
-    result = fit(d, train, val, TrainConfig(epochs=2, batch_size=64), task="classification", num_classes=3, ignore_index=None, progress=False)
+    result = fit(d, train, val, TrainConfig(epochs=2, batch_size=64), task="classification", num_classes=3,
+                 ignore_index=None, progress=False)
     assert {"train/cl", "train/adv", "train/mod", "train/aux", "train/orth"} <= set(result.history[-1])
-    student_val = evaluate(d.deployables()["student"][0], val, "student_input", task="classification", num_classes=3, ignore_index=None)
+    student_val = evaluate(d.deployables()["student"][0], val, "student_input", task="classification", num_classes=3,
+                           ignore_index=None)
     assert student_val["f1_weighted"] == pytest.approx(result.best_val["f1_weighted"])
-    other = evaluate(d.deployables()["teacher_modality"][0], val, "teacher_input", task="classification", num_classes=3, ignore_index=None)
+    other = evaluate(d.deployables()["teacher_modality"][0], val, "teacher_input", task="classification", num_classes=3,
+                     ignore_index=None)
     assert 0.0 <= other["accuracy"] <= 1.0
 
 
 def test_mgkd_prepare_selects_retrains_and_freezes_the_teacher():
     from cmkd.training.config import TrainConfig
-    from cmkd.training.loop import fit
     from cmkd.training.distributed import seed_everything
+    from cmkd.training.loop import fit
 
     train, val = _engine_data()
     seed_everything(0)
     d = build_distiller({"method": "mgkd", "pair_epochs": 20, "n_repeats": 2, "k_fraction": 0.25},
-                        build_model({"arch": "mlp", "hidden": [16]}, (8,), 3), build_model({"arch": "mlp", "hidden": [16]}, (8,), 3), 3)
+                        build_model({"arch": "mlp", "hidden": [16]}, (8,), 3),
+                        build_model({"arch": "mlp", "hidden": [16]}, (8,), 3), 3)
     cfg = TrainConfig(epochs=2, batch_size=64)
     selection = d.prepare(train, val, cfg, task="classification", num_classes=3, ignore_index=None)
     assert selection["level"] == "input" and len(selection["channels"]) == 2 and len(selection["saliency"]) == 8
@@ -622,26 +642,32 @@ def test_mgkd_prepare_selects_retrains_and_freezes_the_teacher():
 
 
 def test_pipeline_train_run_c2kd_and_discom_deployables(tmp_path):
-    from tests.conftest import tiny_synthetic_file
-    from cmkd.training.config import TrainConfig
     from cmkd.pipeline.train import train_run
+    from cmkd.training.config import TrainConfig
+    from tests.conftest import tiny_synthetic_file
 
     tiny_synthetic_file(tmp_path / "d.h5")
     models = {"teacher": {"arch": "mlp", "hidden": [16]}, "student": {"arch": "mlp", "hidden": [16]}}
-    common = dict(dataset="synthetic", prepared=tmp_path / "d.h5", models=models, train_cfg=TrainConfig(epochs=1, batch_size=64),
+    common = dict(dataset="synthetic", prepared=tmp_path / "d.h5", models=models,
+                  train_cfg=TrainConfig(epochs=1, batch_size=64),
                   seeds=[0], checkpoint_root=None, progress=False)
     # C2KD through the pipeline: the pre-trained teacher is loaded and trained further (no cached logits)
-    train_run(run_name="teacher", run_cfg={"method": "teacher"}, out_dir=tmp_path / "teacher", cache_train_logits=True, **common)
-    c2kd = train_run(run_name="c2kd", run_cfg={"method": "c2kd"}, out_dir=tmp_path / "c2kd", teacher_dir=tmp_path / "teacher", **common)
+    train_run(run_name="teacher", run_cfg={"method": "teacher"}, out_dir=tmp_path / "teacher",
+              cache_train_logits=True, **common)
+    c2kd = train_run(run_name="c2kd", run_cfg={"method": "c2kd"}, out_dir=tmp_path / "c2kd",
+                     teacher_dir=tmp_path / "teacher", **common)
     assert set(c2kd["seeds"]["0"]["test"]) == {"student"}
     # NTDH's feature mask through the pipeline: prepare() runs Algorithm 1 and retrains the teacher
-    feat = train_run(run_name="kdv1_ntdh_feat", run_cfg={"method": "ntdh_mask", "mode": "both", "pair_epochs": 2, "n_repeats": 1,
+    feat = train_run(run_name="kdv1_ntdh_feat",
+                     run_cfg={"method": "ntdh_mask", "mode": "both", "pair_epochs": 2, "n_repeats": 1,
                                                          "pair_batch_size": 64},
                      out_dir=tmp_path / "feat", teacher_dir=tmp_path / "teacher", **common)
     prepared = feat["seeds"]["0"]["prepare"]
     assert prepared["level"] == "input" and prepared["distance"] == "ntdh" and len(prepared["channels"]) == 4
-    out = train_run(dataset="synthetic", prepared=tmp_path / "d.h5", run_name="discom_kd", run_cfg={"method": "discom_kd"},
+    out = train_run(dataset="synthetic", prepared=tmp_path / "d.h5", run_name="discom_kd",
+                    run_cfg={"method": "discom_kd"},
                     models=models, train_cfg=TrainConfig(epochs=1, batch_size=64), seeds=[0], out_dir=tmp_path / "out",
                     checkpoint_root=None, progress=False)
     assert set(out["seeds"]["0"]["test"]) == {"student", "teacher_modality"}
-    assert (tmp_path / "out" / "seed0" / "student.pt").exists() and (tmp_path / "out" / "seed0" / "teacher_modality.pt").exists()
+    assert ((tmp_path / "out" / "seed0" / "student.pt").exists()
+            and (tmp_path / "out" / "seed0" / "teacher_modality.pt").exists())

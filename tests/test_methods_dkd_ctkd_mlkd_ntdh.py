@@ -14,8 +14,8 @@ from cmkd.losses import dkd_loss, kd_loss
 from cmkd.methods import build_distiller, get_method
 from cmkd.methods.ctkd import GlobalTemperature, cosine_ramp, gradient_reversal
 from cmkd.methods.dkd import linear_warmup
-from cmkd.methods.mlkd import strong_augment, teacher_confidence_mask
 from cmkd.methods.mfh import ChannelMasked, channel_mask
+from cmkd.methods.mlkd import strong_augment, teacher_confidence_mask
 from cmkd.methods.ntdh import NonTargetSampleMask, PSSMSampleMask
 from cmkd.models import build_model
 
@@ -61,7 +61,8 @@ def classification_setup(seed=0, n=12):
     teacher = build_model({"arch": "mlp", "hidden": [16]}, (7,), C)
     target = torch.randint(0, C, (n,), generator=g)
     target[1] = -1
-    batch = {"student_input": torch.randn(n, 5, generator=g), "teacher_input": torch.randn(n, 7, generator=g), "target": target}
+    batch = {"student_input": torch.randn(n, 5, generator=g), "teacher_input": torch.randn(n, 7, generator=g),
+             "target": target}
     return student, teacher, batch
 
 
@@ -71,7 +72,8 @@ def segmentation_setup(seed=0, n=3, h=5, w=6):
     target = torch.randint(0, C, (n, h, w), generator=g)
     target[0, :2] = -1
     target[2, 3, 4] = -1
-    batch = {"student_input": torch.randn(n, 2, h, w, generator=g), "teacher_input": torch.randn(n, 3, h, w, generator=g), "target": target}
+    batch = {"student_input": torch.randn(n, 2, h, w, generator=g),
+             "teacher_input": torch.randn(n, 3, h, w, generator=g), "target": target}
     return student, teacher, batch
 
 
@@ -79,7 +81,8 @@ def image_classification_setup(seed=0, n=6):
     g = torch.Generator().manual_seed(seed)
     student = build_model({"arch": "small_cnn", "width": 4}, (2, 8, 8), C)
     teacher = build_model({"arch": "small_cnn", "width": 4}, (3, 8, 8), C)
-    batch = {"student_input": torch.randn(n, 2, 8, 8, generator=g), "teacher_input": torch.randn(n, 3, 8, 8, generator=g),
+    batch = {"student_input": torch.randn(n, 2, 8, 8, generator=g),
+             "teacher_input": torch.randn(n, 3, 8, 8, generator=g),
              "target": torch.randint(0, C, (n,), generator=g)}
     return student, teacher, batch
 
@@ -154,7 +157,8 @@ def test_linear_warmup_values():
 
 def test_dkd_method_is_ce_plus_warmed_dkd():
     student, teacher, batch = classification_setup()
-    d = build_distiller({"method": "dkd", "warmup_epochs": 4, "alpha": 0.5, "beta": 3.0, "temperature": 2.0}, student, teacher, C)
+    d = build_distiller({"method": "dkd", "warmup_epochs": 4, "alpha": 0.5, "beta": 3.0, "temperature": 2.0},
+                        student, teacher, C)
     d.on_epoch_start(0, 10)
     losses = d(batch)
     with torch.no_grad():
@@ -257,9 +261,11 @@ def test_mlkd_masked_batch_equals_batch_of_confident_rows():
     assert float(full["kd_instance"].detach()) == pytest.approx(want, rel=1e-5)
     # batch level ||P_s P_s^T - P_t P_t^T||^2 / n and class level ||P_s^T P_s - P_t^T P_t||^2 / C, summed over T
     n = len(s)
-    want_batch = sum(((np_softmax(s / T) @ np_softmax(s / T).T - np_softmax(t / T) @ np_softmax(t / T).T) ** 2).sum() / n
+    want_batch = sum(((np_softmax(s / T) @ np_softmax(s / T).T - np_softmax(t / T) @ np_softmax(t / T).T) ** 2)
+                     .sum() / n
                      for T in temps)
-    want_class = sum(((np_softmax(s / T).T @ np_softmax(s / T) - np_softmax(t / T).T @ np_softmax(t / T)) ** 2).sum() / C
+    want_class = sum(((np_softmax(s / T).T @ np_softmax(s / T) - np_softmax(t / T).T @ np_softmax(t / T)) ** 2)
+                     .sum() / C
                      for T in temps)
     assert float(full["kd_batch"].detach()) == pytest.approx(want_batch, rel=1e-4)
     assert float(full["kd_class"].detach()) == pytest.approx(want_class, rel=1e-4)
@@ -297,14 +303,16 @@ def test_ntdh_sample_mask_drops_expected_rows():
     s, t, y = hand_made_batch()
     # independent NTD: JS of softmax over np.delete(row, target)
     ntd = [np_js(np_softmax(np.delete(t.numpy()[i], y[i]).astype(np.float64)),
-                 np_softmax(np.delete(s.numpy()[i], y[i]).astype(np.float64))) if y[i] >= 0 else -np.inf for i in range(6)]
+                 np_softmax(np.delete(s.numpy()[i], y[i]).astype(np.float64))) if y[i] >= 0 else -np.inf
+           for i in range(6)]
     valid_order = np.argsort(ntd)[::-1]
     assert list(valid_order[:2]) == [3, 1]  # the construction works as intended
     mask = NonTargetSampleMask(drop_ratio=0.4)  # floor(0.4 * 5 valid) = 2 rows + the teacher-wrong row
     assert mask.dropped(s, t, y).tolist() == [False, True, False, True, False, True]
     weights = mask({"target": y}, s, t)
     assert weights.tolist() == [1.0, 0.0, 1.0, 0.0, 1.0, 0.0]
-    assert NonTargetSampleMask(0.2, drop_wrong=False).dropped(s, t, y).tolist() == [False, False, False, True, False, False]
+    assert NonTargetSampleMask(0.2, drop_wrong=False).dropped(s, t, y).tolist() == [False, False, False,
+                                                                                    True, False, False]
     soft = NonTargetSampleMask(0.4, down_weight=0.25)({"target": y}, s, t)
     assert soft.tolist() == [1.0, 0.25, 1.0, 0.25, 1.0, 0.25]
 
@@ -312,7 +320,9 @@ def test_ntdh_sample_mask_drops_expected_rows():
 def test_ntdh_sample_mask_segmentation_counts_valid_pixels():
     s, t, y = hand_made_batch()
     # the same 6 rows as one 2x3 image: [1, C, 2, 3]
-    seg = lambda z: z.T.reshape(1, C, 2, 3)
+    def seg(z):
+        return z.T.reshape(1, C, 2, 3)
+
     dropped = NonTargetSampleMask(0.4).dropped(seg(s), seg(t), y.reshape(1, 2, 3))
     assert dropped.reshape(-1).tolist() == [False, True, False, True, False, True]
 
@@ -348,7 +358,8 @@ def test_ntdh_pssm_default_weights_kd_as_ntdh_code_and_leaves_ce():
     s = s.clone()
     s[2] = -t[2]  # teacher right on row 2 (weight 1 regardless of the student)
     s[5] = t[5] * 1.5 + 0.01  # teacher wrong on row 5, student aligned: (1 + cos) / 2
-    d = build_distiller({"method": "ntdh_mask", "base": {"method": "kd", "temperature": 2.0, "ce_weight": 1.0}}, Fixed(s), Fixed(t), C)
+    d = build_distiller({"method": "ntdh_mask", "base": {"method": "kd", "temperature": 2.0, "ce_weight": 1.0}},
+                        Fixed(s), Fixed(t), C)
     assert isinstance(d.inner.sample_weight_hook, PSSMSampleMask) and d.cfg["mode"] == "sample"
     batch = {"student_input": torch.zeros(6, 1), "teacher_input": torch.zeros(6, 1), "target": y}
     losses = d(batch)
@@ -364,18 +375,23 @@ def test_ntdh_pssm_default_weights_kd_as_ntdh_code_and_leaves_ce():
     w2 = pssm_weights(s2, t, y)
     assert float(w2[5]) == 0.0
     d2 = build_distiller({"method": "ntdh_mask", "base": {"method": "kd", "temperature": 2.0}}, Fixed(s2), Fixed(t), C)
-    assert float(d2(batch)["kd"].detach()) == pytest.approx(float((kd_rows(s2, t, 2.0) * w2).sum() / valid.sum()), rel=1e-6)
+    assert float(d2(batch)["kd"].detach()) == pytest.approx(
+        float((kd_rows(s2, t, 2.0) * w2).sum() / valid.sum()), rel=1e-6)
 
 
 def test_ntdh_pssm_segmentation_normalises_by_valid_pixels():
-    from cmkd.losses import kd_rows, pssm_weights
+    from cmkd.losses import pssm_weights
 
     s, t, y = hand_made_batch()
-    seg = lambda z: z.T.reshape(1, C, 2, 3)
+    def seg(z):
+        return z.T.reshape(1, C, 2, 3)
+
     ys = y.reshape(1, 2, 3)
-    d = build_distiller({"method": "ntdh_mask", "base": {"method": "dkd", "warmup_epochs": 0, "ce_weight": 0.0}}, Fixed(seg(s)), Fixed(seg(t)), C)
+    d = build_distiller({"method": "ntdh_mask", "base": {"method": "dkd", "warmup_epochs": 0, "ce_weight": 0.0}},
+                        Fixed(seg(s)), Fixed(seg(t)), C)
     d.on_epoch_start(1, 2)
-    got = float(d({"student_input": torch.zeros(1, 1), "teacher_input": torch.zeros(1, 1), "target": ys})["dkd"].detach())
+    got = float(d({"student_input": torch.zeros(1, 1),
+                   "teacher_input": torch.zeros(1, 1), "target": ys})["dkd"].detach())
     from cmkd.losses import dkd_loss
     w = pssm_weights(seg(s), seg(t), ys)
     # dkd_loss with weights divides by sum(w); NTDH divides by the 5 valid pixels
@@ -412,7 +428,8 @@ def test_ntdh_feature_mask_is_algorithm1_with_ntdh_distance_and_a_retrained_teac
     assert get_method("ntdh_mask").cfg_uses_teacher_logits_only({"mode": "feature"}) is False
     assert get_method("ntdh_mask").cfg_uses_teacher_logits_only({"mode": "sample"}) is True
     with pytest.raises(RuntimeError, match="prepare"):
-        d({"student_input": torch.zeros(2, 6), "teacher_input": torch.zeros(2, 8), "target": torch.zeros(2, dtype=torch.long)})
+        d({"student_input": torch.zeros(2, 6), "teacher_input": torch.zeros(2, 8),
+           "target": torch.zeros(2, dtype=torch.long)})
     selection = d.prepare(train, val, TrainConfig(epochs=15, batch_size=50, lr=0.01, device="cpu", seed=0),
                           task="classification", num_classes=3, progress=False)
     assert selection["level"] == "input" and selection["distance"] == "ntdh"
@@ -428,7 +445,8 @@ def test_ntdh_feature_mask_is_algorithm1_with_ntdh_distance_and_a_retrained_teac
     poisoned = d({**x, "teacher_logits": torch.full((16, 3), 100.0)})["kd"]
     assert float(clean.detach()) == pytest.approx(float(poisoned.detach()))
     # the sample masks have nothing to prepare
-    assert build_distiller({"method": "ntdh_mask"}, student, teacher, 3).prepare(train, val, None, task="classification", num_classes=3) is None
+    assert build_distiller({"method": "ntdh_mask"}, student, teacher, 3).prepare(train, val, None,
+        task="classification", num_classes=3) is None
 
 
 # ---------------------------------------------------------------- config
@@ -458,11 +476,13 @@ def test_bad_config_names_the_key(cfg, key):
 
 
 def test_params_yaml_runs_build():
-    import yaml
     from pathlib import Path
 
+    import yaml
+
     params = yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())
-    names = ["dkd", "dkd_lskd", "ctkd", "ctkd_lskd", "mlkd", "mlkd_lskd", "kdv1_ntdh", "kdv1_ntdh_feat", "kdv1_ntdh_drop"]
+    names = ["dkd", "dkd_lskd", "ctkd", "ctkd_lskd", "mlkd", "mlkd_lskd", "kdv1_ntdh", "kdv1_ntdh_feat",
+             "kdv1_ntdh_drop"]
     for name in names:
         cfg = dict(params["runs"][name])
         get_method(cfg["method"]).validate({k: v for k, v in cfg.items() if k != "method"}, f"runs.{name}")
@@ -483,8 +503,8 @@ def test_params_yaml_runs_build():
 def test_methods_train_through_engine_fit():
     """A smoke run of cmkd.training.loop.fit: the optimiser reaches CTKD's theta, the NTDH feature mask
     is prepared, and every run ends with a finite history."""
-    from cmkd.training.data import SplitData
     from cmkd.training.config import TrainConfig
+    from cmkd.training.data import SplitData
     from cmkd.training.loop import fit
 
     g = torch.Generator().manual_seed(0)
@@ -498,13 +518,16 @@ def test_methods_train_through_engine_fit():
     train, val = split(96), split(32)
     teacher = build_model({"arch": "mlp", "hidden": [16]}, (7,), C)
     cfg = TrainConfig(epochs=2, batch_size=32, device="cpu")
-    for run in ({"method": "ctkd", "ramp_epochs": 1}, {"method": "ntdh_mask", "base": {"method": "dkd"}, "mode": "both"}):
+    for run in ({"method": "ctkd", "ramp_epochs": 1},
+                {"method": "ntdh_mask", "base": {"method": "dkd"}, "mode": "both"}):
         d = build_distiller(run, build_model({"arch": "mlp", "hidden": [16]}, (5,), C), teacher, C)
         if run["method"] == "ntdh_mask":
-            d.prepare(train, val, TrainConfig(epochs=2, batch_size=32, device="cpu", seed=0), task="classification", num_classes=C)
+            d.prepare(train, val, TrainConfig(epochs=2, batch_size=32, device="cpu", seed=0),
+                      task="classification", num_classes=C)
         theta0 = float(d.temperature_module.theta.detach()) if run["method"] == "ctkd" else None
         result = fit(d, train, val, cfg, task="classification", num_classes=C, progress=False)
-        assert len(result.history) == 2 and all(math.isfinite(v) for h in result.history for v in h.values() if isinstance(v, float))
+        assert len(result.history) == 2 and all(math.isfinite(v) for h in result.history for v in h.values()
+                                                if isinstance(v, float))
         if theta0 is not None:
             assert float(d.temperature_module.theta.detach()) != theta0
         else:

@@ -13,10 +13,10 @@ import torch
 from scipy.io import loadmat, savemat
 
 from cmkd.data.datasets import nyudv2
-from cmkd.data.samples import nyudv2 as nyudv2_sample
-from cmkd.data.h5 import PreparedSplit, read_attrs
 from cmkd.data.datasets.nyudv2_classes import CLASSES_13, CLASSES_40, MAP_40_TO_13, MAP_894_TO_40, raw_to_train_ids
+from cmkd.data.h5 import PreparedSplit, read_attrs
 from cmkd.data.registry import available_datasets, dataset_module
+from cmkd.data.samples import nyudv2 as nyudv2_sample
 from cmkd.errors import ChecksumError, ConfigError, DataFormatError
 
 CFG = {"classes": 40, "image_size": [480, 640], "val_fraction": 0.5, "split_seed": 0,
@@ -41,14 +41,17 @@ def test_label_maps():
     to13 = {"wall": "wall", "floor": "floor", "cabinet": "furniture", "bed": "bed", "chair": "chair", "sofa": "sofa",
             "table": "table", "door": "wall", "window": "window", "bookshelf": "furniture", "picture": "picture",
             "counter": "furniture", "blinds": "window", "desk": "table", "shelves": "furniture", "curtain": "window",
-            "dresser": "furniture", "pillow": "objects", "mirror": "objects", "floor_mat": "floor", "clothes": "objects",
-            "ceiling": "ceiling", "books": "books", "refrigerator": "furniture", "television": "tv", "night_stand": "furniture",
+            "dresser": "furniture", "pillow": "objects", "mirror": "objects", "floor_mat": "floor",
+            "clothes": "objects",
+            "ceiling": "ceiling", "books": "books", "refrigerator": "furniture", "television": "tv",
+            "night_stand": "furniture",
             "otherfurniture": "furniture"}
     for i, name in enumerate(CLASSES_40):
         assert CLASSES_13[MAP_40_TO_13[i] - 1] == to13.get(name, "objects"), name
     lut13, lut40 = raw_to_train_ids(13), raw_to_train_ids(40)
     assert lut13[0] == lut40[0] == -1 and lut13.shape == (895,)
-    assert CLASSES_13[lut13[21]] == "wall" and CLASSES_40[lut40[157]] == "bed" and CLASSES_40[lut40[172]] == "television"
+    assert (CLASSES_13[lut13[21]] == "wall" and CLASSES_40[lut40[157]] == "bed"
+            and CLASSES_40[lut40[172]] == "television")
 
 
 def test_registry():
@@ -87,7 +90,8 @@ def hand_made(tmp_path, n=3, h=12, w=16, seed=0, train=(1, 3), test=(2,), **kw):
     raw = tmp_path / "raw"
     raw.mkdir(exist_ok=True)
     write_mat73(raw / nyudv2.LABELED, rgb, depth, labels, **kw)
-    savemat(raw / nyudv2.SPLITS, {"trainNdxs": np.array(train, float)[:, None], "testNdxs": np.array(test, float)[:, None]})
+    savemat(raw / nyudv2.SPLITS,
+            {"trainNdxs": np.array(train, float)[:, None], "testNdxs": np.array(test, float)[:, None]})
     return raw, rgb, depth, labels
 
 
@@ -120,7 +124,8 @@ def test_reverse_direction_and_13_classes(tmp_path):
     cfg = {**CFG, "classes": 13, "image_size": [10, 12], "teacher_modality": "depth", "student_modality": "rgb"}
     nyudv2.prepare(cfg, raw, tmp_path / "x.h5", progress=False)
     attrs = read_attrs(tmp_path / "x.h5")
-    assert (attrs["teacher_modality"], attrs["student_modality"]) == ("depth", "rgb") and len(attrs["class_names"]) == 13
+    assert (attrs["teacher_modality"],
+            attrs["student_modality"]) == ("depth", "rgb") and len(attrs["class_names"]) == 13
     got = PreparedSplit(tmp_path / "x.h5", "test").load(["depth", "labels"])
     rows, cols = np.arange(10) * 20 // 10, np.arange(12) * 36 // 12
     np.testing.assert_array_equal(got["depth"][0, 0], depth[:, :, 2][np.ix_(rows, cols)])
@@ -177,7 +182,8 @@ def test_bad_splits(tmp_path, splits, match):
 
 
 def test_config_errors_name_the_key():
-    bad = [({"classes": 20}, "classes"), ({"image_size": [4, 8]}, "image_size"), ({"val_fraction": 1.0}, "val_fraction"),
+    bad = [({"classes": 20}, "classes"), ({"image_size": [4, 8]}, "image_size"),
+           ({"val_fraction": 1.0}, "val_fraction"),
            ({"student_modality": "rgb"}, "student_modality"), ({"teacher_modality": "hha"}, "teacher_modality")]
     for change, key in bad:
         with pytest.raises(ConfigError) as err:
@@ -252,11 +258,11 @@ def test_download_from_local_paths_checks_sha256(tmp_path, sample_raw):
 
 
 def test_feature_methods_train_on_the_prepared_sample(tmp_path, sample_raw):
-    from cmkd.training.config import TrainConfig
-    from cmkd.training.loop import fit
-    from cmkd.training.data import load_split
     from cmkd.methods import build_distiller
     from cmkd.models import build_model
+    from cmkd.training.config import TrainConfig
+    from cmkd.training.data import load_split
+    from cmkd.training.loop import fit
 
     out = tmp_path / "nyu.h5"
     nyudv2.prepare({**CFG, "classes": 13, "image_size": [24, 32]}, sample_raw, out, progress=False)
@@ -270,5 +276,6 @@ def test_feature_methods_train_on_the_prepared_sample(tmp_path, sample_raw):
         teacher = build_model({"arch": "seg_resnet", "width": 4}, (3, 24, 32), 13)
         student = build_model({"arch": "seg_resnet", "width": 4}, (1, 24, 32), 13)
         d = build_distiller({"method": method}, student, teacher, 13)
-        result = fit(d, train, val, TrainConfig(epochs=1, batch_size=2, device="cpu"), task="segmentation", num_classes=13, progress=False)
+        result = fit(d, train, val, TrainConfig(epochs=1, batch_size=2, device="cpu"), task="segmentation",
+                     num_classes=13, progress=False)
         assert math.isfinite(result.history[0]["train/loss"]) and 0.0 <= result.best_val["miou"] <= 1.0, method

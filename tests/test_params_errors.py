@@ -12,7 +12,8 @@ PARAMS_TEXT = (REPO / "params.yaml").read_text()
 
 
 @pytest.mark.parametrize("old, new, expected", [
-    ("temperature: 4.0, lskd: false}", "temperature: four, lskd: false}", "runs.kdv1.temperature: must be a number, got 'four'"),
+    ("temperature: 4.0, lskd: false}", "temperature: four, lskd: false}",
+     "runs.kdv1.temperature: must be a number, got 'four'"),
     ("datasets: [synthetic, digits]", "datasets: [synthetc]", "datasets: unknown dataset 'synthetc'; known: ["),
     ("lskd: false}", "lskd: nope}", "runs.kdv1.lskd: must be true or false, got 'nope'"),
 ])
@@ -110,7 +111,8 @@ def test_a_failed_name_lookup_is_reported_once(tmp_path, monkeypatch, caplog):
         raise urllib.error.URLError(socket.gaierror(-2, "Name or service not known"))
 
     monkeypatch.setattr(urllib.request, "urlopen", no_dns)
-    with caplog.at_level("WARNING"), pytest.raises(DownloadError, match="host 'rgbd.example': cannot resolve the host name"):
+    with caplog.at_level("WARNING"), pytest.raises(DownloadError,
+                                                   match="host 'rgbd.example': cannot resolve the host name"):
         download("http://rgbd.example/SUNRGBD.zip", tmp_path, progress=False, retries=5)
     assert len(calls) == 1 and not caplog.records
 
@@ -119,14 +121,16 @@ def test_at_on_vector_data_is_skipped_in_training_and_in_tuning(tmp_path):
     from conftest import tiny_synthetic_file
 
     from cmkd.data.h5 import read_attrs
-    from cmkd.training.config import TrainConfig
     from cmkd.pipeline.train import skip_reason, train_run
     from cmkd.pipeline.tuning import tune_run
+    from cmkd.training.config import TrainConfig
 
     prepared = tiny_synthetic_file(tmp_path / "synthetic.h5")
     attrs = read_attrs(prepared)
-    assert skip_reason("at", "synthetic", prepared, attrs) == "method 'at' needs image inputs; synthetic has vector inputs"
-    assert skip_reason("fitnet", "synthetic", prepared, attrs) is None and skip_reason("kd", "synthetic", prepared, attrs) is None
+    assert skip_reason("at", "synthetic",
+                       prepared, attrs) == "method 'at' needs image inputs; synthetic has vector inputs"
+    assert skip_reason("fitnet", "synthetic", prepared, attrs) is None and skip_reason("kd", "synthetic",
+                                                                                       prepared, attrs) is None
     models = {"teacher": {"arch": "mlp", "hidden": [8]}, "student": {"arch": "mlp", "hidden": [8]}}
     cfg = TrainConfig.from_params({"epochs": 1, "batch_size": 32, "lr": 0.01}, "train")
     out = tmp_path / "at"

@@ -10,7 +10,6 @@ from cmkd.config import validate_params
 from cmkd.errors import ConfigError
 from tests.conftest import REPO, copy_pipeline, dvc, stages_run, tiny_params, tool_env
 
-
 # The main table's branch of the graph (the paper experiments and `check` have their own tests).
 TARGET = "evaluate@synthetic"
 
@@ -54,7 +53,8 @@ def test_first_run_runs_every_stage_and_writes_reports(pipeline):
     shown = json.loads(dvc(["metrics", "show", "--json"], repo, env).stdout)
     files = shown[""]["data"]
     assert set(files) == {f"metrics/synthetic/{r}.json" for r in ("teacher", "student", "kdv1", "kdv2")}
-    assert set(files["metrics/synthetic/kdv1.json"]["data"]) == {"f1_weighted", "n", "vs_student", "verdict"}  # 1 seed: no ci95
+    assert set(files["metrics/synthetic/kdv1.json"]["data"]) == {"f1_weighted", "n",
+                                                                 "vs_student", "verdict"}  # 1 seed: no ci95
     assert "provenance" in report and report["rows"]["kdv1"]["vs_student"]["n"] == 1
     assert not (repo / "data/checkpoints/synthetic/teacher").exists()  # removed once outputs landed
 

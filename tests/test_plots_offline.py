@@ -15,7 +15,8 @@ from tests.conftest import REPO, dvc, tool_env
 def _live(run_dir, seed, values):
     d = run_dir / f"seed{seed}" / "live" / "plots" / "metrics" / "val"
     d.mkdir(parents=True)
-    d.joinpath("f1_weighted.tsv").write_text("step\tf1_weighted\n" + "".join(f"{i}\t{v}\n" for i, v in enumerate(values)))
+    d.joinpath("f1_weighted.tsv").write_text(
+        "step\tf1_weighted\n" + "".join(f"{i}\t{v}\n" for i, v in enumerate(values)))
 
 
 def test_curves_are_the_mean_over_seeds_per_epoch(tmp_path):

@@ -46,7 +46,8 @@ def test_an_unknown_architecture_names_the_key():
 def test_a_lookup_imports_only_the_registering_module():
     code = ("import json, sys; from cmkd.methods import get_method; from cmkd.models import build_model; "
             "from cmkd.data.registry import dataset_module; get_method('kd'); build_model({'arch': 'mlp'}, (4,), 2); "
-            "dataset_module('sunrgbd-sample'); print(json.dumps(sorted(m for m in sys.modules if m.startswith('cmkd'))))")
+            "dataset_module('sunrgbd-sample'); print(json.dumps(sorted(m for m in sys.modules if "
+            "m.startswith('cmkd'))))")
     env = {"CMKD_CPU_KERNELS": "native", "PATH": "/usr/bin:/bin"}
     loaded = set(json.loads(subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
                                            text=True, check=True).stdout))

@@ -8,8 +8,15 @@ import pytest
 from scipy import stats
 
 from cmkd.reporting.tables import (
-    aggregate_run, bar_figure, collect, compact_hyperparameters, markdown_table, metrics_file_name, metrics_summary,
-    scores_csv, vs_student,
+    aggregate_run,
+    bar_figure,
+    collect,
+    compact_hyperparameters,
+    markdown_table,
+    metrics_file_name,
+    metrics_summary,
+    scores_csv,
+    vs_student,
 )
 from cmkd.utils.stats import paired, t_interval, verdict
 
@@ -23,7 +30,8 @@ def _run(tmp_path, name, method, values, extra=None, seeds=None, **top):
         out[str(seeds[i] if seeds else i)] = {"best_epoch": 1, "val": {}, "test": test}
     d = tmp_path / name
     d.mkdir()
-    (d / "metrics.json").write_text(json.dumps({"run": name, "method": method, "task": "classification", "seeds": out, **top}))
+    (d / "metrics.json").write_text(json.dumps({"run": name, "method": method, "task": "classification",
+                                                "seeds": out, **top}))
     return d
 
 
@@ -79,8 +87,10 @@ def test_collect_rows_vs_student_hyperparameters_and_provenance(tmp_path):
     assert rows["noisy"]["vs_student"]["verdict"] == "indistinguishable"
     assert set(rows["noisy"]["vs_student"]) == {"mean", "ci95", "n", "verdict"}
     # the run's own record wins; else params.yaml's entry, marked as such
-    assert rows["kdv1"]["hyperparameters"] == {"temperature": 2.0, "kd_weight": 1.0} and rows["kdv1"]["selected_on"] == "val"
-    assert rows["bad"]["hyperparameters"] == {"temperature": 4.0, "lskd": True} and rows["bad"]["selected_on"] == "params"
+    assert rows["kdv1"]["hyperparameters"] == {"temperature": 2.0,
+                                               "kd_weight": 1.0} and rows["kdv1"]["selected_on"] == "val"
+    assert (rows["bad"]["hyperparameters"] == {"temperature": 4.0, "lskd": True}
+            and rows["bad"]["selected_on"] == "params")
     assert report["provenance"] is None  # none of these runs recorded one (evaluate then adds its own)
 
 
@@ -96,7 +106,8 @@ def test_provenance_is_copied_and_differences_named(tmp_path):
 def test_table_arrow_only_when_the_interval_excludes_zero(tmp_path):
     report = _report(tmp_path)
     table = markdown_table(report, "toy", ("rgb", "depth"))
-    lines = {line.split("|")[1].strip(): line for line in table.splitlines() if line.startswith("| ") and "---" not in line}
+    lines = {line.split("|")[1].strip(): line for line in table.splitlines()
+             if line.startswith("| ") and "---" not in line}
     assert "↑ +10.33 [" in lines["kdv1"] and "72.33 ± 2.52" in lines["kdv1"]
     assert "T=2, kd=1" in lines["kdv1"] and "(params)" not in lines["kdv1"]
     assert "↓ -10.33 [" in lines["bad"] and "T=4, LSKD (params)" in lines["bad"]
@@ -114,7 +125,8 @@ def test_metrics_summary_is_small_and_rounded(tmp_path):
     assert set(small["student"]) == {"f1_weighted", "ci95_lo", "ci95_hi", "n"}
     assert small["kdv1"]["f1_weighted"] == 0.7233 and small["kdv1"]["verdict"] == "better"
     assert small["kdv1"]["ci95_lo"] < 0.7233 < small["kdv1"]["ci95_hi"]
-    one = metrics_summary({"metric": "f1_weighted", "rows": {"student": {"f1_weighted": {"mean": 0.5, "values": [0.5], "n": 1}}}})
+    one = metrics_summary({"metric": "f1_weighted",
+                           "rows": {"student": {"f1_weighted": {"mean": 0.5, "values": [0.5], "n": 1}}}})
     assert one == {"student": {"f1_weighted": 0.5, "n": 1}}
     assert metrics_file_name("discom_kd/teacher_modality") == "discom_kd.teacher_modality.json"
     assert max(len(json.dumps(v)) for v in small.values()) < 200
@@ -122,7 +134,8 @@ def test_metrics_summary_is_small_and_rounded(tmp_path):
 
 def test_compact_hyperparameters():
     assert compact_hyperparameters({"method": "dkd", "beta": 8.0, "temperature": 4.0, "lskd": False}) == "β=8, T=4"
-    assert compact_hyperparameters({"base": {"method": "kd", "temperature": 4.0}, "mode": "sample"}) == "base(method=kd, T=4), mode=sample"
+    assert compact_hyperparameters({"base": {"method": "kd", "temperature": 4.0},
+                                    "mode": "sample"}) == "base(method=kd, T=4), mode=sample"
 
 
 def test_bar_figure_colours_by_verdict(tmp_path, monkeypatch):
@@ -158,14 +171,15 @@ def test_same_seed_kd_without_kd_term_trains_bit_identically_to_student(tmp_path
     weights and see the same batches, so KD with kd_weight 0 and ce_weight 1 is STUDENT."""
     import torch
 
-    from tests.conftest import tiny_synthetic_file
-    from cmkd.training.config import TrainConfig
     from cmkd.config import STUDENT_RUN, TEACHER_RUN
     from cmkd.pipeline.train import train_run
+    from cmkd.training.config import TrainConfig
+    from tests.conftest import tiny_synthetic_file
 
     tiny_synthetic_file(tmp_path / "d.h5")
     models = {"teacher": {"arch": "mlp", "hidden": [16]}, "student": {"arch": "mlp", "hidden": [16]}}
-    common = dict(dataset="synthetic", prepared=tmp_path / "d.h5", models=models, train_cfg=TrainConfig(epochs=2, batch_size=32),
+    common = dict(dataset="synthetic", prepared=tmp_path / "d.h5", models=models,
+                  train_cfg=TrainConfig(epochs=2, batch_size=32),
                   seeds=[0, 1], checkpoint_root=None, progress=False)
     train_run(run_name="teacher", run_cfg=TEACHER_RUN, out_dir=tmp_path / "teacher", cache_train_logits=True, **common)
     student = train_run(run_name="student", run_cfg=STUDENT_RUN, out_dir=tmp_path / "student", **common)
@@ -181,4 +195,5 @@ def test_same_seed_kd_without_kd_term_trains_bit_identically_to_student(tmp_path
     a1 = torch.load(tmp_path / "student" / "seed1" / "model.pt", weights_only=True)
     assert not all(torch.equal(a0[k], a1[k]) for k in a0)
     report = collect([tmp_path / "student", tmp_path / "kd0"])
-    assert report["rows"]["kd0"]["vs_student"] == {"mean": 0.0, "ci95": [0.0, 0.0], "n": 2, "verdict": "indistinguishable"}
+    assert report["rows"]["kd0"]["vs_student"] == {"mean": 0.0, "ci95": [0.0, 0.0], "n": 2,
+                                                   "verdict": "indistinguishable"}

@@ -16,12 +16,12 @@ import pytest
 import torch
 from PIL import Image
 
-from cmkd.data.samples import semantickitti as kitti_sample
 from cmkd.data.datasets import semantickitti as sk
 from cmkd.data.h5 import PreparedSplit, PreparedWriter, read_attrs
 from cmkd.data.registry import dataset_module
-from cmkd.training.data import load_split
+from cmkd.data.samples import semantickitti as kitti_sample
 from cmkd.errors import ConfigError, DataFormatError
+from cmkd.training.data import load_split
 
 TINY = {
     "seed": 3,
@@ -219,7 +219,8 @@ def test_sample_lidar_and_camera_agree_on_labels():
 
 
 def test_sample_is_deterministic(tmp_path):
-    cfg = {**TINY, "sequences": [{"sequence": 8, "frames": 1, "image_size": [1226, 370]}], "split": {"train": [8], "val": [8]}}
+    cfg = {**TINY, "sequences": [{"sequence": 8, "frames": 1, "image_size": [1226, 370]}],
+           "split": {"train": [8], "val": [8]}}
     a, b = tmp_path / "a", tmp_path / "b"
     kitti_sample.download(cfg, a, progress=False)
     kitti_sample.download(cfg, b, progress=False)
@@ -297,7 +298,8 @@ def test_prepare_writes_the_expected_hdf5(sample, tmp_path):
     assert (row["valid"][0] == ref["valid"]).all() and ref["valid"].sum() > 50
     assert (row["labels"][0] == ref["labels"]).all()
     mean, std = sk.LIDAR_MEAN[0], sk.LIDAR_STD[0]
-    np.testing.assert_allclose(row["lidar"][0, 0][ref["valid"]], (ref["range"][ref["valid"]] - mean) / std, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(row["lidar"][0, 0][ref["valid"]], (ref["range"][ref["valid"]] - mean) / std,
+                               rtol=1e-5, atol=1e-5)
     np.testing.assert_array_equal(row["rgb"][0], ref["rgb"].transpose(2, 0, 1))  # the camera pixels
     # Loaded for training, they are float32 (x / 255 - mean) / std, in memory and streamed.
     assert attrs["normalise"] == {"rgb": {"scale": 255.0, "mean": list(sk.RGB_MEAN), "std": list(sk.RGB_STD)}}
@@ -364,7 +366,8 @@ def test_worker_fills_its_slot_or_returns_a_row_that_does_not_fit(sample, tmp_pa
 
 def test_rows_outlive_a_closed_pool_and_no_shared_memory_is_left(sample, shm_created):
     settings = {split: sk.settings_for(TINY, kitti_sample.KEY, split) for split in ("train", "val")}
-    jobs = [("train", r) for r in sk.list_scans([sample], ["00"])] + [("val", r) for r in sk.list_scans([sample], ["08"])]
+    jobs = ([("train", r) for r in sk.list_scans([sample], ["00"])]
+            + [("val", r) for r in sk.list_scans([sample], ["08"])])
     expected = [{name: a.copy() for name, a in row.items()} for row in sk.iter_prepared(jobs, settings, workers=1)]
     rows = sk.iter_prepared(jobs, settings, workers=2)
     first = next(rows)
@@ -421,7 +424,7 @@ def test_prepare_bad_input_names_file_and_writes_nothing(sample_copy, tmp_path, 
     elif problem in ("no_P2", "no_Tr"):
         key = problem[3:]
         calib = d / "calib.txt"
-        calib.write_text("\n".join(l for l in calib.read_text().splitlines() if not l.startswith(key + ":")))
+        calib.write_text("\n".join(line for line in calib.read_text().splitlines() if not line.startswith(key + ":")))
         culprit, match = calib, f"has no {key} entry"
     elif problem == "no_image":
         (d / "image_2" / "000001.png").unlink()

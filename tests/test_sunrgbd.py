@@ -18,8 +18,8 @@ import yaml
 from PIL import Image
 
 from cmkd.data import sunrgbd
-from cmkd.data.samples import sunrgbd as sunrgbd_sample
 from cmkd.data.h5 import PreparedSplit, read_attrs
+from cmkd.data.samples import sunrgbd as sunrgbd_sample
 from cmkd.errors import ChecksumError, ConfigError, DataFormatError
 from cmkd.models import build_model
 
@@ -195,8 +195,10 @@ def test_backproject_matches_open3d():
     depth = rng.uniform(0.5, 6.0, (12, 16)).astype(np.float32)
     k = np.array([[20.0, 0, 7.3], [0, 18.0, 5.1], [0, 0, 1]])
     intr = o3d.camera.PinholeCameraIntrinsic(16, 12, k[0, 0], k[1, 1], k[0, 2], k[1, 2])
-    cloud = o3d.geometry.PointCloud.create_from_depth_image(o3d.geometry.Image(depth), intr, depth_scale=1.0, depth_trunc=100.0)
-    np.testing.assert_allclose(sunrgbd.backproject(depth, k).reshape(-1, 3), np.asarray(cloud.points), rtol=1e-5, atol=1e-6)
+    cloud = o3d.geometry.PointCloud.create_from_depth_image(o3d.geometry.Image(depth), intr, depth_scale=1.0,
+                                                            depth_trunc=100.0)
+    np.testing.assert_allclose(sunrgbd.backproject(depth, k).reshape(-1, 3), np.asarray(cloud.points),
+                               rtol=1e-5, atol=1e-6)
 
 
 def test_renderer_depth_backprojects_onto_the_floor():
@@ -285,7 +287,8 @@ def test_counts_are_reported_and_differences_warned(tmp_path, caplog):
     with caplog.at_level(logging.INFO, logger="cmkd.data.sunrgbd"):
         sunrgbd.report_counts(frames, sunrgbd.PAPER_COUNTS)
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    assert len(warnings) == 1 and "office: found 2, expected 418" in warnings[0] and "3 found, 2105 expected" in warnings[0]
+    assert (len(warnings) == 1 and "office: found 2, expected 418" in warnings[0]
+            and "3 found, 2105 expected" in warnings[0])
 
 
 def test_paper_counts_and_default_expectation():
@@ -331,13 +334,15 @@ def test_sample_writes_sun_rgbd_layout_and_reads_back(tmp_path):
     for folder in root.glob("kv2/*/*"):
         files = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
         stem = Path(files[0]).stem if files[0].startswith("depth/") else None
-        assert files == [f"depth/{stem}.png", f"depth_bfx/{stem}.png", f"image/{stem}.jpg", "intrinsics.txt", "scene.txt"]
+        assert files == [f"depth/{stem}.png", f"depth_bfx/{stem}.png", f"image/{stem}.jpg",
+                         "intrinsics.txt", "scene.txt"]
         with Image.open(folder / "depth" / f"{stem}.png") as img:
             assert img.mode == "I;16" and img.size == (73, 53)
         with Image.open(folder / "image" / f"{stem}.jpg") as img:
             assert img.format == "JPEG" and img.mode == "RGB" and img.size == (73, 53)
         k = sunrgbd.read_intrinsics(folder / "intrinsics.txt")
-        np.testing.assert_allclose(k, sunrgbd.scale_intrinsics(sunrgbd_sample.KINECT2_K, (530, 730), (53, 73)), atol=1e-6)
+        np.testing.assert_allclose(k, sunrgbd.scale_intrinsics(sunrgbd_sample.KINECT2_K,
+                                                               (530, 730), (53, 73)), atol=1e-6)
         depth = sunrgbd.read_depth_png((folder / "depth" / f"{stem}.png").read_bytes(), folder)
         clean = sunrgbd.read_depth_png((folder / "depth_bfx" / f"{stem}.png").read_bytes(), folder)
         assert (clean > 0.3).all() and 0 < (depth == 0).mean() < 0.2  # Kinect-like holes in depth/ only
@@ -347,9 +352,12 @@ def test_sample_writes_sun_rgbd_layout_and_reads_back(tmp_path):
 
 
 def test_sample_is_deterministic_per_seed(tmp_path):
-    a = sunrgbd_sample.generate(tmp_path / "a", frames_per_class=2, image_scale=0.08, seed=1, progress=False, classes=("office",))
-    b = sunrgbd_sample.generate(tmp_path / "b", frames_per_class=2, image_scale=0.08, seed=1, progress=False, classes=("office",))
-    c = sunrgbd_sample.generate(tmp_path / "c", frames_per_class=2, image_scale=0.08, seed=2, progress=False, classes=("office",))
+    a = sunrgbd_sample.generate(tmp_path / "a", frames_per_class=2, image_scale=0.08, seed=1, progress=False,
+                                classes=("office",))
+    b = sunrgbd_sample.generate(tmp_path / "b", frames_per_class=2, image_scale=0.08, seed=1, progress=False,
+                                classes=("office",))
+    c = sunrgbd_sample.generate(tmp_path / "c", frames_per_class=2, image_scale=0.08, seed=2, progress=False,
+                                classes=("office",))
     assert tree_digest(a) == tree_digest(b) != tree_digest(c)
 
 
@@ -452,7 +460,8 @@ def test_prepare_is_deterministic(prepared, sample_raw, tmp_path):
 
 def test_prepare_mm_variant_writes_fused_teacher_modality(sample_raw, tmp_path):
     out = tmp_path / "mm.h5"
-    sunrgbd.prepare(sample_cfg(teacher_modality="rgb_depth", extra_modalities=[], split_seeds=[4]), sample_raw, out, progress=False)
+    sunrgbd.prepare(sample_cfg(teacher_modality="rgb_depth", extra_modalities=[], split_seeds=[4]), sample_raw,
+                    out, progress=False)
     attrs = read_attrs(out)
     assert attrs["modalities"] == ["rgb_depth", "depth"] and attrs["teacher_modality"] == "rgb_depth"
     split = PreparedSplit(out, "train", root="split_0")
@@ -557,7 +566,8 @@ def test_download_checksum_mismatch_names_the_archive(tmp_path):
 
     with zipfile.ZipFile(archive, "w") as z:
         z.writestr("SUNRGBD/kv2/kinect2data/f1/scene.txt", "office")
-    cfg = {"sources": [{"path": str(archive), "sha256": "0" * 64}], "teacher_modality": "rgb", "student_modality": "depth"}
+    cfg = {"sources": [{"path": str(archive), "sha256": "0" * 64}], "teacher_modality": "rgb",
+           "student_modality": "depth"}
     with pytest.raises(ChecksumError) as err:
         sunrgbd.download(cfg, tmp_path / "raw", progress=False)
     assert "SUNRGBD.zip" in str(err.value)
@@ -571,7 +581,8 @@ def test_download_from_archive_or_folder_then_prepare(tmp_path):
     archive = Path(shutil.make_archive(str(tmp_path / "SUNRGBD"), "zip", src))
     base = {k: v for k, v in sample_cfg(split_seeds=[0], extra_modalities=[]).items() if k != "sample"}
     checksums = []
-    for name, source in (("zip", {"path": str(archive), "sha256": download.sha256_file(archive)}), ("dir", {"path": str(src)})):
+    for name, source in (("zip", {"path": str(archive), "sha256": download.sha256_file(archive)}),
+                         ("dir", {"path": str(src)})):
         cfg = {**base, "sources": [source]}
         sunrgbd.download(cfg, tmp_path / f"raw_{name}", progress=False)
         sunrgbd.prepare(cfg, tmp_path / f"raw_{name}", tmp_path / f"{name}.h5", progress=False)
@@ -585,14 +596,16 @@ def test_download_from_archive_or_folder_then_prepare(tmp_path):
 def test_params_entries_validate_and_build():
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     names = [n for n in params["data"] if n.startswith("sunrgbd")]
-    assert sorted(names) == ["sunrgbd", "sunrgbd-mm", "sunrgbd-mm-rgb", "sunrgbd-sample", "sunrgbd-sample-mm", "sunrgbd-sample-mm-rgb"]
+    assert sorted(names) == ["sunrgbd", "sunrgbd-mm", "sunrgbd-mm-rgb", "sunrgbd-sample", "sunrgbd-sample-mm",
+                             "sunrgbd-sample-mm-rgb"]
     from cmkd.data.registry import dataset_module
 
     for name in names:
         cfg = params["data"][name]
         dataset_module(name).validate(cfg, f"data.{name}")
         size = cfg["image_size"]
-        channels = {m: sum(sunrgbd.BASE_CHANNELS[p] for p in sunrgbd.modality_parts(m)) for m in sunrgbd.written_modalities(cfg)}
+        channels = {m: sum(sunrgbd.BASE_CHANNELS[p] for p in sunrgbd.modality_parts(m))
+                    for m in sunrgbd.written_modalities(cfg)}
         for role in ("teacher", "student"):
             in_shape = (channels[cfg[f"{role}_modality"]], size, size)
             if "sample" in name:
@@ -603,7 +616,8 @@ def test_params_entries_validate_and_build():
                     build_model(params["models"][name][role], in_shape, 10)
         train = params["train"][name]["teacher"]
         if "sample" not in name:
-            assert (train["epochs"], train["batch_size"], train["lr"], train["optimizer"], train["augment"]) == (300, 128, 1e-4, "adam", "flip_rot90")
+            assert (train["epochs"], train["batch_size"], train["lr"], train["optimizer"],
+                    train["augment"]) == (300, 128, 1e-4, "adam", "flip_rot90")
 
 
 @pytest.mark.parametrize("key, value, match", [
@@ -667,7 +681,8 @@ def test_default_sample_params_download_and_prepare(tmp_path):
         out = tmp_path / name / "prepared.h5"
         sunrgbd.prepare(cfg, tmp_path / name / "raw", out, progress=False)
         attrs = read_attrs(out)
-        assert attrs["teacher_modality"] == cfg["teacher_modality"] and attrs["seed_roots"] == [f"split_{k}" for k in range(5)]
+        assert (attrs["teacher_modality"] == cfg["teacher_modality"]
+                and attrs["seed_roots"] == [f"split_{k}" for k in range(5)])
         for k in range(5):
             sizes = [len(PreparedSplit(out, s, root=f"split_{k}")) for s in ("train", "val", "test")]
             assert sizes == [105, 15, 30]

@@ -7,13 +7,13 @@ import torch
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from cmkd.data.datasets.synthetic import ntdh_sklearn
-from cmkd.training.data import SplitData
-from cmkd.training.config import TrainConfig
-from cmkd.training.loop import fit
-from cmkd.training.distributed import seed_everything
 from cmkd.errors import ConfigError
 from cmkd.methods import build_distiller
 from cmkd.models import build_model
+from cmkd.training.config import TrainConfig
+from cmkd.training.data import SplitData
+from cmkd.training.distributed import seed_everything
+from cmkd.training.loop import fit
 from cmkd.training.precision import scheduled_lr, validate_schedule
 
 
@@ -82,7 +82,8 @@ def test_lr_follows_the_schedule_across_a_resume(tmp_path):
         fit(distiller, train, val, cfg, task="classification", num_classes=3, progress=False, checkpoint_dir=tmp_path)
     assert "scheduler" in torch.load(tmp_path / "last.pt", weights_only=True)
     distiller, model = _mlp_distiller(seed=1)  # other initial weights: everything comes from the checkpoint
-    resumed = fit(distiller, train, val, cfg, task="classification", num_classes=3, progress=False, checkpoint_dir=tmp_path)
+    resumed = fit(distiller, train, val, cfg, task="classification", num_classes=3, progress=False,
+                  checkpoint_dir=tmp_path)
     assert resumed.resumed_from_epoch == 2
     assert [h["train/lr"] for h in resumed.history] == lrs
     assert resumed.history == straight.history
@@ -106,7 +107,8 @@ def test_no_schedule_means_the_same_run_as_before():
     """`schedule: {name: none}` without warm-up is no scheduler at all: bit-identical weights."""
     train, val = _vector_data()
     d1, m1 = _mlp_distiller()
-    r1 = fit(d1, train, val, TrainConfig(epochs=2, batch_size=64, seed=0), task="classification", num_classes=3, progress=False)
+    r1 = fit(d1, train, val, TrainConfig(epochs=2, batch_size=64, seed=0), task="classification",
+             num_classes=3, progress=False)
     d2, m2 = _mlp_distiller()
     r2 = fit(d2, train, val, TrainConfig(epochs=2, batch_size=64, seed=0, schedule={"name": "none"}),
              task="classification", num_classes=3, progress=False)
@@ -206,7 +208,8 @@ def test_compile_runs_the_step_through_torch_compile():
     reset()
     assert calls  # dynamo captured the step's graph and handed it to the backend
     d2, m2 = _mlp_distiller()
-    fit(d2, train, val, TrainConfig(epochs=1, batch_size=64, seed=0), task="classification", num_classes=3, progress=False)
+    fit(d2, train, val, TrainConfig(epochs=1, batch_size=64, seed=0), task="classification",
+        num_classes=3, progress=False)
     torch.testing.assert_close(_params(m1), _params(m2))  # the same training, compiled
 
 

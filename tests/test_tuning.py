@@ -16,9 +16,8 @@ import numpy as np
 import pytest
 import yaml
 
-from cmkd.config import load_params, validate_params
+from cmkd.config import apply_overrides, budgeted_configs, expand_grid, load_params, validate_params, validate_tuning
 from cmkd.errors import ConfigError
-from cmkd.config import apply_overrides, budgeted_configs, expand_grid, validate_tuning
 from cmkd.pipeline.tuning import load_tuned, render_tuned, select, tune_run, tuned_run_config, update_tuned
 from tests.conftest import REPO, tool_env
 
@@ -32,8 +31,10 @@ def test_expand_grid_is_the_product_in_declared_order():
     grid = {"beta": [0.5, 1, 2, 8], "temperature": [1, 4]}
     configs = expand_grid(grid)
     assert len(configs) == 8
-    assert configs[:3] == [{"beta": 0.5, "temperature": 1}, {"beta": 0.5, "temperature": 4}, {"beta": 1, "temperature": 1}]
-    assert {(c["beta"], c["temperature"]) for c in configs} == {(b, t) for b in grid["beta"] for t in grid["temperature"]}
+    assert configs[:3] == [{"beta": 0.5, "temperature": 1}, {"beta": 0.5, "temperature": 4},
+                           {"beta": 1, "temperature": 1}]
+    assert ({(c["beta"], c["temperature"]) for c in configs}
+            == {(b, t) for b in grid["beta"] for t in grid["temperature"]})
 
 
 def test_budget_subsamples_deterministically_and_rejects_small_grids():
@@ -122,7 +123,8 @@ def test_selection_is_merged_into_the_run_config(tmp_path):
     path = tmp_path / "tuned.yaml"
     path.write_text(render_tuned(tuned))
     loaded = load_tuned(path)
-    assert loaded == {"dkd": {"digits": {"beta": 1, "temperature": 1}, "synthetic": {"beta": 2, "temperature": 4}}, "kdv1": {}}
+    assert loaded == {"dkd": {"digits": {"beta": 1, "temperature": 1},
+                              "synthetic": {"beta": 2, "temperature": 4}}, "kdv1": {}}
     cfg, where = tuned_run_config(PARAMS["runs"]["dkd"], loaded, "digits", "dkd")
     assert where == "val" and cfg["beta"] == 1 and cfg["temperature"] == 1
     assert cfg["alpha"] == PARAMS["runs"]["dkd"]["alpha"]  # the rest comes from params.yaml
@@ -157,18 +159,20 @@ def test_select_takes_the_best_mean_and_the_first_of_ties():
 @pytest.fixture(scope="module")
 def tiny_data(tmp_path_factory):
     """A small synthetic dataset and a TEACHER trained on the tuning seeds."""
-    from cmkd.data.datasets import synthetic
-    from cmkd.training.config import TrainConfig
     from cmkd.config import TEACHER_RUN
+    from cmkd.data.datasets import synthetic
     from cmkd.pipeline.train import train_run
+    from cmkd.training.config import TrainConfig
 
     tmp = tmp_path_factory.mktemp("tuning")
     cfg = dict(PARAMS["data"]["synthetic"], n_samples=400, gammas=[0.5])
     h5 = tmp / "synthetic.h5"
     synthetic.prepare(cfg, tmp, h5, progress=False)
     train_cfg = TrainConfig(epochs=2, batch_size=64, lr=0.003, device="cpu")
-    train_run(dataset="synthetic", prepared=h5, run_name="teacher", run_cfg=TEACHER_RUN, models=PARAMS["models"]["synthetic"],
-              train_cfg=train_cfg, seeds=[100, 101], out_dir=tmp / "teacher", checkpoint_root=None, cache_train_logits=True,
+    train_run(dataset="synthetic", prepared=h5, run_name="teacher", run_cfg=TEACHER_RUN,
+              models=PARAMS["models"]["synthetic"],
+              train_cfg=train_cfg, seeds=[100, 101], out_dir=tmp / "teacher", checkpoint_root=None,
+              cache_train_logits=True,
               progress=False)
     return tmp, h5, train_cfg
 
@@ -226,7 +230,8 @@ def test_ctkd_metrics_record_the_temperature_trajectory(tiny_data):
 
     tmp, h5, train_cfg = tiny_data
     cfg = dict(PARAMS["runs"]["ctkd"], temperature_lr=0.2, ramp_epochs=0)
-    result = train_run(dataset="synthetic", prepared=h5, run_name="ctkd", run_cfg=cfg, models=PARAMS["models"]["synthetic"],
+    result = train_run(dataset="synthetic", prepared=h5, run_name="ctkd", run_cfg=cfg,
+                       models=PARAMS["models"]["synthetic"],
                        train_cfg=train_cfg, seeds=[100], out_dir=tmp / "ctkd", checkpoint_root=None,
                        teacher_dir=tmp / "teacher", progress=False, evaluate_test=False)
     method = result["seeds"]["100"]["method"]
@@ -256,7 +261,8 @@ def test_distill_stage_merges_tuned_yaml(tmp_path, tiny_data):
     env = tool_env(tmp_path)
     env["PYTHONPATH"] = str(REPO)
     for run in ("dkd", "kdv1"):
-        proc = subprocess.run([sys.executable, "-m", "stages", "train", "--dataset", "synthetic", "--run", run, "--no-progress"],
+        proc = subprocess.run([sys.executable, "-m", "stages", "train", "--dataset", "synthetic", "--run", run,
+                               "--no-progress"],
                               cwd=tmp_path, env=env, capture_output=True, text=True)
         out = tmp_path / "data" / "runs" / "synthetic" / run / "metrics.json"
         assert proc.returncode == 0, proc.stderr[-2000:]

@@ -62,7 +62,6 @@ def calibration_error(logits: torch.Tensor, target: torch.Tensor, n_bins: int = 
     bounds = torch.linspace(0, 1, n_bins + 1, dtype=conf.dtype)
     idx = (torch.bucketize(conf, bounds, right=True) - 1).clamp(0, n_bins - 1)
     s = conf.shape[0]
-    count = torch.zeros(s, n_bins, dtype=conf.dtype).scatter_add_(1, idx, torch.ones_like(conf))
     conf_sum = torch.zeros(s, n_bins, dtype=conf.dtype).scatter_add_(1, idx, conf)
     acc_sum = torch.zeros(s, n_bins, dtype=conf.dtype).scatter_add_(1, idx, correct)
     return (conf_sum - acc_sum).abs().sum(1) / conf.shape[1]
@@ -119,7 +118,8 @@ def indicators(teacher_logits: torch.Tensor, student_logits: torch.Tensor, targe
     y, _ = _batched(target, 1)
     y = y.long()
     if zt.shape != zs.shape or zt.shape[:2] != y.shape:
-        raise ValueError(f"teacher logits {tuple(zt.shape)}, student logits {tuple(zs.shape)} and target {tuple(y.shape)} do not match")
+        raise ValueError(f"teacher logits {tuple(zt.shape)}, student logits {tuple(zs.shape)} and target "
+                         f"{tuple(y.shape)} do not match")
     s, n, c = zt.shape
     if n < MIN_PROBE_ROWS:
         raise ValueError(f"need at least {MIN_PROBE_ROWS} rows, got {n}")
@@ -133,8 +133,10 @@ def indicators(teacher_logits: torch.Tensor, student_logits: torch.Tensor, targe
     }
     out["acc_gap"] = out["teacher_acc"] - out["student_acc"]
     rows_t, rows_s, rows_y = zt.reshape(-1, c), zs.reshape(-1, c), y.reshape(-1)
-    out["target_div"] = target_divergence(rows_s, rows_t, rows_y, temperature, form="ntdh").reshape(s, n).double().mean(1)
-    out["non_target_div"] = non_target_divergence(rows_s, rows_t, rows_y, temperature, form="ntdh").reshape(s, n).double().mean(1)
+    out["target_div"] = target_divergence(rows_s, rows_t, rows_y,
+                                          temperature, form="ntdh").reshape(s, n).double().mean(1)
+    out["non_target_div"] = non_target_divergence(rows_s, rows_t, rows_y,
+                                                  temperature, form="ntdh").reshape(s, n).double().mean(1)
     out["teacher_ece"] = calibration_error(zt, y, ece_bins)
     out["student_ece"] = calibration_error(zs, y, ece_bins)
     out["probe_r2"] = ridge_r2(feats, residual_soft_labels(zt, y, c), probe_penalty)

@@ -5,13 +5,13 @@ distribution on the residuals; it is validated by leaving one whole sweep out at
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 from scipy import stats
 
 from cmkd.diagnosis.indicators import INDICATORS
-
 
 # --------------------------------------------------------------------------- the predictor
 
@@ -22,7 +22,8 @@ def _design(rows: Sequence[Mapping[str, float]], features: Sequence[str]) -> np.
     return np.array([[float(r[f]) for f in features] for r in rows], dtype=np.float64)
 
 
-def fit_predictor(X: Sequence[Mapping[str, float]], y: Sequence[float], features: Sequence[str], penalty: float = 1.0) -> dict[str, Any]:
+def fit_predictor(X: Sequence[Mapping[str, float]], y: Sequence[float], features: Sequence[str],
+                  penalty: float = 1.0) -> dict[str, Any]:
     """Ridge regression of the KD gain `y` on the standardised indicators `features` of the rows
     `X` (the intercept not penalised). JSON-ready: the weights, the standardisation and what the
     prediction interval needs (residual variance, effective degrees of freedom, the inverse)."""
@@ -45,7 +46,8 @@ def fit_predictor(X: Sequence[Mapping[str, float]], y: Sequence[float], features
             "gram": (z.T @ z).tolist(), "n": int(n)}
 
 
-def predict(model: Mapping[str, Any], X: Sequence[Mapping[str, float]] | Mapping[str, float], level: float = 0.95) -> list[dict[str, Any]] | dict[str, Any]:
+def predict(model: Mapping[str, Any], X: Sequence[Mapping[str, float]] | Mapping[str, float],
+            level: float = 0.95) -> list[dict[str, Any]] | dict[str, Any]:
     """Predicted KD gain with a `level` prediction interval for one indicator dict or a list."""
     single = isinstance(X, Mapping)
     rows = [X] if single else list(X)
@@ -60,7 +62,8 @@ def predict(model: Mapping[str, Any], X: Sequence[Mapping[str, float]] | Mapping
     return out[0] if single else out
 
 
-def leave_one_sweep_out(conditions: Sequence[Mapping[str, Any]], features: Sequence[str], penalty: float = 1.0) -> list[dict[str, Any]]:
+def leave_one_sweep_out(conditions: Sequence[Mapping[str, Any]], features: Sequence[str],
+                        penalty: float = 1.0) -> list[dict[str, Any]]:
     """Every condition ({"sweep", "indicators", "gain", ...}) with `predicted` (mean, ci95) from
     a predictor fit on the other sweeps only (never on its own sweep's rows)."""
     out = []
@@ -89,12 +92,15 @@ def validation_summary(heldout: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     per_sweep = {}
     for sweep in sorted({c["sweep"] for c in heldout}):
         rows = [c for c in heldout if c["sweep"] == sweep]
-        per_sweep[sweep] = {"spearman": _spearman([c["predicted"]["mean"] for c in rows], [c["gain"] for c in rows]), "n": len(rows)}
+        per_sweep[sweep] = {"spearman": _spearman([c["predicted"]["mean"] for c in rows],
+                                                  [c["gain"] for c in rows]), "n": len(rows)}
     return {"conditions": len(heldout), "spearman_heldout": _spearman(pred, gain),
-            "sign_accuracy": float(np.mean(np.sign(pred) == np.sign(gain))) if heldout else None, "per_sweep": per_sweep}
+            "sign_accuracy": float(np.mean(np.sign(pred) == np.sign(gain))) if heldout else None,
+            "per_sweep": per_sweep}
 
 
-def indicator_correlations(conditions: Sequence[Mapping[str, Any]], names: Sequence[str] = INDICATORS) -> dict[str, dict[str, Any]]:
+def indicator_correlations(conditions: Sequence[Mapping[str, Any]],
+                           names: Sequence[str] = INDICATORS) -> dict[str, dict[str, Any]]:
     """Per sweep (and `all`), the Spearman correlation of each indicator with the measured gain."""
     out = {}
     for sweep in ["all", *sorted({c["sweep"] for c in conditions})]:

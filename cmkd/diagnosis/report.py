@@ -11,15 +11,21 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 
 from cmkd.diagnosis.indicators import INDICATORS, indicators
 from cmkd.diagnosis.predictor import (
-    _spearman, fit_predictor, indicator_correlations, leave_one_sweep_out, predict, validation_summary,
+    _spearman,
+    fit_predictor,
+    indicator_correlations,
+    leave_one_sweep_out,
+    predict,
+    validation_summary,
 )
 from cmkd.errors import ConfigError, DataFormatError
 from cmkd.utils.stats import t_interval
@@ -45,9 +51,11 @@ def check_config(cfg: Any, key: str = "diagnosis") -> dict[str, Any]:
     pred = cfg["predictor"]
     if not isinstance(pred, Mapping) or set(pred) != _PREDICTOR_KEYS:
         raise ConfigError(f"{key}.predictor", f"must have exactly {sorted(_PREDICTOR_KEYS)}")
-    bad = [f for f in pred["features"] if f not in INDICATORS] if isinstance(pred["features"], list) else [pred["features"]]
+    bad = ([f for f in pred["features"] if f not in INDICATORS] if isinstance(pred["features"], list)
+           else [pred["features"]])
     if bad or not pred["features"]:
-        raise ConfigError(f"{key}.predictor.features", f"must be a non-empty list of indicators {list(INDICATORS)}; bad: {bad}")
+        raise ConfigError(f"{key}.predictor.features",
+                          f"must be a non-empty list of indicators {list(INDICATORS)}; bad: {bad}")
     if not float(pred["penalty"]) >= 0:
         raise ConfigError(f"{key}.predictor.penalty", "must be >= 0")
     if cfg["split"] not in ("val", "test"):
@@ -88,7 +96,8 @@ def pair_outputs(teacher: torch.nn.Module, student: torch.nn.Module, data, batch
     return zt, zs, y, f
 
 
-def measure_dataset(prepared: Path, teacher_dir: Path, student_dir: Path, models: Mapping[str, Any], seeds: Sequence[int],
+def measure_dataset(prepared: Path, teacher_dir: Path, student_dir: Path, models: Mapping[str, Any],
+                    seeds: Sequence[int],
                     dataset: str, cfg: Mapping[str, Any]) -> dict[str, Any]:
     """Per reporting seed: the teacher and no-KD student checkpoints on the `cfg["split"]`
     split -> the indicators; their mean and t interval over seeds."""
@@ -103,7 +112,8 @@ def measure_dataset(prepared: Path, teacher_dir: Path, student_dir: Path, models
         for run_dir in (teacher_dir, student_dir):
             path = Path(run_dir) / f"seed{seed}" / "model.pt"
             if not path.is_file():
-                raise DataFormatError(path, f"missing: the trained {run_dir.name} of seed {seed} (run train_{run_dir.name}@{dataset})")
+                raise DataFormatError(path, f"missing: the trained {run_dir.name} of seed {seed} (run "
+                                            f"train_{run_dir.name}@{dataset})")
             nets.append(path)
         data = load_split(prepared, cfg["split"], attrs, seed_root(attrs, seed))
         torch.manual_seed(int(seed))
@@ -112,14 +122,17 @@ def measure_dataset(prepared: Path, teacher_dir: Path, student_dir: Path, models
             try:
                 net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
             except (RuntimeError, OSError) as err:
-                raise DataFormatError(path, f"not a checkpoint of models.{dataset}: {str(err).splitlines()[0]}") from None
+                raise DataFormatError(path, f"not a checkpoint of models.{dataset}: "
+                                            f"{str(err).splitlines()[0]}") from None
         zt, zs, y, f = pair_outputs(teacher, student, data, int(cfg["batch_size"]), int(cfg["max_rows"]))
-        per_seed[str(seed)] = indicators(zt, zs, y, f, temperature=float(cfg["temperature"]), ece_bins=int(cfg["ece_bins"]),
+        per_seed[str(seed)] = indicators(zt, zs, y, f, temperature=float(cfg["temperature"]),
+                                         ece_bins=int(cfg["ece_bins"]),
                                          probe_penalty=float(cfg["probe_penalty"]))
     summary = {name: t_interval([per_seed[s][name] for s in per_seed]) for name in INDICATORS}
     return {"dataset": dataset, "split": cfg["split"], "seeds": [int(s) for s in seeds],
             "indicators": {name: summary[name]["mean"] for name in INDICATORS},
-            "indicator_intervals": {name: {"mean": v["mean"], "ci95": v["ci95"], "n": v["n"]} for name, v in summary.items()},
+            "indicator_intervals": {name: {"mean": v["mean"],
+                                           "ci95": v["ci95"], "n": v["n"]} for name, v in summary.items()},
             "per_seed": per_seed}
 
 
@@ -129,21 +142,25 @@ def load_predictor(path: Path) -> dict[str, Any]:
     except (OSError, json.JSONDecodeError) as err:
         raise DataFormatError(path, f"cannot read the KD-gain predictor: {err}") from None
     if not isinstance(data, Mapping) or not isinstance(data.get("model"), Mapping) or "weights" not in data["model"]:
-        raise DataFormatError(path, "not a predictor file (no model.weights): rewrite it with `python -m stages diagnosis_fit`")
+        raise DataFormatError(path, "not a predictor file (no model.weights): rewrite it with `python -m stages "
+                                    "diagnosis_fit`")
     return data
 
 
 def apply_predictor(diagnosis: dict[str, Any], predictor: Mapping[str, Any], cfg: Mapping[str, Any]) -> dict[str, Any]:
     """Add `predicted_kd_gain` and `method_expectations` to a `measure_dataset` result."""
     model = predictor["model"]
-    if list(model["features"]) != list(cfg["predictor"]["features"]) or float(model["penalty"]) != float(cfg["predictor"]["penalty"]):
+    if (list(model["features"]) != list(cfg["predictor"]["features"])
+            or float(model["penalty"]) != float(cfg["predictor"]["penalty"])):
         raise ConfigError("diagnosis.predictor", f"differs from the committed predictor's features/penalty "
-                                                 f"({model['features']}, {model['penalty']}): run `python -m stages diagnosis_fit`")
+                                                 f"({model['features']}, {model['penalty']}): run `python -m stages "
+                                                 "diagnosis_fit`")
     pred = predict(model, diagnosis["indicators"])
     lo, hi = pred["ci95"]
     verdict = "helps" if lo > 0 else "hurts" if hi < 0 else "uncertain (the interval contains 0)"
     diagnosis["predicted_kd_gain"] = pred
-    diagnosis["predictor"] = {"target": predictor.get("target"), "features": model["features"], "penalty": model["penalty"],
+    diagnosis["predictor"] = {"target": predictor.get("target"), "features": model["features"],
+                              "penalty": model["penalty"],
                               "fit_on": predictor.get("fit_on")}
     diagnosis["method_expectations"] = {
         "kdv1": f"plain KD {verdict}: predicted gain {pred['mean']:+.3f} [{lo:+.3f}, {hi:+.3f}]",
@@ -164,7 +181,8 @@ def diagnosis_markdown(d: Mapping[str, Any]) -> str:
     if d.get("measured_kd_gain") is not None:
         lines.append(f"**Measured KD gain** (kdv1 - STUDENT, paired, accuracy): {d['measured_kd_gain']:+.4f}\n")
     lines += ["| indicator | mean | 95% interval over seeds |", "|---|---|---|"]
-    for name, v in d.get("indicator_intervals", {name: {"mean": x, "ci95": None} for name, x in d["indicators"].items()}).items():
+    for name, v in d.get("indicator_intervals",
+                         {name: {"mean": x, "ci95": None} for name, x in d["indicators"].items()}).items():
         ci = f"[{v['ci95'][0]:.4f}, {v['ci95'][1]:.4f}]" if v.get("ci95") else "-"
         lines.append(f"| {name} | {v['mean']:.4f} | {ci} |")
     if d.get("method_expectations"):
@@ -197,7 +215,8 @@ def dataset_report(diagnosis: Mapping[str, Any], metrics: Mapping[str, Any] | No
             "predicted_kd_gain": diagnosis.get("predicted_kd_gain"),
             "measured_kd_gain": measured["accuracy"] if measured else None,
             "measured_detail": measured, "indicator_intervals": diagnosis.get("indicator_intervals"),
-            "split": diagnosis["split"], "seeds": diagnosis["seeds"], "method_expectations": diagnosis.get("method_expectations")}
+            "split": diagnosis["split"], "seeds": diagnosis["seeds"],
+            "method_expectations": diagnosis.get("method_expectations")}
 
 
 # --------------------------------------------------------------------------- conditions and validation
@@ -235,7 +254,8 @@ def collect_conditions(experiments_dir: Path, main: Mapping[str, Path]) -> list[
         if report.get("measured_kd_gain") is None:
             continue
         conditions.append({"sweep": MAIN, "point": ds, "coords": {}, "indicators": report["indicators"],
-                           "gain": report["measured_kd_gain"], "n_seeds": (report.get("measured_detail") or {}).get("n")})
+                           "gain": report["measured_kd_gain"],
+                           "n_seeds": (report.get("measured_detail") or {}).get("n")})
     return conditions
 
 
@@ -257,7 +277,8 @@ def predictor_matches(committed: Mapping[str, Any] | None, fresh: Mapping[str, A
             and np.allclose(a["mean"], b["mean"], rtol=rtol, atol=1e-9))
 
 
-def validate(conditions: Sequence[Mapping[str, Any]], cfg: Mapping[str, Any], committed: Mapping[str, Any] | None) -> dict[str, Any]:
+def validate(conditions: Sequence[Mapping[str, Any]], cfg: Mapping[str, Any],
+             committed: Mapping[str, Any] | None) -> dict[str, Any]:
     """validation.json: the leave-one-sweep-out summary, the held-out predictions, each
     indicator's correlation with the gain per sweep, MFH's share check, and whether the committed
     predictor is the one these conditions give."""
@@ -283,7 +304,8 @@ def validation_markdown(v: Mapping[str, Any]) -> str:
 
     ok = (v["spearman_heldout"] or -1) >= 0.7 and (v["sign_accuracy"] or 0) >= 0.8
     lines = ["# Does the diagnosis predict the KD gain? (leave one sweep out)\n",
-             f"{v['conditions']} conditions; predictor: ridge on {', '.join(v['features'])} (penalty {v['penalty']}).\n",
+             f"{v['conditions']} conditions; predictor: ridge on {', '.join(v['features'])} "
+             f"(penalty {v['penalty']}).\n",
              f"- held-out Spearman (predicted vs measured KD gain): **{f(v['spearman_heldout'])}** (target >= 0.7)",
              f"- sign right: **{f(v['sign_accuracy'])}** (target >= 0.8)",
              f"- target met: **{'yes' if ok else 'no'}**",
@@ -320,7 +342,8 @@ def validation_figure(v: Mapping[str, Any], path: Path) -> None:
     ax.axvline(0, color="grey", lw=0.5)
     ax.set_xlabel("measured KD gain (accuracy)")
     ax.set_ylabel("predicted KD gain, held-out sweep (95% PI)")
-    ax.set_title(f"leave one sweep out: Spearman {v['spearman_heldout'] if v['spearman_heldout'] is None else round(v['spearman_heldout'], 3)}")
+    ax.set_title("leave one sweep out: Spearman "
+                 f"{v['spearman_heldout'] if v['spearman_heldout'] is None else round(v['spearman_heldout'], 3)}")
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, format="png", dpi=110)

@@ -26,16 +26,17 @@ points in sweep order, and ``<metric>_sem``), and ``derived`` (the scalars the c
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 
-from cmkd.experiments.batched import BatchedMLP, slice_accuracy, train_batched
-from cmkd.data.datasets.synthetic import GENERATORS, mfh_layout
 from cmkd.config import STUDENT_RUN, TEACHER_RUN
+from cmkd.data.datasets.synthetic import GENERATORS, mfh_layout
 from cmkd.errors import ConfigError
+from cmkd.experiments.batched import BatchedMLP, slice_accuracy, train_batched
 from cmkd.losses import DIVERGENCE_FORMS, cross_entropy, to_rows
 from cmkd.methods import build_distiller
 from cmkd.models import build_model
@@ -84,13 +85,13 @@ class Slices:
             out["teacher_logits"] = self.teacher_logits
         return out
 
-    def with_teacher(self, teacher: torch.nn.Module) -> "Slices":
+    def with_teacher(self, teacher: torch.nn.Module) -> Slices:
         """The split with the frozen teacher's logits cached (they never change during KD)."""
         with torch.no_grad():
             logits = teacher(self.teacher)
         return Slices(self.teacher, self.student, self.target, logits)
 
-    def with_teacher_channels(self, channels: torch.Tensor) -> "Slices":
+    def with_teacher_channels(self, channels: torch.Tensor) -> Slices:
         """The teacher modality reduced to per-slice channels [S, k] (MFH's MG teacher input)."""
         idx = channels.unsqueeze(0).expand(self.teacher.shape[0], -1, -1)
         return Slices(torch.gather(self.teacher, 2, idx), self.student, self.target)
@@ -111,7 +112,8 @@ def split_indices(n: int, counts: Mapping[str, int], seed: int) -> dict[str, np.
     return {name: np.sort(order[bounds[i]:bounds[i + 1]]) for i, name in enumerate(names)}
 
 
-def stack(datasets: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]], indices: Sequence[Mapping[str, np.ndarray]]) -> dict[str, Slices]:
+def stack(datasets: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]],
+          indices: Sequence[Mapping[str, np.ndarray]]) -> dict[str, Slices]:
     """Stack per-slice (teacher, student, labels) arrays, split by per-slice indices."""
     out = {}
     for split in indices[0]:
@@ -164,7 +166,8 @@ class PerSliceWeights:
     def last_scale(self) -> torch.Tensor | None:
         return getattr(self.hook, "last_scale", None)
 
-    def __call__(self, batch: Mapping[str, torch.Tensor], student_kd: torch.Tensor, teacher_kd: torch.Tensor) -> torch.Tensor:
+    def __call__(self, batch: Mapping[str, torch.Tensor], student_kd: torch.Tensor,
+                 teacher_kd: torch.Tensor) -> torch.Tensor:
         target = batch["target"]  # [N, S, 1]
         if not self.normalise_by_weights:
             # NTDH's PSSM: independent per row, and its KD sum is divided by the number of rows
@@ -174,13 +177,15 @@ class PerSliceWeights:
         if hasattr(self.hook, "per_column"):  # the hook ranks every slice apart in one pass
             weights = self.hook.per_column({"target": target}, student_kd, teacher_kd)
         else:
-            weights = torch.cat([self.hook({"target": target[:, i:i + 1]}, student_kd[:, :, i:i + 1], teacher_kd[:, :, i:i + 1])
+            weights = torch.cat([self.hook({"target": target[:, i:i + 1]}, student_kd[:, :, i:i + 1],
+                                           teacher_kd[:, :, i:i + 1])
                                  for i in range(target.shape[1])], dim=1)
         total = (weights * (target >= 0)).sum(dim=(0, 2), keepdim=True)
         return torch.where(total > 0, weights * target.shape[0] / total.clamp_min(1e-12), torch.zeros_like(weights))
 
 
-def ntdh_feature_teachers(run_cfg: Mapping[str, Any], nets: Mapping[str, Any], train: Slices, seeds: Sequence[int], num_classes: int,
+def ntdh_feature_teachers(run_cfg: Mapping[str, Any], nets: Mapping[str, Any], train: Slices, seeds: Sequence[int],
+                          num_classes: int,
                           key: str = "experiments") -> tuple[BatchedMLP, torch.Tensor]:
     """NTDH's feature mask for every slice: MFH's Algorithm 1 (`cmkd.methods.mfh.algorithm1`)
     with the run's non-target divergence as the distance - its joint pair trained for all slices
@@ -192,26 +197,35 @@ def ntdh_feature_teachers(run_cfg: Mapping[str, Any], nets: Mapping[str, Any], t
 
     cfg = {**NTDHMask.defaults, **run_cfg}
     if cfg["level"] not in ("auto", "input"):
-        raise ConfigError(f"{key}.level", f"the batched experiments rank input channels (auto or input), got {cfg['level']!r}")
+        raise ConfigError(f"{key}.level",
+                          f"the batched experiments rank input channels (auto or input), got {cfg['level']!r}")
     if cfg["channels"] is not None:
-        raise ConfigError(f"{key}.channels", "the batched experiments choose the channels with Algorithm 1 (channels: null)")
+        raise ConfigError(f"{key}.channels",
+                          "the batched experiments choose the channels with Algorithm 1 (channels: null)")
     distance = FEATURE_DISTANCES[cfg["divergence_form"]]
-    pair_t, pair_s = train_pair_slices(nets, train, seeds, num_classes, pair_epochs=int(cfg["pair_epochs"]), pair_lr=float(cfg["pair_lr"]),
-                                       distance=distance, batch_size=cfg["pair_batch_size"], seed=int(seeds[0]), key=key)
+    pair_t, pair_s = train_pair_slices(nets, train, seeds, num_classes, pair_epochs=int(cfg["pair_epochs"]),
+                                       pair_lr=float(cfg["pair_lr"]),
+                                       distance=distance, batch_size=cfg["pair_batch_size"],
+                                       seed=int(seeds[0]), key=key)
     k = max(1, int(round(float(cfg["keep_ratio"]) * train.teacher.shape[2])))
     chosen = []
     for i, seed in enumerate(seeds):
         x_t, x_s, y = train.slice(i)
-        channels, _ = algorithm1(pair_t.unstack(i), pair_s.unstack(i), x_t, x_s, y, k, train_pair=False, n_repeats=int(cfg["n_repeats"]),
-                                 distance=distance, generator=torch.Generator().manual_seed(int(seed)), batch_size=1 << 16)
+        channels, _ = algorithm1(pair_t.unstack(i), pair_s.unstack(i), x_t, x_s, y, k, train_pair=False,
+                                 n_repeats=int(cfg["n_repeats"]),
+                                 distance=distance, generator=torch.Generator().manual_seed(int(seed)),
+                                 batch_size=1 << 16)
         chosen.append(torch.as_tensor(channels, dtype=torch.long))
     channels = torch.stack(chosen)
-    teacher = fit_slices(TEACHER_RUN, nets["teacher"], train.with_teacher_channels(channels), seeds, num_classes, key=key)
+    teacher = fit_slices(TEACHER_RUN, nets["teacher"], train.with_teacher_channels(channels), seeds,
+                         num_classes, key=key)
     return teacher, channels
 
 
-def fit_mask_slices(run_cfg: Mapping[str, Any], nets: Mapping[str, Any], cached: Slices, seeds: Sequence[int], num_classes: int,
-                    teacher: BatchedMLP, key: str = "experiments") -> tuple[BatchedMLP, tuple[BatchedMLP, torch.Tensor] | None]:
+def fit_mask_slices(run_cfg: Mapping[str, Any], nets: Mapping[str, Any], cached: Slices, seeds: Sequence[int],
+                    num_classes: int,
+                    teacher: BatchedMLP, key: str = "experiments") -> tuple[BatchedMLP,
+                                                                            tuple[BatchedMLP, torch.Tensor] | None]:
     """`fit_slices` for the NTDH masks (method `ntdh_mask`), each slice as `ntdh_mask` trains it.
 
     nets: {"teacher": ..., "student": ...} (model + train). Feature mask (mode feature / both):
@@ -254,7 +268,8 @@ def _train_options(net: Mapping[str, Any], key: str) -> dict[str, Any]:
 
 
 @torch.no_grad()
-def slice_divergences(teacher_logits: torch.Tensor, student_logits: torch.Tensor, target: torch.Tensor, temperature: float = 1.0,
+def slice_divergences(teacher_logits: torch.Tensor, student_logits: torch.Tensor, target: torch.Tensor,
+                      temperature: float = 1.0,
                       form: str = "ntdh") -> dict[str, np.ndarray]:
     """Per-slice mean target / non-target divergence (NTDH) of logits [N, C, S, 1]:
     `target_div` / `non_target_div` in `form` (ntdh: NTDH's 0.5 [KL(m || p_s) + KL(m || p_t)];
@@ -269,7 +284,8 @@ def slice_divergences(teacher_logits: torch.Tensor, student_logits: torch.Tensor
     for f in (form, *(other for other in DIVERGENCE_FORMS if other != form)):
         suffix = "" if f == form else f"_{f}"
         out[f"target_div{suffix}"] = target_divergence(zs, zt, y, temperature, form=f).reshape(n, s).mean(0).numpy()
-        out[f"non_target_div{suffix}"] = non_target_divergence(zs, zt, y, temperature, form=f).reshape(n, s).mean(0).numpy()
+        out[f"non_target_div{suffix}"] = (non_target_divergence(zs, zt, y, temperature, form=f)
+                                          .reshape(n, s).mean(0).numpy())
     return out
 
 
@@ -289,7 +305,8 @@ def diagnosis_indicators(teacher: BatchedMLP, nokd: BatchedMLP, test: Slices) ->
 
 
 def teacher_student_kd(splits: Mapping[str, Slices], nets: Mapping[str, Any], kd: Mapping[str, Any], num_classes: int,
-                       seeds: Sequence[int], key: str, with_nokd: bool = True) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+                       seeds: Sequence[int], key: str,
+                       with_nokd: bool = True) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """Teacher, no-KD student (unless `with_nokd` is False) and KD student of every slice;
     per-slice test accuracies and the KD gain."""
     train, test = splits["train"], splits["test"]
@@ -308,9 +325,11 @@ def teacher_student_kd(splits: Mapping[str, Slices], nets: Mapping[str, Any], kd
     return acc, {**models, "cached": cached, "test_logits": logits}
 
 
-def train_pair_slices(nets: Mapping[str, Any], data: Slices, seeds: Sequence[int], num_classes: int, *, pair_epochs: int = 200,
+def train_pair_slices(nets: Mapping[str, Any], data: Slices, seeds: Sequence[int], num_classes: int, *,
+                      pair_epochs: int = 200,
                       pair_lr: float = 0.01, momentum: float = 0.9, distance: str = "mse", distance_weight: float = 1.0,
-                      batch_size: int | None = None, seed: int = 0, key: str = "experiments") -> tuple[BatchedMLP, BatchedMLP]:
+                      batch_size: int | None = None, seed: int = 0,
+                      key: str = "experiments") -> tuple[BatchedMLP, BatchedMLP]:
     """Step 1 of MFH's Algorithm 1 (`cmkd.methods.mfh.train_modality_pair`) for every slice at
     once: a teacher-modality and a student-modality network per slice, initialised one after
     the other after torch.manual_seed(seed), trained with SGD (momentum) on
@@ -511,7 +530,8 @@ def derive_mfh_alpha(result: Mapping[str, Any]) -> dict[str, Any]:
 Algorithm1 = Callable[..., tuple[np.ndarray, np.ndarray]]
 
 
-def mfh_algorithm1_sweep(cfg: Mapping[str, Any], key: str = "experiments.mfh_alg1", algorithm1: Algorithm1 | None = None) -> dict[str, Any]:
+def mfh_algorithm1_sweep(cfg: Mapping[str, Any], key: str = "experiments.mfh_alg1",
+                         algorithm1: Algorithm1 | None = None) -> dict[str, Any]:
     """MFH Table 2: at every sweep point, the regular teacher and KD student, Algorithm 1's
     channel choice (as many channels as there are truly modality-general ones, as MFH does),
     the fraction of true modality-general channels it recovers, the modality-general (MG)
@@ -534,7 +554,8 @@ def mfh_algorithm1_sweep(cfg: Mapping[str, Any], key: str = "experiments.mfh_alg
         raise ConfigError(f"{key}.algorithm1.{unknown[0]}", f"unknown; known: {sorted(pair_keys | {'n_repeats'})}")
     for setting, point in zip(settings, points):
         if point["n_general"] == 0:
-            raise ConfigError(f"{key}.sweep", f"point {setting} has no modality-general channel for Algorithm 1 to find")
+            raise ConfigError(f"{key}.sweep",
+                              f"point {setting} has no modality-general channel for Algorithm 1 to find")
     splits, slice_seeds = _generate("mfh", generator, settings, seeds, cfg["split"])
     acc, _ = teacher_student_kd(splits, cfg["nets"], cfg["kd"], num_classes, slice_seeds, key)
     train = splits["train"]
@@ -551,20 +572,24 @@ def mfh_algorithm1_sweep(cfg: Mapping[str, Any], key: str = "experiments.mfh_alg
             seed = slice_seeds[i]
             x_t, x_s, y = train.slice(i)
             channels, _ = algorithm1(pair_t.unstack(i), pair_s.unstack(i), x_t, x_s, y, k, train_pair=False,
-                                     n_repeats=int(alg_cfg.get("n_repeats", 10)), distance=alg_cfg.get("distance", "mse"),
+                                     n_repeats=int(alg_cfg.get("n_repeats", 10)),
+                                     distance=alg_cfg.get("distance", "mse"),
                                      generator=torch.Generator().manual_seed(seed))
             channels = np.asarray(channels, dtype=np.int64)
             truth = np.flatnonzero(_layout({**generator, **setting}, seed).teacher_general_mask)
             recovered[i] = len(np.intersect1d(channels, truth)) / k
             chosen.append(channels)
         channels = torch.from_numpy(np.stack(chosen))
-        point_splits = {name: Slices(*(t[:, rows.start:rows.stop] for t in (split.teacher, split.student, split.target)))
+        point_splits = {name: Slices(*(t[:, rows.start:rows.stop] for t in (split.teacher,
+                                                                            split.student, split.target)))
                         for name, split in splits.items()}
         mg = {name: split.with_teacher_channels(channels) for name, split in point_splits.items()}
-        mg_acc, _ = teacher_student_kd(mg, cfg["nets"], cfg["kd"], num_classes, slice_seeds[rows.start:rows.stop], key, with_nokd=False)
+        mg_acc, _ = teacher_student_kd(mg, cfg["nets"], cfg["kd"], num_classes, slice_seeds[rows.start:rows.stop], key,
+                                       with_nokd=False)
         mg_teacher_acc[rows.start:rows.stop] = mg_acc["teacher_acc"]
         mgkd_acc[rows.start:rows.stop] = mg_acc["kd_acc"]
-    acc.update(recovered_fraction=recovered, mg_teacher_acc=mg_teacher_acc, mgkd_acc=mgkd_acc, mgkd_minus_kd=mgkd_acc - acc["kd_acc"])
+    acc.update(recovered_fraction=recovered, mg_teacher_acc=mg_teacher_acc, mgkd_acc=mgkd_acc,
+               mgkd_minus_kd=mgkd_acc - acc["kd_acc"])
     result = _aggregate(points, acc, n_seeds)
     result["seeds"] = seeds
     return result
@@ -599,7 +624,8 @@ def ntdh_gap_sweep(cfg: Mapping[str, Any], key: str = "experiments.ntdh_gap") ->
         raise ConfigError(f"{key}.divergence_form", f"must be one of {list(DIVERGENCE_FORMS)}, got {form!r}")
     z = out["test_logits"]
     acc.update(slice_divergences(z["teacher"], z["kd"], test.target, temperature, form))
-    acc.update({f"{k}_nokd": v for k, v in slice_divergences(z["teacher"], z["nokd"], test.target, temperature, form).items()})
+    acc.update({f"{k}_nokd": v for k, v in slice_divergences(z["teacher"], z["nokd"], test.target,
+                                                             temperature, form).items()})
     result = _aggregate([dict(s) for s in settings], acc, len(seeds))
     result["seeds"] = seeds
     result["divergence_form"] = form
@@ -654,7 +680,8 @@ def derive_ntdh_gap(result: Mapping[str, Any]) -> dict[str, Any]:
 
 # --------------------------------------------------------------------------- digits -> digits-M with noise
 
-def digits_arrays(cfg: Mapping[str, Any], noise_std: float, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+def digits_arrays(cfg: Mapping[str, Any], noise_std: float, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray,
+                                                                                dict[str, np.ndarray]]:
     """Gray digits [N, 1, S, S] and digits-M [N, 3, S, S] at one noise level, standardised with
     training statistics as `cmkd.data.datasets.digits.prepare` builds them, but in memory; plus labels
     and the stratified split."""
@@ -696,7 +723,8 @@ def digits_noise_sweep(cfg: Mapping[str, Any], key: str = "experiments.digits_no
     form = cfg.get("divergence_form", "ntdh")
     if form not in DIVERGENCE_FORMS:
         raise ConfigError(f"{key}.divergence_form", f"must be one of {list(DIVERGENCE_FORMS)}, got {form!r}")
-    acc.update(slice_divergences(z["teacher"], z["kd"], splits["test"].target, float(cfg.get("divergence_temperature", 1.0)), form))
+    acc.update(slice_divergences(z["teacher"], z["kd"], splits["test"].target,
+                                 float(cfg.get("divergence_temperature", 1.0)), form))
     result = _aggregate([{"noise_std": float(x)} for x in levels], acc, len(seeds))
     result["seeds"] = seeds
     result["divergence_form"] = form
@@ -724,29 +752,37 @@ EXPERIMENTS: dict[str, Experiment] = {
     "mfh_gamma": Experiment(
         mfh_sweep, derive_mfh_gamma, "general_share", "modality-general share of teacher's decisive features",
         "MFH Fig. 2: KD vs. modality-general share",
-        (("test accuracy", "accuracy", _ACC, False), ("KD gain over no-KD", "accuracy difference", (("kd_gain", "KD - no KD"),), True)),
+        (("test accuracy", "accuracy", _ACC, False),
+         ("KD gain over no-KD", "accuracy difference", (("kd_gain", "KD - no KD"),), True)),
     ),
     "mfh_alpha": Experiment(
         mfh_sweep, derive_mfh_alpha, "teacher_specific_share", "alpha (modality-specific share, teacher)",
         "MFH Fig. 3: a better teacher, not a better student",
-        (("test accuracy", "accuracy", _ACC, False), ("KD gain over no-KD", "accuracy difference", (("kd_gain", "KD - no KD"),), True)),
+        (("test accuracy", "accuracy", _ACC, False),
+         ("KD gain over no-KD", "accuracy difference", (("kd_gain", "KD - no KD"),), True)),
     ),
     "mfh_alg1": Experiment(
         mfh_algorithm1_sweep, derive_mfh_alg1, "general_share", "modality-general share (teacher)",
         "MFH Table 2: Algorithm 1 and MG-KD",
-        (("teachers", "accuracy", (("teacher_acc", "regular teacher"), ("mg_teacher_acc", "modality-general teacher")), False),
+        (("teachers", "accuracy",
+          (("teacher_acc", "regular teacher"), ("mg_teacher_acc", "modality-general teacher")), False),
          ("students", "accuracy", (("nokd_acc", "no KD"), ("kd_acc", "KD"), ("mgkd_acc", "MG-KD")), False),
          ("Algorithm 1", "fraction", (("recovered_fraction", "true MG channels recovered"),), False)),
     ),
     "ntdh_gap": Experiment(
         ntdh_gap_sweep, derive_ntdh_gap, "gamma", "gamma (domain gap)", "NTDH Fig. 3: KD and divergences vs. the gap",
-        (("test accuracy", "accuracy", _ACC, False), ("KD gain over no-KD", "accuracy difference", (("kd_gain", "KD - no KD"),), True),
-         ("teacher vs. KD student", "divergence (divergence_form)", (("target_div", "target"), ("non_target_div", "non-target")), False)),
+        (("test accuracy", "accuracy", _ACC, False),
+         ("KD gain over no-KD", "accuracy difference", (("kd_gain", "KD - no KD"),), True),
+         ("teacher vs. KD student", "divergence (divergence_form)",
+          (("target_div", "target"), ("non_target_div", "non-target")), False)),
     ),
     "digits_noise": Experiment(
-        digits_noise_sweep, None, "noise_std", "noise std (both modalities)", "digits -> digits-M with noise (NTDH's MNIST / MNIST-M test)",
-        (("test accuracy", "accuracy", _ACC, False), ("KD gain over no-KD", "accuracy difference", (("kd_gain", "KD - no KD"),), True),
-         ("teacher vs. KD student", "divergence (divergence_form)", (("target_div", "target"), ("non_target_div", "non-target")), False)),
+        digits_noise_sweep, None, "noise_std", "noise std (both modalities)",
+                               "digits -> digits-M with noise (NTDH's MNIST / MNIST-M test)",
+        (("test accuracy", "accuracy", _ACC, False),
+         ("KD gain over no-KD", "accuracy difference", (("kd_gain", "KD - no KD"),), True),
+         ("teacher vs. KD student", "divergence (divergence_form)",
+          (("target_div", "target"), ("non_target_div", "non-target")), False)),
     ),
 }
 

@@ -17,7 +17,7 @@ slice against a network trained alone.
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import nn
@@ -40,7 +40,7 @@ class BatchedMLP(nn.Module):
         return self.weights[0].shape[0]
 
     @classmethod
-    def from_models(cls, models: Sequence[MLP]) -> "BatchedMLP":
+    def from_models(cls, models: Sequence[MLP]) -> BatchedMLP:
         """Stack networks built by `cmkd.models.build_model` (arch mlp, no dropout)."""
         per_model = [_linear_layers(m) for m in models]
         depth = len(per_model[0])
@@ -51,7 +51,7 @@ class BatchedMLP(nn.Module):
         return cls(weights, biases)
 
     @classmethod
-    def build(cls, model_cfg: Mapping, in_features: int, num_classes: int, seeds: Sequence[int]) -> "BatchedMLP":
+    def build(cls, model_cfg: Mapping, in_features: int, num_classes: int, seeds: Sequence[int]) -> BatchedMLP:
         """One network per seed, each initialised as `build_model` does after torch.manual_seed(seed)."""
         if dict(model_cfg).get("arch") != "mlp" or float(dict(model_cfg).get("dropout", 0.0)):
             raise ValueError("batched training supports the `mlp` arch without dropout")

@@ -12,7 +12,8 @@ engine sums them and logs each), so adding a method never touches the training l
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from cmkd.methods.base import Distiller
 from cmkd.utils.registry import Registry

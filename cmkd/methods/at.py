@@ -35,7 +35,8 @@ class AT(FeatureDistiller):
         if not float(merged["p"]) > 0:
             raise ConfigError(f"{key}.p", f"must be > 0, got {merged['p']}")
         stages = merged["stages"]
-        if stages != "auto" and (not isinstance(stages, (list, tuple)) or not stages or not all(isinstance(s, str) for s in stages)):
+        if stages != "auto" and (not isinstance(stages, (list, tuple)) or not stages
+                                 or not all(isinstance(s, str) for s in stages)):
             raise ConfigError(f"{key}.stages", f"must be 'auto' or a non-empty list of stage names, got {stages!r}")
 
     def __init__(self, student, teacher, cfg, num_classes):
@@ -43,12 +44,15 @@ class AT(FeatureDistiller):
         for role, net in (("student", student), ("teacher", teacher)):
             if not has_spatial_stages(net):
                 raise ConfigError(self.key("stages"), f"AT needs spatial feature maps, but the {role} network "
-                                  f"({type(net).__name__}) has only vector stages; use fitnet, rkd or crd on vector data")
+                                  f"({type(net).__name__}) has only vector stages; use fitnet, rkd or crd on vector "
+                                  "data")
         if self.cfg["stages"] == "auto":
             t_names = set(teacher.stage_names)
             stages = [n for n in student.stage_names if n in t_names and n not in _NOT_GROUPS]
             if not stages:
-                raise ConfigError(self.key("stages"), f"the networks share no stage to match; student: {student.stage_names}, teacher: {teacher.stage_names}")
+                raise ConfigError(self.key("stages"),
+                    f"the networks share no stage to match; student: {student.stage_names}, teacher: "
+                    f"{teacher.stage_names}")
         else:
             stages = [str(s) for s in self.cfg["stages"]]
             for name in stages:
@@ -62,6 +66,8 @@ class AT(FeatureDistiller):
         for name in self.stages:
             s, t = s_out[name], t_out[name]
             if s.dim() != 4 or t.dim() != 4:
-                raise ConfigError(self.key("stages"), f"stage {name!r} is not a spatial map (shapes {tuple(s.shape)} / {tuple(t.shape)}); AT needs [N, C, H, W]")
+                raise ConfigError(self.key("stages"),
+                    f"stage {name!r} is not a spatial map (shapes {tuple(s.shape)} / {tuple(t.shape)}); AT needs [N, "
+                    "C, H, W]")
             total = total + at_loss(match_spatial(s, t), t, p=float(self.cfg["p"]))
         return {"ce": self.ce(s_out, batch), "at": self.cfg["at_weight"] * total}

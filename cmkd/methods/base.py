@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Mapping
+from collections.abc import Mapping
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -57,7 +58,8 @@ class Distiller(nn.Module):
     def validate(cls, cfg: Mapping[str, Any], key: str) -> None:
         unknown = sorted(set(cfg) - set(cls.defaults))
         if unknown:
-            raise ConfigError(f"{key}.{unknown[0]}", f"not a parameter of method {cls.method_name!r}; known: {sorted(cls.defaults)}")
+            raise ConfigError(f"{key}.{unknown[0]}",
+                              f"not a parameter of method {cls.method_name!r}; known: {sorted(cls.defaults)}")
         merged = {**cls.defaults, **cfg}
         # A value of the wrong kind (`temperature: four`) is one line naming the key, not a
         # float() traceback in a subclass's range check. Numbers and switches only: string
@@ -77,7 +79,7 @@ class Distiller(nn.Module):
             if name.endswith("_weight") and float(value) < 0:
                 raise ConfigError(f"{key}.{name}", f"must be >= 0, got {value}")
 
-    def train(self, mode: bool = True) -> "Distiller":
+    def train(self, mode: bool = True) -> Distiller:
         super().train(mode)
         if self.teacher is not None and not self.trains_teacher:
             self.teacher.eval()  # a frozen teacher keeps its BatchNorm statistics

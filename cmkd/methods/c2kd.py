@@ -40,11 +40,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cmkd.utils import exactmath
 from cmkd.errors import ConfigError
 from cmkd.losses import cross_entropy, kendall_tau, kl_rows, mask_rows, masked_mean, to_rows
 from cmkd.methods import register
 from cmkd.methods.base import Distiller
+from cmkd.utils import exactmath
 
 
 class _BatchNorm(nn.BatchNorm1d):
@@ -87,14 +87,17 @@ def proxy_stage_of(model: nn.Module, requested: str, name: str) -> tuple[str, in
     """(stage name, its channels) of the `proxy_stage` parameter for one network."""
     stages = list(getattr(model, "stage_names", ()))
     if not stages or not hasattr(model, "forward_stages"):
-        raise ConfigError("models", f"the {name} network ({type(model).__name__}) exposes no intermediate stages (forward_stages); C2KD's proxy needs them")
+        raise ConfigError("models", f"the {name} network ({type(model).__name__}) exposes no intermediate stages "
+                                    "(forward_stages); C2KD's proxy needs them")
     stage = model.intermediate_stage if requested == "auto" else requested
     if stage not in stages:
-        raise ConfigError("c2kd.proxy_stage", f"the {name} network ({type(model).__name__}) has no stage {stage!r}; known: {stages} or auto")
+        raise ConfigError("c2kd.proxy_stage",
+            f"the {name} network ({type(model).__name__}) has no stage {stage!r}; known: {stages} or auto")
     return stage, int(model.stage_channels[stage])
 
 
-def nontarget_kl_rows(student_logits: torch.Tensor, teacher_logits: torch.Tensor, target: torch.Tensor, temperature: float) -> torch.Tensor:
+def nontarget_kl_rows(student_logits: torch.Tensor, teacher_logits: torch.Tensor, target: torch.Tensor,
+                      temperature: float) -> torch.Tensor:
     """Per-row KL(q_t || q_s) between the distributions over the non-target classes.
 
     q = softmax(z / T) over the C - 1 classes other than the row's target (the target is removed,
@@ -187,7 +190,8 @@ class C2KD(Distiller):
         s_proxy = _match_size(self.student_proxy(s_out[self.student_stage], pool), target)
         t_proxy = _match_size(self.teacher_proxy(t_out[self.teacher_stage], pool), target)
 
-        rows = {name: to_rows(x) for name, x in (("s_main", s_main), ("t_main", t_main), ("s_proxy", s_proxy), ("t_proxy", t_proxy))}
+        rows = {name: to_rows(x) for name, x in (("s_main", s_main), ("t_main", t_main), ("s_proxy", s_proxy),
+                                                 ("t_proxy", t_proxy))}
         flat_target = target.reshape(-1)
         valid = mask_rows(flat_target >= 0, flat_target.numel(), flat_target.device)
 

@@ -28,10 +28,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cmkd.utils import exactmath
 from cmkd.errors import ConfigError
 from cmkd.methods import register
 from cmkd.methods.feature import FeatureDistiller, pooled
+from cmkd.utils import exactmath
 
 NEGATIVES = ("other_class", "any")
 
@@ -147,7 +147,8 @@ class CRD(FeatureDistiller):
         if self.memory.rows != n:
             self.memory.reset(n)
         if labels is None:
-            self.pool, self.pool_size = torch.zeros(0, 0, dtype=torch.long, device=device), torch.zeros(0, dtype=torch.long, device=device)
+            self.pool, self.pool_size = (torch.zeros(0, 0, dtype=torch.long, device=device),
+                                         torch.zeros(0, dtype=torch.long, device=device))
             return
         classes = int(labels.max()) + 1
         members = [torch.nonzero(labels != c).flatten() for c in range(classes)]
@@ -157,7 +158,8 @@ class CRD(FeatureDistiller):
             pool[c, :len(m)] = m
         sizes = torch.tensor([len(m) for m in members])
         if bool((sizes[torch.unique(labels)] == 0).any()):
-            raise ConfigError(self.key("negatives"), "every training row has the same class: no other-class negatives (use negatives: any)")
+            raise ConfigError(self.key("negatives"),
+                              "every training row has the same class: no other-class negatives (use negatives: any)")
         self.pool, self.pool_size = pool.to(device), sizes.to(device)
 
     def n_negatives(self) -> int:

@@ -89,7 +89,8 @@ class CTKD(LogitDistiller):
         merged = {**cls.defaults, **cfg}
         init = float(merged["init_temperature"])
         if not TAU_MIN < init < TAU_MIN + TAU_RANGE:
-            raise ConfigError(f"{key}.init_temperature", f"must lie in ({TAU_MIN:g}, {TAU_MIN + TAU_RANGE:g}), got {init}")
+            raise ConfigError(f"{key}.init_temperature",
+                              f"must lie in ({TAU_MIN:g}, {TAU_MIN + TAU_RANGE:g}), got {init}")
         for name in ("ramp_epochs", "lambda_max"):
             if not float(merged[name]) >= 0:
                 raise ConfigError(f"{key}.{name}", f"must be >= 0, got {merged[name]}")
@@ -116,7 +117,8 @@ class CTKD(LogitDistiller):
         """For metrics.json: tau of the selected (best-validation) epoch's state, tau after the
         last epoch, and the per-epoch trajectory."""
         trajectory = [h["train/temperature"] for h in history if "train/temperature" in h]
-        return {"temperature": self.temperature, "temperature_final": trajectory[-1] if trajectory else self.temperature,
+        return {"temperature": self.temperature,
+                "temperature_final": trajectory[-1] if trajectory else self.temperature,
                 "temperature_trajectory": trajectory}
 
     @property

@@ -113,7 +113,8 @@ class DisComBranch(nn.Module):
         self.specific = specific
         # Paper: the specific encoder's embedding is split in halves; a linear map to 2E is added
         # only when its width is not 2E (e.g. an odd feature width).
-        self.specific_projection = nn.Identity() if spec_dim == 2 * embedding_dim else nn.Linear(spec_dim, 2 * embedding_dim)
+        self.specific_projection = (nn.Identity() if spec_dim == 2 * embedding_dim
+                                    else nn.Linear(spec_dim, 2 * embedding_dim))
         self.invariant = reinitialised_copy(specific)
         self.invariant_projection = nn.Linear(self.invariant.feature_dim, embedding_dim)
         self.embedding_dim = embedding_dim
@@ -178,9 +179,11 @@ class DisComKD(Distiller):
         super().validate(cfg, key)
         merged = {**cls.defaults, **cfg}
         if merged["orthogonality"] not in ORTHOGONALITY:
-            raise ConfigError(f"{key}.orthogonality", f"must be one of {list(ORTHOGONALITY)}, got {merged['orthogonality']!r}")
+            raise ConfigError(f"{key}.orthogonality",
+                              f"must be one of {list(ORTHOGONALITY)}, got {merged['orthogonality']!r}")
         if merged["representation"] not in REPRESENTATIONS:
-            raise ConfigError(f"{key}.representation", f"must be one of {list(REPRESENTATIONS)}, got {merged['representation']!r}")
+            raise ConfigError(f"{key}.representation",
+                              f"must be one of {list(REPRESENTATIONS)}, got {merged['representation']!r}")
         for name in ("use_adv", "use_mod", "use_aux", "use_orth"):
             if not isinstance(merged[name], bool):
                 raise ConfigError(f"{key}.{name}", f"must be true or false, got {merged[name]!r}")
@@ -190,18 +193,21 @@ class DisComKD(Distiller):
 
     def __init__(self, student, teacher, cfg, num_classes):
         if teacher is None:
-            raise ConfigError("runs", "method 'discom_kd' needs a (fresh) network for the teacher modality: it trains one branch per modality")
+            raise ConfigError("runs", "method 'discom_kd' needs a (fresh) network for the teacher modality: it trains "
+                                      "one branch per modality")
         super().__init__(student, teacher, cfg, num_classes)
         dims = []
         for name, net in (("student", student), ("teacher", teacher)):
             dim = getattr(net, "feature_dim", None)
             if not isinstance(dim, int):
-                raise ConfigError("models", f"the {name}-modality network ({type(net).__name__}) has no integer `feature_dim`; discom_kd needs it")
+                raise ConfigError("models", f"the {name}-modality network ({type(net).__name__}) has no integer "
+                                            "`feature_dim`; discom_kd needs it")
             dims.append(dim)
         e = self.cfg["embedding_dim"]
         if e is None:
             if dims[0] != dims[1] or dims[0] % 2:
-                raise ConfigError("runs.embedding_dim", f"feature widths {dims} are unequal or odd; set embedding_dim explicitly")
+                raise ConfigError("runs.embedding_dim",
+                                  f"feature widths {dims} are unequal or odd; set embedding_dim explicitly")
             e = dims[0] // 2
         rep = self.cfg["representation"]
         self.student_branch = DisComBranch(student, e, num_classes, rep)
@@ -221,7 +227,8 @@ class DisComKD(Distiller):
     def forward(self, batch):
         target = batch["target"]
         if target.dim() != 1:
-            raise ConfigError("runs", "discom_kd supports classification only (the paper leaves dense tasks open); got segmentation targets")
+            raise ConfigError("runs", "discom_kd supports classification only (the paper leaves dense tasks open); got "
+                                      "segmentation targets")
         cfg = self.cfg
         enabled = [name for name, on in (("cl", True), ("adv", cfg["use_adv"]), ("mod", cfg["use_mod"]),
                                          ("aux", cfg["use_aux"]), ("orth", cfg["use_orth"])) if on]
@@ -233,12 +240,15 @@ class DisComKD(Distiller):
             if "adv" in terms:
                 terms["adv"].append(F.cross_entropy(self.adversary(grad_reverse(z["inv"], cfg["grl_strength"])), m))
             if "mod" in terms:
-                terms["mod"].append(F.cross_entropy(self.inf_modality(z["inf"]), m) + F.cross_entropy(self.irr_modality(z["irr"]), m))
+                terms["mod"].append(F.cross_entropy(self.inf_modality(z["inf"]), m)
+                                    + F.cross_entropy(self.irr_modality(z["irr"]), m))
             if "aux" in terms:
-                terms["aux"].append(cross_entropy(self.aux_classifier(z["inv"]), target) + cross_entropy(self.aux_classifier(z["inf"]), target))
+                terms["aux"].append(cross_entropy(self.aux_classifier(z["inv"]), target)
+                                    + cross_entropy(self.aux_classifier(z["inf"]), target))
             if "orth" in terms:
                 mode = cfg["orthogonality"]
-                terms["orth"].append(orthogonality_loss(z["inv"], z["inf"], mode) + orthogonality_loss(z["inf"], z["irr"], mode))
+                terms["orth"].append(orthogonality_loss(z["inv"], z["inf"], mode)
+                                     + orthogonality_loss(z["inf"], z["irr"], mode))
         return {name: cfg[f"{name}_weight"] * torch.stack(vals).sum() for name, vals in terms.items()}
 
     def deployables(self):

@@ -46,7 +46,8 @@ class DKD(LogitDistiller):
         weights = self.kd_weights(batch, s_kd, t_kd)
         cfg = self.cfg
         warm = linear_warmup(self.epoch, cfg["warmup_epochs"])
-        losses = {"dkd": warm * dkd_loss(s_kd, t_kd, batch["target"], cfg["alpha"], cfg["beta"], cfg["temperature"], mask=weights)}
+        losses = {"dkd": warm * dkd_loss(s_kd, t_kd, batch["target"], cfg["alpha"], cfg["beta"],
+                                         cfg["temperature"], mask=weights)}
         if cfg["ce_weight"]:
             losses["ce"] = cfg["ce_weight"] * cross_entropy(s, batch["target"])
         return losses

@@ -9,7 +9,7 @@ features, so `uses_teacher_logits_only` is False. Every method adds CE on the st
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -58,11 +58,13 @@ class FeatureDistiller(Distiller):
         """A stage name of `model`; "auto" is the network's own intermediate stage."""
         known = list(getattr(model, "stage_names", ()))
         if not known:
-            raise ConfigError(self.key(param), f"the {role} network ({type(model).__name__}) exposes no stages (forward_stages)")
+            raise ConfigError(self.key(param),
+                              f"the {role} network ({type(model).__name__}) exposes no stages (forward_stages)")
         if name == "auto":
             return model.intermediate_stage
         if name not in known:
-            raise ConfigError(self.key(param), f"the {role} network ({type(model).__name__}) has no stage {name!r}; known: {known}")
+            raise ConfigError(self.key(param),
+                              f"the {role} network ({type(model).__name__}) has no stage {name!r}; known: {known}")
         return name
 
     def run_both(self, batch, student_stages: Sequence[str], teacher_stages: Sequence[str]):

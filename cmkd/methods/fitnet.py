@@ -27,7 +27,8 @@ class FitNet(FeatureDistiller):
         super().__init__(student, teacher, cfg, num_classes)
         self.student_stage = self.resolve_stage(student, str(self.cfg["student_stage"]), "student", "student_stage")
         self.teacher_stage = self.resolve_stage(teacher, str(self.cfg["teacher_stage"]), "teacher", "teacher_stage")
-        self.regressor = nn.Conv2d(student.stage_channels[self.student_stage], teacher.stage_channels[self.teacher_stage], 1)
+        self.regressor = nn.Conv2d(student.stage_channels[self.student_stage],
+                                   teacher.stage_channels[self.teacher_stage], 1)
 
     def regress(self, s):
         if s.dim() == 2:
@@ -38,7 +39,8 @@ class FitNet(FeatureDistiller):
         s_out, t_out = self.run_both(batch, [self.student_stage], [self.teacher_stage])
         s, t = self.regress(s_out[self.student_stage]), t_out[self.teacher_stage]
         if s.dim() != t.dim():
-            raise ConfigError(self.key("student_stage"), f"stage {self.student_stage!r} of the student is {s.dim()}-D but "
+            raise ConfigError(self.key("student_stage"),
+                              f"stage {self.student_stage!r} of the student is {s.dim()}-D but "
                               f"stage {self.teacher_stage!r} of the teacher is {t.dim()}-D; pick stages of one kind")
         s = match_spatial(s, t)
         return {"ce": self.ce(s_out, batch), "hint": self.cfg["hint_weight"] * F.mse_loss(s, t)}

@@ -14,7 +14,7 @@ handing the method a different teacher module (the NTDH feature mask does).
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

@@ -40,7 +40,8 @@ model and its `features(x)` as the inputs.
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -230,7 +231,8 @@ def train_modality_pair(
     bs = n if batch_size is None else batch_size
     history = []
     for _ in tqdm(range(epochs), desc="algorithm 1: joint pair", disable=not progress, leave=False):
-        order = torch.randperm(n, generator=generator).to(teacher_inputs.device) if bs < n else torch.arange(n, device=teacher_inputs.device)
+        order = (torch.randperm(n, generator=generator).to(teacher_inputs.device) if bs < n
+                 else torch.arange(n, device=teacher_inputs.device))
         total = 0.0
         for start in range(0, n, bs):
             idx = order[start:start + bs]
@@ -292,7 +294,8 @@ def algorithm1(
     with torch.no_grad():
         reference = _forward_rows(student, student_inputs, _rows_per_pass(student_inputs, batch_size))
         if level == "feature":
-            inputs, model = _forward_rows(teacher.features, teacher_inputs, _rows_per_pass(teacher_inputs, batch_size)), teacher.head
+            inputs, model = _forward_rows(teacher.features, teacher_inputs,
+                                          _rows_per_pass(teacher_inputs, batch_size)), teacher.head
         else:
             inputs, model = teacher_inputs, teacher
     teacher.train(was[0])
@@ -302,9 +305,11 @@ def algorithm1(
         raise ValueError(f"k must be in [1, {num_channels}] (the teacher's {level} channels), got {k}")
     dist_fn = pair_distance(distance)
     if distance in SALIENCY_LOSSES:  # label-free (MFH's): the exact computation exp_mfh_alg1 always ran
-        increase = permutation_saliency(model, inputs, reference, n_repeats, generator, loss=distance, batch_size=batch_size)
+        increase = permutation_saliency(model, inputs, reference, n_repeats, generator, loss=distance,
+                                        batch_size=batch_size)
     else:
-        increase = permutation_saliency(model, inputs, reference, n_repeats, generator, loss=lambda out, ref, y: dist_fn(out, ref, y),
+        increase = permutation_saliency(model, inputs, reference, n_repeats, generator,
+                                        loss=lambda out, ref, y: dist_fn(out, ref, y),
                                         batch_size=batch_size, labels=targets)
     span = increase.max() - increase.min()
     saliency = (increase - increase.min()) / span if span > 0 else torch.zeros_like(increase)
@@ -451,12 +456,14 @@ def modality_general_teacher(
     level = cfg["level"] if cfg["level"] != "auto" else ("input" if x_t.dim() == 2 else "feature")
     pair_teacher = reinitialised_copy(teacher).to(device)
     pair_student = reinitialised_copy(student).to(device)
-    pair = dict(epochs=int(cfg["pair_epochs"]), lr=float(cfg["pair_lr"]), batch_size=cfg["pair_batch_size"], distance=distance)
+    pair = dict(epochs=int(cfg["pair_epochs"]), lr=float(cfg["pair_lr"]), batch_size=cfg["pair_batch_size"],
+                distance=distance)
     saliency = None
     if cfg["channels"] is not None:
         channels = torch.tensor(cfg["channels"], dtype=torch.long)
         if level == "feature":  # feature channels need the network they index
-            train_modality_pair(pair_teacher, pair_student, x_t, x_s, y, generator=torch.Generator().manual_seed(int(train_cfg.seed)), **pair)
+            train_modality_pair(pair_teacher, pair_student, x_t, x_s, y,
+                                generator=torch.Generator().manual_seed(int(train_cfg.seed)), **pair)
     else:
         with torch.no_grad():
             width = x_t.shape[1] if level == "input" else pair_teacher.eval().features(x_t[:2]).shape[1]
@@ -479,7 +486,8 @@ def modality_general_teacher(
         "saliency": None if saliency is None else [float(s) for s in saliency],
         "teacher_val": result.best_val,
     }
-    log.info("%s: teacher retrained on %s channels %s (distance %s), val %s", name, level, selection["channels"], distance, result.best_val)
+    log.info("%s: teacher retrained on %s channels %s (distance %s), val %s", name, level, selection["channels"],
+             distance, result.best_val)
     return masked, selection
 
 
@@ -532,7 +540,8 @@ class MGKD(Distiller):
         selected channels (`train_cfg`: engine TrainConfig, normally the teacher's). Deterministic
         given torch's global seed and `train_cfg.seed`. Returns `self.selection`."""
         masked, self.selection = modality_general_teacher(
-            self.teacher, self.student, train, val, train_cfg, self.cfg, distance="mse", task=task, num_classes=num_classes,
+            self.teacher, self.student, train, val, train_cfg, self.cfg, distance="mse", task=task,
+                                                          num_classes=num_classes,
             ignore_index=ignore_index, checkpoint_dir=checkpoint_dir, progress=progress, name="mgkd")
         self.set_teacher(masked)
         return self.selection
@@ -543,7 +552,8 @@ class MGKD(Distiller):
 
     def forward(self, batch):
         if not self.prepared:
-            raise RuntimeError("mgkd: call prepare(...) (or set_teacher) before training; the teacher must be the modality-general one")
+            raise RuntimeError("mgkd: call prepare(...) (or set_teacher) before training; the teacher must be the "
+                               "modality-general one")
         s = self.student(batch["student_input"])
         t = self.teacher_logits(batch)
         valid = batch["target"] >= 0

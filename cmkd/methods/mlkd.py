@@ -42,12 +42,11 @@ import math
 import torch
 import torch.nn.functional as F
 
-from cmkd.utils import exactmath
 from cmkd.errors import ConfigError
 from cmkd.losses import batch_correlation_loss, class_correlation_loss, cross_entropy, to_rows
 from cmkd.methods import register
 from cmkd.methods.logit import LogitDistiller
-
+from cmkd.utils import exactmath
 
 CLASS_NORMS = ("none", "batch")
 
@@ -67,7 +66,8 @@ def teacher_confidence_mask(teacher_logits: torch.Tensor, threshold: float) -> t
 
 
 def strong_augment(x: torch.Tensor, noise_std: float = 0.1, erase: bool = True,
-                   erase_area: tuple[float, float] = (0.02, 0.33), erase_ratio: tuple[float, float] = (0.3, 3.3)) -> torch.Tensor:
+                   erase_area: tuple[float, float] = (0.02, 0.33),
+                   erase_ratio: tuple[float, float] = (0.3, 3.3)) -> torch.Tensor:
     """A strong view of a batch, vectorised: for images [N, C, H, W] one random rectangle per image
     is set to that image's per-channel mean (random erasing), then every input gets Gaussian
     noise with std `noise_std` times the sample's own std. Uses the global torch RNG."""
@@ -117,7 +117,8 @@ class MLKD(LogitDistiller):
         if not isinstance(temps, (list, tuple)) or not temps or not all(float(t) > 0 for t in temps):
             raise ConfigError(f"{key}.temperatures", f"must be a non-empty list of positive numbers, got {temps!r}")
         if not 0.0 <= float(merged["confidence_threshold"]) <= 1.0:
-            raise ConfigError(f"{key}.confidence_threshold", f"must lie in [0, 1], got {merged['confidence_threshold']}")
+            raise ConfigError(f"{key}.confidence_threshold",
+                              f"must lie in [0, 1], got {merged['confidence_threshold']}")
         if merged["strong_aug"] not in ("auto", True, False):
             raise ConfigError(f"{key}.strong_aug", f"must be auto, true or false, got {merged['strong_aug']!r}")
         if merged["class_norm"] not in CLASS_NORMS:
@@ -135,12 +136,14 @@ class MLKD(LogitDistiller):
             views.append(self.student(strong_augment(x, float(cfg["strong_noise_std"]), bool(cfg["strong_erase"]))))
         t = self.teacher_logits(batch)
         t_kd = self.kd_view(t)
-        weights = self.kd_weights(batch, self.kd_view(s), t_kd) * teacher_confidence_mask(t, float(cfg["confidence_threshold"]))
+        weights = (self.kd_weights(batch, self.kd_view(s), t_kd)
+                   * teacher_confidence_mask(t, float(cfg["confidence_threshold"])))
         row_weights = weights.reshape(-1)
         rows_per_sample = math.prod(target.shape[1:])  # 1 for classification, H*W for segmentation
         t_rows = to_rows(t_kd)
         # All temperatures at once: [K, rows, C] (one kernel per op instead of one per T).
-        temps = torch.tensor([float(t) for t in cfg["temperatures"]], dtype=t_rows.dtype, device=t_rows.device).view(-1, 1, 1)
+        temps = torch.tensor([float(t) for t in cfg["temperatures"]], dtype=t_rows.dtype,
+                             device=t_rows.device).view(-1, 1, 1)
         log_p_t = F.log_softmax(t_rows.unsqueeze(0) / temps, dim=-1)
         p_t = exactmath.exp(log_p_t)
         total_weight = row_weights.sum().clamp_min(1e-12)
@@ -155,7 +158,8 @@ class MLKD(LogitDistiller):
             instance = instance + (kl.sum(0) * row_weights).sum() / total_weight
             p_s = exactmath.exp(log_p_s)
             batch_level = batch_level + batch_correlation_loss(p_s, p_t, row_weights, rows_per_sample).sum()
-            class_level = class_level + class_correlation_loss(p_s, p_t, row_weights, rows_per_sample).sum() * class_scale
+            class_level = class_level + class_correlation_loss(p_s, p_t, row_weights,
+                                                               rows_per_sample).sum() * class_scale
             if cfg["ce_weight"]:
                 ce = ce + cross_entropy(view, target)
         losses = {

@@ -33,7 +33,8 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -106,7 +107,8 @@ class NonTargetSampleMask:
             drop |= valid & (teacher_logits.argmax(dim=1) != target)
         return drop
 
-    def dropped_per_column(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    def dropped_per_column(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+                           target: torch.Tensor) -> torch.Tensor:
         """`dropped` for a target [N, ...] whose every trailing position is a batch of its own
         (the batched experiments' slices): each column's N rows are ranked apart, in one pass."""
         valid = target >= 0
@@ -116,7 +118,8 @@ class NonTargetSampleMask:
         # floor(ratio * valid rows) per column, in float64 as `dropped` computes it
         n_drop = torch.floor(self.drop_ratio * valid.reshape(n, -1).sum(0).to(torch.float64))
         order = scores.argsort(dim=0, descending=True)
-        rank = torch.empty_like(order).scatter_(0, order, torch.arange(n, device=order.device).unsqueeze(1).expand_as(order))
+        rank = torch.empty_like(order).scatter_(
+            0, order, torch.arange(n, device=order.device).unsqueeze(1).expand_as(order))
         drop = (rank < n_drop.unsqueeze(0)).reshape(target.shape)
         if self.drop_wrong:
             drop |= valid & (teacher_logits.argmax(dim=1) != target)
@@ -163,9 +166,11 @@ class NTDHMask(Distiller):
         if merged["mode"] not in MODES:
             raise ConfigError(f"{key}.mode", f"must be one of {list(MODES)}, got {merged['mode']!r}")
         if merged["divergence_form"] not in DIVERGENCE_FORMS:
-            raise ConfigError(f"{key}.divergence_form", f"must be one of {list(DIVERGENCE_FORMS)}, got {merged['divergence_form']!r}")
+            raise ConfigError(f"{key}.divergence_form",
+                              f"must be one of {list(DIVERGENCE_FORMS)}, got {merged['divergence_form']!r}")
         if not -1.0 <= float(merged["cos_threshold"]) <= 1.0:
-            raise ConfigError(f"{key}.cos_threshold", f"a cosine threshold must lie in [-1, 1], got {merged['cos_threshold']}")
+            raise ConfigError(f"{key}.cos_threshold",
+                              f"a cosine threshold must lie in [-1, 1], got {merged['cos_threshold']}")
         if not 0.0 <= float(merged["drop_ratio"]) < 1.0:
             raise ConfigError(f"{key}.drop_ratio", f"must lie in [0, 1), got {merged['drop_ratio']}")
         if not 0.0 <= float(merged["down_weight"]) <= 1.0:
@@ -196,8 +201,10 @@ class NTDHMask(Distiller):
         if mode in ("sample", "both"):
             inner.sample_weight_hook = PSSMSampleMask(self.cfg["cos_threshold"])
         elif mode == "sample_drop":
-            inner.sample_weight_hook = NonTargetSampleMask(self.cfg["drop_ratio"], self.cfg["drop_wrong"], self.cfg["down_weight"],
-                                                           self.cfg["divergence_temperature"], self.cfg["divergence_form"])
+            inner.sample_weight_hook = NonTargetSampleMask(self.cfg["drop_ratio"], self.cfg["drop_wrong"],
+                                                           self.cfg["down_weight"],
+                                                           self.cfg["divergence_temperature"],
+                                                           self.cfg["divergence_form"])
         self.inner = inner
 
     def on_epoch_start(self, epoch: int, total_epochs: int) -> None:
@@ -222,10 +229,13 @@ class NTDHMask(Distiller):
         if not self.uses_feature_mask:
             return None
         if self.teacher is None:
-            raise ConfigError("runs", "the NTDH feature mask needs the teacher architecture (a teacher-modality network)")
+            raise ConfigError("runs", "the NTDH feature mask needs the teacher architecture (a teacher-modality "
+                                      "network)")
         masked, self.selection = modality_general_teacher(
-            self.teacher, self.student, train, val, train_cfg, self.cfg, distance=FEATURE_DISTANCES[self.cfg["divergence_form"]],
-            task=task, num_classes=num_classes, ignore_index=ignore_index, checkpoint_dir=checkpoint_dir, progress=progress,
+            self.teacher, self.student, train, val, train_cfg, self.cfg,
+                                                          distance=FEATURE_DISTANCES[self.cfg["divergence_form"]],
+            task=task, num_classes=num_classes, ignore_index=ignore_index, checkpoint_dir=checkpoint_dir,
+                                                          progress=progress,
             name="ntdh feature mask", fraction_key="keep_ratio")
         self.set_teacher(masked)
         return self.selection

@@ -7,7 +7,7 @@ The network takes a single tensor with the modalities concatenated along channel
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -42,7 +42,8 @@ class FusionResNet18(nn.Module):
 
     def _inputs(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         if x.shape[1] != sum(self.split):
-            raise ValueError(f"fusion_resnet18 expects {sum(self.split)} channels (split {self.split}), got {x.shape[1]}")
+            raise ValueError(f"fusion_resnet18 expects {sum(self.split)} channels (split {self.split}), got "
+                             f"{x.shape[1]}")
         return torch.split(x, self.split, dim=1)
 
     def feature_maps(self, x: torch.Tensor) -> torch.Tensor:
@@ -60,7 +61,8 @@ class FusionResNet18(nn.Module):
 def build_fusion_resnet18(in_shape: tuple[int, ...], num_classes: int, split: Sequence[int] | None = None,
                           width: int = 64, small_input: bool = False) -> FusionResNet18:
     if split is None or len(split) < 2 or any(int(c) < 1 for c in split):
-        raise ConfigError("split", f"fusion_resnet18 needs `split`, the channels of each modality (e.g. [3, 1]), got {split}")
+        raise ConfigError("split", "fusion_resnet18 needs `split`, the channels of each modality (e.g. [3, 1]), got "
+                                   f"{split}")
     if sum(int(c) for c in split) != in_shape[0]:
         raise ConfigError("split", f"channel split {list(split)} sums to {sum(int(c) for c in split)}, "
                                    f"but the input has {in_shape[0]} channels")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -47,7 +47,8 @@ class MLP(nn.Module):
 
 
 @register_arch("mlp")
-def build_mlp(in_shape: tuple[int, ...], num_classes: int, hidden: Sequence[int] = (128, 128), dropout: float = 0.0) -> MLP:
+def build_mlp(in_shape: tuple[int, ...], num_classes: int, hidden: Sequence[int] = (128, 128),
+              dropout: float = 0.0) -> MLP:
     in_features = 1
     for d in in_shape:
         in_features *= d

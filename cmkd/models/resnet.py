@@ -44,7 +44,8 @@ class ResNet18(nn.Module):
                  blocks: tuple[int, ...] = RESNET_BLOCKS[18]):
         super().__init__()
         if small_input:
-            self.stem = nn.Sequential(nn.Conv2d(in_channels, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU())
+            self.stem = nn.Sequential(nn.Conv2d(in_channels, width, 3, 1, 1, bias=False),
+                                      nn.BatchNorm2d(width), nn.ReLU())
         else:
             self.stem = nn.Sequential(
                 nn.Conv2d(in_channels, width, 7, 2, 3, bias=False), nn.BatchNorm2d(width), nn.ReLU(),

@@ -11,11 +11,11 @@ integer inputs (stored uint8 RGB) are refused: cmkd.training.data.load_split nor
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-from typing import Sequence
 
 from cmkd.errors import ConfigError
 from cmkd.models import register_arch, select_stages
@@ -39,7 +39,8 @@ class SegResNet(nn.Module):
             raise ValueError(f"stem_stride must be 1, 2 or 4, got {stem_stride}")
         per_stage = [blocks] * 4 if isinstance(blocks, int) else list(blocks)
         if len(per_stage) != 4 or not all(isinstance(b, int) and b >= 1 for b in per_stage):
-            raise ConfigError("blocks", f"must be a positive integer or four of them (e.g. [3, 4, 6, 3]), got {blocks!r}")
+            raise ConfigError("blocks", "must be a positive integer or four of them (e.g. [3, 4, 6, 3]), got "
+                                        f"{blocks!r}")
         stem = [_conv_bn_relu(in_channels, width, 3, min(stem_stride, 2))]
         if stem_stride == 4:
             stem.append(_conv_bn_relu(width, width, 3, 2))

@@ -20,8 +20,9 @@ from __future__ import annotations
 import ast
 import functools
 import hashlib
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 from cmkd.utils.registry import registered_names
 

@@ -15,9 +15,10 @@ import functools
 import logging
 import multiprocessing
 import sys
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import torch
 
@@ -169,7 +170,8 @@ def _train_seed(
     rank, _ = distributed_info()
     root = seed_root(attrs, seed)
     # Tuning never loads the test split, so no test number can reach a selection.
-    splits = {s: load_split(prepared, s, attrs, root) for s in (("train", "val", "test") if evaluate_test else ("train", "val"))}
+    splits = {s: load_split(prepared, s, attrs, root)
+              for s in (("train", "val", "test") if evaluate_test else ("train", "val"))}
     seed_everything(seed)
     teacher, student = build_networks(attrs, splits["train"], models, dataset)
     cfg = dict(run_cfg)
@@ -212,7 +214,8 @@ def _train_seed(
     for name, (net, input_key) in distiller.deployables().items():
         if evaluate_test:
             seed_result["test"][name] = evaluate(net, splits["test"], input_key, task=task, num_classes=num_classes,
-                                                 ignore_index=ignore_index, batch_size=seed_cfg.eval_batch_size, device=device,
+                                                 ignore_index=ignore_index, batch_size=seed_cfg.eval_batch_size,
+                                                 device=device,
                                                  precision=Precision(seed_cfg.amp, device),
                                                  channels_last=seed_cfg.channels_last is True or (
                                                      seed_cfg.channels_last == "auto" and device.type == "cuda"),

@@ -34,8 +34,9 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import yaml
@@ -43,8 +44,6 @@ import yaml
 from cmkd.config import _deep_copy, apply_overrides, budgeted_configs, expand_grid
 from cmkd.errors import ConfigError
 from cmkd.pipeline.layout import TUNED_FILE
-
-
 
 # ---------------------------------------------------------------------------- configuration
 
@@ -73,7 +72,8 @@ def load_tuned(path: str | Path = TUNED_FILE) -> dict[str, Any]:
     return data
 
 
-def tuned_run_config(run_cfg: Mapping[str, Any], tuned: Mapping[str, Any], dataset: str, run: str) -> tuple[dict[str, Any], str]:
+def tuned_run_config(run_cfg: Mapping[str, Any], tuned: Mapping[str, Any],
+                     dataset: str, run: str) -> tuple[dict[str, Any], str]:
     """The run's configuration with its selected values merged in, and where they came from:
     ("val" when tuned.yaml holds a selection for (run, dataset), else "default")."""
     selection = (tuned.get(run) or {}).get(dataset) or {}
@@ -123,7 +123,8 @@ def select(configs: Sequence[Mapping[str, Any]]) -> int:
     return best
 
 
-def tune_run(*, dataset: str, prepared: Path, run_name: str, run_cfg: Mapping[str, Any], grid: Mapping[str, Sequence[Any]],
+def tune_run(*, dataset: str, prepared: Path, run_name: str, run_cfg: Mapping[str, Any],
+             grid: Mapping[str, Sequence[Any]],
              budget: int, subsample_seed: int, seeds: Sequence[int], models: Mapping[str, Any], train_cfg,
              teacher_dir: Path | None, teacher_train_cfg, work_dir: Path, seed_workers: int = 1,
              progress: bool = False) -> dict[str, Any]:
@@ -133,10 +134,8 @@ def tune_run(*, dataset: str, prepared: Path, run_name: str, run_cfg: Mapping[st
     evaluated. Returns the run's evidence: every configuration's val score per seed, its mean,
     the chosen configuration and the seconds spent."""
     from cmkd.data.h5 import read_attrs
+    from cmkd.pipeline.train import skip_reason, train_run
     from cmkd.training.metrics import primary_metric
-    from cmkd.pipeline.train import train_run
-
-    from cmkd.pipeline.train import skip_reason
 
     attrs = read_attrs(prepared)
     metric = primary_metric(attrs["task"])
@@ -172,7 +171,8 @@ def tune_run(*, dataset: str, prepared: Path, run_name: str, run_cfg: Mapping[st
     chosen = select(entries)
     return {
         "dataset": dataset, "run": run_name, "method": run_cfg["method"], "metric": metric, "split": "val",
-        "seeds": list(seeds), "budget": budget, "epochs": int(train_cfg.epochs), "grid": {k: list(v) for k, v in grid.items()},
+        "seeds": list(seeds), "budget": budget, "epochs": int(train_cfg.epochs),
+            "grid": {k: list(v) for k, v in grid.items()},
         "grid_size": len(expand_grid(grid)), "configurations": entries, "selected_index": chosen,
         "selected": dict(entries[chosen]["config"]), "selected_val_mean": entries[chosen]["val_mean"],
         "seconds": round(time.perf_counter() - start, 2),
@@ -205,7 +205,8 @@ def report_markdown(dataset: str, runs: Mapping[str, Mapping[str, Any]], extra: 
             lines.append(f"| {name} | n/a ({r['skipped']}) | | | |")
             continue
         sel = ", ".join(f"{k}={v}" for k, v in r["selected"].items())
-        lines.append(f"| {name} | {sel} | {100 * r['selected_val_mean']:.2f} | {len(r['configurations'])} of {r['grid_size']} | {r['seconds']:.0f} |")
+        lines.append(f"| {name} | {sel} | {100 * r['selected_val_mean']:.2f} | {len(r['configurations'])} of "
+                     f"{r['grid_size']} | {r['seconds']:.0f} |")
     for name, r in runs.items():
         if r.get("skipped"):
             continue

@@ -71,16 +71,17 @@ import hashlib
 import json
 import math
 import re
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import yaml
 
 from cmkd.errors import ConfigError, DataFormatError
-from cmkd.utils.stats import ALPHA, one_sided, seed_slopes, welch
 from cmkd.utils.jsonable import jsonable
+from cmkd.utils.stats import ALPHA, one_sided, seed_slopes, welch
 
 SCALAR_OPS = (">", ">=", "<", "<=")
 ELEMENTWISE = tuple(f"{q} {op}" for q in ("all", "any") for op in SCALAR_OPS)
@@ -258,7 +259,7 @@ def record_configuration(text: str, params: Mapping[str, Any], path: str | Path 
     (comments and layout kept). Every key some claim depends on must already be listed there."""
     doc = yaml.safe_load(text)
     claims = parse_claims(doc, path, check_configuration=False)
-    listed = set((doc.get("configuration") or {}))
+    listed = set(doc.get("configuration") or {})
     needed = {key for c in claims for key, _ in c.configuration}
     missing = sorted(needed - listed)
     if missing:
@@ -344,7 +345,8 @@ def _parse_claim(raw: Mapping[str, Any], path: str | Path, where: str, recorded:
         raise fail(f"`x` applies to {list(TRENDS)} only")
     value = raw.get("value")
     if comparison == "between":
-        if not (isinstance(value, list) and len(value) == 2 and all(_is_number(v) for v in value) and value[0] <= value[1]):
+        if not (isinstance(value, list) and len(value) == 2 and all(_is_number(v) for v in value)
+                and value[0] <= value[1]):
             raise fail("comparison 'between' needs `value: [lo, hi]` with lo <= hi")
     elif comparison in TRENDS:
         if value is not None or against is not None:
@@ -539,7 +541,8 @@ def difference(a: Sample, b: Sample, paired: bool = True) -> tuple[float, float,
     return diff, se, df, "Welch t"
 
 
-def scalar_p(op: str, a: Sample, b: Sample, tolerance: float = 0.0, paired: bool = True) -> tuple[float, float, dict[str, Any]]:
+def scalar_p(op: str, a: Sample, b: Sample, tolerance: float = 0.0,
+             paired: bool = True) -> tuple[float, float, dict[str, Any]]:
     """(p of the paper's side, p of the other side, statistics) of `a op b` (op in SCALAR_OPS)."""
     sign = 1.0 if op.startswith(">") else -1.0
     if a.exact and b.exact:  # exact numbers: the comparison as written
@@ -601,7 +604,8 @@ def evaluate_claim(claim: Claim, load: Loader, params: Mapping[str, Any] | None 
     except (TypeError, ValueError) as err:
         return Outcome(claim, jsonable(measured), "not_run", detail=f"invalid measurement: {err}",
                        against_measured=against, enforced=not note, note=note)
-    return Outcome(claim, shown, verdict, detail=detail, against_measured=_means(against) if against is not None else None,
+    return Outcome(claim, shown, verdict, detail=detail,
+                   against_measured=_means(against) if against is not None else None,
                    statistics=statistics, enforced=not note, note=note)
 
 
@@ -647,9 +651,11 @@ def compare(comparison: str, measured: Any, value: Any, tolerance: float, agains
         p_paper, p_other = [p for p, _, _ in tests], [q for _, q, _ in tests]
         k = len(tests)
         if quantifier == "all":  # intersection-union: every point at alpha; Bonferroni the other way
-            verdict = "reproduced" if max(p_paper) < alpha else "not_reproduced" if min(p_other) < alpha / k else "inconclusive"
+            verdict = ("reproduced" if max(p_paper) < alpha
+                       else "not_reproduced" if min(p_other) < alpha / k else "inconclusive")
         else:
-            verdict = "reproduced" if min(p_paper) < alpha / k else "not_reproduced" if max(p_other) < alpha else "inconclusive"
+            verdict = ("reproduced" if min(p_paper) < alpha / k
+                       else "not_reproduced" if max(p_other) < alpha else "inconclusive")
         n_sig = sum(p < alpha for p in p_paper)
         st = {"test": tests[0][2]["test"], "p": p_paper, "p_other_side": p_other}
         return verdict, [m.mean for m in ms], f"{n_sig}/{k} points significant ({tests[0][2]['test']})", st
@@ -658,7 +664,8 @@ def compare(comparison: str, measured: Any, value: Any, tolerance: float, agains
     raise ValueError(f"unknown comparison {comparison!r}")
 
 
-def _trend(comparison: str, measured: Any, x: Any, tolerance: float, alpha: float) -> tuple[str, Any, str, dict[str, Any]]:
+def _trend(comparison: str, measured: Any, x: Any,
+           tolerance: float, alpha: float) -> tuple[str, Any, str, dict[str, Any]]:
     ys = _list(measured, "measured")
     if len(ys) < 2:
         raise ValueError("a trend needs at least two points")
@@ -672,7 +679,8 @@ def _trend(comparison: str, measured: Any, x: Any, tolerance: float, alpha: floa
         ms = [means[i] for i in order]
         steps = [sign * (b - a) for a, b in zip(ms, ms[1:])]
         holds = sign * (ms[-1] - ms[0]) > tolerance and min(steps) >= -tolerance
-        return ("reproduced" if holds else "not_reproduced"), means, f"first->last {_fmt(ms[-1] - ms[0])}", {"test": "exact"}
+        return (("reproduced" if holds else "not_reproduced"), means, f"first->last {_fmt(ms[-1] - ms[0])}",
+                {"test": "exact"})
     if any(y.values is None for y in ys) or len({len(y.values) for y in ys}) != 1:
         raise TypeError("a trend over samples needs per-seed `values`, the same seeds at every point")
     y = _aligned(ys)
@@ -684,7 +692,8 @@ def _trend(comparison: str, measured: Any, x: Any, tolerance: float, alpha: floa
     mean, se = float(slopes.mean()), float(slopes.std(ddof=1)) / math.sqrt(n)
     p_paper, p_other = one_sided(sign * mean + tolerance, se, n - 1)
     st = {"test": "t test of per-seed slopes", "slope": mean, "se": se, "df": n - 1, "p": p_paper}
-    return _decide(p_paper, p_other, alpha), means, f"slope {_fmt(mean)} (s.e. {_fmt(se)}, {n} seeds, p {_fmt(p_paper)})", st
+    return (_decide(p_paper, p_other, alpha), means,
+            f"slope {_fmt(mean)} (s.e. {_fmt(se)}, {n} seeds, p {_fmt(p_paper)})", st)
 
 
 def _aligned(samples: Sequence[Sample]) -> np.ndarray:
@@ -757,7 +766,8 @@ def summary_line(outcomes: Sequence[Outcome]) -> str:
 
 def changed_line(o: Outcome) -> str:
     """One changed claim in words: its id, the verdict measured and the one expected."""
-    line = (f"{o.claim.id}: verdict {o.verdict.replace('_', ' ')}, expected {o.claim.expected_verdict.replace('_', ' ')}")
+    line = (f"{o.claim.id}: verdict {o.verdict.replace('_', ' ')}, expected "
+            f"{o.claim.expected_verdict.replace('_', ' ')}")
     extra = "; ".join(t for t in (o.detail if o.verdict == "not_run" else "", o.note) if t)
     return f"{line} ({extra})" if extra else line
 
@@ -783,7 +793,8 @@ def render_markdown(outcomes: Sequence[Outcome], title: str = "Paper claims") ->
             measured += f" ({o.detail})"
         mark = "ok" if o.passed else ("changed (not enforced)" if not o.enforced else "**CHANGED**")
         lines.append(f"| `{c.id}` | {c.paper} | {c.tests or ''} | {_md(c.statement)} | `{_md(c.expected_text())}` | "
-                     f"{_md(measured)} | {o.verdict.replace('_', ' ')} | {c.expected_verdict.replace('_', ' ')} | {mark} |")
+                     f"{_md(measured)} | {o.verdict.replace('_', ' ')} | {c.expected_verdict.replace('_', ' ')} | "
+                     f"{mark} |")
     notes = [o for o in outcomes if o.claim.reason or o.note or o.verdict == "not_run"]
     if notes:
         lines += ["", "## Notes", ""]
@@ -800,7 +811,8 @@ def _changed_section(outcomes: Sequence[Outcome]) -> list[str]:
     if not changed:
         return []
     enforced = [o for o in changed if o.enforced]
-    head = f"## CHANGED: {len(changed)} verdict{'s' if len(changed) > 1 else ''} differ{'' if len(changed) > 1 else 's'} from claims.yaml"
+    head = (f"## CHANGED: {len(changed)} verdict{'s' if len(changed) > 1 else ''} "
+            f"differ{'' if len(changed) > 1 else 's'} from claims.yaml")
     lines = [head, ""]
     for o in sorted(changed, key=lambda o: not o.enforced):
         lines.append(f"- {'**CHANGED**' if o.enforced else 'changed (not enforced)'} `{o.claim.id}`: verdict "

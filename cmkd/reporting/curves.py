@@ -8,8 +8,8 @@ long table (run, epoch, score = mean over seeds), drawn with one line per run by
 from __future__ import annotations
 
 import csv
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 
 def read_tsv(path: Path) -> dict[int, float]:

@@ -16,8 +16,8 @@ whether they are current). Pure functions here; the command is in stages/readme.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from cmkd.errors import CmkdError
 
@@ -119,7 +119,8 @@ def compact_claims(claims_md: str, source: str | Path) -> str:
     try:
         columns = [header.index(name) for name in ("claim", "paper", "verdict", "expected")]
     except ValueError:
-        raise ReadmeError(f"{source}:{start + 1}: claims table header {header} lacks claim, paper, verdict or expected")
+        raise ReadmeError(f"{source}:{start + 1}: claims table header {header} "
+                          "lacks claim, paper, verdict or expected") from None
     out = ["| claim | paper | verdict | expected |", "|---|---|---|---|"]
     for i in range(start + 2, len(lines)):
         if not lines[i].startswith("|"):
@@ -179,5 +180,6 @@ def replace_blocks(readme: str, generated: dict[str, str]) -> str:
         pattern = re.compile(rf"(<!-- {name}:start[^>]*-->\n).*?(\n<!-- {name}:end -->)", re.S)
         if len(pattern.findall(readme)) != 1:
             raise ReadmeError(f"README.md: needs exactly one '<!-- {name}:start -->' ... '<!-- {name}:end -->' pair")
-        readme = pattern.sub(lambda m: m.group(1) + body.strip() + m.group(2), readme)
+        # re.sub calls the lambda before the loop moves on: `body` cannot be a later block's
+        readme = pattern.sub(lambda m: m.group(1) + body.strip() + m.group(2), readme)  # noqa: B023
     return readme

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -81,7 +82,8 @@ def collect(run_dirs: Iterable[Path], run_configs: Mapping[str, Any] | None = No
         extra: dict[str, Any] = {}
         if run not in BASELINES:
             if "hyperparameters" in metrics:
-                extra = {"hyperparameters": metrics["hyperparameters"], "selected_on": metrics.get("selected_on", "val")}
+                extra = {"hyperparameters": metrics["hyperparameters"],
+                         "selected_on": metrics.get("selected_on", "val")}
             else:
                 cfg = dict((run_configs or {}).get(run) or {})
                 cfg.pop("method", None)
@@ -279,7 +281,7 @@ def bar_figure(report: Mapping[str, Any], dataset: str, path: Path) -> None:
     handles = [Patch(color=COLOURS[k], label=label) for k, label in
                (("better", "better than STUDENT"), ("worse", "worse"), ("indistinguishable", "indistinguishable"))]
     ax.legend(handles=handles, loc="lower right", fontsize=8)
-    low = min([c - l for c, l in zip(centres, lo)] + means) if means else 0.0
+    low = min([c - low_err for c, low_err in zip(centres, lo)] + means) if means else 0.0
     ax.set_xlim(left=max(0.0, math.floor(low - 5)))
     ax.set_xlabel(f"{metric} × 100 (mean over seeds; whiskers: 95% CI of the paired difference to STUDENT, dashed)")
     ax.set_title(dataset)

@@ -7,8 +7,9 @@ import hashlib
 import json
 import logging
 import os
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -31,7 +32,8 @@ def code_fingerprint() -> str:
 def run_fingerprint(*parts: Any) -> str:
     """A hash of everything that defines a run (and of the code); a checkpoint is resumed only
     when it matches."""
-    return hashlib.sha256(json.dumps([code_fingerprint(), *parts], sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return hashlib.sha256(json.dumps([code_fingerprint(), *parts],
+                                     sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def _cpu_state(module: nn.Module) -> dict[str, torch.Tensor]:

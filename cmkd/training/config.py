@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 from cmkd.data.loader import LoaderConfig
 from cmkd.errors import ConfigError
 from cmkd.training.precision import validate_amp, validate_schedule
-
 
 AUGMENTS = (None, "flip", "flip_rot90")
 OPTIMIZERS = ("adam", "adamw", "sgd")
@@ -38,7 +38,7 @@ class TrainConfig:
     loader: Any = None
 
     @classmethod
-    def from_params(cls, params: Mapping[str, Any], key: str, **overrides: Any) -> "TrainConfig":
+    def from_params(cls, params: Mapping[str, Any], key: str, **overrides: Any) -> TrainConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(params) - names)
         if unknown:
@@ -75,11 +75,13 @@ class TrainConfig:
         validate_schedule(self.schedule, f"{key}.schedule")
         validate_amp(self.amp, f"{key}.amp")
         if self.channels_last not in (True, False, "auto") or not isinstance(self.channels_last, (bool, str)):
-            raise ConfigError(f"{key}.channels_last", f"must be true, false or auto (on CUDA only), got {self.channels_last!r}")
+            raise ConfigError(f"{key}.channels_last",
+                              f"must be true, false or auto (on CUDA only), got {self.channels_last!r}")
         if not isinstance(self.grad_clip, (int, float)) or isinstance(self.grad_clip, bool) or self.grad_clip < 0:
             raise ConfigError(f"{key}.grad_clip", f"must be a number >= 0 (0 = off), got {self.grad_clip!r}")
         if not (isinstance(self.compile, bool) or (isinstance(self.compile, str) and self.compile)):
-            raise ConfigError(f"{key}.compile", f"must be true, false or a torch.compile backend name, got {self.compile!r}")
+            raise ConfigError(f"{key}.compile",
+                              f"must be true, false or a torch.compile backend name, got {self.compile!r}")
         LoaderConfig.from_params(self.loader, f"{key}.loader")
 
     @property

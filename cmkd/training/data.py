@@ -3,8 +3,9 @@ through cmkd.data.loader."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any
 
 import h5py
 import numpy as np
@@ -12,11 +13,16 @@ import torch
 
 from cmkd.data.h5 import PreparedSplit
 from cmkd.data.loader import (
-    H5Batches, LoaderConfig, PlanSampler, batch_plan, finish_batch, make_loader, normalise_batch,
+    H5Batches,
+    LoaderConfig,
+    PlanSampler,
+    batch_plan,
+    finish_batch,
+    make_loader,
+    normalise_batch,
 )
 from cmkd.errors import DataFormatError
 from cmkd.training.logit_cache import verify_logits
-
 
 # Splits up to this size are read into memory; larger ones are streamed chunk by chunk.
 IN_MEMORY_LIMIT_BYTES = 2 * 1024**3
@@ -59,7 +65,7 @@ class SplitData:
             self.length = len(stream["split"])
 
     @classmethod
-    def from_arrays(cls, **arrays: Any) -> "SplitData":
+    def from_arrays(cls, **arrays: Any) -> SplitData:
         tensors = {k: torch.as_tensor(np.asarray(v)) for k, v in arrays.items() if v is not None}
         return cls(tensors=tensors)
 
@@ -77,7 +83,7 @@ class SplitData:
             return tuple(self.tensors[key].shape[1:])
         return self.stream["split"].shapes[self.stream["names"][key]][1:]
 
-    def with_teacher_logits(self, logits: torch.Tensor | str | Path) -> "SplitData":
+    def with_teacher_logits(self, logits: torch.Tensor | str | Path) -> SplitData:
         """Attach cached teacher logits (a tensor, or an HDF5 file with dataset `logits`)."""
         if not isinstance(logits, torch.Tensor):
             rows = verify_logits(logits)  # a corrupt or altered cache is an error naming the file
@@ -95,11 +101,12 @@ class SplitData:
     def _stream_spec(self) -> dict[str, Any]:
         return {k: v for k, v in self.stream.items() if k != "loaders"}
 
-    def without(self, key: str) -> "SplitData":
+    def without(self, key: str) -> SplitData:
         if self.tensors is not None:
             return SplitData(tensors={k: v for k, v in self.tensors.items() if k != key}, normalise=self.normalise)
         if key == "teacher_logits":
-            return SplitData(stream={k: v for k, v in self._stream_spec().items() if k != "logits"}, normalise=self.normalise)
+            return SplitData(stream={k: v for k, v in self._stream_spec().items() if k != "logits"},
+                             normalise=self.normalise)
         return self
 
     def batches(
@@ -153,7 +160,8 @@ class SplitData:
         loaders = self.stream.setdefault("loaders", {})
         if key not in loaders:
             sampler = PlanSampler(dict(n_rows=split.length, chunk_rows=split.chunk_rows, batch_size=batch_size,
-                                       shuffle=shuffle, rank=rank, world=world, buffer_chunks=cfg.buffer_chunks, even=even))
+                                       shuffle=shuffle, rank=rank, world=world,
+                                       buffer_chunks=cfg.buffer_chunks, even=even))
             dataset = H5Batches(split.path, split.group_path, self.stream["names"], self.stream.get("logits"), augment)
             loaders[key] = (sampler, make_loader(dataset, sampler, cfg))
         sampler, data_loader = loaders[key]
@@ -161,7 +169,8 @@ class SplitData:
         yield from data_loader
 
 
-def load_split(path: str | Path, split: str, attrs: Mapping[str, Any], root: str = "", in_memory: bool | None = None) -> SplitData:
+def load_split(path: str | Path, split: str, attrs: Mapping[str, Any], root: str = "",
+               in_memory: bool | None = None) -> SplitData:
     """A split of a prepared file with the batch keys the methods use."""
     prepared = PreparedSplit(path, split, root)
     names = {"teacher_input": attrs["teacher_modality"], "student_input": attrs["student_modality"], "target": "labels"}

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import threading
+from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any, Iterator, Mapping
-
+from typing import Any
 
 # DVCLive ties each Live to the DVC repository around it, for one logger per experiment; a
 # stage runs one logger per seed, several at once (train_run's seed workers), and must write

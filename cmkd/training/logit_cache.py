@@ -20,7 +20,8 @@ if TYPE_CHECKING:
 
 
 @torch.no_grad()
-def cache_logits(model: nn.Module, data: SplitData, input_key: str, out_path: str | Path, batch_size: int = 512) -> None:
+def cache_logits(model: nn.Module, data: SplitData, input_key: str, out_path: str | Path,
+                 batch_size: int = 512) -> None:
     """Write the model's logits for every row of `data`, in order, to HDF5 dataset `logits`
     (streamed batch by batch, so it also works for splits that do not fit in memory)."""
     device = next(model.parameters()).device

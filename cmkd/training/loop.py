@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -106,7 +107,8 @@ def fit(
         params = [p for p in distiller.parameters() if p.requires_grad]
     optimizer = _optimizer(params, cfg)
     precision = Precision(cfg.amp, device)
-    scheduler = build_scheduler(optimizer, cfg.schedule_spec, cfg.epochs, train.steps_per_epoch(cfg.batch_size, rank, world))
+    scheduler = build_scheduler(optimizer, cfg.schedule_spec, cfg.epochs,
+                                train.steps_per_epoch(cfg.batch_size, rank, world))
     loader_cfg = cfg.loader_config
     select = primary_metric(task)
     main_name, (main_net, main_key) = next(iter(distiller.deployables().items()))
@@ -159,7 +161,8 @@ def fit(
                 losses = step_module(batch)
                 loss = sum(losses.values())
             if not torch.isfinite(loss):
-                raise FloatingPointError(f"{desc}: non-finite loss at epoch {epoch}: { {k: float(v) for k, v in losses.items()} }")
+                raise FloatingPointError(f"{desc}: non-finite loss at epoch {epoch}: "
+                                         f"{ {k: float(v) for k, v in losses.items()} }")
             backward_and_step(loss, optimizer, params, precision, cfg.grad_clip)
             if scheduler is not None:
                 scheduler.step()

@@ -24,7 +24,8 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -39,7 +40,8 @@ _SCHEDULE_KEYS = {
     "step": {"name", "warmup_epochs", "warmup_factor", "step_epochs", "gamma"},
     "poly": {"name", "warmup_epochs", "warmup_factor", "power"},
 }
-_SCHEDULE_DEFAULTS = {"warmup_epochs": 0, "warmup_factor": 0.001, "min_lr": 0.0, "step_epochs": 30, "gamma": 0.1, "power": 0.9}
+_SCHEDULE_DEFAULTS = {"warmup_epochs": 0, "warmup_factor": 0.001, "min_lr": 0.0, "step_epochs": 30,
+                      "gamma": 0.1, "power": 0.9}
 
 
 # ------------------------------------------------------------------------- validation
@@ -56,7 +58,8 @@ def validate_schedule(spec: Any, key: str) -> dict[str, Any] | None:
         raise ConfigError(f"{key}.name", f"must be one of {SCHEDULES}, got {name!r}")
     unknown = sorted(set(spec) - _SCHEDULE_KEYS[name])
     if unknown:
-        raise ConfigError(f"{key}.{unknown[0]}", f"not a parameter of schedule {name!r}; known: {sorted(_SCHEDULE_KEYS[name])}")
+        raise ConfigError(f"{key}.{unknown[0]}",
+                          f"not a parameter of schedule {name!r}; known: {sorted(_SCHEDULE_KEYS[name])}")
     out: dict[str, Any] = {"name": name}
     for k in sorted(_SCHEDULE_KEYS[name] - {"name"}):
         v = spec.get(k, _SCHEDULE_DEFAULTS[k])
@@ -155,7 +158,8 @@ def build_scheduler(optimizer: torch.optim.Optimizer, spec: Mapping[str, Any] | 
     if name == "cosine":
         main = sch.CosineAnnealingLR(optimizer, T_max=rest, eta_min=spec["min_lr"])
     elif name == "step":
-        main = sch.StepLR(optimizer, step_size=max(1, int(round(spec["step_epochs"] * steps_per_epoch))), gamma=spec["gamma"])
+        main = sch.StepLR(optimizer, step_size=max(1, int(round(spec["step_epochs"] * steps_per_epoch))),
+                          gamma=spec["gamma"])
     elif name == "poly":
         main = sch.PolynomialLR(optimizer, total_iters=rest, power=spec["power"])
     else:

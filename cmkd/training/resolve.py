@@ -20,7 +20,8 @@ stages depend on instead of params keys that a paired dataset does not have.
 from __future__ import annotations
 
 import copy
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from cmkd.errors import ConfigError
 

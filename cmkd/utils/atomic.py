@@ -22,8 +22,9 @@ import os
 import re
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 # `.<name>.<pid>-<random>.tmp`, `.<name>.<pid>-old.tmp`, or `.<name>.<pid>.tmp` (PreparedWriter).
 _TMP_NAME = re.compile(r"^\..*\.(\d+)(?:-[A-Za-z0-9_]+)?\.tmp$")

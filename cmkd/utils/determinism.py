@@ -26,7 +26,8 @@ from __future__ import annotations
 import os
 import platform
 import sys
-from typing import Any, MutableMapping
+from collections.abc import MutableMapping
+from typing import Any
 
 #: The pinned path: ATen's AVX2 kernels, MKL's vendor-independent reproducibility mode, oneDNN
 #: limited to AVX2.

@@ -16,7 +16,7 @@ step of every method reaches no float32 VML kernel.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

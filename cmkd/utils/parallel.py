@@ -10,7 +10,7 @@ import re
 import secrets
 import signal
 import sys
-from typing import Iterator
+from collections.abc import Iterator
 
 
 def available_cores() -> int:
@@ -72,7 +72,8 @@ def pid_named_semaphores() -> Iterator[None]:
     from multiprocessing import synchronize
 
     original = synchronize.SemLock.__dict__["_make_name"]
-    synchronize.SemLock._make_name = staticmethod(lambda: f"/{SHM_PREFIX}{os.getpid()}-{next(synchronize.SemLock._rand)}")
+    synchronize.SemLock._make_name = staticmethod(
+        lambda: f"/{SHM_PREFIX}{os.getpid()}-{next(synchronize.SemLock._rand)}")
     try:
         yield
     finally:

@@ -21,9 +21,9 @@ import ast
 import functools
 import importlib
 import importlib.util
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from collections.abc import Mapping
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 from cmkd.errors import ConfigError
 

@@ -15,7 +15,8 @@ floats, so the reports and the claims make their decisions with one set of formu
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 from scipy import stats
