@@ -125,8 +125,8 @@ def _loss_fn(loss: str | PerSampleLoss) -> PerSampleLoss:
 
 
 # Values of input per forward pass in the saliency loops. A "row" of a segmentation batch is
-# a whole image: 8192 rows of [64, 32, 128] features through a decoder took ~12 GB per seed
-# worker on semantickitti-sample. Vector and small-image rows stay at `batch_size` rows (same
+# a whole image: sizing passes by rows would put thousands of feature maps through the decoder
+# at once (memory: benchmarks/stage_memory.py). Vector and small-image rows stay at `batch_size` rows (same
 # passes, same bytes as before); large rows get fewer rows per pass.
 MAX_PASS_ELEMENTS = 1 << 23
 

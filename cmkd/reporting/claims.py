@@ -381,7 +381,7 @@ def _parse_claim(raw: Mapping[str, Any], path: str | Path, where: str, recorded:
         for key in depends_on:
             if not isinstance(recorded.get(key), str):
                 raise fail(f"depends on {key!r}, which has no hash under `configuration` "
-                           "(python -m stages.check --record-configuration writes them)")
+                           "(python -m stages check --record-configuration writes them)")
     return Claim(
         id=raw["id"], paper=raw["paper"], statement=" ".join(raw["statement"].split()), source=source,
         comparison=comparison, value=value, tolerance=float(tolerance), against=against, x=x,

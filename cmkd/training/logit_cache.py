@@ -50,7 +50,7 @@ LOGITS_CHECKSUM_ATTR = "sha256"  # of the `logits` array's little-endian float32
 def verify_logits(path: str | Path, rows_per_read: int = 256) -> int:
     """Check a teacher-logits cache against the checksum `cache_logits` stored; its row count.
 
-    Read in blocks, so a cache larger than memory is checked too (sha256 runs at ~1 GB/s).
+    Read in blocks, so a cache larger than memory is checked too.
     Raises DataFormatError naming the file when it is unreadable, has no checksum or does not
     match it (a truncated copy, a disk fault, values edited in place)."""
     try:

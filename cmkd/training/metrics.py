@@ -11,7 +11,7 @@ class MetricAccumulator:
 
     def __init__(self, task: str, num_classes: int, ignore_index: int | None = -1, device: torch.device | str = "cpu"):
         # Imported here, where metrics are computed: torchmetrics imports scipy.signal and
-        # matplotlib (~2 s), which stages that only read params or results do not need.
+        # matplotlib (slow to import), which stages that only read params or results do not need.
         from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix, MulticlassF1Score
 
         self.task = task

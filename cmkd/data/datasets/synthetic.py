@@ -54,7 +54,7 @@ def ntdh_sklearn(n_samples: int, n_features: int, n_classes: int, gamma: float, 
     teach; > 0 makes the teacher the better model while the student still sees (noisy copies
     of) the modality-general decisive features the teacher shares with it.
     """
-    from sklearn.datasets import make_classification  # ~1 s to import: only where data is drawn
+    from sklearn.datasets import make_classification  # slow to import: only where data is drawn
 
     x, y = make_classification(
         n_samples=n_samples, n_features=2 * n_features, n_informative=2 * n_features, n_redundant=0,
