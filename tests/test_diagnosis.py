@@ -299,7 +299,8 @@ def test_dvc_diagnose_depends_on_no_distill_or_experiment_output():
     deps = stages["diagnose"]["do"]["deps"]
     assert "data/runs/${item}/teacher" in deps and "data/runs/${item}/student" in deps
     assert "diagnosis_predictor.json" in deps
-    allowed_producers = {"download", "resolve", "prepare", "train_teacher", "train_student"}  # resolve: each role's model and training
+    # resolve writes each role's model and training, which the diagnosis reads
+    allowed_producers = {"download", "resolve", "prepare", "train_teacher", "train_student"}
     forbidden = set()
     for ds in params["datasets"]:
         for name, stage in stages.items():
