@@ -1,6 +1,7 @@
 """Stage `diagnosis_report@<dataset>`: the diagnosis beside the measured KD gain ->
 data/reports/<dataset>/diagnosis.json and .md: {"indicators", "predicted_kd_gain": {"mean",
-"ci95"}, "measured_kd_gain": kdv1 - STUDENT (paired mean, accuracy) or null when kdv1 did not run};
+"ci95"}, "measured_kd_gain": kdv1 - STUDENT (paired mean, accuracy) or null when kdv1 did not run,
+"comparison": in-sample when the committed predictor was fit with this dataset's gain};
 the same JSON as data/diagnosis/measured/<dataset>.json, where diagnosis_validation reads it.
 
     python -m stages diagnosis_report --dataset synthetic

@@ -1,7 +1,9 @@
 """Stage `diagnosis_validation`: does the diagnosis predict the KD gain? Every sweep point of the
 batched experiments (data/reports/experiments/*.json) and every main dataset with a diagnosis and
 a kdv1 row is a condition; the predictor is fit leaving one whole sweep out and predicts it ->
-data/reports/diagnosis/validation.json, validation.md and validation.png (predicted vs measured).
+data/reports/diagnosis/validation.json (with bootstrap intervals over sweeps, `spearman_heldout_ci95`
+and `sign_accuracy_ci95`, and the `summary` sentence: a prior or a prediction), validation.md and
+validation.png (predicted vs measured).
 
     python -m stages diagnosis_validation
     python -m stages diagnosis_validation --write-predictor   # = python -m stages diagnosis_fit

@@ -1,5 +1,6 @@
 """`python -m stages readme [--check]`: rewrite README.md's generated blocks (compact results tables,
-claims' verdicts) and the whole results page docs/results.md from data/reports/ after a run;
+claims' verdicts, the diagnosis's standing) and the whole results page docs/results.md from
+data/reports/ after a run;
 `--check` exits 1 when either is not current. See cmkd/reporting/readme.py."""
 
 import sys

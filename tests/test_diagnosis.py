@@ -14,7 +14,15 @@ import torch
 import yaml
 
 from cmkd.diagnosis.indicators import INDICATORS, calibration_error, indicators, ridge_r2
-from cmkd.diagnosis.predictor import fit_predictor, leave_one_sweep_out, predict, validation_summary
+from cmkd.diagnosis.predictor import (
+    fit_predictor,
+    leave_one_sweep_out,
+    predict,
+    standing,
+    sweep_bootstrap,
+    validation_summary,
+    weighted_spearman,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -195,6 +203,98 @@ def test_prediction_interval_covers_new_conditions_at_the_nominal_rate():
     assert half[0] > 0
 
 
+def _heldout(sweep_of_row, predicted, gain):
+    return [{"sweep": s, "point": i, "gain": float(g), "predicted": {"mean": float(p)}}
+            for i, (s, p, g) in enumerate(zip(sweep_of_row, predicted, gain))]
+
+
+def test_weighted_spearman_is_scipys_on_the_repeated_rows():
+    """Every resample at once equals scipy's Spearman on the sample with row j written w_j times
+    (ties, from repeats and from equal values, get mid-ranks as in scipy)."""
+    from scipy import stats
+
+    rng = np.random.default_rng(5)
+    a, b = rng.integers(0, 4, size=15).astype(float), rng.normal(size=15)
+    weights = rng.integers(0, 3, size=(40, 15))
+    ours = weighted_spearman(a, b, weights)
+    for w, r in zip(weights, ours):
+        ref = stats.spearmanr(np.repeat(a, w), np.repeat(b, w)).statistic if w.sum() >= 3 else np.nan
+        assert (math.isnan(r) and math.isnan(ref)) or r == pytest.approx(ref, abs=1e-12)
+    assert math.isnan(weighted_spearman([1.0, 1.0, 1.0], [1.0, 2.0, 3.0], np.ones((1, 3)))[0])  # constant side
+
+
+def test_sweep_bootstrap_of_perfect_predictions_is_one_and_of_noise_contains_zero():
+    sweeps = np.repeat(["a", "b", "c", "d", "e", "f"], 5)
+    gain = np.random.default_rng(0).normal(size=30)
+    perfect = sweep_bootstrap(_heldout(sweeps, 2 * gain + 0.1 * np.sign(gain), gain))
+    assert perfect["spearman_heldout_ci95"] == [1.0, 1.0] and perfect["sign_accuracy_ci95"] == [1.0, 1.0]
+    noise = sweep_bootstrap(_heldout(sweeps, np.random.default_rng(1).normal(size=30), gain))
+    lo, hi = noise["spearman_heldout_ci95"]
+    assert lo < 0 < hi and hi - lo > 0.2
+    lo, hi = noise["sign_accuracy_ci95"]
+    assert lo < 0.5 < hi
+    assert noise == sweep_bootstrap(_heldout(sweeps, np.random.default_rng(1).normal(size=30), gain))  # seeded
+    assert noise["bootstrap"]["unit"] == "sweep" and noise["bootstrap"]["resamples"] == 2000
+
+
+def test_sweep_bootstrap_draws_whole_sweeps_not_rows():
+    """Two sweeps of 20 conditions: ranked exactly right in one, exactly wrong in the other. Drawing
+    whole sweeps gives each sweep alone a quarter of the time, so the interval runs from -1 to 1;
+    drawing the 40 rows one by one would give a narrow interval around the pooled value instead."""
+    x = np.arange(20.0)
+    sweeps = ["right"] * 20 + ["wrong"] * 20
+    boot = sweep_bootstrap(_heldout(sweeps, np.concatenate([x, x]), np.concatenate([x, -x])))
+    assert boot["spearman_heldout_ci95"] == pytest.approx([-1.0, 1.0])
+    assert boot["sign_accuracy_ci95"][1] == 1.0  # "right" drawn twice: every sign (zero as its own) right
+
+
+def test_the_wording_is_a_prior_until_the_spearman_interval_excludes_zero():
+    from cmkd.diagnosis.report import standing_sentence
+
+    v = {"conditions": 29, "sweeps": 6, "spearman_heldout": 0.3, "spearman_heldout_ci95": [-0.2, 0.7],
+         "sign_accuracy": 0.69, "sign_accuracy_ci95": [0.5, 0.85]}
+    assert standing(v["spearman_heldout_ci95"]) == "prior"
+    text = standing_sentence(v)
+    assert "**a prior**" in text and "contains 0" in text and "[-0.20, +0.70]" in text and "69% [50%, 85%]" in text
+    assert "29 conditions in 6 sweeps" in text
+    up = {**v, "spearman_heldout_ci95": [0.05, 0.7]}
+    assert standing(up["spearman_heldout_ci95"]) == "prediction"
+    assert "**a prediction**" in standing_sentence(up) and "prior" not in standing_sentence(up)
+    down = {**v, "spearman_heldout_ci95": [-0.7, -0.05]}
+    assert standing(down["spearman_heldout_ci95"]) == "prior" and "wrong way" in standing_sentence(down)
+    assert standing(None) == "prior" and "**a prior**" in standing_sentence(None)
+
+
+def test_diagnosis_says_prior_or_prediction_from_the_committed_numbers_and_in_sample():
+    from cmkd.diagnosis.report import apply_predictor, dataset_report, diagnosis_markdown
+
+    conds = _conditions(lambda ind: 0.05 * ind["x"])
+    cfg = {"predictor": {"features": ["x"], "penalty": 1.0}}
+    model = fit_predictor([c["indicators"] for c in conds], [c["gain"] for c in conds], ["x"], 1.0)
+    validation = {"conditions": 20, "sweeps": 4, "spearman_heldout": 0.3, "spearman_heldout_ci95": [-0.2, 0.7],
+                  "sign_accuracy": 0.6, "sign_accuracy_ci95": [0.4, 0.8]}
+    metrics = {"rows": {"student": {"accuracy": {"values": [0.5, 0.6], "seeds": ["0", "1"], "n": 2}},
+                        "kdv1": {"accuracy": {"values": [0.55, 0.62], "seeds": ["0", "1"], "n": 2}}}}
+
+    def report(validation, main):
+        fit_on = {"conditions": 20, "sweeps": ["a", "main"]} | ({"main": main} if main is not None else {})
+        predictor = {"model": model, "validation": validation, "fit_on": fit_on}
+        d = apply_predictor({"dataset": "syn", "split": "val", "seeds": [0, 1], "indicators": {"x": 0.5}},
+                            predictor, cfg)
+        rep = dataset_report(d, metrics)
+        return d, rep, diagnosis_markdown({**d, **rep})
+
+    d, rep, md = report(validation, ["syn"])
+    assert d["predictor"]["standing"] == "prior" and d["method_expectations"]["kdv1"].startswith("prior: plain KD")
+    assert "**Predicted KD gain, a prior**" in md and "contains 0" in md
+    assert rep["comparison"] == "in-sample" and "**in-sample**" in md
+    d, rep, md = report({**validation, "spearman_heldout_ci95": [0.1, 0.7]}, ["other"])
+    assert d["predictor"]["standing"] == "prediction" and "**Predicted KD gain, a prediction**" in md
+    assert rep["comparison"] == "out-of-sample" and "in-sample" not in md
+    _, _, md = report(None, None)  # an older predictor file: no numbers, fit on main datasets it does not name
+    assert "a prior" in md and "no held-out interval" in md and "**in-sample**" in md
+
+
 def test_predictor_names_missing_indicator():
     with pytest.raises(ValueError, match="'z' missing"):
         fit_predictor([{"x": 1.0}] * 3, [0.0, 1.0, 2.0], ["x", "z"])
@@ -213,14 +313,23 @@ def test_validation_format_and_markdown(tmp_path):
     cfg = {"predictor": {"features": ["acc_gap", "general_r2"], "penalty": 1.0}}
     committed = fit_committed(conds, cfg)
     v = validate(conds, cfg, committed)
-    assert {"conditions", "spearman_heldout", "sign_accuracy", "per_sweep"} <= set(v)
-    assert v["conditions"] == 18 and v["predictor_up_to_date"] is True
+    assert {"conditions", "sweeps", "spearman_heldout", "sign_accuracy", "per_sweep", "spearman_heldout_ci95",
+            "sign_accuracy_ci95", "standing", "summary"} <= set(v)
+    assert v["conditions"] == 18 and v["sweeps"] == 3 and v["predictor_up_to_date"] is True
+    lo, hi = v["spearman_heldout_ci95"]
+    assert lo <= v["spearman_heldout"] <= hi and 0 <= v["sign_accuracy_ci95"][0] <= v["sign_accuracy_ci95"][1] <= 1
+    assert committed["validation"]["spearman_heldout_ci95"] == v["spearman_heldout_ci95"]
+    assert committed["fit_on"]["main"] == []
+    old_format = {k: committed[k] for k in ("target", "model")} | {"fit_on": {"conditions": 18, "sweeps": []}}
+    assert validate(conds, cfg, old_format)["predictor_up_to_date"] is False  # refit to record its validation
     assert all(set(e) == {"spearman", "n"} for e in v["per_sweep"].values())
     assert v["spearman_heldout"] > 0.9
     stale = json.loads(json.dumps(committed))
     stale["model"]["weights"][1] += 0.01
     assert validate(conds, cfg, stale)["predictor_up_to_date"] is False
-    assert "held-out Spearman" in validation_markdown(v)
+    md = validation_markdown(v)
+    assert "held-out Spearman" in md and v["summary"] in md and "18 conditions in 3 sweeps" in md
+    assert f"[{v['spearman_heldout_ci95'][0]:.3f}, {v['spearman_heldout_ci95'][1]:.3f}]" in md
     validation_figure(v, tmp_path / "v.png")
     assert (tmp_path / "v.png").read_bytes()[:4] == b"\x89PNG"
 

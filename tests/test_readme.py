@@ -56,13 +56,17 @@ A new verdict that is right is recorded in claims.yaml.
 
 """ + CLAIMS.split("\n\n", 1)[1]
 README = ("# T\n\n<!-- results:start (gen) -->\nold table\n<!-- results:end -->\n\ntext\n\n"
-          "<!-- claims:start -->\nold\n<!-- claims:end -->\n")
+          "<!-- claims:start -->\nold\n<!-- claims:end -->\n\n"
+          "<!-- diagnosis:start -->\nold prior\n<!-- diagnosis:end -->\n")
+VALIDATION = {"summary": "The predicted KD gain is **a prior** (exploratory): SENTENCE.", "spearman_heldout": 0.3}
 
 
 def _reports(tmp_path, claims=CLAIMS):
     (tmp_path / "reports" / "toy").mkdir(parents=True, exist_ok=True)
     (tmp_path / "reports" / "toy" / "table.md").write_text(TABLE)
     (tmp_path / "reports" / "claims.md").write_text(claims)
+    (tmp_path / "reports" / "diagnosis").mkdir(exist_ok=True)
+    (tmp_path / "reports" / "diagnosis" / "validation.json").write_text(json.dumps(VALIDATION))
     return tmp_path / "reports"
 
 
@@ -130,6 +134,8 @@ def test_blocks_hold_the_compact_reports_and_nothing_else_changes(tmp_path):
     assert "old table" not in new and "\nold\n" not in new
     assert "### toy: a → b" in new and "| good | 60.00 ± 2.00 | +10.00 [+5.00, +15.00] | better |" in new
     assert "| `x` | MFH | reproduced | reproduced |" in new and "Paper claims" not in new and "statement" not in new
+    assert "old prior" not in new
+    assert "<!-- diagnosis:start -->\n" + VALIDATION["summary"] + "\n<!-- diagnosis:end -->" in new
     assert new.startswith("# T\n\n<!-- results:start (gen) -->\n") and "\n\ntext\n\n" in new
     assert replace_blocks(new, blocks(_reports(tmp_path), ["toy"])) == new  # idempotent
 
@@ -141,6 +147,13 @@ def test_missing_markers_or_reports_are_one_clear_error(tmp_path):
         blocks(_reports(tmp_path), ["other"])
     with pytest.raises(ReadmeError, match="dataset 'other'"):
         results_page(_reports(tmp_path), ["other"])
+    reports = _reports(tmp_path)
+    (reports / "diagnosis" / "validation.json").write_text(json.dumps({"spearman_heldout": 0.3}))
+    with pytest.raises(ReadmeError, match="validation.json: no `summary`"):
+        blocks(reports, ["toy"])
+    (reports / "diagnosis" / "validation.json").unlink()
+    with pytest.raises(ReadmeError, match="diagnosis_validation"):
+        blocks(reports, ["toy"])
 
 
 def test_the_command_writes_both_files_and_check_agrees(tmp_path):

@@ -1,6 +1,7 @@
 """The KD-gain predictor: ridge regression on standardised indicators (cmkd/diagnosis/indicators.py)
 with a fixed penalty (params `diagnosis.predictor`), its 95% prediction interval from the t
-distribution on the residuals; it is validated by leaving one whole sweep out at a time."""
+distribution on the residuals; it is validated by leaving one whole sweep out at a time, with a
+bootstrap over sweeps for the uncertainty of the held-out statistics."""
 
 from __future__ import annotations
 
@@ -12,6 +13,12 @@ import numpy as np
 from scipy import stats
 
 from cmkd.diagnosis.indicators import INDICATORS
+
+#: The cluster bootstrap of the held-out statistics (`sweep_bootstrap`): whole sweeps are drawn
+#: with replacement, because conditions of one sweep share a generator and are not independent.
+#: Fixed here, declared before any interval was seen, so that validation.json is reproducible.
+BOOTSTRAP_RESAMPLES = 2000
+BOOTSTRAP_SEED = 26
 
 # --------------------------------------------------------------------------- the predictor
 
@@ -83,10 +90,67 @@ def _spearman(a: Sequence[float], b: Sequence[float]) -> float | None:
     return float(stats.spearmanr(a, b).statistic)
 
 
-def validation_summary(heldout: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-    """{"conditions", "spearman_heldout", "sign_accuracy", "per_sweep": {sweep: {"spearman", "n"}}}
-    of `leave_one_sweep_out`'s output (a sign is right when predicted and measured gain have the
-    same sign, zero counting as its own sign)."""
+def _midranks(x: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """[B, n]: the mid-rank (ties averaged, as scipy's rankdata) of each row of `x` in the sample
+    where row j appears `weights[b, j]` times."""
+    below = weights @ (x[None, :] < x[:, None]).T.astype(np.float64)
+    tied = weights @ (x[None, :] == x[:, None]).T.astype(np.float64)
+    return below + (tied + 1.0) / 2.0
+
+
+def weighted_spearman(a: Sequence[float], b: Sequence[float], weights: np.ndarray) -> np.ndarray:
+    """Spearman's rank correlation of `a` and `b` in each of the B samples where row j appears
+    `weights[b, j]` times (an integer count), for all B at once: the Pearson correlation of the
+    samples' mid-ranks. NaN where a sample has fewer than 3 rows or a constant side."""
+    x, y = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    w = np.atleast_2d(np.asarray(weights, dtype=np.float64))
+    rx, ry = _midranks(x, w), _midranks(y, w)
+    total = w.sum(1)
+    mx, my = (w * rx).sum(1) / total, (w * ry).sum(1) / total
+    dx, dy = rx - mx[:, None], ry - my[:, None]
+    vx, vy = (w * dx * dx).sum(1), (w * dy * dy).sum(1)
+    ok = (total >= 3) & (vx > 1e-9) & (vy > 1e-9)  # mid-ranks are halves: a real spread is >= 1/4
+    r = np.full(len(w), np.nan)
+    r[ok] = (w * dx * dy).sum(1)[ok] / np.sqrt(vx[ok] * vy[ok])
+    return np.clip(r, -1.0, 1.0)
+
+
+def _percentile_interval(values: np.ndarray, level: float = 0.95) -> list[float] | None:
+    values = values[np.isfinite(values)]
+    if not len(values):
+        return None
+    return [float(v) for v in np.percentile(values, [50 * (1 - level), 50 * (1 + level)])]
+
+
+def sweep_bootstrap(heldout: Sequence[Mapping[str, Any]], resamples: int = BOOTSTRAP_RESAMPLES,
+                    seed: int = BOOTSTRAP_SEED) -> dict[str, Any]:
+    """95% percentile intervals of the pooled held-out Spearman and sign accuracy of
+    `leave_one_sweep_out`'s output, resampling whole sweeps with replacement (a sweep drawn twice
+    contributes all its conditions twice). The held-out predictions are kept as they are (not
+    refit per resample): the interval is over which sweeps the evaluation happened to have."""
+    sweeps = sorted({c["sweep"] for c in heldout})
+    if not sweeps:
+        return {"spearman_heldout_ci95": None, "sign_accuracy_ci95": None}
+    of_row = np.array([sweeps.index(c["sweep"]) for c in heldout])
+    pred = np.array([c["predicted"]["mean"] for c in heldout], dtype=np.float64)
+    gain = np.array([c["gain"] for c in heldout], dtype=np.float64)
+    draws = np.random.default_rng(seed).integers(0, len(sweeps), size=(resamples, len(sweeps)))
+    times_drawn = np.zeros((resamples, len(sweeps)))
+    np.add.at(times_drawn, (np.arange(resamples)[:, None], draws), 1.0)
+    weights = times_drawn[:, of_row]  # [B, conditions]: how often each condition is in resample b
+    spearman = weighted_spearman(pred, gain, weights)
+    sign = weights @ (np.sign(pred) == np.sign(gain)).astype(np.float64) / weights.sum(1)
+    return {"spearman_heldout_ci95": _percentile_interval(spearman), "sign_accuracy_ci95": _percentile_interval(sign),
+            "bootstrap": {"unit": "sweep", "resamples": int(resamples), "seed": int(seed),
+                          "resamples_with_spearman": int(np.isfinite(spearman).sum())}}
+
+
+def validation_summary(heldout: Sequence[Mapping[str, Any]], resamples: int = BOOTSTRAP_RESAMPLES,
+                       seed: int = BOOTSTRAP_SEED) -> dict[str, Any]:
+    """{"conditions", "sweeps", "spearman_heldout", "spearman_heldout_ci95", "sign_accuracy",
+    "sign_accuracy_ci95", "bootstrap", "per_sweep": {sweep: {"spearman", "n"}}} of
+    `leave_one_sweep_out`'s output (a sign is right when predicted and measured gain have the
+    same sign, zero counting as its own sign; the intervals from `sweep_bootstrap`)."""
     pred = [c["predicted"]["mean"] for c in heldout]
     gain = [c["gain"] for c in heldout]
     per_sweep = {}
@@ -94,9 +158,18 @@ def validation_summary(heldout: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         rows = [c for c in heldout if c["sweep"] == sweep]
         per_sweep[sweep] = {"spearman": _spearman([c["predicted"]["mean"] for c in rows],
                                                   [c["gain"] for c in rows]), "n": len(rows)}
-    return {"conditions": len(heldout), "spearman_heldout": _spearman(pred, gain),
+    boot = sweep_bootstrap(heldout, resamples, seed)
+    return {"conditions": len(heldout), "sweeps": len(per_sweep), "spearman_heldout": _spearman(pred, gain),
+            "spearman_heldout_ci95": boot["spearman_heldout_ci95"],
             "sign_accuracy": float(np.mean(np.sign(pred) == np.sign(gain))) if heldout else None,
+            "sign_accuracy_ci95": boot["sign_accuracy_ci95"], "bootstrap": boot.get("bootstrap"),
             "per_sweep": per_sweep}
+
+
+def standing(spearman_ci95: Sequence[float] | None) -> str:
+    """"prediction" when the held-out Spearman's interval over sweeps lies above 0, else "prior":
+    until then the predicted gain is exploratory (an interval below 0 means it ranks the wrong way)."""
+    return "prediction" if spearman_ci95 is not None and spearman_ci95[0] > 0 else "prior"
 
 
 def indicator_correlations(conditions: Sequence[Mapping[str, Any]],

@@ -25,6 +25,7 @@ from cmkd.diagnosis.predictor import (
     indicator_correlations,
     leave_one_sweep_out,
     predict,
+    standing,
     validation_summary,
 )
 from cmkd.errors import ConfigError, DataFormatError
@@ -36,6 +37,36 @@ MAIN = "main"
 PREDICTOR_TARGET = "KD gain: plain KD student minus no-KD student, test accuracy as a fraction"
 _CFG_KEYS = {"split", "ece_bins", "temperature", "probe_penalty", "max_rows", "batch_size", "predictor"}
 _PREDICTOR_KEYS = {"features", "penalty"}
+#: the held-out statistics diagnosis_predictor.json carries, so that `diagnose` can say how far to trust it
+_VALIDATION_KEYS = ("conditions", "sweeps", "spearman_heldout", "spearman_heldout_ci95", "sign_accuracy",
+                    "sign_accuracy_ci95")
+VALIDATION_REPORT = "data/reports/diagnosis/validation.md"
+
+
+def _num(x: float | None, fmt: str = "+.2f") -> str:
+    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, fmt)
+
+
+def _interval(ci: Sequence[float] | None, fmt: str = "+.2f") -> str:
+    return "[-]" if ci is None else f"[{_num(ci[0], fmt)}, {_num(ci[1], fmt)}]"
+
+
+def standing_sentence(validation: Mapping[str, Any] | None) -> str:
+    """How far the predicted gain can be trusted, from the held-out numbers (validation.json or
+    the copy in diagnosis_predictor.json): "a prior" until the held-out Spearman's interval over
+    sweeps excludes 0 on the positive side. Generated, so it changes when the numbers do."""
+    if not validation or validation.get("spearman_heldout_ci95") is None:
+        return ("The predicted KD gain is **a prior** (exploratory): the predictor carries no held-out interval "
+                "(run `python -m stages diagnosis_fit`).")
+    ci = validation["spearman_heldout_ci95"]
+    held = (f"held out by sweep, its Spearman with the measured gain is {_num(validation['spearman_heldout'])} "
+            f"{_interval(ci)} (95% over sweeps), the sign right in {_num(validation['sign_accuracy'], '.0%')} "
+            f"{_interval(validation['sign_accuracy_ci95'], '.0%')} of {validation['conditions']} conditions in "
+            f"{validation['sweeps']} sweeps")
+    if standing(ci) == "prediction":
+        return f"The predicted KD gain is **a prediction**: {held}; the Spearman interval excludes 0."
+    where = "lies below 0 (it ranks the wrong way)" if ci[1] < 0 else "contains 0"
+    return f"The predicted KD gain is **a prior** (exploratory): {held}; the Spearman interval {where}."
 
 
 def check_config(cfg: Any, key: str = "diagnosis") -> dict[str, Any]:
@@ -159,11 +190,13 @@ def apply_predictor(diagnosis: dict[str, Any], predictor: Mapping[str, Any], cfg
     lo, hi = pred["ci95"]
     verdict = "helps" if lo > 0 else "hurts" if hi < 0 else "uncertain (the interval contains 0)"
     diagnosis["predicted_kd_gain"] = pred
+    validation = predictor.get("validation")
+    status = standing((validation or {}).get("spearman_heldout_ci95"))
     diagnosis["predictor"] = {"target": predictor.get("target"), "features": model["features"],
                               "penalty": model["penalty"],
-                              "fit_on": predictor.get("fit_on")}
+                              "fit_on": predictor.get("fit_on"), "validation": validation, "standing": status}
     diagnosis["method_expectations"] = {
-        "kdv1": f"plain KD {verdict}: predicted gain {pred['mean']:+.3f} [{lo:+.3f}, {hi:+.3f}]",
+        "kdv1": f"{status}: plain KD {verdict}: predicted gain {pred['mean']:+.3f} [{lo:+.3f}, {hi:+.3f}]",
         "other methods": "none: the predictor is fit and validated on plain KD gains only; no condition measured "
                          "another method's gain, so no expectation is claimed for it",
     }
@@ -176,13 +209,22 @@ def diagnosis_markdown(d: Mapping[str, Any]) -> str:
              f"(seeds {', '.join(map(str, d['seeds']))}), before any student is distilled.\n"]
     if "predicted_kd_gain" in d:
         p = d["predicted_kd_gain"]
-        lines.append(f"**Predicted KD gain** (KD student - STUDENT, accuracy): {p['mean']:+.4f}, "
-                     f"95% prediction interval [{p['ci95'][0]:+.4f}, {p['ci95'][1]:+.4f}]\n")
+        status = (d.get("predictor") or {}).get("standing", "prior")
+        lines.append(f"**Predicted KD gain, {'a prior' if status == 'prior' else 'a prediction'}** (KD student - "
+                     f"STUDENT, accuracy): {p['mean']:+.4f}, 95% prediction interval "
+                     f"[{p['ci95'][0]:+.4f}, {p['ci95'][1]:+.4f}]\n")
+        lines.append(standing_sentence((d.get("predictor") or {}).get("validation"))
+                     + f" Details: {VALIDATION_REPORT}.\n")
     if d.get("measured_kd_gain") is not None:
-        lines.append(f"**Measured KD gain** (kdv1 - STUDENT, paired, accuracy): {d['measured_kd_gain']:+.4f}\n")
+        sample = d.get("comparison") or in_sample(d)
+        lines.append(f"**Measured KD gain** (kdv1 - STUDENT, paired, accuracy): {d['measured_kd_gain']:+.4f}; "
+                     f"beside the prediction it is **{sample}**" + (
+                         ": the committed predictor was fit with this dataset's measured gain, so agreement with "
+                         "it is no evidence; the out-of-sample test is the held-out `main` sweep in "
+                         f"{VALIDATION_REPORT}" if sample == "in-sample" else "") + ".\n")
     lines += ["| indicator | mean | 95% interval over seeds |", "|---|---|---|"]
-    for name, v in d.get("indicator_intervals",
-                         {name: {"mean": x, "ci95": None} for name, x in d["indicators"].items()}).items():
+    for name, v in (d.get("indicator_intervals")
+                    or {name: {"mean": x, "ci95": None} for name, x in d["indicators"].items()}).items():
         ci = f"[{v['ci95'][0]:.4f}, {v['ci95'][1]:.4f}]" if v.get("ci95") else "-"
         lines.append(f"| {name} | {v['mean']:.4f} | {ci} |")
     if d.get("method_expectations"):
@@ -208,12 +250,24 @@ def measured_kd_gain(metrics: Mapping[str, Any], run: str = "kdv1") -> dict[str,
             "primary": (row.get("vs_student") or {}).get("mean"), "primary_metric": metrics.get("metric")}
 
 
+def in_sample(diagnosis: Mapping[str, Any]) -> str:
+    """"in-sample" when the predictor that made `diagnosis`'s prediction was fit with this
+    dataset's measured gain (its `fit_on.main`), or may have been (an older predictor file that
+    names no main datasets but was fit on some); "out-of-sample" otherwise."""
+    fit_on = (diagnosis.get("predictor") or {}).get("fit_on") or {}
+    if "main" in fit_on:
+        return "in-sample" if diagnosis["dataset"] in fit_on["main"] else "out-of-sample"
+    return "in-sample" if MAIN in (fit_on.get("sweeps") or []) else "out-of-sample"
+
+
 def dataset_report(diagnosis: Mapping[str, Any], metrics: Mapping[str, Any] | None) -> dict[str, Any]:
-    """diagnosis.json of the issue's format (plus the intervals and the measured detail)."""
+    """diagnosis.json of the issue's format (plus the intervals, the measured detail and whether
+    measured and predicted gain are compared in-sample)."""
     measured = measured_kd_gain(metrics) if metrics is not None else None
     return {"dataset": diagnosis["dataset"], "indicators": diagnosis["indicators"],
             "predicted_kd_gain": diagnosis.get("predicted_kd_gain"),
             "measured_kd_gain": measured["accuracy"] if measured else None,
+            "comparison": in_sample(diagnosis) if measured else None, "predictor": diagnosis.get("predictor"),
             "measured_detail": measured, "indicator_intervals": diagnosis.get("indicator_intervals"),
             "split": diagnosis["split"], "seeds": diagnosis["seeds"],
             "method_expectations": diagnosis.get("method_expectations")}
@@ -259,12 +313,19 @@ def collect_conditions(experiments_dir: Path, main: Mapping[str, Path]) -> list[
     return conditions
 
 
-def fit_committed(conditions: Sequence[Mapping[str, Any]], cfg: Mapping[str, Any]) -> dict[str, Any]:
-    """The predictor fit on every condition: the content of diagnosis_predictor.json."""
-    model = fit_predictor([c["indicators"] for c in conditions], [c["gain"] for c in conditions],
-                          cfg["predictor"]["features"], float(cfg["predictor"]["penalty"]))
+def fit_committed(conditions: Sequence[Mapping[str, Any]], cfg: Mapping[str, Any],
+                  summary: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The predictor fit on every condition: the content of diagnosis_predictor.json, with the
+    main datasets it was fit on (whose gain it then predicts in-sample) and its leave-one-sweep-out
+    numbers (`summary`, computed when not given), which `diagnose` turns into how far to trust it."""
+    features, penalty = cfg["predictor"]["features"], float(cfg["predictor"]["penalty"])
+    model = fit_predictor([c["indicators"] for c in conditions], [c["gain"] for c in conditions], features, penalty)
+    if summary is None:
+        summary = validation_summary(leave_one_sweep_out(conditions, features, penalty))
     return {"target": PREDICTOR_TARGET,
-            "fit_on": {"conditions": len(conditions), "sweeps": sorted({c["sweep"] for c in conditions})},
+            "fit_on": {"conditions": len(conditions), "sweeps": sorted({c["sweep"] for c in conditions}),
+                       "main": sorted(str(c["point"]) for c in conditions if c["sweep"] == MAIN)},
+            "validation": {k: summary[k] for k in _VALIDATION_KEYS},
             "model": model}
 
 
@@ -272,7 +333,14 @@ def predictor_matches(committed: Mapping[str, Any] | None, fresh: Mapping[str, A
     if not committed or "model" not in committed:
         return False
     a, b = committed["model"], fresh["model"]
-    return (a.get("features") == b["features"] and a.get("n") == b["n"] and float(a.get("penalty", -1)) == b["penalty"]
+    old_v, new_v = committed.get("validation") or {}, fresh["validation"]
+    same_validation = set(old_v) == set(new_v) and all(
+        old_v[k] == new_v[k] if old_v[k] is None or new_v[k] is None
+        else np.allclose(old_v[k], new_v[k], rtol=rtol, atol=1e-9) for k in new_v)
+    # the recorded fit and validation must be current too: `diagnose` words its report from them
+    return (committed.get("fit_on") == fresh["fit_on"] and same_validation
+            and a.get("features") == b["features"] and a.get("n") == b["n"]
+            and float(a.get("penalty", -1)) == b["penalty"]
             and np.allclose(a["weights"], b["weights"], rtol=rtol, atol=1e-9)
             and np.allclose(a["mean"], b["mean"], rtol=rtol, atol=1e-9))
 
@@ -291,7 +359,8 @@ def validate(conditions: Sequence[Mapping[str, Any]], cfg: Mapping[str, Any],
         "indicator_correlations": indicator_correlations(conditions),
         "general_r2_vs_true_share_mfh_alg1": _spearman([c["indicators"]["general_r2"] for c in share],
                                                         [c["true_general_share"] for c in share]) if share else None,
-        "predictor_up_to_date": predictor_matches(committed, fit_committed(conditions, cfg)),
+        "standing": standing(summary["spearman_heldout_ci95"]), "summary": standing_sentence(summary),
+        "predictor_up_to_date": predictor_matches(committed, fit_committed(conditions, cfg, summary)),
         "heldout": [{"sweep": c["sweep"], "point": c["point"], "coords": c["coords"], "measured": c["gain"],
                      "predicted": c["predicted"]} for c in heldout],
     })
@@ -302,12 +371,20 @@ def validation_markdown(v: Mapping[str, Any]) -> str:
     def f(x):
         return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.3f}"
 
+    def ci(x):
+        return "-" if x is None else f"[{f(x[0])}, {f(x[1])}]"
+
     ok = (v["spearman_heldout"] or -1) >= 0.7 and (v["sign_accuracy"] or 0) >= 0.8
+    boot = v.get("bootstrap") or {}
     lines = ["# Does the diagnosis predict the KD gain? (leave one sweep out)\n",
-             f"{v['conditions']} conditions; predictor: ridge on {', '.join(v['features'])} "
-             f"(penalty {v['penalty']}).\n",
-             f"- held-out Spearman (predicted vs measured KD gain): **{f(v['spearman_heldout'])}** (target >= 0.7)",
-             f"- sign right: **{f(v['sign_accuracy'])}** (target >= 0.8)",
+             standing_sentence(v) + "\n",
+             f"{v['conditions']} conditions in {v['sweeps']} sweeps; predictor: ridge on {', '.join(v['features'])} "
+             f"(penalty {v['penalty']}). Intervals: 95% percentile bootstrap over sweeps ({boot.get('resamples')} "
+             f"resamples of whole sweeps, seed {boot.get('seed')}; the held-out predictions are not refit), so with "
+             "few sweeps they are coarse.\n",
+             f"- held-out Spearman (predicted vs measured KD gain): **{f(v['spearman_heldout'])}** "
+             f"{ci(v['spearman_heldout_ci95'])} (target >= 0.7)",
+             f"- sign right: **{f(v['sign_accuracy'])}** {ci(v['sign_accuracy_ci95'])} (target >= 0.8)",
              f"- target met: **{'yes' if ok else 'no'}**",
              f"- MFH check: Spearman of general_r2 with the true modality-general share on mfh_alg1: "
              f"{f(v['general_r2_vs_true_share_mfh_alg1'])}",
@@ -342,8 +419,10 @@ def validation_figure(v: Mapping[str, Any], path: Path) -> None:
     ax.axvline(0, color="grey", lw=0.5)
     ax.set_xlabel("measured KD gain (accuracy)")
     ax.set_ylabel("predicted KD gain, held-out sweep (95% PI)")
+    ci = v.get("spearman_heldout_ci95")
     ax.set_title("leave one sweep out: Spearman "
-                 f"{v['spearman_heldout'] if v['spearman_heldout'] is None else round(v['spearman_heldout'], 3)}")
+                 f"{v['spearman_heldout'] if v['spearman_heldout'] is None else round(v['spearman_heldout'], 3)}"
+                 + (f" [{ci[0]:.2f}, {ci[1]:.2f}] over sweeps" if ci else ""), fontsize=9)
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, format="png", dpi=110)

@@ -1,9 +1,11 @@
 """The README's result blocks and the results page, generated from a run's reports (never typed by hand).
 
-README.md holds two generated blocks between marker comments, short enough for a first read:
+README.md holds three generated blocks between marker comments, short enough for a first read:
 
-    <!-- results:start --> ... <!-- results:end -->   per dataset: run, score, vs STUDENT, verdict
-    <!-- claims:start -->  ... <!-- claims:end -->    the claims' verdicts, one line each
+    <!-- results:start --> ... <!-- results:end -->     per dataset: run, score, vs STUDENT, verdict
+    <!-- claims:start -->  ... <!-- claims:end -->      the claims' verdicts, one line each
+    <!-- diagnosis:start --> ... <!-- diagnosis:end --> how far the KD-gain predictor can be trusted
+                                                        (validation.json's `summary`, worded from its numbers)
 
 docs/results.md is generated whole: every dataset's data/reports/<ds>/table.md (with the
 hyper-parameters each run used) and data/reports/claims.md (statements, tests, measured values).
@@ -15,13 +17,14 @@ whether they are current). Pure functions here; the command is in stages/readme.
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Sequence
 from pathlib import Path
 
 from cmkd.errors import CmkdError
 
-BLOCKS = ("results", "claims")
+BLOCKS = ("results", "claims", "diagnosis")
 COMMAND = "python -m stages readme"
 # table.md's vs-STUDENT cell starts with one of these (cmkd.reporting.tables.ARROWS)
 VERDICTS = {"↑": "better", "↓": "worse", "≈": "indistinguishable"}
@@ -60,6 +63,17 @@ def _claims_text(reports: Path) -> tuple[Path, str]:
     if not path.is_file():
         raise ReadmeError(f"{path}: missing (run `dvc repro check` first)")
     return path, path.read_text()
+
+
+def _diagnosis_text(reports: Path) -> str:
+    path = Path(reports) / "diagnosis" / "validation.json"
+    try:
+        summary = json.loads(path.read_text()).get("summary")
+    except (OSError, json.JSONDecodeError) as err:
+        raise ReadmeError(f"{path}: cannot read it (run `dvc repro diagnosis_validation` first): {err}") from None
+    if not isinstance(summary, str):
+        raise ReadmeError(f"{path}: no `summary` sentence (rerun `dvc repro diagnosis_validation`)")
+    return summary
 
 
 def compact_table(table_md: str, source: str | Path, level: int = 3) -> str:
@@ -134,10 +148,12 @@ def compact_claims(claims_md: str, source: str | Path) -> str:
 
 
 def blocks(reports: Path, datasets: Sequence[str]) -> dict[str, str]:
-    """The README's generated blocks: the compact tables in the order of `datasets`, the claims."""
+    """The README's generated blocks: the compact tables in the order of `datasets`, the claims, the
+    diagnosis's standing."""
     tables = [compact_table(text, path) for path, text in (_table_text(reports, ds) for ds in datasets)]
     path, claims = _claims_text(reports)
-    return {"results": "\n\n".join(tables), "claims": compact_claims(claims, path)}
+    return {"results": "\n\n".join(tables), "claims": compact_claims(claims, path),
+            "diagnosis": _diagnosis_text(reports)}
 
 
 RESULTS_INTRO = """\
