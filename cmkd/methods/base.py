@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from cmkd.errors import ConfigError
+from cmkd.training.activity import ActivityCounter, part_record
 
 # Batch keys (a batch is a dict of tensors):
 #   student_input  [N, ...]  the student modality
@@ -102,6 +103,21 @@ class Distiller(nn.Module):
     def deployables(self) -> dict[str, tuple[nn.Module, str]]:
         """Networks to evaluate after training: name -> (network, batch input key)."""
         return {"student": (self.student, self.input_key)}
+
+    def activity_counters(self) -> Mapping[str, ActivityCounter]:
+        """The counters of the method's dynamic mechanisms (cmkd.training.activity), by key; none here."""
+        return {}
+
+    def take_activity(self) -> dict[str, list[int]]:
+        """{key: [affected, total]} counted since the last call (the loop calls it every epoch)."""
+        return {key: counter.take() for key, counter in self.activity_counters().items()}
+
+    def mechanism_parts(self, activity: Mapping[str, Any]) -> list[dict[str, Any]]:
+        """One seed's mechanism records (`cmkd.training.activity.part_record`) from the counts the
+        loop summed over the run (`activity`: {key: [affected, total]}); [] without a mechanism."""
+        counters = self.activity_counters()
+        return [part_record(counter.spec, *activity.get(key, (0, 0)), unit=counter.unit())
+                for key, counter in counters.items()]
 
     def forward(self, batch: Batch) -> dict[str, torch.Tensor]:  # pragma: no cover - abstract
         raise NotImplementedError

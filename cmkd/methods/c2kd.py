@@ -44,6 +44,7 @@ from cmkd.errors import ConfigError
 from cmkd.losses import cross_entropy, kendall_tau, kl_rows, mask_rows, masked_mean, to_rows
 from cmkd.methods import register
 from cmkd.methods.base import Distiller
+from cmkd.training.activity import ActivityCounter, MechanismSpec
 from cmkd.utils import exactmath
 
 
@@ -122,6 +123,11 @@ def ofsd_mask(proxy_student: torch.Tensor, proxy_teacher: torch.Tensor, threshol
     return kendall_tau(proxy_student, proxy_teacher) > threshold
 
 
+#: the cross-modal terms reach only the rows OFSD keeps: none kept leaves C2KD without them
+OFSD_SPEC = MechanismSpec("C2KD OFSD selection", "kept", "valid training rows",
+                          "C2KD without cross-modal distillation (CE and proxy self-distillation)")
+
+
 def _match_size(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Upsample dense logits [N, C, h, w] to the label size [N, H, W] when they differ."""
     if logits.dim() == 4 and logits.shape[-2:] != target.shape[-2:]:
@@ -175,6 +181,10 @@ class C2KD(Distiller):
         self.teacher_proxy = ProxyHead(t_channels, num_classes)
         #: fraction of valid samples (pixels) OFSD kept in the last batch, for logging.
         self.last_kept_fraction = float("nan")
+        self.ofsd_activity = ActivityCounter(OFSD_SPEC)
+
+    def activity_counters(self):
+        return {"ofsd": self.ofsd_activity}
 
     def forward(self, batch):
         target = batch["target"]
@@ -204,6 +214,7 @@ class C2KD(Distiller):
         if cfg["ofsd"]:
             selected = selected & ofsd_mask(rows["s_proxy"], rows["t_proxy"], float(cfg["threshold"]))
         kept = selected.float()
+        self.ofsd_activity.add(selected, flat_target >= 0)
         self.last_kept_fraction = float(kept.sum() / valid.sum().clamp_min(1))
         s_from_t = nontarget_kl_rows(rows["s_proxy"], rows["t_proxy"].detach(), flat_target, temperature)
         t_from_s = nontarget_kl_rows(rows["t_proxy"], rows["s_proxy"].detach(), flat_target, temperature)

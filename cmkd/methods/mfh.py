@@ -52,6 +52,7 @@ from cmkd.losses import cross_entropy, kd_loss, non_target_divergence, standardi
 from cmkd.methods import register
 from cmkd.methods.base import Distiller
 from cmkd.methods.discom import reinitialised_copy
+from cmkd.training.activity import MechanismSpec, channel_mask_record
 from cmkd.training.distributed import resolve_device
 from cmkd.training.loop import fit
 
@@ -491,6 +492,11 @@ def modality_general_teacher(
     return masked, selection
 
 
+#: MG-KD's mechanism: the teacher sees only its modality-general channels
+MGKD_SPEC = MechanismSpec("MG-KD channel mask", "removed", "teacher channels",
+                          "KD from a teacher retrained on all its channels")
+
+
 @register("mgkd")
 class MGKD(Distiller):
     """MG-KD: Hinton KD from the modality-general teacher (MFH's implication, Table 2).
@@ -524,6 +530,10 @@ class MGKD(Distiller):
         self.prepared = False
         #: set by prepare(): {"level", "channels", "saliency", "teacher_val"}
         self.selection: dict[str, Any] = {}
+
+    def mechanism_parts(self, activity):
+        channels = channel_mask_record(MGKD_SPEC, self.teacher)
+        return [channels] if channels is not None else []
 
     def set_teacher(self, masked_teacher: nn.Module) -> None:
         """Use an already trained modality-general teacher (frozen from here on)."""

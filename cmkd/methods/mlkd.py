@@ -46,9 +46,13 @@ from cmkd.errors import ConfigError
 from cmkd.losses import batch_correlation_loss, class_correlation_loss, cross_entropy, to_rows
 from cmkd.methods import register
 from cmkd.methods.logit import LogitDistiller
+from cmkd.training.activity import ActivityCounter, MechanismSpec
 from cmkd.utils import exactmath
 
 CLASS_NORMS = ("none", "batch")
+#: MLKD distils only the rows its confidence mask passes: none passing leaves CE on the views
+CONFIDENCE_MASK_SPEC = MechanismSpec("MLKD confidence mask", "passed", "valid training rows",
+                                     "CE on the student's views, no distillation")
 
 
 def class_norm_scale(class_norm: str, total_weight: torch.Tensor, rows_per_sample: int) -> torch.Tensor | float:
@@ -126,6 +130,13 @@ class MLKD(LogitDistiller):
         if not float(merged["strong_noise_std"]) >= 0:
             raise ConfigError(f"{key}.strong_noise_std", f"must be >= 0, got {merged['strong_noise_std']}")
 
+    def __init__(self, student, teacher, cfg, num_classes):
+        super().__init__(student, teacher, cfg, num_classes)
+        self.confidence_activity = ActivityCounter(CONFIDENCE_MASK_SPEC)
+
+    def activity_counters(self):
+        return {"confidence_mask": self.confidence_activity}
+
     def forward(self, batch):
         cfg = self.cfg
         x = batch["student_input"]
@@ -136,8 +147,10 @@ class MLKD(LogitDistiller):
             views.append(self.student(strong_augment(x, float(cfg["strong_noise_std"]), bool(cfg["strong_erase"]))))
         t = self.teacher_logits(batch)
         t_kd = self.kd_view(t)
-        weights = (self.kd_weights(batch, self.kd_view(s), t_kd)
-                   * teacher_confidence_mask(t, float(cfg["confidence_threshold"])))
+        hook_weights = self.kd_weights(batch, self.kd_view(s), t_kd)
+        confident = teacher_confidence_mask(t, float(cfg["confidence_threshold"]))
+        self.confidence_activity.add(confident, target >= 0)
+        weights = hook_weights * confident
         row_weights = weights.reshape(-1)
         rows_per_sample = math.prod(target.shape[1:])  # 1 for classification, H*W for segmentation
         t_rows = to_rows(t_kd)

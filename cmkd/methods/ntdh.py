@@ -45,10 +45,17 @@ from cmkd.methods import build_distiller, get_method, register
 from cmkd.methods.base import Batch, Distiller
 from cmkd.methods.logit import LogitDistiller
 from cmkd.methods.mfh import ALGORITHM1_DEFAULTS, modality_general_teacher, validate_algorithm1_cfg
+from cmkd.training.activity import ActivityCounter, MechanismSpec, channel_mask_record
 
 log = logging.getLogger(__name__)
 
 WRAPPABLE_METHODS = ("kd", "dkd", "mlkd", "ctkd")
+PSSM_SPEC = MechanismSpec("PSSM sample mask", "reweighted (weight != 1)", "valid training rows",
+                          "the wrapped method without PSSM")
+SAMPLE_DROP_SPEC = MechanismSpec("sample_drop mask", "reweighted (weight != 1)", "valid training rows",
+                                 "the wrapped method without the mask")
+FEATURE_MASK_SPEC = MechanismSpec("NTDH feature mask", "removed", "teacher channels",
+                                  "the wrapped method from a teacher retrained on all its channels")
 MODES = ("sample", "feature", "both", "sample_drop")
 #: Algorithm 1's distance for each divergence form (`cmkd.methods.mfh.PAIR_DISTANCES`)
 FEATURE_DISTANCES = {"ntdh": "ntdh", "js": "non_target_js"}
@@ -69,11 +76,14 @@ class PSSMSampleMask:
     def __init__(self, cos_threshold: float = 0.996):
         self.cos_threshold = float(cos_threshold)
         self.last_scale: torch.Tensor | None = None
+        #: valid rows PSSM weighs other than 1 (NTDH's mask is inert when that is none)
+        self.activity = ActivityCounter(PSSM_SPEC)
 
     def __call__(self, batch: Batch, student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
         target = batch["target"]
         weights = pssm_weights(student_logits, teacher_logits, target, self.cos_threshold)
         self.last_scale = weights.sum() / (target >= 0).sum().clamp_min(1)
+        self.activity.add(weights != 1, target >= 0)
         return weights
 
     per_column = __call__
@@ -92,6 +102,7 @@ class NonTargetSampleMask:
         self.down_weight = float(down_weight)
         self.temperature = float(temperature)
         self.form = form
+        self.activity = ActivityCounter(SAMPLE_DROP_SPEC)
 
     def dropped(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """Bool mask shaped like `target`: rows the KD terms drop (or down-weight)."""
@@ -127,7 +138,9 @@ class NonTargetSampleMask:
 
     def __call__(self, batch: Batch, student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
         drop = self.dropped(student_logits, teacher_logits, batch["target"])
-        return torch.where(drop, self.down_weight, 1.0).to(torch.float32)
+        weights = torch.where(drop, self.down_weight, 1.0).to(torch.float32)
+        self.activity.add(weights != 1, batch["target"] >= 0)
+        return weights
 
     def per_column(self, batch: Batch, student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
         """The weights of `__call__` with every column of the target ranked on its own."""
@@ -210,6 +223,17 @@ class NTDHMask(Distiller):
     def on_epoch_start(self, epoch: int, total_epochs: int) -> None:
         super().on_epoch_start(epoch, total_epochs)
         self.inner.on_epoch_start(epoch, total_epochs)
+
+    def activity_counters(self):
+        hook = self.inner.sample_weight_hook
+        return {"sample_mask": hook.activity} if hook is not None else {}
+
+    def mechanism_parts(self, activity):
+        parts = super().mechanism_parts(activity)
+        if self.uses_feature_mask:
+            channels = channel_mask_record(FEATURE_MASK_SPEC, self.teacher)
+            parts = ([channels] if channels is not None else []) + parts
+        return parts
 
     def set_teacher(self, masked_teacher: nn.Module) -> None:
         """Distil from `masked_teacher` (the feature-masked, retrained teacher; frozen from here on)."""

@@ -1,7 +1,9 @@
 """The training stages' node function: one call per stage, given explicit paths
 (cmkd/pipeline/layout.py); what it writes in a run's folder:
 
-    <run_dir>/metrics.json           per seed: test metrics of every deployable, best epoch
+    <run_dir>/metrics.json           per seed: test metrics of every deployable, best epoch; for a
+                                     method with a mechanism that can be inert, `mechanism` (what it
+                                     did: cmkd.training.activity), per seed and summed over seeds
     <run_dir>/seed<k>/<name>.pt      state dict of each deployable network
     <run_dir>/seed<k>/train_logits.h5  (teacher runs) cached training-split logits
     <run_dir>/seed<k>/live/          DVCLive per-epoch metrics
@@ -24,6 +26,7 @@ import torch
 
 from cmkd.data.h5 import read_attrs, sample_shapes, seed_root
 from cmkd.methods import build_distiller, get_method
+from cmkd.training.activity import summarise
 from cmkd.training.checkpoint import run_fingerprint
 from cmkd.training.config import TrainConfig
 from cmkd.training.data import load_split
@@ -107,6 +110,9 @@ def train_run(
             seed_results = list(pool.map(job, seeds))
     for seed, seed_result in zip(seeds, seed_results):
         results["seeds"][str(seed)] = seed_result
+    mechanism = summarise([r.get("mechanism", []) for r in seed_results])
+    if mechanism is not None:  # what the method's own mechanism did (cmkd.training.activity)
+        results["mechanism"] = mechanism
     results["provenance"] = provenance()
     if rank == 0 and write_metrics:
         write_json(out_dir / "metrics.json", results)
@@ -210,6 +216,9 @@ def _train_seed(
         seed_result["prepare"] = prepared_info
     if hasattr(distiller, "summary"):  # a method's own end-of-run values (CTKD's tau trajectory)
         seed_result["method"] = jsonable(distiller.summary(result.history))
+    mechanism_parts = distiller.mechanism_parts(result.activity)
+    if mechanism_parts:
+        seed_result["mechanism"] = mechanism_parts
     device = resolve_device(seed_cfg.device)
     for name, (net, input_key) in distiller.deployables().items():
         if evaluate_test:

@@ -63,6 +63,8 @@ def collect(run_dirs: Iterable[Path], run_configs: Mapping[str, Any] | None = No
     at the top of its metrics.json, written when they were selected on the validation split),
     else its entry in `run_configs` (params.yaml `runs`), marked `selected_on: "params"`.
     `provenance` is the runs' own record (top-level `provenance` of their metrics.json).
+    A run whose method has a mechanism that can be inert carries its record as the row's
+    `mechanism`: {"name", "active_share", "inert", "reason", "measures"} (cmkd.training.activity).
     """
     rows: dict[str, Any] = {}
     provenance: dict[str, Any] = {}
@@ -88,6 +90,8 @@ def collect(run_dirs: Iterable[Path], run_configs: Mapping[str, Any] | None = No
                 cfg = dict((run_configs or {}).get(run) or {})
                 cfg.pop("method", None)
                 extra = {"hyperparameters": cfg, "selected_on": "params"}
+        if isinstance(metrics.get("mechanism"), Mapping):
+            extra["mechanism"] = dict(metrics["mechanism"])
         rows[run] = {"method": metrics["method"], **agg[main], **extra}
         for name, values in agg.items():
             if name != main:
@@ -176,12 +180,15 @@ def _fmt(stat: Mapping[str, Any], scale: float = 100.0) -> str:
 
 
 ARROWS = {"better": "↑", "worse": "↓", "indistinguishable": "≈"}
+#: marks a row whose mechanism was inert (its footnote says why and what the row measures)
+INERT_MARK = "†"
 
 
 def markdown_table(report: Mapping[str, Any], dataset: str, modalities: tuple[str, str]) -> str:
     """The papers' table: one row per run, mean ± std (x100), the paired difference to STUDENT
     with its 95% interval (an arrow only when the interval excludes 0, else ≈), and the
-    hyper-parameters the run used."""
+    hyper-parameters the run used. A row whose mechanism was inert (`mechanism.inert`) is
+    marked † with a footnote naming why and what the row measures instead."""
     metric = report["metric"]
     rows = report["rows"]
     lines = [
@@ -191,6 +198,7 @@ def markdown_table(report: Mapping[str, Any], dataset: str, modalities: tuple[st
         "|---|---|---|---|---|",
     ]
     order = [r for r in BASELINES if r in rows] + sorted(r for r in rows if r not in BASELINES)
+    inert: list[tuple[str, Mapping[str, Any]]] = []  # rows whose mechanism did nothing, footnoted
     for name in order:
         row = rows[name]
         stat = row.get(metric)
@@ -209,11 +217,18 @@ def markdown_table(report: Mapping[str, Any], dataset: str, modalities: tuple[st
         if hp and row.get("selected_on") not in (None, "val"):
             hp += f" ({row['selected_on']})"
         label = name.upper() if name in BASELINES else name
+        mechanism = row.get("mechanism") or {}
+        if mechanism.get("inert"):
+            inert.append((name, mechanism))
+            label += f" {INERT_MARK}{len(inert)}"
         lines.append(f"| {label} | {row['method']} | {_fmt(stat)} | {cell} | {hp} |")
     n = max((rows[r][metric]["n"] for r in rows if metric in rows[r]), default=0)
     lines += ["", f"Seeds per row: {n}. vs STUDENT: the mean of the per-seed differences to STUDENT (same seed: same "
               "initialisation and batch order) with its 95% t interval; ↑ / ↓ only when the interval excludes 0, "
               "≈ otherwise. Hyper-parameters marked (params) are params.yaml's, not selected on the validation split."]
+    for i, (name, mechanism) in enumerate(inert, start=1):
+        lines.append(f"\n{INERT_MARK}{i} {name}: mechanism inert: {mechanism['reason']}; this row measures "
+                     f"{mechanism.get('measures') or 'the method without its mechanism'}, not {name}'s mechanism.")
     return "\n".join(lines) + "\n"
 
 

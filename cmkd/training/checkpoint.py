@@ -40,7 +40,8 @@ def _cpu_state(module: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
 
 
-_CHECKPOINT_KEYS = ("fingerprint", "epoch", "distiller", "optimizer", "best_val", "best_epoch", "best_state", "history")
+_CHECKPOINT_KEYS = ("fingerprint", "epoch", "distiller", "optimizer", "best_val", "best_epoch", "best_state", "history",
+                    "activity")
 
 
 def save_checkpoint(path: Path, state: Mapping[str, Any]) -> None:

@@ -36,6 +36,9 @@ class FitResult:
     best_val: dict[str, Any]
     history: list[dict[str, Any]] = field(default_factory=list)
     resumed_from_epoch: int | None = None
+    #: {key: [affected, total]} summed over the training steps of every epoch: what the method's
+    #: mechanism did (cmkd.training.activity); empty for a method without one
+    activity: dict[str, list[int]] = field(default_factory=dict)
 
 
 def _optimizer(params, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -118,6 +121,7 @@ def fit(
     fingerprint = fingerprint or run_fingerprint(cfg.fingerprint(), type(distiller).__name__)
     ckpt_path = Path(checkpoint_dir) / "last.pt" if checkpoint_dir else None
     start_epoch, best_val, best_epoch, best_state, history = 0, None, -1, None, []
+    activity: dict[str, list[int]] = {}
     resumed = None
     state = load_checkpoint(ckpt_path, fingerprint, distiller, optimizer, desc) if ckpt_path is not None else None
     if state is not None:
@@ -126,6 +130,7 @@ def fit(
         best_epoch = int(state["best_epoch"])
         best_state = state["best_state"]
         history = json.loads(state["history"])
+        activity = json.loads(state["activity"])
         _load_run_state(state, scheduler, precision)
         resumed = start_epoch
         log.info("%s: resumed after epoch %d from %s", desc, start_epoch - 1, ckpt_path)
@@ -147,6 +152,7 @@ def fit(
         torch.manual_seed(epoch_seed)
         distiller.on_epoch_start(epoch, cfg.epochs)
         distiller.train()
+        _add_activity(activity, distiller, count=False)  # from zero: nothing before this epoch's steps counts
         sums: dict[str, float] = {}
         n_steps = 0
         # Augmented as the batches are made (in the loader's workers for streamed splits).
@@ -170,6 +176,7 @@ def fit(
                 sums[k] = sums.get(k, 0.0) + float(v.detach())
             sums["loss"] = sums.get("loss", 0.0) + float(loss.detach())
             n_steps += 1
+        _add_activity(activity, distiller)
         val_metrics = evaluate(main_net, val, main_key, task=task, num_classes=num_classes,
                                ignore_index=ignore_index, batch_size=cfg.eval_batch_size, device=device,
                                precision=precision, channels_last=channels_last, loader=loader_cfg)
@@ -190,7 +197,7 @@ def fit(
                 "fingerprint": fingerprint, "epoch": epoch, "distiller": _cpu_state(distiller),
                 "optimizer": optimizer.state_dict(), "best_val": json.dumps(best_val),
                 "best_epoch": best_epoch, "best_state": best_state, "history": json.dumps(history),
-                **_run_state(scheduler, precision),
+                "activity": json.dumps(activity), **_run_state(scheduler, precision),
             })
     bar.close()
     if live is not None:
@@ -198,4 +205,17 @@ def fit(
     assert best_state is not None
     distiller.load_state_dict(best_state)
     log.info("%s: best %s %.4f at epoch %d (%s)", desc, select, best_val[select], best_epoch, main_name)
-    return FitResult(best_epoch=best_epoch, best_val=best_val, history=history, resumed_from_epoch=resumed)
+    return FitResult(best_epoch=best_epoch, best_val=best_val, history=history, resumed_from_epoch=resumed,
+                     activity=activity)
+
+
+def _add_activity(activity: dict[str, list[int]], distiller: nn.Module, count: bool = True) -> None:
+    """Add the mechanism counts the distiller gathered since the last call to `activity`
+    (integers read once per epoch; `count=False` only resets them)."""
+    if not hasattr(distiller, "take_activity"):
+        return
+    for key, (affected, total) in distiller.take_activity().items():
+        if count:
+            summed = activity.setdefault(key, [0, 0])
+            summed[0] += affected
+            summed[1] += total
