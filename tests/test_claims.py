@@ -310,8 +310,15 @@ def test_repository_claims_file_is_valid_and_recorded_for_the_committed_params()
     assert len(claims) >= 8
     papers = {c.paper for c in claims}
     assert {"MFH", "NTDH"} <= papers
-    params = load_params(REPO / "params.yaml")
+    from cmkd.reporting.claims import NO_MARGIN, with_tuned
+
+    params = with_tuned(load_params(REPO / "params.yaml"), yaml.safe_load((REPO / "tuned.yaml").read_text()))
+    assert {"ntdh-non-target-divergence-predicts-kd": "ntdh-kd-gain-falls-with-gap"}.items() <= \
+        {c.id: c.restates for c in claims if c.restates}.items()
     for c in claims:
+        assert c.margin is not NO_MARGIN, f"{c.id}: name the margin of its kind of comparison"
+        if c.source.file.endswith("metrics.json"):
+            assert any(k.startswith("tuned.") for k, _ in c.configuration), f"{c.id}: depends on tuned.yaml"
         assert c.command, f"{c.id}: give the command that regenerates it"
         assert c.configuration, f"{c.id}: record the params it was made for (depends_on)"
         assert c.config_differences(params) == [], f"{c.id}: python -m stages check --record-configuration"
