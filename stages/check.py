@@ -11,7 +11,8 @@ enforced claim changed. A claim is enforced only under the params it was made fo
 `configuration`, the claim's `depends_on`); under any other params it is reported, marked "not
 enforced". A claim whose results files are missing or unreadable ends as `not_run`.
 `--record-configuration` rewrites the claims file's configuration hashes from the current
-params (after a run whose verdicts are the ones recorded). See cmkd/reporting/claims.py.
+params and tuned.yaml (`tuned.<run>.<dataset>` keys; after a run whose verdicts are the ones
+recorded). See cmkd/reporting/claims.py.
 """
 
 from __future__ import annotations
@@ -23,7 +24,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from cmkd.pipeline.layout import REPORTS
+import yaml
+
+from cmkd.errors import DataFormatError
+from cmkd.pipeline.layout import REPORTS, TUNED_FILE
 from cmkd.reporting.claims import (
     ResultMissing,
     changed_line,
@@ -35,6 +39,7 @@ from cmkd.reporting.claims import (
     render_markdown,
     report_json,
     summary_line,
+    with_tuned,
 )
 from cmkd.utils.atomic import write_json, write_text
 from stages._common import main, parser, start
@@ -63,6 +68,15 @@ def json_loader(root: Path) -> Callable[[str], Any]:
     return load
 
 
+def _read_tuned(path: Path) -> Any:
+    if not path.exists():
+        return None
+    try:
+        return yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise DataFormatError(path, f"not valid YAML: {err}") from None
+
+
 def run() -> None:
     p = parser(__doc__.splitlines()[0])
     p.add_argument("--claims", help="claims file (default: params check.claims)")
@@ -74,9 +88,12 @@ def run() -> None:
     p.add_argument("--sources", default="", help="check only the claims whose results files start with this prefix")
     p.add_argument("--record-configuration", action="store_true",
                    help="write the current params' hashes into the claims file's `configuration` and exit")
+    p.add_argument("--tuned", default=TUNED_FILE,
+                   help="the tuned selections (`tuned.<run>.<dataset>` in a claim's depends_on; absent: none)")
     args = p.parse_args()
     params = start(args)
     claims_file = args.claims or check_params(params)
+    params = with_tuned(params, _read_tuned(Path(args.tuned)))
     if args.record_configuration:
         path = Path(claims_file)
         text = record_configuration(path.read_text(), params, path)
@@ -95,7 +112,7 @@ def run() -> None:
         if o.changed:
             log.warning("%s %s", "CHANGED" if o.enforced else "changed (not enforced)", changed_line(o))
         else:
-            log.info("%-22s %s: %s (expected %s)%s", "ok", o.claim.id, o.verdict, o.claim.expected_verdict,
+            log.info("%-22s %s: %s (recorded %s)%s", "unchanged", o.claim.id, o.verdict, o.claim.expected_verdict,
                      f"; {o.note}" if o.note else "")
     log.info("%s; report in %s", summary_line(outcomes), out / "claims.md")
     failed = [o.claim.id for o in outcomes if o.fails_check]

@@ -293,7 +293,9 @@ def test_render_markdown_counts_each_verdict():
     docs = {"r.json": {"gain": 0.25, "noisy": sample([0.01, -0.02, 0.03, 0.0, -0.01])}}
     outs = [evaluate_claim(c, loader(docs)) for c in claims]
     md = render_markdown(outs)
-    assert "3 reproduced, 0 not reproduced, 1 inconclusive, 0 not run; 2 of 4 as expected" in md
+    assert ("3 reproduced, 0 not reproduced, 1 inconclusive, 0 untestable, 0 not run; "
+            "2 of 4 unchanged from the recorded verdicts") in md
+    assert "as expected" not in md and "| recorded |" in md
     assert "| `c1` | MFH |" in md and "0.25" in md and "**CHANGED**" in md
     assert "| `c3` | NTDH | variant |" in md
     assert "why not" in md
@@ -308,8 +310,15 @@ def test_repository_claims_file_is_valid_and_recorded_for_the_committed_params()
     assert len(claims) >= 8
     papers = {c.paper for c in claims}
     assert {"MFH", "NTDH"} <= papers
-    params = load_params(REPO / "params.yaml")
+    from cmkd.reporting.claims import NO_MARGIN, with_tuned
+
+    params = with_tuned(load_params(REPO / "params.yaml"), yaml.safe_load((REPO / "tuned.yaml").read_text()))
+    assert {"ntdh-non-target-divergence-predicts-kd": "ntdh-kd-gain-falls-with-gap"}.items() <= \
+        {c.id: c.restates for c in claims if c.restates}.items()
     for c in claims:
+        assert c.margin is not NO_MARGIN, f"{c.id}: name the margin of its kind of comparison"
+        if c.source.file.endswith("metrics.json"):
+            assert any(k.startswith("tuned.") for k, _ in c.configuration), f"{c.id}: depends on tuned.yaml"
         assert c.command, f"{c.id}: give the command that regenerates it"
         assert c.configuration, f"{c.id}: record the params it was made for (depends_on)"
         assert c.config_differences(params) == [], f"{c.id}: python -m stages check --record-configuration"
@@ -361,7 +370,8 @@ def test_check_stage_reports_a_changed_verdict_and_succeeds_strict_fails(tmp_pat
     assert [(c["id"], c["verdict"], c["expected_verdict"], c["passed"], c["changed"], c["measured"])
             for c in report["claims"]] == [("rises", "reproduced", "reproduced", True, False, [0.01, 0.02, 0.05]),
                                            ("rho", "reproduced", "reproduced", True, False, -0.9)]
-    assert report["summary"]["verdicts"] == {"reproduced": 2, "not_reproduced": 0, "inconclusive": 0, "not_run": 0}
+    assert report["summary"]["verdicts"] == {"reproduced": 2, "not_reproduced": 0, "inconclusive": 0, "untestable": 0,
+                                           "not_run": 0}
     unchanged_md = (tmp_path / "reports" / "claims.md").read_text()
     assert "CHANGED" not in unchanged_md and unchanged_md.startswith("# Paper claims\n\nVerdicts: ")
 
@@ -373,12 +383,12 @@ def test_check_stage_reports_a_changed_verdict_and_succeeds_strict_fails(tmp_pat
     assert [(c["passed"], c["changed"]) for c in report["claims"]] == [(False, True), (True, False)]
     assert report["summary"]["changed"] == report["summary"]["changed_enforced"] == ["rises"]
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    assert any("rises" in w and "verdict not reproduced, expected reproduced" in w for w in warnings), warnings
+    assert any("rises" in w and "verdict not reproduced, recorded reproduced" in w for w in warnings), warnings
     assert not any("rho" in w for w in warnings)
     md = (tmp_path / "reports" / "claims.md").read_text()
     top = md.split("Verdicts:")[0]  # the CHANGED section comes before the table
     assert "## CHANGED: 1 verdict differs" in top and "`rises`" in top and "`rho`" not in top
-    assert "**not reproduced**, expected reproduced" in top
+    assert "**not reproduced**, recorded reproduced" in top
 
     assert run_check(tmp_path, doc, results, "--strict") == 1  # the same input: strict fails
     caplog.clear()
@@ -548,7 +558,7 @@ def test_check_cli_flipping_a_repository_claim_fails(tmp_path):
     assert "mfh-gamma-kd-gain-rises" in flipped.stderr
     default = subprocess.run([c for c in cmd if c != "--strict"], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert default.returncode == 0, default.stderr
-    assert ("WARNING check: CHANGED mfh-gamma-kd-gain-rises: verdict not reproduced, expected reproduced"
+    assert ("WARNING check: CHANGED mfh-gamma-kd-gain-rises: verdict not reproduced, recorded reproduced"
             in default.stderr)
 
 
@@ -575,3 +585,118 @@ def test_check_stage_with_sources_checks_only_that_table(tmp_path):
     report = json.loads((tmp_path / "reports" / "claims.json").read_text())
     assert [c["id"] for c in report["claims"]] == ["table"]
     assert run_check(tmp_path, doc, results, "--strict") == 1  # the experiment claim fails when all are checked
+
+
+# --------------------------------------------------------------------------- margins, inert mechanisms, restatements
+
+def test_margin_decides_what_counts_as_an_effect():
+    from cmkd.reporting.claims import decide
+
+    # effect 1.0 +- 0.1 (df 4): beyond a margin of 0.5, not beyond one of 1.0
+    assert decide(1.0, 0.1, 4, 0.5) == ("reproduced", "beyond the margin")
+    assert decide(1.0, 0.1, 4, 1.0)[0] == "inconclusive"
+    assert decide(1.0, 0.1, 4, 0.0) == ("reproduced", "significant")
+    # a tiny but significant difference the wrong way is no effect either way: inside the margin
+    assert decide(-0.037, 0.017, 41, 0.5) == ("not_reproduced", "significantly the other way")
+    assert decide(0.02, 0.017, 41, 0.5) == ("not_reproduced", "inside the margin")
+    assert decide(0.02, 0.017, 41, 0.0)[0] == "inconclusive"     # without a margin it cannot be decided
+    assert decide(0.3, 0.3, 4, 0.5)[0] == "inconclusive"         # the interval reaches past the margin
+    # exact numbers: a difference smaller than the margin is no effect
+    assert compare(">", 0.3, 0.0, 0.0, margin=0.5)[0] == "not_reproduced"
+    assert compare(">", 0.6, 0.0, 0.0, margin=0.5)[0] == "reproduced"
+    a = sample([0.80, 0.82, 0.81, 0.79, 0.80], seeds=range(5))
+    b = sample([0.798, 0.817, 0.808, 0.787, 0.798], seeds=range(5))
+    assert compare(">", a, None, 0.0, b)[0] == "reproduced"                     # significant, 0.24 points
+    verdict, _, detail, st = compare(">", a, None, 0.0, b, margin=0.005)
+    assert (verdict, st["why"]) == ("not_reproduced", "inside the margin") and st["p_beyond_margin"] > 0.05
+    # trends: the margin is on the fitted change over the sweep
+    x = [0.0, 0.5, 1.0]
+    pts = [sample(np.array([0.0, 0.001, -0.001, 0.002, 0.0]) + 0.004 * xi) for xi in x]
+    verdict, _, _, st = compare("increasing", pts, None, 0.0, x=x, margin=0.01)
+    assert verdict == "not_reproduced" and st["change_over_sweep"] == pytest.approx(0.004)
+    assert compare("increasing", pts, None, 0.0, x=x)[0] == "reproduced"
+    # all: every point beyond the margin
+    assert compare("all >", [0.6, 0.7], 0.0, 0.0, margin=0.5)[0] == "reproduced"
+    assert compare("all >", [0.6, 0.2], 0.0, 0.0, margin=0.5)[0] == "not_reproduced"
+
+
+MARGINS = {"points": {"value": 0.5, "reason": "below the seed-to-seed spread"}}
+
+
+def test_margins_restates_and_inert_checks_are_validated(tmp_path):
+    doc = {"margins": MARGINS, "claims": [claim(margin="points"), claim(id="c2", restates="c1")]}
+    c1, c2 = parse_claims(doc)
+    assert (c1.margin.kind, c1.margin.value, c2.restates) == ("points", 0.5, "c1")
+    bad = [
+        {"margins": MARGINS, "claims": [claim(margin="accuracy")]},                     # undeclared kind
+        {"margins": {"points": {"value": 0.5}}, "claims": [claim(margin="points")]},      # no reason
+        {"margins": {"points": {"value": -1, "reason": "r"}}, "claims": [claim()]},
+        {"margins": MARGINS, "claims": [claim(comparison="between", value=[0, 1], margin="points")]},
+        {"claims": [claim(restates="nobody")]},
+        {"claims": [claim(restates="c1")]},                                                # itself
+        {"claims": [claim(), claim(id="c2", restates="c1"), claim(id="c3", restates="c2")]},  # a chain
+        {"claims": [claim(inert_if=[{"file": "m.json", "path": "k", "equals": 1.0}])]},     # equals needs a reason
+        {"claims": [claim(inert_if={"file": "m.json"})]},
+    ]
+    for d in bad:
+        with pytest.raises(ClaimsError) as err:
+            parse_claims(d, tmp_path / "claims.yaml")
+        assert "claims.yaml" in str(err.value)
+
+
+def test_inert_mechanism_makes_a_claim_untestable():
+    rows = lambda k, mech=None: {"rows": {  # noqa: E731
+        "mgkd": {"f1": sample([0.50, 0.52, 0.51]), "hyperparameters": {"k_fraction": k},
+                 **({"mechanism": mech} if mech is not None else {})},
+        "kdv2": {"f1": sample([0.60, 0.63, 0.61])}}}
+    c = parse_claims({"margins": MARGINS, "claims": [claim(
+        source={"file": "m.json", "path": "rows.mgkd.f1"}, against={"file": "m.json", "path": "rows.kdv2.f1"},
+        value=None, margin="points", inert_if=[
+            {"file": "m.json", "path": "rows.mgkd.hyperparameters.k_fraction", "equals": 1.0,
+             "reason": "k_fraction 1.0 keeps every channel"},
+            {"file": "m.json", "path": "rows.mgkd.mechanism"}])]})[0]
+    active = evaluate_claim(c, loader({"m.json": rows(0.5)}))
+    assert active.verdict == "not_reproduced"
+    off = evaluate_claim(c, loader({"m.json": rows(1.0)}))
+    assert off.verdict == "untestable" and "keeps every channel" in off.detail and "= 1" in off.detail
+    assert off.statistics["verdict_if_active"] == "not_reproduced"
+    recorded = evaluate_claim(c, loader({"m.json": rows(0.5, {"inert": True, "active_share": 0.0,
+                                                             "reason": "every row has weight 1"})}))
+    assert recorded.verdict == "untestable" and "every row has weight 1" in recorded.detail
+    live = evaluate_claim(c, loader({"m.json": rows(0.5, {"inert": False, "active_share": 0.4, "reason": ""})}))
+    assert live.verdict == "not_reproduced"                   # a record saying active, or none: not known inert
+    j = off.to_json()
+    assert j["margin"] == {"kind": "points", "value": 0.5, "reason": "below the seed-to-seed spread"}
+    assert "untestable" in render_markdown([off])
+
+
+def test_a_restating_claim_is_reported_but_not_counted_twice():
+    from cmkd.reporting.claims import summary
+
+    claims = parse_claims({"claims": [claim(), claim(id="c2", restates="c1"), claim(id="c3", value=1.0)]})
+    outs = [evaluate_claim(c, loader({"r.json": {"gain": 0.5}})) for c in claims]
+    s = summary(outs)
+    assert s["verdicts"]["reproduced"] == 1 and s["verdicts"]["not_reproduced"] == 1 and s["total"] == 2
+    assert s["restating"] == {"c2": "c1"} and s["checked"] == 3
+    assert outs[1].to_json()["restates"] == "c1"
+    md = render_markdown(outs)
+    assert "(1 restating claim not counted again)" in md and "restates `c1`, not counted" in md
+
+
+def test_claims_configuration_covers_tuned_selections():
+    from cmkd.config import ConfigError
+    from cmkd.reporting.claims import with_tuned
+
+    params = {"runs": {"kdv1": {"temperature": 4.0}}}
+    tuned = {"kdv1": {"digits": {"temperature": 3}, "synthetic": {"temperature": 1}}}
+    view = with_tuned(params, tuned)
+    text = ("configuration:\n  tuned.kdv1.digits: old\nclaims:\n  - {id: c1, paper: P, statement: s, "
+            "source: {file: r.json, path: gain}, comparison: '>', value: 0.0, depends_on: [tuned.kdv1.digits]}\n")
+    c = parse_claims(yaml.safe_load(record_configuration(text, view)))[0]
+    assert c.config_differences(view) == []
+    retuned = with_tuned(params, {"kdv1": {**tuned["kdv1"], "digits": {"temperature": 8}}})
+    assert c.config_differences(retuned) == ["tuned.kdv1.digits"]
+    other = with_tuned(params, {"kdv1": {**tuned["kdv1"], "synthetic": {"temperature": 8}}})
+    assert c.config_differences(other) == []
+    with pytest.raises(ConfigError, match="tuned"):
+        with_tuned({"tuned": 1}, tuned)

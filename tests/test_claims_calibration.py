@@ -127,3 +127,47 @@ def test_normal_two_se_rule_at_n3_was_miscalibrated():
     x = rng.normal(0, 1, (DRAWS, 3))
     t = x.mean(1) / (x.std(1, ddof=1) / np.sqrt(3))
     assert np.mean(t > 2) > 0.07
+
+
+def test_margin_is_calibrated_at_its_boundary_both_ways():
+    """With a margin of half a point, a true paired effect of exactly the margin is an effect
+    that counts: the chance of `not_reproduced` must be at most 5% (the paper holds practically),
+    and the chance of `reproduced` at most 5% (no evidence it is beyond the margin). A true
+    effect of 0 inside the margin is declared `not_reproduced` when the seeds are precise enough,
+    and never `reproduced`."""
+    margin = 0.005
+
+    def draw(rng, effect, noise=0.004, n=5):
+        luck = rng.normal(0, 0.05, n)
+        a, b = luck + effect + rng.normal(0, noise, n), luck + rng.normal(0, noise, n)
+        return compare(">", sample(a), None, 0.0, sample(b), margin=margin)[0]
+
+    assert rate(lambda rng: draw(rng, margin), "not_reproduced") <= LIMIT
+    assert rate(lambda rng: draw(rng, margin), "reproduced", seed=1) <= LIMIT
+    assert rate(lambda rng: draw(rng, 0.0), "reproduced", seed=2) == 0.0
+    assert rate(lambda rng: draw(rng, 0.0, noise=0.001, n=20), "not_reproduced", draws=300, seed=3) > 0.9
+    assert rate(lambda rng: draw(rng, 0.03), "reproduced", draws=300, seed=4) > 0.9
+
+
+def test_not_reproduced_is_not_declared_on_a_null_effect_the_seeds_cannot_place():
+    """A null effect (true difference 0) whose interval is wider than the margin is not
+    evidence of anything: `not_reproduced` at most 5% (only when significantly the wrong way)."""
+    def draw(rng):
+        luck = rng.normal(0, 0.05, 5)
+        a, b = luck + rng.normal(0, 0.02, 5), luck + rng.normal(0, 0.02, 5)
+        return compare(">", sample(a), None, 0.0, sample(b), margin=0.005)[0]
+
+    assert rate(draw, "not_reproduced") <= LIMIT
+
+
+def test_trend_margin_is_calibrated_at_its_boundary():
+    x = [0.0, 0.2, 0.4, 0.6, 0.8, 1.0]
+    margin = 0.005
+
+    def draw(rng):  # the true change over the sweep is exactly the margin
+        luck = rng.normal(0, 0.02, 5)
+        points = [sample(luck - margin * xi + rng.normal(0, 0.002, 5)) for xi in x]
+        return compare("decreasing", points, None, 0.0, x=x, margin=margin)[0]
+
+    assert rate(draw, "reproduced") <= LIMIT
+    assert rate(draw, "not_reproduced", seed=1) <= LIMIT

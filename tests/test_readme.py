@@ -99,6 +99,17 @@ def test_compact_table_keeps_the_smoke_test_note_and_refuses_other_formats():
         compact_table(TABLE.replace("↑ +10.00 [+5.00, +15.00]", "? +1.00"), "t.md")
 
 
+def test_compact_claims_reads_the_recorded_column_of_the_current_report():
+    from cmkd.reporting.claims import evaluate_claim, parse_claims, render_markdown
+
+    claims = parse_claims({"claims": [{"id": "x", "paper": "MFH", "statement": "s", "comparison": ">", "value": 0.0,
+                                       "source": {"file": "r.json", "path": "gain"}}]})
+    md = render_markdown([evaluate_claim(claims[0], lambda file: {"gain": 0.5})])
+    compact = compact_claims(md, "claims.md")
+    assert "| claim | paper | verdict | recorded |" in compact and "| `x` | MFH | reproduced | reproduced |" in compact
+    assert "unchanged from the recorded verdicts" in compact and "as expected" not in compact
+
+
 def test_compact_claims_lists_each_claim_with_its_verdict_and_keeps_a_changed_section():
     compact = compact_claims(CLAIMS, "claims.md")
     assert compact.splitlines() == [

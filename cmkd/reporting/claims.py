@@ -87,11 +87,15 @@ SCALAR_OPS = (">", ">=", "<", "<=")
 ELEMENTWISE = tuple(f"{q} {op}" for q in ("all", "any") for op in SCALAR_OPS)
 TRENDS = ("increasing", "decreasing")
 COMPARISONS = SCALAR_OPS + ("==", "between") + ELEMENTWISE + TRENDS
-VERDICTS = ("reproduced", "not_reproduced", "inconclusive", "not_run")
+VERDICTS = ("reproduced", "not_reproduced", "inconclusive", "untestable", "not_run")
 TESTS = ("definition", "variant")
 _ID = re.compile(r"^[a-z0-9][a-z0-9_\-]*$")
 _KNOWN_KEYS = {"id", "paper", "statement", "paper_reports", "source", "against", "x", "comparison", "value",
-               "tolerance", "expected_verdict", "reason", "command", "optional", "tests", "depends_on", "paired"}
+               "tolerance", "expected_verdict", "reason", "command", "optional", "tests", "depends_on", "paired",
+               "margin", "restates", "inert_if"}
+_TOP_KEYS = ("claims", "configuration", "margins")
+#: the params-like key under which tuned.yaml's selections are hashed (`depends_on: [tuned.kdv1.digits]`)
+TUNED_KEY = "tuned"
 _REPLACED = {"status": "replaced by `expected_verdict` (reproduced | not_reproduced | inconclusive | not_run)",
              "significance": "replaced by calibrated t tests at alpha 0.05 (see cmkd/reporting/claims.py)"}
 
@@ -121,6 +125,51 @@ class Source:
 
 
 @dataclass(frozen=True)
+class Margin:
+    """The smallest difference that counts as an effect for one kind of comparison (claims.yaml
+    `margins`): `value` in the compared quantity's unit, `reason` why that size."""
+
+    kind: str
+    value: float
+    reason: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"kind": self.kind, "value": self.value, "reason": self.reason}
+
+
+NO_MARGIN = Margin("none", 0.0, "no margin declared: any significant difference counts")
+
+
+@dataclass(frozen=True)
+class InertCheck:
+    """When the mechanism a claim tests is off. Either `equals` (the value at `source` equals it,
+    e.g. a selected `k_fraction` of 1.0 keeps every channel; `reason` says so) or, without
+    `equals`, a mechanism record ``{"inert": bool, "reason": str, ...}`` at `source` (a run's
+    measured activity). Absent results or records mean "not known to be inert"."""
+
+    source: Source
+    equals: Any = None
+    reason: str = ""
+
+    def inert(self, load: Loader) -> str | None:
+        """The reason the mechanism is off, or None when it is not known to be."""
+        try:
+            value = measure(self.source, load)
+        except ResultMissing:
+            return None
+        if self.equals is not None:
+            same = (_is_number(value) and _is_number(self.equals) and math.isclose(value, self.equals)) \
+                or value == self.equals
+            return f"{self.reason} ({self.source.describe()} = {_fmt(value)})" if same else None
+        if isinstance(value, Mapping) and value.get("inert") is True:
+            why = value.get("reason") or "the run recorded its mechanism as inert"
+            share = value.get("active_share")
+            extra = f", active share {_fmt(float(share))}" if _is_number(share) else ""
+            return f"{why} ({self.source.describe()}{extra})"
+        return None
+
+
+@dataclass(frozen=True)
 class Claim:
     id: str
     paper: str
@@ -140,6 +189,10 @@ class Claim:
     paired: bool = True
     #: (params key, recorded hash) for every key the claim depends on
     configuration: tuple[tuple[str, str], ...] = ()
+    margin: Margin = NO_MARGIN
+    #: the id of the claim this one restates (its verdict is not counted a second time)
+    restates: str = ""
+    inert_if: tuple[InertCheck, ...] = ()
 
     def expected_text(self) -> str:
         """The paper's expectation in one line, e.g. ``points[*].kd_gain increasing in gamma``."""
@@ -176,6 +229,8 @@ class Outcome:
 
     @property
     def passed(self) -> bool:
+        """The verdict equals the one recorded from the last committed run (`expected_verdict`):
+        a regression lock, not evidence for the paper."""
         return self.verdict == self.claim.expected_verdict
 
     @property
@@ -202,7 +257,10 @@ class Outcome:
             "changed": self.changed,
             "enforced": self.enforced,
             "source": c.source.describe(),
+            "margin": c.margin.to_json(),
         }
+        if c.restates:
+            out["restates"] = c.restates
         if c.against is not None:
             out["against"] = c.against.describe()
             out["against_measured"] = jsonable(self.against_measured)
@@ -240,6 +298,16 @@ def check_params(params: Mapping[str, Any]) -> str:
     if not (isinstance(claims, str) and claims.strip()):
         raise ConfigError("check.claims", f"must be a file name, got {claims!r}")
     return claims
+
+
+def with_tuned(params: Mapping[str, Any], tuned: Mapping[str, Any] | None) -> dict[str, Any]:
+    """params with tuned.yaml's selections under `tuned` (<run>: {<dataset>: {...}}), so a claim can
+    depend on `tuned.<run>.<dataset>`: the hyper-parameters its runs trained with come from both."""
+    if TUNED_KEY in params:
+        raise ConfigError(TUNED_KEY, "is reserved for tuned.yaml's selections in the claims' configuration")
+    if tuned is not None and not isinstance(tuned, Mapping):
+        raise ConfigError(TUNED_KEY, f"tuned.yaml must be a mapping, got {type(tuned).__name__}")
+    return {**params, TUNED_KEY: dict(tuned or {})}
 
 
 def params_hash(params: Mapping[str, Any], key: str) -> str:
@@ -297,12 +365,13 @@ def load_claims(path: str | Path) -> list[Claim]:
 def parse_claims(doc: Any, path: str | Path = "claims.yaml", check_configuration: bool = True) -> list[Claim]:
     if not isinstance(doc, Mapping) or not isinstance(doc.get("claims"), list) or not doc["claims"]:
         raise ClaimsError(path, "must be a mapping with a non-empty list under `claims`")
-    unknown = sorted(set(doc) - {"claims", "configuration"})
+    unknown = sorted(set(doc) - set(_TOP_KEYS))
     if unknown:
-        raise ClaimsError(path, f"unknown top-level key {unknown[0]!r}; known: claims, configuration")
+        raise ClaimsError(path, f"unknown top-level key {unknown[0]!r}; known: {', '.join(_TOP_KEYS)}")
     recorded = doc.get("configuration") or {}
     if not isinstance(recorded, Mapping) or not all(isinstance(v, str) or v is None for v in recorded.values()):
         raise ClaimsError(path, "`configuration` must map params keys to hashes (strings)")
+    margins = parse_margins(doc.get("margins"), path)
     claims: list[Claim] = []
     seen: set[str] = set()
     for i, raw in enumerate(doc["claims"]):
@@ -311,16 +380,46 @@ def parse_claims(doc: Any, path: str | Path = "claims.yaml", check_configuration
             raise ClaimsError(path, f"{where}: must be a mapping")
         if isinstance(raw.get("id"), str):
             where = f"claim {raw['id']!r}"
-        claim = _parse_claim(raw, path, where, recorded, check_configuration)
+        claim = _parse_claim(raw, path, where, recorded, check_configuration, margins)
         if claim.id in seen:
             raise ClaimsError(path, f"{where}: duplicate id")
         seen.add(claim.id)
         claims.append(claim)
+    by_id = {c.id: c for c in claims}
+    for c in claims:
+        if not c.restates:
+            continue
+        target = by_id.get(c.restates)
+        if target is None or target.id == c.id:
+            raise ClaimsError(path, f"claim {c.id!r}: `restates` must name another claim of the file, "
+                                    f"got {c.restates!r}")
+        if target.restates:
+            raise ClaimsError(path, f"claim {c.id!r}: restates {target.id!r}, which itself restates "
+                                    f"{target.restates!r}; name the original")
     return claims
 
 
+def parse_margins(raw: Any, path: str | Path = "claims.yaml") -> dict[str, Margin]:
+    """claims.yaml `margins`: ``<kind>: {value: number >= 0, reason: why this size}``."""
+    if raw is None:
+        return {}
+    if not isinstance(raw, Mapping):
+        raise ClaimsError(path, "`margins` must map a kind of comparison to {value, reason}")
+    margins = {}
+    for kind, spec in raw.items():
+        if not (isinstance(spec, Mapping) and set(spec) <= {"value", "unit", "reason"}):
+            raise ClaimsError(path, f"margins.{kind}: must be a mapping with `value`, `reason` (and `unit`)")
+        value, reason = spec.get("value"), spec.get("reason")
+        if not (_is_number(value) and value >= 0):
+            raise ClaimsError(path, f"margins.{kind}.value: must be a number >= 0, got {value!r}")
+        if not (isinstance(reason, str) and reason.strip()):
+            raise ClaimsError(path, f"margins.{kind}.reason: say why this size (a non-empty string)")
+        margins[str(kind)] = Margin(str(kind), float(value), " ".join(reason.split()))
+    return margins
+
+
 def _parse_claim(raw: Mapping[str, Any], path: str | Path, where: str, recorded: Mapping[str, Any],
-                 check_configuration: bool) -> Claim:
+                 check_configuration: bool, margins: Mapping[str, Margin] | None = None) -> Claim:
     def fail(problem: str) -> ClaimsError:
         return ClaimsError(path, f"{where}: {problem}")
 
@@ -377,6 +476,28 @@ def _parse_claim(raw: Mapping[str, Any], path: str | Path, where: str, recorded:
     depends_on = raw.get("depends_on", [])
     if not isinstance(depends_on, list) or not all(isinstance(k, str) and k for k in depends_on):
         raise fail("`depends_on` must be a list of params keys")
+    margin = NO_MARGIN
+    if raw.get("margin") is not None:
+        kind = raw["margin"]
+        if not isinstance(kind, str) or kind not in (margins or {}):
+            raise fail(f"`margin` must name one of the file's `margins` ({sorted(margins or {})}), got {kind!r}")
+        margin = (margins or {})[kind]
+        if comparison in ("==", "between") and margin.value > 0:
+            raise fail(f"comparison {comparison!r} is an equivalence test: its bounds are its margin")
+    restates = raw.get("restates") or ""
+    if not isinstance(restates, str):
+        raise fail("`restates` must be the id of another claim")
+    inert_if = raw.get("inert_if") or []
+    if not isinstance(inert_if, list):
+        raise fail("`inert_if` must be a list of {file, path[, equals, reason]}")
+    checks = []
+    for i, spec in enumerate(inert_if):
+        if not isinstance(spec, Mapping) or not set(spec) <= {"file", "path", "equals", "reason"}:
+            raise fail(f"inert_if[{i}]: must be a mapping with file, path and optionally equals, reason")
+        src = _parse_source(spec, fail, f"inert_if[{i}]")
+        if "equals" in spec and not (isinstance(spec.get("reason"), str) and spec["reason"].strip()):
+            raise fail(f"inert_if[{i}]: `equals` needs a `reason` (why that value switches the mechanism off)")
+        checks.append(InertCheck(src, spec.get("equals"), " ".join(str(spec.get("reason", "")).split())))
     if check_configuration:
         for key in depends_on:
             if not isinstance(recorded.get(key), str):
@@ -389,6 +510,7 @@ def _parse_claim(raw: Mapping[str, Any], path: str | Path, where: str, recorded:
         paper_reports=" ".join(raw.get("paper_reports", "").split()), command=raw.get("command", ""),
         optional=raw.get("optional", False), tests=tests, paired=raw.get("paired", True),
         configuration=tuple((k, str(recorded.get(k))) for k in depends_on),
+        margin=margin, restates=restates, inert_if=tuple(checks),
     )
 
 
@@ -556,12 +678,54 @@ def scalar_p(op: str, a: Sample, b: Sample, tolerance: float = 0.0,
     return p_paper, p_other, {"test": name, "difference": diff, "se": se, "df": df, "p": p_paper}
 
 
-def _decide(p_paper: float, p_other: float, alpha: float = ALPHA) -> str:
-    if p_paper < alpha:
-        return "reproduced"
-    if p_other < alpha:
-        return "not_reproduced"
-    return "inconclusive"
+def decide(effect: float, se: float, df: float, margin: float = 0.0, alpha: float = ALPHA) -> tuple[str, str]:
+    """(verdict, why) for an estimated `effect` in the paper's direction (positive: the paper's
+    way) with standard error `se`, against the smallest effect that counts, `margin`:
+
+    - reproduced: the effect exceeds the margin, one-sided at `alpha` (with margin 0: the
+      interval excludes 0 in the paper's direction);
+    - not_reproduced: the effect is significantly the other way (one-sided at `alpha`), or both
+      one-sided tests place it inside (-margin, +margin) (TOST: no effect of a size that counts);
+    - inconclusive: neither.
+
+    Each wrong verdict has probability at most `alpha` at its boundary: `reproduced` when the
+    true effect is exactly the margin, `not_reproduced` when it is exactly the margin or 0 the
+    other way."""
+    if one_sided(effect - margin, se, df)[0] < alpha:
+        return "reproduced", "beyond the margin" if margin > 0 else "significant"
+    if one_sided(effect, se, df)[1] < alpha:
+        return "not_reproduced", "significantly the other way"
+    if margin > 0 and one_sided(effect + margin, se, df)[0] < alpha and one_sided(effect - margin, se, df)[1] < alpha:
+        return "not_reproduced", "inside the margin"
+    return "inconclusive", ""
+
+
+def _decide_exact(holds: bool, effect: float, margin: float) -> tuple[str, str]:
+    """Exact numbers: the comparison as written, and a difference smaller than the margin is no effect."""
+    if holds and (margin == 0 or effect >= margin):
+        return "reproduced", ""
+    if margin > 0 and abs(effect) < margin:
+        return "not_reproduced", "inside the margin"
+    return "not_reproduced", "the other way"
+
+
+def scalar_test(op: str, a: Sample, b: Sample, tolerance: float = 0.0, paired: bool = True, margin: float = 0.0,
+                alpha: float = ALPHA) -> tuple[str, dict[str, Any]]:
+    """(verdict, statistics) of `a op b` (op in SCALAR_OPS) against the margin."""
+    sign = 1.0 if op.startswith(">") else -1.0
+    p_paper, _, st = scalar_p(op, a, b, tolerance, paired)
+    if st["test"] == "exact":
+        effect = sign * (a.mean - b.mean) + tolerance
+        verdict, why = _decide_exact(_OPS[op](a.mean, b.mean, tolerance), effect, margin)
+    elif "se" not in st:
+        return "inconclusive", st
+    else:
+        verdict, why = decide(sign * st["difference"] + tolerance, st["se"], st["df"], margin, alpha)
+        if margin > 0:
+            st["p_beyond_margin"] = one_sided(sign * st["difference"] + tolerance - margin, st["se"], st["df"])[0]
+    if why:
+        st["why"] = why
+    return verdict, st
 
 
 def measure(source: Source, load: Loader) -> Any:
@@ -600,26 +764,31 @@ def evaluate_claim(claim: Claim, load: Loader, params: Mapping[str, Any] | None 
         return Outcome(claim, None, "not_run", detail=f"results unavailable: {err}", enforced=not note, note=note)
     try:
         verdict, shown, detail, statistics = compare(claim.comparison, measured, claim.value, claim.tolerance, against,
-                                                     x=x, paired=claim.paired)
+                                                     x=x, paired=claim.paired, margin=claim.margin.value)
     except (TypeError, ValueError) as err:
         return Outcome(claim, jsonable(measured), "not_run", detail=f"invalid measurement: {err}",
                        against_measured=against, enforced=not note, note=note)
+    inert = [why for check in claim.inert_if if (why := check.inert(load)) is not None]
+    if inert:  # the mechanism under test was off: the numbers say nothing about it
+        statistics = {**statistics, "verdict_if_active": verdict}
+        verdict, detail = "untestable", "mechanism inert: " + "; ".join(inert)
     return Outcome(claim, shown, verdict, detail=detail,
                    against_measured=_means(against) if against is not None else None,
                    statistics=statistics, enforced=not note, note=note)
 
 
 def compare(comparison: str, measured: Any, value: Any, tolerance: float, against: Any = None, *, x: Any = None,
-            paired: bool = True, alpha: float = ALPHA) -> tuple[str, Any, str, dict[str, Any]]:
+            paired: bool = True, alpha: float = ALPHA, margin: float = 0.0) -> tuple[str, Any, str, dict[str, Any]]:
     """Apply a comparison; returns (verdict, the measured value to show, a one-line detail,
-    the test's statistics). Raises ValueError / TypeError when the measurement has the wrong
-    shape for the comparison."""
+    the test's statistics). `margin`: the smallest effect that counts (see `decide`; not used
+    by the equivalence tests `==` and `between`, whose bounds are their margin). Raises
+    ValueError / TypeError when the measurement has the wrong shape for the comparison."""
     t = float(tolerance)
     if comparison in SCALAR_OPS:
         a = as_sample(measured, "measured")
         b = as_sample(against, "against") if against is not None else Sample(float(value))
-        p_paper, p_other, st = scalar_p(comparison, a, b, t, paired)
-        return _decide(p_paper, p_other, alpha), a.mean, _describe(comparison, a, b, st), st
+        verdict, st = scalar_test(comparison, a, b, t, paired, margin, alpha)
+        return verdict, a.mean, _describe(comparison, a, b, st), st
     if comparison in ("==", "between"):
         a = as_sample(measured, "measured")
         if comparison == "==":
@@ -647,25 +816,32 @@ def compare(comparison: str, measured: Any, value: Any, tolerance: float, agains
                 raise ValueError(f"measured has {len(ms)} values but against has {len(rhs)}")
         else:
             rhs = [Sample(float(value))] * len(ms)
-        tests = [scalar_p(op, m, r, t, paired) for m, r in zip(ms, rhs)]
-        p_paper, p_other = [p for p, _, _ in tests], [q for _, q, _ in tests]
-        k = len(tests)
+        k = len(ms)
+        at_alpha = [scalar_test(op, m, r, t, paired, margin, alpha) for m, r in zip(ms, rhs)]
+        at_bonferroni = [scalar_test(op, m, r, t, paired, margin, alpha / k)[0] for m, r in zip(ms, rhs)]
+        first = [v for v, _ in at_alpha]
         if quantifier == "all":  # intersection-union: every point at alpha; Bonferroni the other way
-            verdict = ("reproduced" if max(p_paper) < alpha
-                       else "not_reproduced" if min(p_other) < alpha / k else "inconclusive")
+            verdict = ("reproduced" if all(v == "reproduced" for v in first)
+                       else "not_reproduced" if "not_reproduced" in at_bonferroni else "inconclusive")
         else:
-            verdict = ("reproduced" if min(p_paper) < alpha / k
-                       else "not_reproduced" if max(p_other) < alpha else "inconclusive")
-        n_sig = sum(p < alpha for p in p_paper)
-        st = {"test": tests[0][2]["test"], "p": p_paper, "p_other_side": p_other}
-        return verdict, [m.mean for m in ms], f"{n_sig}/{k} points significant ({tests[0][2]['test']})", st
+            verdict = ("reproduced" if "reproduced" in at_bonferroni
+                       else "not_reproduced" if all(v == "not_reproduced" for v in first) else "inconclusive")
+        n_sig = sum(v == "reproduced" for v in first)
+        test = at_alpha[0][1]["test"]
+        st = {"test": test, "p": [s.get("p", 1.0) for _, s in at_alpha], "point_verdicts": first}
+        if margin > 0:
+            st["p_beyond_margin"] = [s.get("p_beyond_margin", 1.0) for _, s in at_alpha]
+        what = "beyond the margin" if margin > 0 else "significant"
+        return verdict, [m.mean for m in ms], f"{n_sig}/{k} points {what} ({test})", st
     if comparison in TRENDS:
-        return _trend(comparison, measured, x, t, alpha)
+        return _trend(comparison, measured, x, t, alpha, margin)
     raise ValueError(f"unknown comparison {comparison!r}")
 
 
-def _trend(comparison: str, measured: Any, x: Any,
-           tolerance: float, alpha: float) -> tuple[str, Any, str, dict[str, Any]]:
+def _trend(comparison: str, measured: Any, x: Any, tolerance: float, alpha: float,
+           margin: float = 0.0) -> tuple[str, Any, str, dict[str, Any]]:
+    """The slope test; the margin applies to the fitted change over the sweep (slope times the
+    range of x), in the unit of the measured values."""
     ys = _list(measured, "measured")
     if len(ys) < 2:
         raise ValueError("a trend needs at least two points")
@@ -679,8 +855,9 @@ def _trend(comparison: str, measured: Any, x: Any,
         ms = [means[i] for i in order]
         steps = [sign * (b - a) for a, b in zip(ms, ms[1:])]
         holds = sign * (ms[-1] - ms[0]) > tolerance and min(steps) >= -tolerance
-        return (("reproduced" if holds else "not_reproduced"), means, f"first->last {_fmt(ms[-1] - ms[0])}",
-                {"test": "exact"})
+        verdict, why = _decide_exact(holds, sign * (ms[-1] - ms[0]), margin)
+        st = {"test": "exact", **({"why": why} if why else {})}
+        return verdict, means, f"first->last {_fmt(ms[-1] - ms[0])}", st
     if any(y.values is None for y in ys) or len({len(y.values) for y in ys}) != 1:
         raise TypeError("a trend over samples needs per-seed `values`, the same seeds at every point")
     y = _aligned(ys)
@@ -690,10 +867,18 @@ def _trend(comparison: str, measured: Any, x: Any,
     slopes = seed_slopes(y, xv)
     n = len(slopes)
     mean, se = float(slopes.mean()), float(slopes.std(ddof=1)) / math.sqrt(n)
-    p_paper, p_other = one_sided(sign * mean + tolerance, se, n - 1)
-    st = {"test": "t test of per-seed slopes", "slope": mean, "se": se, "df": n - 1, "p": p_paper}
-    return (_decide(p_paper, p_other, alpha), means,
-            f"slope {_fmt(mean)} (s.e. {_fmt(se)}, {n} seeds, p {_fmt(p_paper)})", st)
+    p_paper, _ = one_sided(sign * mean + tolerance, se, n - 1)
+    x_means = [p.mean for p in xs]
+    span = max(x_means) - min(x_means)
+    verdict, why = decide((sign * mean + tolerance) * span, se * span, n - 1, margin, alpha)
+    st = {"test": "t test of per-seed slopes", "slope": mean, "se": se, "df": n - 1, "p": p_paper,
+          "change_over_sweep": mean * span, "change_se": se * span}
+    if margin > 0:
+        st["p_beyond_margin"] = one_sided((sign * mean + tolerance) * span - margin, se * span, n - 1)[0]
+    if why:
+        st["why"] = why
+    return (verdict, means, f"slope {_fmt(mean)} (s.e. {_fmt(se)}, {n} seeds, p {_fmt(p_paper)}; "
+                            f"change over the sweep {_fmt(mean * span)})", st)
 
 
 def _aligned(samples: Sequence[Sample]) -> np.ndarray:
@@ -741,12 +926,18 @@ def evaluate_all(claims: Sequence[Claim], load: Loader, params: Mapping[str, Any
 
 
 def summary(outcomes: Sequence[Outcome]) -> dict[str, Any]:
-    """Counts of each verdict (inconclusive is never reproduced), agreement with the expected
-    verdicts, the changed claims, and those of them that are enforced (what `--strict` fails on)."""
+    """Counts of each verdict over the independent claims (a claim that restates another is
+    listed under `restating` and not counted again; inconclusive is never reproduced), how many
+    verdicts are unchanged from the ones recorded after the last committed run (a regression
+    lock, not evidence: `expected_verdict` is copied from an observed verdict), the changed
+    claims, and those of them that are enforced (what `--strict` fails on)."""
+    counted = [o for o in outcomes if not o.claim.restates]
     return {
-        "total": len(outcomes),
-        "verdicts": {v: sum(o.verdict == v for o in outcomes) for v in VERDICTS},
-        "as_expected": sum(o.passed for o in outcomes),
+        "total": len(counted),
+        "verdicts": {v: sum(o.verdict == v for o in counted) for v in VERDICTS},
+        "restating": {o.claim.id: o.claim.restates for o in outcomes if o.claim.restates},
+        "unchanged": sum(o.passed for o in outcomes),
+        "checked": len(outcomes),
         "changed": [o.claim.id for o in outcomes if o.changed],
         "not_enforced": [o.claim.id for o in outcomes if not o.enforced],
         "changed_enforced": [o.claim.id for o in outcomes if o.fails_check],
@@ -756,7 +947,10 @@ def summary(outcomes: Sequence[Outcome]) -> dict[str, Any]:
 def summary_line(outcomes: Sequence[Outcome]) -> str:
     s = summary(outcomes)
     counts = ", ".join(f"{n} {v.replace('_', ' ')}" for v, n in s["verdicts"].items())
-    line = f"{counts}; {s['as_expected']} of {s['total']} as expected"
+    if s["restating"]:
+        n = len(s["restating"])
+        counts += f" ({n} restating claim{'s' if n > 1 else ''} not counted again)"
+    line = f"{counts}; {s['unchanged']} of {s['checked']} unchanged from the recorded verdicts"
     if s["not_enforced"]:
         line += f"; {len(s['not_enforced'])} not enforced"
     if s["changed_enforced"]:
@@ -766,9 +960,9 @@ def summary_line(outcomes: Sequence[Outcome]) -> str:
 
 def changed_line(o: Outcome) -> str:
     """One changed claim in words: its id, the verdict measured and the one expected."""
-    line = (f"{o.claim.id}: verdict {o.verdict.replace('_', ' ')}, expected "
+    line = (f"{o.claim.id}: verdict {o.verdict.replace('_', ' ')}, recorded "
             f"{o.claim.expected_verdict.replace('_', ' ')}")
-    extra = "; ".join(t for t in (o.detail if o.verdict == "not_run" else "", o.note) if t)
+    extra = "; ".join(t for t in (o.detail if o.verdict in ("not_run", "untestable") else "", o.note) if t)
     return f"{line} ({extra})" if extra else line
 
 
@@ -780,27 +974,41 @@ def render_markdown(outcomes: Sequence[Outcome], title: str = "Paper claims") ->
     if not outcomes:
         return f"# {title}\n\nNo claim reads these results.\n"
     lines = [f"# {title}", ""] + _changed_section(outcomes) + [
-        f"Verdicts: {summary_line(outcomes)}. A verdict is `reproduced` only when the paper's comparison is "
-        "significant (one-sided, alpha 0.05, t distribution over seeds); `inconclusive` is not reproduced.",
+        f"Verdicts: {summary_line(outcomes)}. A verdict is `reproduced` only when the paper's comparison holds "
+        "beyond the claim's margin (one-sided, alpha 0.05, t distribution over seeds); `inconclusive` is not "
+        "reproduced; `untestable`: the mechanism under test was inert. The column `recorded` is the verdict "
+        "recorded after the last committed run (claims.yaml `expected_verdict`): it locks against regressions "
+        "and is not the paper's prediction, which is `reproduced` for every claim.",
         "",
-        "| claim | paper | tests | paper's statement | test | measured | verdict | expected | |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| claim | paper | tests | paper's statement | test | margin | measured | verdict | recorded | |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for o in outcomes:
         c = o.claim
         measured = _fmt(o.measured) if o.measured is not None else "n/a"
         if o.detail:
             measured += f" ({o.detail})"
+        if o.statistics.get("why") and o.verdict != "untestable":
+            measured += f"; {o.statistics['why']}"
         mark = "ok" if o.passed else ("changed (not enforced)" if not o.enforced else "**CHANGED**")
+        if c.restates:
+            mark += f"; restates `{c.restates}`, not counted"
+        margin = f"{_fmt(c.margin.value)} ({c.margin.kind})" if c.margin is not NO_MARGIN else "0"
         lines.append(f"| `{c.id}` | {c.paper} | {c.tests or ''} | {_md(c.statement)} | `{_md(c.expected_text())}` | "
-                     f"{_md(measured)} | {o.verdict.replace('_', ' ')} | {c.expected_verdict.replace('_', ' ')} | "
-                     f"{mark} |")
-    notes = [o for o in outcomes if o.claim.reason or o.note or o.verdict == "not_run"]
+                     f"{margin} | {_md(measured)} | {o.verdict.replace('_', ' ')} | "
+                     f"{c.expected_verdict.replace('_', ' ')} | {mark} |")
+    notes = [o for o in outcomes if o.claim.reason or o.note or o.verdict in ("not_run", "untestable")]
     if notes:
         lines += ["", "## Notes", ""]
         for o in notes:
-            text = " ".join(t for t in (o.claim.reason, o.detail if o.verdict == "not_run" else "", o.note) if t)
+            shown = o.detail if o.verdict in ("not_run", "untestable") else ""
+            text = " ".join(t for t in (o.claim.reason, shown, o.note) if t)
             lines.append(f"- `{o.claim.id}` ({o.verdict.replace('_', ' ')}): {_md(text)}")
+    margins = {o.claim.margin.kind: o.claim.margin for o in outcomes if o.claim.margin is not NO_MARGIN}
+    if margins:
+        lines += ["", "## Margins", "", "The smallest difference that counts as an effect, per kind of comparison "
+                  "(claims.yaml `margins`):", ""]
+        lines += [f"- `{m.kind}` {_fmt(m.value)}: {_md(m.reason)}" for m in margins.values()]
     return "\n".join(lines) + "\n"
 
 
@@ -816,13 +1024,13 @@ def _changed_section(outcomes: Sequence[Outcome]) -> list[str]:
     lines = [head, ""]
     for o in sorted(changed, key=lambda o: not o.enforced):
         lines.append(f"- {'**CHANGED**' if o.enforced else 'changed (not enforced)'} `{o.claim.id}`: verdict "
-                     f"**{o.verdict.replace('_', ' ')}**, expected {o.claim.expected_verdict.replace('_', ' ')}"
+                     f"**{o.verdict.replace('_', ' ')}**, recorded {o.claim.expected_verdict.replace('_', ' ')}"
                      + (f"; {_md(o.detail)}" if o.verdict == "not_run" and o.detail else "")
                      + (f"; {_md(o.note)}" if o.note else ""))
     lines += ["", (f"The check does not fail on {'them' if len(enforced) > 1 else 'it'} "
                    "(`python -m stages check --strict` does). " if enforced else "")
               + "A new verdict that is right is recorded as the claim's `expected_verdict` in claims.yaml "
-              "(with the measured numbers in `reason`).", ""]
+              "(why in `reason`; the measured numbers are in this report).", ""]
     return lines
 
 

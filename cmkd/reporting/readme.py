@@ -130,12 +130,14 @@ def compact_claims(claims_md: str, source: str | Path) -> str:
     if start is None:
         raise ReadmeError(f"{source}: no claims table")
     header = _cells(lines[start])
+    # `recorded`: the verdict of the last committed run (a regression lock); older reports said `expected`
+    lock = "recorded" if "recorded" in header else "expected"
     try:
-        columns = [header.index(name) for name in ("claim", "paper", "verdict", "expected")]
+        columns = [header.index(name) for name in ("claim", "paper", "verdict", lock)]
     except ValueError:
         raise ReadmeError(f"{source}:{start + 1}: claims table header {header} "
-                          "lacks claim, paper, verdict or expected") from None
-    out = ["| claim | paper | verdict | expected |", "|---|---|---|---|"]
+                          "lacks claim, paper, verdict or recorded") from None
+    out = [f"| claim | paper | verdict | {lock} |", "|---|---|---|---|"]
     for i in range(start + 2, len(lines)):
         if not lines[i].startswith("|"):
             break
