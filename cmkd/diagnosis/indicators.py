@@ -1,5 +1,5 @@
-""""Will KD work here?": indicators measured before any student is distilled (
-docs/diagnosis.md).
+""""Will KD work here?": indicators measured before any student is distilled
+(docs/diagnosis.md).
 
 Everything here is computed from a TRAINED TEACHER and the NO-KD STUDENT on held-out data
 (never from a KD student, which would not exist yet). Inputs may carry a leading slice
