@@ -10,6 +10,8 @@ from pathlib import Path
 
 from cmkd.diagnosis.report import apply_predictor, check_config, diagnosis_markdown, load_predictor, measure_dataset
 from cmkd.pipeline.layout import DIAGNOSIS, PREDICTOR_FILE, prepared_file, run_dir
+from cmkd.reporting.judgeability import judgeability, split_class_counts
+from cmkd.reporting.tables import collect
 from cmkd.training.resolve import models_of, origin_note, roles_for_prepared
 from cmkd.utils.atomic import write_json, write_text
 from cmkd.utils.determinism import provenance
@@ -30,6 +32,9 @@ def run() -> None:
     result = measure_dataset(prepared_file(ds), run_dir(ds, "teacher"), run_dir(ds, "student"), models_of(roles),
                              params["seeds"], ds, cfg)
     result = apply_predictor(result, predictor, cfg)
+    # the same record as the table's (stage evaluate): a teacher at chance or below STUDENT has nothing to give
+    pair = collect([run_dir(ds, "teacher"), run_dir(ds, "student")])
+    result["judgeability"] = judgeability(pair, split_class_counts(prepared, params["seeds"]))
     result["provenance"] = provenance()
     note = origin_note(roles)  # a paired dataset's models chosen from its input shapes
     if note:

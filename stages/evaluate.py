@@ -10,6 +10,7 @@ from cmkd.data.h5 import read_attrs
 from cmkd.data.registry import is_smoke_test
 from cmkd.pipeline.layout import dataset_metrics, metrics_dir, prepared_file, report_dir, runs_dir
 from cmkd.reporting.curves import curves_csv
+from cmkd.reporting.judgeability import judgeability, split_class_counts
 from cmkd.reporting.tables import bar_figure, collect, markdown_table, metrics_file_name, metrics_summary, scores_csv
 from cmkd.training.resolve import origin_note, roles_for_prepared
 from cmkd.utils.atomic import atomic_dir, atomic_path, write_json, write_text
@@ -39,15 +40,19 @@ def run() -> None:
         report["provenance"] = {**provenance(), "recorded_by": "evaluate"}
     attrs = read_attrs(prepared_file(ds))
     out = report_dir(ds)
-    table = markdown_table(report, ds, (attrs["teacher_modality"], attrs["student_modality"]))
+    # A teacher at chance, or below STUDENT, leaves every KD row nothing to distil: the table says so first
+    seeds = (report["rows"].get("teacher", {}).get(report["metric"]) or {}).get("seeds") or []
+    report["judgeability"] = judgeability(report, split_class_counts(prepared_file(ds), seeds))
+    notes = ""
     if is_smoke_test(ds, params["data"][ds]):
         report["smoke_test"] = True
-        table = SMOKE_NOTE.format(ds=ds) + table
+        notes = SMOKE_NOTE.format(ds=ds) + notes
     if is_paired(params["data"][ds]):
         note = origin_note(roles_for_prepared(params, ds, prepared_file(ds)))
         report["models_origin"] = note
         tuned = any(row.get("selected_on") == "val" for row in report["rows"].values())
-        table = PAIRED_NOTE.format(models=note, tuning=(TUNED_NOTE if tuned else UNTUNED_NOTE).format(ds=ds)) + table
+        notes = PAIRED_NOTE.format(models=note, tuning=(TUNED_NOTE if tuned else UNTUNED_NOTE).format(ds=ds)) + notes
+    table = markdown_table(report, ds, (attrs["teacher_modality"], attrs["student_modality"]), notes)
     write_json(dataset_metrics(ds), report)
     write_text(out / "table.md", table)
     write_text(out / "scores.csv", scores_csv(report))

@@ -29,6 +29,7 @@ from cmkd.diagnosis.predictor import (
     validation_summary,
 )
 from cmkd.errors import ConfigError, DataFormatError
+from cmkd.reporting.judgeability import judgeability_note
 from cmkd.utils.stats import t_interval
 
 #: the experiments whose slices train a teacher and a no-KD student (cmkd/experiments/analysis.py)
@@ -204,9 +205,14 @@ def apply_predictor(diagnosis: dict[str, Any], predictor: Mapping[str, Any], cfg
 
 
 def diagnosis_markdown(d: Mapping[str, Any]) -> str:
-    lines = [f"# Will KD help on `{d['dataset']}`?\n",
-             f"Measured on the {d['split']} split from the trained TEACHER and the no-KD STUDENT "
-             f"(seeds {', '.join(map(str, d['seeds']))}), before any student is distilled.\n"]
+    """The report; it opens with "Nothing can be judged here" when the TEACHER / STUDENT pair's
+    `judgeability` record says the teacher is not above chance or not above STUDENT."""
+    lines = [f"# Will KD help on `{d['dataset']}`?\n"]
+    note = judgeability_note(d.get("judgeability"))
+    if note:
+        lines.append(note.rstrip("\n") + "\n")
+    lines.append(f"Measured on the {d['split']} split from the trained TEACHER and the no-KD STUDENT "
+                 f"(seeds {', '.join(map(str, d['seeds']))}), before any student is distilled.\n")
     if "predicted_kd_gain" in d:
         p = d["predicted_kd_gain"]
         status = (d.get("predictor") or {}).get("standing", "prior")
@@ -270,7 +276,7 @@ def dataset_report(diagnosis: Mapping[str, Any], metrics: Mapping[str, Any] | No
             "comparison": in_sample(diagnosis) if measured else None, "predictor": diagnosis.get("predictor"),
             "measured_detail": measured, "indicator_intervals": diagnosis.get("indicator_intervals"),
             "split": diagnosis["split"], "seeds": diagnosis["seeds"],
-            "method_expectations": diagnosis.get("method_expectations")}
+            "method_expectations": diagnosis.get("method_expectations"), "judgeability": diagnosis.get("judgeability")}
 
 
 # --------------------------------------------------------------------------- conditions and validation

@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from cmkd.reporting.judgeability import judgeability_note
 from cmkd.training.metrics import primary_metric
 from cmkd.utils.stats import paired, t_interval
 
@@ -184,14 +185,19 @@ ARROWS = {"better": "↑", "worse": "↓", "indistinguishable": "≈"}
 INERT_MARK = "†"
 
 
-def markdown_table(report: Mapping[str, Any], dataset: str, modalities: tuple[str, str]) -> str:
+def markdown_table(report: Mapping[str, Any], dataset: str, modalities: tuple[str, str], notes: str = "") -> str:
     """The papers' table: one row per run, mean ± std (x100), the paired difference to STUDENT
     with its 95% interval (an arrow only when the interval excludes 0, else ≈), and the
     hyper-parameters the run used. A row whose mechanism was inert (`mechanism.inert`) is
-    marked † with a footnote naming why and what the row measures instead."""
+    marked † with a footnote naming why and what the row measures instead.
+
+    It starts with "Nothing can be judged here" when the report's `judgeability` record
+    (cmkd.reporting.judgeability) finds the teacher not above chance or not above STUDENT, then
+    `notes` (the stage's own paragraphs), then the table."""
     metric = report["metric"]
     rows = report["rows"]
     lines = [
+        judgeability_note(report.get("judgeability")) + notes +
         f"### {dataset}: {modalities[0]} → {modalities[1]} ({metric.replace('_', ' ')} × 100, mean ± std over seeds)",
         "",
         f"| run | method | {metric} | vs STUDENT: mean [95% CI] | hyper-parameters |",
