@@ -19,6 +19,7 @@ import pytest
 import yaml
 
 from cmkd.errors import ConfigError
+from tests.conftest import ALWAYS_CHANGED
 
 PY = shlex.quote(sys.executable)
 
@@ -686,7 +687,9 @@ def test_pipeline_flow_on_the_real_pipeline(tmp_path, prefect_harness, monkeypat
     assert "| kdv2 |" in artifact and "| TEACHER |" in artifact
 
     second, _, _ = run_pipeline(repo, retries=0)
-    assert second["ran"] == [] and set(second["up_to_date"]) == set(first["ran"])
+    # only `resolve` reruns: DVC runs an always_changed stage every time (it fingerprints own data)
+    assert set(second["ran"]) <= ALWAYS_CHANGED
+    assert set(second["up_to_date"]) == set(first["ran"]) - ALWAYS_CHANGED
 
     before = (repo / "data/reports/synthetic/metrics.json").read_bytes()
     third, _, _ = run_pipeline(repo, overrides=["runs.kdv1.temperature=2.0"],

@@ -88,6 +88,15 @@ def test_compact_table_keeps_run_score_interval_and_verdict_and_drops_hyperparam
     assert "T=4" not in compact and "β=8" not in compact and "(params)" not in compact and "| kd |" not in compact
 
 
+def test_compact_table_keeps_the_notes_on_inert_rows():
+    note = "†1 good: mechanism inert: the mask kept every row; this row measures KD, not good's mechanism."
+    marked = TABLE.replace("| good |", "| good †1 |") + "\n" + note + "\n"
+    compact = compact_table(marked, "toy/table.md")
+    assert "| good †1 | 60.00 ± 2.00 |" in compact
+    assert compact.endswith("Seeds per row: 3.\n\n" + note)
+    assert "†" not in compact_table(TABLE, "toy/table.md")
+
+
 def test_compact_table_keeps_the_smoke_test_note_and_refuses_other_formats():
     note = "**Smoke test, not a result.** `toy` is a sample.\n\n"
     assert compact_table(note + TABLE, "t.md").startswith(note + "### toy: a → b")
@@ -210,6 +219,7 @@ def test_the_committed_readme_numbers_are_the_committed_metrics():
             if not line.startswith("|"):
                 continue
             run, score, vs, verdict = [c.strip() for c in line.strip("|").split("|")]
+            run = run.split(" †")[0]  # a row marked inert keeps its metrics file name
             path = REPO / "metrics" / ds / (run.lower().replace("/", ".") + ".json")
             if score == "n/a":
                 assert not path.exists()

@@ -79,8 +79,9 @@ def _diagnosis_text(reports: Path) -> str:
 def compact_table(table_md: str, source: str | Path, level: int = 3) -> str:
     """One dataset's table.md (cmkd.reporting.tables.markdown_table) cut to run | score | vs STUDENT | verdict.
 
-    A paragraph before the heading (the smoke-test note) is kept; of the footer only the seed
-    count. Anything not in table.md's format is an error naming `source` and the line."""
+    A paragraph before the heading (the smoke-test note) is kept; of the footer the seed count and
+    the notes on rows whose mechanism was inert (†N). Anything not in table.md's format is an error
+    naming `source` and the line."""
     lines = table_md.strip().splitlines()
     head = next((i for i, line in enumerate(lines) if line.startswith("#")), None)
     if head is None:
@@ -110,8 +111,10 @@ def compact_table(table_md: str, source: str | Path, level: int = 3) -> str:
         out.append(f"| {run} | {score} | {difference} | {VERDICTS[arrow]} |")
     footer = " ".join(lines[rows[-1] + 1:])
     seeds = re.search(r"Seeds per row: \d+\.", footer)
+    # a row marked inert (†N) must not be read as the method's result where the table is shown
+    inert_notes = [line for line in lines[rows[-1] + 1:] if line.startswith("†")]
     parts = ["\n".join(lines[:head]).strip(), _demote(lines[head], level), "\n".join(out),
-             seeds.group(0) if seeds else ""]
+             " ".join([seeds.group(0)] if seeds else []), "\n\n".join(inert_notes)]
     return "\n\n".join(p for p in parts if p)
 
 
