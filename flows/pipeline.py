@@ -326,8 +326,8 @@ def pipeline_flow(
             description="cmkd pipeline: stage outcomes, result tables, paper-claim checks",
         )
         for c in changed_claims(root, read=read):  # also at the top of the artifact; never a failed run
-            logger.warning("claim %s changed: verdict %s, expected %s%s (%s)", c["claim"], c["verdict"],
-                           c["expected"], "" if c["enforced"] else ", not enforced", c["report"])
+            logger.warning("claim %s changed: verdict %s, recorded %s%s (%s)", c["claim"], c["verdict"],
+                           c["recorded"], "" if c["enforced"] else ", not enforced", c["report"])
     not_run = [o["stage"] for o in outcomes if o["status"] == NOT_RUN]
     if failed:
         raise PipelineFailedError(failed, not_run)

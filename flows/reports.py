@@ -34,7 +34,9 @@ def _cell(value: Any) -> str:
     return str(value).replace("|", "\\|").replace("\n", " ")
 
 
-def markdown_table(columns: Sequence[str], rows: Iterable[Mapping[str, Any]]) -> str:
+def grid_markdown(columns: Sequence[str], rows: Iterable[Mapping[str, Any]]) -> str:
+    """Any rows as a Markdown table of `columns` (the artifact's small tables; the results table is
+    cmkd.reporting.tables.markdown_table's)."""
     lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
     for row in rows:
         lines.append("| " + " | ".join(_cell(row.get(c)) for c in columns) + " |")
@@ -68,7 +70,7 @@ def _claims_markdown(read: Reader) -> str | None:
         columns: list[str] = []
         for claim in claims:
             columns += [k for k in claim if k not in columns]
-        return markdown_table(columns, claims)
+        return grid_markdown(columns, claims)
     return "```json\n" + json.dumps(claims, indent=2, sort_keys=True) + "\n```\n"
 
 
@@ -99,7 +101,7 @@ def changed_claims(root: Path, datasets: Sequence[str] | None = None,
                 continue
             why = [c.get("detail") if c.get("verdict") == "not_run" else None, c.get("note")]
             rows.append({"claim": c.get("id"), "report": path, "verdict": c.get("verdict"),
-                         "expected": c.get("expected_verdict"), "enforced": c.get("enforced", True),
+                         "recorded": c.get("expected_verdict"), "enforced": c.get("enforced", True),
                          "note": "; ".join(str(w) for w in why if w)})
     return rows
 
@@ -110,7 +112,7 @@ def changed_claims_markdown(rows: Sequence[Mapping[str, Any]]) -> str | None:
         return None
     n = len(rows)
     return (f"## CHANGED: {n} claim verdict{'s' if n > 1 else ''} differ{'' if n > 1 else 's'} from claims.yaml\n\n"
-            + markdown_table(["claim", "verdict", "expected", "enforced", "report", "note"], rows)
+            + grid_markdown(["claim", "verdict", "recorded", "enforced", "report", "note"], rows)
             + "\nThe check stages report a changed verdict and succeed; `python -m stages check --strict` "
               "fails on an enforced one.\n")
 
@@ -158,7 +160,7 @@ def pipeline_markdown(repo_root: str | Path, stages: Sequence[Mapping[str, Any]]
         parts.append("**The run failed**: see the failed stages below; the tables are the "
                      "last ones written.\n")
     parts.append("## Stages\n")
-    parts.append(markdown_table(["stage", "status", "seconds", "attempts"], stages))
+    parts.append(grid_markdown(["stage", "status", "seconds", "attempts"], stages))
     if datasets is None:
         datasets = sorted(p.parent.name for p in reports.glob("*/table.md"))
     for dataset in datasets:
