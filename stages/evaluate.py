@@ -1,14 +1,17 @@
 """Stage `evaluate@<dataset>`: every run's test metrics -> data/reports/<dataset>/
 (metrics.json with per-seed detail, table.md, scores.csv and curves.csv for `dvc plots`,
 methods.png) and metrics/<dataset>/<row>.json, the few numbers per row that git and DVC keep
-(`dvc metrics`, `dvc exp show`)."""
+(`dvc metrics`, `dvc exp show`). Rows are judged against STUDENT with the margin the claims file
+(params `check.claims`) declares for the table's metric (cmkd.reporting.claims.table_margins)."""
 
 import json
 
 from cmkd.data.datasets.paired import is_paired
 from cmkd.data.h5 import read_attrs
 from cmkd.data.registry import is_smoke_test
+from cmkd.errors import ConfigError
 from cmkd.pipeline.layout import dataset_metrics, metrics_dir, prepared_file, report_dir, runs_dir
+from cmkd.reporting.claims import table_margins
 from cmkd.reporting.curves import curves_csv
 from cmkd.reporting.judgeability import judgeability, split_class_counts
 from cmkd.reporting.tables import bar_figure, collect, markdown_table, metrics_file_name, metrics_summary, scores_csv
@@ -35,7 +38,10 @@ def run() -> None:
     params = start(args)
     ds = args.dataset
     names = ["teacher", "student"] + list(params["methods"])
-    report = collect((runs_dir(ds) / name for name in names), params.get("runs"))
+    claims_file = (params.get("check") or {}).get("claims")
+    if not isinstance(claims_file, str) or not claims_file:
+        raise ConfigError("check.claims", "must name the claims file whose `margins` the tables judge with")
+    report = collect((runs_dir(ds) / name for name in names), params.get("runs"), table_margins(claims_file))
     if report["provenance"] is None:  # runs that predate provenance records: this process's
         report["provenance"] = {**provenance(), "recorded_by": "evaluate"}
     attrs = read_attrs(prepared_file(ds))

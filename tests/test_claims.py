@@ -589,6 +589,28 @@ def test_check_stage_with_sources_checks_only_that_table(tmp_path):
 
 # --------------------------------------------------------------------------- margins, inert mechanisms, restatements
 
+def test_tables_read_the_margin_the_claims_declare(tmp_path):
+    """The main tables judge rows against STUDENT with claims.yaml's `table_f1` / `table_miou`: one
+    declaration, read by both (cmkd.reporting.claims.table_margins)."""
+    from cmkd.reporting.claims import TABLE_MARGIN_KINDS, table_margins
+
+    repo = Path(__file__).parents[1] / "claims.yaml"
+    declared = yaml.safe_load(repo.read_text())["margins"]
+    margins = table_margins(repo)
+    assert set(margins) == set(TABLE_MARGIN_KINDS) == {"f1_weighted", "miou"}
+    for metric, kind in TABLE_MARGIN_KINDS.items():
+        assert margins[metric]["kind"] == kind and margins[metric]["value"] == declared[kind]["value"]
+    assert any(c.margin.kind == "table_f1" for c in load_claims(repo))  # the same kind the table claims use
+    other = tmp_path / "c.yaml"
+    other.write_text(yaml.safe_dump({"margins": {"table_f1": {"value": 0.01, "reason": "r"}}}))
+    assert table_margins(other) == {"f1_weighted": {"kind": "table_f1", "value": 0.01, "reason": "r"}}
+    other.write_text(yaml.safe_dump({"margins": {"table_f1": {"value": -1, "reason": "r"}}}))
+    with pytest.raises(ClaimsError, match="margins.table_f1.value"):
+        table_margins(other)
+    with pytest.raises(ClaimsError, match="check.claims"):
+        table_margins(tmp_path / "missing.yaml")
+
+
 def test_margin_decides_what_counts_as_an_effect():
     from cmkd.reporting.claims import decide
 

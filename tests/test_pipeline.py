@@ -56,6 +56,10 @@ def test_first_run_runs_every_stage_and_writes_reports(pipeline):
     assert set(files["metrics/synthetic/kdv1.json"]["data"]) == {"f1_weighted", "n",
                                                                  "vs_student", "verdict"}  # 1 seed: no ci95
     assert "provenance" in report and report["rows"]["kdv1"]["vs_student"]["n"] == 1
+    # rows are judged with the margin claims.yaml declares for the table's metric (dvc.yaml tracks it)
+    declared = yaml.safe_load((repo / "claims.yaml").read_text())["margins"]["table_f1"]
+    assert report["margin"]["kind"] == "table_f1" and report["margin"]["value"] == declared["value"]
+    assert report["multiplicity"]["family"] == [] and report["mde"] is None  # 1 seed: no test, no spread
     assert not (repo / "data/checkpoints/synthetic/teacher").exists()  # removed once outputs landed
 
 

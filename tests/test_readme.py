@@ -24,13 +24,21 @@ REPORT = {
         "student": {"method": "supervised", "f1_weighted": _stat(0.5)},
         "at": {"method": "at", "skipped": "method 'at' needs image inputs"},
         "good": {"method": "kd", "f1_weighted": _stat(0.6, 0.02), "hyperparameters": {"temperature": 4.0},
-                 "selected_on": "val", "vs_student": {"mean": 0.1, "ci95": [0.05, 0.15], "verdict": "better"}},
+                 "selected_on": "val",
+                 "vs_student": {"mean": 0.1, "ci95": [0.05, 0.15], "p_holm": 0.0004, "verdict": "better"}},
         "bad": {"method": "dkd", "f1_weighted": _stat(0.4), "hyperparameters": {"beta": 8.0}, "selected_on": "params",
-                "vs_student": {"mean": -0.1, "ci95": [-0.2, -0.01], "verdict": "worse"}},
+                "vs_student": {"mean": -0.1, "ci95": [-0.2, -0.01], "p_holm": 0.04, "verdict": "worse"}},
         "same": {"method": "kd", "f1_weighted": _stat(0.51), "hyperparameters": {"temperature": 2.0},
                  "selected_on": "val",
-                 "vs_student": {"mean": 0.01, "ci95": [-0.02, 0.04], "verdict": "indistinguishable"}},
+                 "vs_student": {"mean": 0.01, "ci95": [-0.02, 0.04], "p_holm": 1.0, "verdict": "indistinguishable"}},
+        "close": {"method": "kd", "f1_weighted": _stat(0.501), "hyperparameters": {"temperature": 1.0},
+                  "selected_on": "val",
+                  "vs_student": {"mean": 0.001, "ci95": [-0.003, 0.004], "p_holm": 1.0, "verdict": "equivalent"}},
     },
+    "margin": {"kind": "table_f1", "value": 0.005, "reason": "half a point"},
+    "multiplicity": {"method": "holm", "alpha": 0.05, "family": ["good", "bad", "same", "close"]},
+    "mde": {"power": 0.8, "alpha": 0.05, "n": 3, "rows": 4, "sd_diff": 0.02, "df_pooled": 8, "margin": 0.005,
+            "effect": 0.0497, "effect_verdict": 0.09},
 }
 TABLE = markdown_table(REPORT, "toy", ("a", "b"))
 CLAIMS = """# Paper claims
@@ -81,10 +89,12 @@ def test_compact_table_keeps_run_score_interval_and_verdict_and_drops_hyperparam
         "| STUDENT | 50.00 ± 1.00 |  |  |",
         "| at | n/a |  | skipped: method 'at' needs image inputs |",
         "| bad | 40.00 ± 1.00 | -10.00 [-20.00, -1.00] | worse |",
+        "| close | 50.10 ± 1.00 | +0.10 [-0.30, +0.40] | equivalent |",
         "| good | 60.00 ± 2.00 | +10.00 [+5.00, +15.00] | better |",
         "| same | 51.00 ± 1.00 | +1.00 [-2.00, +4.00] | indistinguishable |",
     ]
-    assert lines[-1] == "Seeds per row: 3."
+    assert lines[-1] == "Seeds per row: 3."  # the rule, the margin and the detectable effect stay in table.md
+    assert "Minimum detectable effect" in TABLE and "Minimum detectable" not in compact and ", p " not in compact
     assert "T=4" not in compact and "β=8" not in compact and "(params)" not in compact and "| kd |" not in compact
 
 
@@ -104,8 +114,11 @@ def test_compact_table_keeps_the_smoke_test_note_and_refuses_other_formats():
         compact_table("| a |\n|---|\n", "t.md")
     with pytest.raises(ReadmeError, match=r"t\.md:3: table header"):
         compact_table("### x\n\n| run | score |\n|---|---|\n", "t.md")
-    with pytest.raises(ReadmeError, match=r"t\.md:9: vs STUDENT cell '\? \+1.00'"):
+    with pytest.raises(ReadmeError, match=r"t\.md:10: vs STUDENT cell '\? \+1.00, p < 0.001'"):
         compact_table(TABLE.replace("↑ +10.00 [+5.00, +15.00]", "? +1.00"), "t.md")
+    # a table.md written before the Holm p (no ", p ..."): the same compact rows
+    old = re.sub(r", p (< )?[0-9.]+ \|", " |", TABLE)
+    assert ", p " not in old and compact_table(old, "t.md") == compact_table(TABLE, "t.md")
 
 
 def test_compact_claims_reads_the_recorded_column_of_the_current_report():
@@ -140,8 +153,11 @@ def test_the_results_page_is_whole_generated_and_holds_every_column(tmp_path):
                            "# Results of the default run\n")
     assert page.endswith("\n") and not page.endswith("\n\n")
     assert "\n### toy: a → b (f1 weighted × 100" in page
-    assert "| bad | dkd | 40.00 ± 1.00 | ↓ -10.00 [-20.00, -1.00] | β=8 (params) |" in page  # hyper-parameters kept
-    assert "| good | kd | 60.00 ± 2.00 | ↑ +10.00 [+5.00, +15.00] | T=4 |" in page
+    # hyper-parameters and the Holm-adjusted p kept
+    assert "| bad | dkd | 40.00 ± 1.00 | ↓ -10.00 [-20.00, -1.00], p 0.04 | β=8 (params) |" in page
+    assert "| good | kd | 60.00 ± 2.00 | ↑ +10.00 [+5.00, +15.00], p < 0.001 | T=4 |" in page
+    assert "| close | kd | 50.10 ± 1.00 | ≡ +0.10 [-0.30, +0.40], p 1.00 | T=1 |" in page
+    assert "Minimum detectable effect at 80% power" in page
     assert "| `x` | MFH |  | a statement with a \\| pipe | `a > b` | 0.5 | reproduced | reproduced | ok |" in page
     assert "\n## Paper claims\n" in page and "\n### Notes\n" in page and "\n# Paper claims" not in page
     order = [page.index(h) for h in ("## Main tables", "### toy", "## Paper claims", "### Notes")]

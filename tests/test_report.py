@@ -85,7 +85,13 @@ def test_collect_rows_vs_student_hyperparameters_and_provenance(tmp_path):
     assert rows["kdv1"]["vs_student"]["mean"] == pytest.approx(0.1033333, abs=1e-6)
     assert rows["bad"]["vs_student"]["verdict"] == "worse"
     assert rows["noisy"]["vs_student"]["verdict"] == "indistinguishable"
-    assert set(rows["noisy"]["vs_student"]) == {"mean", "ci95", "n", "verdict"}
+    assert set(rows["noisy"]["vs_student"]) == {"mean", "ci95", "n", "p", "p_margin", "p_holm", "verdict"}
+    # no margin given: the table says so, and p_margin is the plain test against 0
+    assert report["margin"]["kind"] == "none" and report["margin"]["value"] == 0.0
+    assert rows["noisy"]["vs_student"]["p_margin"] == rows["noisy"]["vs_student"]["p"]
+    # the Holm family: every row compared with STUDENT, DisCoM-KD's teacher-modality branch included
+    assert sorted(report["multiplicity"]["family"]) == ["bad", "discom_kd", "discom_kd/teacher_modality", "kdv1",
+                                                        "noisy"]
     # the run's own record wins; else params.yaml's entry, marked as such
     assert rows["kdv1"]["hyperparameters"] == {"temperature": 2.0,
                                                "kd_weight": 1.0} and rows["kdv1"]["selected_on"] == "val"
@@ -115,21 +121,30 @@ def test_table_arrow_only_when_the_interval_excludes_zero(tmp_path):
     assert lines["TEACHER"].split("|")[4].strip() == ""  # baselines carry no comparison
     csv = scores_csv(report).splitlines()
     assert csv[0].startswith("run,mean,std,vs_student")
-    assert any(line.startswith("noisy,") and line.endswith(",indistinguishable") for line in csv)
+    assert csv[0].endswith(",verdict,p_holm")
+    assert any(line.startswith("noisy,") and ",indistinguishable," in line for line in csv)
 
 
 def test_metrics_summary_is_small_and_rounded(tmp_path):
     report = _report(tmp_path)
     small = metrics_summary(report)
-    assert set(small["kdv1"]) == {"f1_weighted", "ci95_lo", "ci95_hi", "n", "vs_student", "verdict"}
-    assert set(small["student"]) == {"f1_weighted", "ci95_lo", "ci95_hi", "n"}
+    assert set(small["kdv1"]) == {"f1_weighted", "mean_ci95_lo", "mean_ci95_hi", "n", "vs_student",
+                                  "vs_student_ci95_lo", "vs_student_ci95_hi", "p_holm", "verdict"}
+    assert set(small["student"]) == {"f1_weighted", "mean_ci95_lo", "mean_ci95_hi", "n"}
     assert small["kdv1"]["f1_weighted"] == 0.7233 and small["kdv1"]["verdict"] == "better"
-    assert small["kdv1"]["ci95_lo"] < 0.7233 < small["kdv1"]["ci95_hi"]
+    # the row mean's interval and the paired one (what the verdict reads) are named apart
+    assert small["kdv1"]["mean_ci95_lo"] < 0.7233 < small["kdv1"]["mean_ci95_hi"]
+    vs = report["rows"]["kdv1"]["vs_student"]
+    assert [small["kdv1"]["vs_student_ci95_lo"], small["kdv1"]["vs_student_ci95_hi"]] == [
+        round(vs["ci95"][0], 4), round(vs["ci95"][1], 4)]
+    assert small["kdv1"]["vs_student_ci95_lo"] < small["kdv1"]["vs_student"] < small["kdv1"]["vs_student_ci95_hi"]
+    assert small["kdv1"]["p_holm"] == round(vs["p_holm"], 4) and small["kdv1"]["p_holm"] < 0.05
+    assert small["noisy"]["vs_student_ci95_lo"] < 0 < small["noisy"]["vs_student_ci95_hi"]
     one = metrics_summary({"metric": "f1_weighted",
                            "rows": {"student": {"f1_weighted": {"mean": 0.5, "values": [0.5], "n": 1}}}})
     assert one == {"student": {"f1_weighted": 0.5, "n": 1}}
     assert metrics_file_name("discom_kd/teacher_modality") == "discom_kd.teacher_modality.json"
-    assert max(len(json.dumps(v)) for v in small.values()) < 200
+    assert max(len(json.dumps(v)) for v in small.values()) < 300
 
 
 def test_compact_hyperparameters():
@@ -195,5 +210,135 @@ def test_same_seed_kd_without_kd_term_trains_bit_identically_to_student(tmp_path
     a1 = torch.load(tmp_path / "student" / "seed1" / "model.pt", weights_only=True)
     assert not all(torch.equal(a0[k], a1[k]) for k in a0)
     report = collect([tmp_path / "student", tmp_path / "kd0"])
-    assert report["rows"]["kd0"]["vs_student"] == {"mean": 0.0, "ci95": [0.0, 0.0], "n": 2,
-                                                   "verdict": "indistinguishable"}
+    assert report["rows"]["kd0"]["vs_student"] == {"mean": 0.0, "ci95": [0.0, 0.0], "n": 2, "p": 1.0,
+                                                   "p_margin": 1.0, "p_holm": 1.0, "verdict": "indistinguishable"}
+
+
+# --------------------------------------------------------------------------- margin, multiplicity, power
+
+MARGIN = {"f1_weighted": {"kind": "table_f1", "value": 0.005, "reason": "half a point"}}
+STUDENT5 = [0.60, 0.62, 0.64, 0.61, 0.63]
+
+
+def _plus(diffs):
+    return [s + d for s, d in zip(STUDENT5, diffs)]
+
+
+def _verdict_report(tmp_path):
+    dirs = [_run(tmp_path, "student", "supervised", STUDENT5),
+            _run(tmp_path, "up", "kd", _plus([0.030, 0.032, 0.028, 0.031, 0.029])),         # beyond the margin
+            _run(tmp_path, "down", "kd", _plus([-0.030, -0.032, -0.028, -0.031, -0.029])),  # below -margin
+            # significantly above 0 (p < 0.001) but by 0.3 points: inside the half-point margin
+            _run(tmp_path, "tiny", "kd", _plus([0.0030, 0.0032, 0.0028, 0.0031, 0.0029])),
+            _run(tmp_path, "noisy", "kd", _plus([0.05, -0.04, 0.03, -0.05, 0.02])),
+            # beyond the margin on its own (p_margin ~ 0.03), not after Holm over the five rows
+            _run(tmp_path, "lone", "kd", _plus([0.010, 0.030, 0.015, 0.035, 0.020]))]
+    return collect(dirs, margins=MARGIN)
+
+
+def test_holm_on_a_hand_computed_example():
+    from cmkd.utils.stats import holm
+
+    # sorted 0.005, 0.01, 0.03, 0.04 -> x4, x3, x2, x1 = 0.02, 0.03, 0.06, 0.04 -> running max 0.02, 0.03, 0.06, 0.06
+    assert holm([0.01, 0.04, 0.03, 0.005]) == pytest.approx([0.03, 0.06, 0.06, 0.02])
+    assert holm([None, 0.02, 0.04]) == [None, pytest.approx(0.04), pytest.approx(0.04)]  # None: no test, not in k
+    assert holm([0.5, 0.6]) == [1.0, 1.0]  # capped at 1, never below a smaller p's adjustment
+    assert holm([]) == [] and holm([0.2]) == [0.2]
+    with pytest.raises(ValueError, match="p-values"):
+        holm([1.5])
+
+
+def test_two_sided_p_is_the_paired_t_test_shifted_by_the_margin():
+    from cmkd.utils.stats import two_sided_p
+
+    d = np.array([0.010, 0.030, 0.015, 0.035, 0.020])
+    sem = d.std(ddof=1) / np.sqrt(5)
+    assert two_sided_p(d.mean(), sem, 4) == pytest.approx(stats.ttest_1samp(d, 0.0).pvalue)
+    # beyond +0.005: twice the one-sided p of d - 0.005 > 0 (the other side, d + 0.005 < 0, is far)
+    assert two_sided_p(d.mean(), sem, 4, 0.005) == pytest.approx(
+        2 * stats.ttest_1samp(d - 0.005, 0.0, alternative="greater").pvalue)
+    assert two_sided_p(-d.mean(), sem, 4, 0.005) == two_sided_p(d.mean(), sem, 4, 0.005)
+    assert two_sided_p(0.0, 0.0, 4) == 1.0 and two_sided_p(0.01, 0.0, 4, 0.005) == 0.0
+    assert two_sided_p(0.004, 0.0, 4, 0.005) == 1.0 and two_sided_p(0.5, None, 0) is None
+
+
+def test_each_verdict_from_constructed_seeds(tmp_path):
+    report = _verdict_report(tmp_path)
+    vs = {name: row["vs_student"] for name, row in report["rows"].items() if "vs_student" in row}
+    assert {name: v["verdict"] for name, v in vs.items()} == {"up": "better", "down": "worse", "tiny": "equivalent",
+                                                             "noisy": "indistinguishable", "lone": "indistinguishable"}
+    assert report["margin"]["kind"] == "table_f1" and report["multiplicity"]["family"] == list(vs)
+    # tiny: significant against 0, yet inside the margin, so neither better nor "no difference" by accident
+    assert vs["tiny"]["p"] < 0.001 and vs["tiny"]["p_margin"] == pytest.approx(1.0)
+    assert -0.005 < vs["tiny"]["ci95"][0] and vs["tiny"]["ci95"][1] < 0.005
+    # lone: its own test says beyond the margin at 0.05; Holm (rank 3 of 5: x3) does not
+    assert 0.05 / 3 < vs["lone"]["p_margin"] < 0.05 and vs["lone"]["p_holm"] == pytest.approx(
+        max(3 * vs["lone"]["p_margin"], vs["up"]["p_holm"], vs["down"]["p_holm"]))
+    assert vs["lone"]["ci95"][0] > 0.005 and vs["lone"]["p_holm"] > 0.05
+    # the same row alone (a family of one) would have been better: the correction decides
+    alone = vs_student(report["rows"]["lone"]["f1_weighted"], report["rows"]["student"]["f1_weighted"], 0.005)
+    assert alone["verdict"] == "better"
+    # better / worse rows: the 95% interval clears the margin
+    assert vs["up"]["ci95"][0] > 0.005 and vs["down"]["ci95"][1] < -0.005
+    # the same seeds without a margin: tiny is better (significant), nothing is equivalent
+    plain = collect([tmp_path / n for n in ("student", "up", "down", "tiny", "noisy", "lone")])
+    assert plain["rows"]["tiny"]["vs_student"]["verdict"] == "better"
+    assert "equivalent" not in {r["vs_student"]["verdict"] for r in plain["rows"].values() if "vs_student" in r}
+
+
+def test_table_marks_each_verdict_states_the_rule_and_the_detectable_effect(tmp_path):
+    from cmkd.reporting.readme import compact_table
+
+    report = _verdict_report(tmp_path)
+    table = markdown_table(report, "toy", ("rgb", "depth"))
+    cells = {line.split("|")[1].strip(): line.split("|")[4].strip() for line in table.splitlines()
+             if line.startswith("| ") and "---" not in line}
+    assert cells["up"].startswith("↑ +3.00 [") and ", p < 0.001" in cells["up"]
+    assert cells["down"].startswith("↓ -3.00 [") and cells["tiny"].startswith("≡ +0.30 [")
+    assert cells["noisy"].startswith("≈ ") and cells["lone"].startswith("≈ +2.20 [")
+    assert f", p {report['rows']['lone']['vs_student']['p_holm']:.2g}" in cells["lone"]
+    assert "beyond ±0.50 (margin `table_f1`, claims.yaml), Holm-adjusted over the 5 rows" in table
+    mde = report["mde"]
+    assert "Minimum detectable effect at 80% power (two-sided paired t, n = 5 seeds" in table
+    assert f": {100 * mde['effect']:.2f} at alpha 0.05;" in table
+    assert f"needs {100 * mde['effect_verdict']:.2f}." in table
+    # the README's compact table reads every marker, the p stays in table.md
+    compact = compact_table(table, "toy/table.md")
+    assert "| tiny | 62.30 ± 1.57 | +0.30 [+0.28, +0.32] | equivalent |" in compact
+    assert compact.count("| equivalent |") == 1
+    assert "| up |" in compact and "| better |" in compact and ", p " not in compact
+
+
+def test_the_tables_detectable_effect_pools_the_paired_spread(tmp_path):
+    report = _verdict_report(tmp_path)
+    family = report["multiplicity"]["family"]
+    diffs = [np.asarray(report["rows"][n]["f1_weighted"]["values"]) - STUDENT5 for n in family]
+    pooled = np.sqrt(sum(((d - d.mean()) ** 2).sum() for d in diffs) / sum(len(d) - 1 for d in diffs))
+    mde = report["mde"]
+    assert mde["sd_diff"] == pytest.approx(pooled) and (mde["n"], mde["rows"], mde["df_pooled"]) == (5, 5, 20)
+    from cmkd.utils.stats import min_detectable_effect, power_paired
+
+    assert mde["effect"] == pytest.approx(min_detectable_effect(pooled, 5))
+    assert power_paired(mde["effect"], pooled, 5) == pytest.approx(0.8)
+    assert power_paired(mde["effect_verdict"], pooled, 5, 0.05 / 5, 0.005) == pytest.approx(0.8)
+    assert mde["effect_verdict"] > mde["effect"] + 0.005  # a stricter alpha and the margin on top
+    assert collect([tmp_path / "student"], margins=MARGIN)["mde"] is None  # nothing compared: no effect to state
+
+
+def test_min_detectable_effect_against_a_textbook_value_and_monte_carlo():
+    from cmkd.utils.stats import min_detectable_effect, power_paired, two_sided_p
+
+    # Cohen's one-sample / paired t: d = 0.5 at 80% power, two-sided 0.05 needs n = 34 (33 falls short)
+    assert min_detectable_effect(1.0, 34) < 0.5 < min_detectable_effect(1.0, 33)
+    assert power_paired(0.0, 1.0, 5) == pytest.approx(0.05)  # at no effect the test rejects at its size
+    assert min_detectable_effect(2.0, 5) == pytest.approx(2 * min_detectable_effect(1.0, 5))  # scales with sd
+    # Monte-Carlo: 5 paired differences ~ N(effect, 1); the share of tests rejecting is the power
+    rng = np.random.default_rng(0)
+    for margin, alpha in ((0.0, 0.05), (0.3, 0.01)):
+        effect = min_detectable_effect(1.0, 5, alpha=alpha, margin=margin)
+        d = rng.normal(effect, 1.0, size=(200_000, 5))
+        mean, sem = d.mean(axis=1), d.std(axis=1, ddof=1) / np.sqrt(5)
+        crit = stats.t.ppf(1 - alpha / 2, 4)
+        reject = ((mean - margin) / sem > crit) | ((mean + margin) / sem < -crit)
+        assert reject.mean() == pytest.approx(0.8, abs=0.005), (margin, alpha)
+        assert two_sided_p(mean[0], sem[0], 4, margin) < alpha or not reject[0]

@@ -418,6 +418,25 @@ def parse_margins(raw: Any, path: str | Path = "claims.yaml") -> dict[str, Margi
     return margins
 
 
+#: the margin kind (claims.yaml `margins`) each table metric is judged with, against STUDENT
+TABLE_MARGIN_KINDS = {"f1_weighted": "table_f1", "miou": "table_miou"}
+
+
+def table_margins(path: str | Path) -> dict[str, dict[str, Any]]:
+    """{table metric: {kind, value, reason}} from the claims file's `margins` (TABLE_MARGIN_KINDS),
+    so the tables (cmkd.reporting.tables.collect) judge with the margin the claims declare, not a
+    second copy. A metric whose kind the file does not declare is left out (its table: no margin)."""
+    path = Path(path)
+    try:
+        doc = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ClaimsError(path, "file not found (params `check.claims` names it)") from None
+    except yaml.YAMLError as err:
+        raise ClaimsError(path, f"not valid YAML: {err}") from None
+    margins = parse_margins(doc.get("margins") if isinstance(doc, Mapping) else None, path)
+    return {metric: margins[kind].to_json() for metric, kind in TABLE_MARGIN_KINDS.items() if kind in margins}
+
+
 def _parse_claim(raw: Mapping[str, Any], path: str | Path, where: str, recorded: Mapping[str, Any],
                  check_configuration: bool, margins: Mapping[str, Margin] | None = None) -> Claim:
     def fail(problem: str) -> ClaimsError:

@@ -27,7 +27,7 @@ from cmkd.errors import CmkdError
 BLOCKS = ("results", "claims", "diagnosis")
 COMMAND = "python -m stages readme"
 # table.md's vs-STUDENT cell starts with one of these (cmkd.reporting.tables.ARROWS)
-VERDICTS = {"↑": "better", "↓": "worse", "≈": "indistinguishable"}
+VERDICTS = {"↑": "better", "↓": "worse", "≡": "equivalent", "≈": "indistinguishable"}
 
 
 class ReadmeError(CmkdError):
@@ -77,7 +77,8 @@ def _diagnosis_text(reports: Path) -> str:
 
 
 def compact_table(table_md: str, source: str | Path, level: int = 3) -> str:
-    """One dataset's table.md (cmkd.reporting.tables.markdown_table) cut to run | score | vs STUDENT | verdict.
+    """One dataset's table.md (cmkd.reporting.tables.markdown_table) cut to run | score | vs STUDENT | verdict
+    (the difference and its interval; the Holm-adjusted p, the rule and the detectable effect stay in table.md).
 
     A paragraph before the heading (the smoke-test note) is kept; of the footer the seed count and
     the notes on rows whose mechanism was inert (†N). Anything not in table.md's format is an error
@@ -106,6 +107,7 @@ def compact_table(table_md: str, source: str | Path, level: int = 3) -> str:
             out.append(f"| {run} | {score} |  |  |")
             continue
         arrow, _, difference = vs.partition(" ")
+        difference = difference.partition(", p ")[0]  # the Holm p stays in table.md (docs/results.md)
         if arrow not in VERDICTS:
             raise ReadmeError(f"{source}:{i + 1}: vs STUDENT cell {vs!r} does not start with one of {list(VERDICTS)}")
         out.append(f"| {run} | {score} | {difference} | {VERDICTS[arrow]} |")
@@ -164,15 +166,19 @@ def blocks(reports: Path, datasets: Sequence[str]) -> dict[str, str]:
 RESULTS_INTRO = """\
 Each row is mean ± std over the seeds. **vs STUDENT** is the mean of the per-seed differences to
 STUDENT (same seed: same initialisation and batch order, so the seed's own luck cancels) with its
-95% interval from the t distribution. An arrow (↑ / ↓) appears only when that interval excludes 0;
-otherwise the row is **≈**, indistinguishable from STUDENT at these seeds, whatever its mean. The
-last column holds the hyper-parameters the run used (`(params)`: params.yaml's values, not selected
-on the validation split; see [tuning.md](tuning.md)). `methods.png` beside each table draws the
-same: bars coloured by that verdict with the interval as a whisker around STUDENT's mean + the
-difference, so a whisker that crosses STUDENT's dashed line is "≈". `discom_kd/teacher_modality`
-is DisCoM-KD's other branch (it sees the teacher's modality), so its comparison is not a KD gain.
-Every row's per-seed values are in `data/reports/<dataset>/metrics.json`; what the verdicts of the
-claims mean and how each test is calibrated: [reproducing.md](reproducing.md)."""
+95% interval from the t distribution, and the p of a two-sided paired t test that the difference
+lies beyond the table's margin (claims.yaml `margins`: `table_f1`, `table_miou`), Holm-adjusted over
+every row of the table compared with STUDENT (`discom_kd/teacher_modality` included). ↑ / ↓ (better
+/ worse): that p < 0.05, so the interval lies beyond the margin; **≡** (equivalent): the interval lies
+inside plus or minus the margin; **≈** (indistinguishable): neither, whatever the row's mean. Under
+each table: its minimum detectable effect at 80% power from the pooled spread of the per-seed
+differences. The last column holds the hyper-parameters the run used (`(params)`: params.yaml's
+values, not selected on the validation split; see [tuning.md](tuning.md)). `methods.png` beside each
+table draws the same: bars coloured by the verdict with the interval as a whisker around STUDENT's
+mean + the difference. `discom_kd/teacher_modality` is DisCoM-KD's other branch (it sees the
+teacher's modality), so its comparison is not a KD gain. Every row's per-seed values, p-values and
+the table's `margin`, `multiplicity` and `mde` are in `data/reports/<dataset>/metrics.json`; what the
+verdicts of the claims mean and how each test is calibrated: [reproducing.md](reproducing.md)."""
 
 
 def results_page(reports: Path, datasets: Sequence[str]) -> str:
