@@ -150,6 +150,62 @@ def _deep_copy(obj: Any) -> Any:
     return obj
 
 
+# STUDENT's entry in tuning.grids: keys of its training block (train.<dataset>.student), not of a run.
+STUDENT_TUNING = "student"
+STUDENT_TUNABLE = ("lr", "weight_decay")
+_BOUND_KEYS = ("ge", "gt", "le", "lt")
+
+
+def is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and np.isfinite(value)
+
+
+def bound_for(tuning: Mapping[str, Any], run: str, key: str) -> dict[str, Any]:
+    """The declared range of a tuned parameter (tuning.extension): `run_bounds.<run>.<key>` if
+    declared, else `bounds.<name>` with name the key's last dotted part; {} if neither."""
+    ext = tuning.get("extension") or {}
+    by_run = (ext.get("run_bounds") or {}).get(run) or {}
+    if key in by_run:
+        return dict(by_run[key])
+    return dict((ext.get("bounds") or {}).get(key.rsplit(".", 1)[-1]) or {})
+
+
+def within_bound(value: float, bound: Mapping[str, Any]) -> bool:
+    return not (("ge" in bound and value < bound["ge"]) or ("gt" in bound and value <= bound["gt"])
+                or ("le" in bound and value > bound["le"]) or ("lt" in bound and value >= bound["lt"]))
+
+
+def _validate_extension(tuning: Mapping[str, Any]) -> None:
+    ext = tuning.get("extension")
+    if not isinstance(ext, Mapping):
+        raise ConfigError("tuning.extension",
+                          "missing: declare the edge-extension rule (max_rounds, max_extra_configs, bounds)")
+    for key in ("max_rounds", "max_extra_configs"):
+        value = ext.get(key)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise ConfigError(f"tuning.extension.{key}", f"must be a non-negative integer, got {value!r}")
+    tables = [("bounds", ext.get("bounds") or {})]
+    run_bounds = ext.get("run_bounds") or {}
+    if not isinstance(run_bounds, Mapping):
+        raise ConfigError("tuning.extension.run_bounds", "must map runs to {parameter: bound}")
+    tables += [(f"run_bounds.{run}", table) for run, table in run_bounds.items()]
+    for where, table in tables:
+        if not isinstance(table, Mapping):
+            raise ConfigError(f"tuning.extension.{where}", "must map parameter names to bounds")
+        for name, bound in table.items():
+            bkey = f"tuning.extension.{where}.{name}"
+            if not isinstance(bound, Mapping) or not set(bound) <= {*_BOUND_KEYS, "reason"}:
+                raise ConfigError(bkey, f"must be a mapping of {_BOUND_KEYS} and reason, got {bound!r}")
+            if not isinstance(bound.get("reason"), str) or not bound["reason"].strip():
+                raise ConfigError(f"{bkey}.reason",
+                                  "missing: say why the range stops there (the method's paper or code)")
+            if ("ge" in bound and "gt" in bound) or ("le" in bound and "lt" in bound):
+                raise ConfigError(bkey, "declare one lower (ge or gt) and one upper (le or lt) limit at most")
+            for k in _BOUND_KEYS:
+                if k in bound and not is_number(bound[k]):
+                    raise ConfigError(f"{bkey}.{k}", f"must be a number, got {bound[k]!r}")
+
+
 def validate_tuning(params: Mapping[str, Any]) -> None:
     """Check params.yaml's `tuning` section (absent: nothing to check)."""
     from cmkd.methods import get_method
@@ -173,24 +229,41 @@ def validate_tuning(params: Mapping[str, Any]) -> None:
         raise ConfigError("tuning.budget", f"must be a positive integer, got {budget!r}")
     if not isinstance(tuning.get("subsample_seed", 0), int):
         raise ConfigError("tuning.subsample_seed", f"must be an integer, got {tuning.get('subsample_seed')!r}")
+    _validate_extension(tuning)
     grids = tuning.get("grids")
     if not isinstance(grids, Mapping):
         raise ConfigError("tuning.grids", "must map run names to grids")
     runs = params.get("runs") or {}
-    for name in params.get("methods") or []:
+    if STUDENT_TUNING in runs:
+        raise ConfigError(f"runs.{STUDENT_TUNING}",
+                          "is reserved for the STUDENT baseline's tuning (tuning.grids.student)")
+    for name in [STUDENT_TUNING, *(params.get("methods") or [])]:
         if name not in grids:
             raise ConfigError(f"tuning.grids.{name}",
-                              "missing: every run of `methods` needs a grid (the same budget for every method)")
+                              "missing: every run of `methods` and STUDENT need a grid (the same budget for every "
+                              "method)")
     for name, grid in grids.items():
         gkey = f"tuning.grids.{name}"
-        if name not in runs:
-            raise ConfigError(gkey, f"not a key of `runs` (known: {sorted(runs)})")
+        if name not in runs and name != STUDENT_TUNING:
+            raise ConfigError(gkey, f"not a key of `runs` (known: {sorted(runs)}) nor {STUDENT_TUNING!r}")
         if not isinstance(grid, Mapping) or not grid:
             raise ConfigError(gkey, "must map parameter names to non-empty lists of values")
         for pkey, values in grid.items():
             if not isinstance(values, list) or not values:
                 raise ConfigError(f"{gkey}.{pkey}", f"must be a non-empty list of values, got {values!r}")
+            bound = bound_for(tuning, name, pkey)
+            outside = [v for v in values if is_number(v) and not within_bound(v, bound)]
+            if outside:
+                raise ConfigError(f"{gkey}.{pkey}", f"values {outside} lie outside the declared bound {bound}")
         configs = budgeted_configs(grid, budget, int(tuning.get("subsample_seed", 0)), gkey)
+        if name == STUDENT_TUNING:
+            bad = sorted(set(grid) - set(STUDENT_TUNABLE))
+            if bad:
+                raise ConfigError(f"{gkey}.{bad[0]}", f"STUDENT is tuned over its training's {STUDENT_TUNABLE} only")
+            for pkey, values in grid.items():
+                if not all(is_number(v) and v >= 0 for v in values) or (pkey == "lr" and min(values) <= 0):
+                    raise ConfigError(f"{gkey}.{pkey}", f"must be numbers (lr > 0, weight_decay >= 0), got {values!r}")
+            continue
         for cfg in configs:  # every configuration must be a valid run
             try:
                 merged = apply_overrides(runs[name], cfg)

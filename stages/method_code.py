@@ -3,9 +3,9 @@
 
     data/method_code/<run>.json                 distill@<dataset>-<run>: stages/train.py, the
                                                 training code and the run's method modules, and
-                                                the run's selection in tuned.yaml
+                                                the run's and STUDENT's selections in tuned.yaml
     data/method_code/stages/teacher.json        train_teacher@<dataset>
-    data/method_code/stages/student.json        train_student@<dataset>
+    data/method_code/stages/student.json        train_student@<dataset> (and STUDENT's selection)
     data/method_code/stages/experiments.json    exp_*: stages/experiment.py, the analysis code
                                                 and the methods the experiments use
 
@@ -19,7 +19,7 @@ Reads the source with `ast` and never imports torch: the stage takes well under 
 import json
 from pathlib import Path
 
-from cmkd.config import STUDENT_RUN, TEACHER_RUN, load_params
+from cmkd.config import STUDENT_RUN, STUDENT_TUNING, TEACHER_RUN, load_params
 from cmkd.errors import ConfigError
 from cmkd.pipeline.codedeps import stage_code
 from cmkd.pipeline.layout import METHOD_CODE, TUNED_FILE
@@ -44,9 +44,10 @@ def run() -> None:
             if name not in runs:
                 raise ConfigError("methods", f"unknown run {name!r}: not a key of `runs` (known: {sorted(runs)})")
             _write(out / f"{name}.json", name, stage_code(root, "stages/train.py", runs[name]),
-                   tuned=tuned.get(name) or {})
+                   tuned=tuned.get(name) or {}, student_tuned=tuned.get(STUDENT_TUNING) or {})
         _write(out / "stages" / "teacher.json", "teacher", stage_code(root, "stages/train.py", TEACHER_RUN))
-        _write(out / "stages" / "student.json", "student", stage_code(root, "stages/train.py", STUDENT_RUN))
+        _write(out / "stages" / "student.json", "student", stage_code(root, "stages/train.py", STUDENT_RUN),
+               tuned=tuned.get(STUDENT_TUNING) or {})
         # the experiments' methods (kd, ntdh_mask, MG-KD's ...) and the baselines they train
         used = [params.get("experiments") or {}, TEACHER_RUN, STUDENT_RUN]
         _write(out / "stages" / "experiments.json", "experiments", stage_code(root, "stages/experiment.py", used))

@@ -13,7 +13,7 @@ from cmkd.config import STUDENT_RUN, TEACHER_RUN
 from cmkd.errors import ConfigError
 from cmkd.pipeline.layout import TUNED_FILE, checkpoint_dir, prepared_file, run_dir
 from cmkd.pipeline.train import train_run
-from cmkd.pipeline.tuning import load_tuned, tuned_run_config
+from cmkd.pipeline.tuning import load_tuned, tuned_run_config, tuned_train_params
 from cmkd.training.config import TrainConfig
 from cmkd.training.distributed import distributed_info, init_distributed_from_env
 from cmkd.training.resolve import models_of, roles_for_prepared
@@ -33,6 +33,8 @@ def run() -> None:
     ds = args.dataset
     name = args.role or args.run
     selected_on = "default"
+    # The tuning protocol's selection (tuned.yaml, beside params.yaml): runs.<run> and STUDENT's training.
+    tuned = load_tuned(Path(args.params).with_name(TUNED_FILE))
     if args.role == "teacher":
         run_cfg, train_key = TEACHER_RUN, "teacher"
     elif args.role == "student":
@@ -40,14 +42,19 @@ def run() -> None:
     else:
         if args.run not in params["runs"]:
             raise ConfigError(f"runs.{args.run}", "missing: --run must name a key of `runs`")
-        # The tuning protocol's selection (tuned.yaml, beside params.yaml) over runs.<run>.
-        tuned = load_tuned(Path(args.params).with_name(TUNED_FILE))
         run_cfg, selected_on = tuned_run_config(params["runs"][args.run], tuned, ds, args.run)
         train_key = "student"
     prepared = prepared_file(ds)
     # params.yaml's models / train blocks, or a paired dataset's defaults (data/resolved/<ds>/)
     roles = roles_for_prepared(params, ds, prepared)
-    train_cfg = TrainConfig.from_params(roles[train_key]["train"], f"train.{ds}.{train_key}")
+    train_params = roles[train_key]["train"]
+    if train_key == "student":
+        # STUDENT's selected lr is the recipe of STUDENT and of every distill run (docs/tuning.md):
+        # a KD row then differs from STUDENT by its KD term only. The TEACHER is not tuned.
+        train_params, student_on = tuned_train_params(train_params, tuned, ds)
+        if args.role == "student":
+            selected_on = student_on
+    train_cfg = TrainConfig.from_params(train_params, f"train.{ds}.{train_key}")
     teacher_cfg = TrainConfig.from_params(roles["teacher"]["train"], f"train.{ds}.teacher")
     checkpoints = checkpoint_dir(ds, name)
     rank, _ = distributed_info()

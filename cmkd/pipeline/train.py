@@ -73,7 +73,8 @@ def train_run(
     torch.set_num_threads(1) before any computation (as the stage scripts do).
 
     metrics.json records at top level `hyperparameters` (the method's defaults with the run's
-    values over them: what was actually used) and `selected_on` ("val" when the values came
+    values over them: what was actually used), `training` (the lr and weight decay used: STUDENT's
+    tuned recipe where tuned.yaml selects one) and `selected_on` ("val" when the values came
     from the tuning protocol's selection, "default" otherwise). The tuning protocol trains with
     `evaluate_test=False` (the test split is never evaluated) and `write_metrics=False`.
     """
@@ -84,6 +85,7 @@ def train_run(
         raise ValueError(f"selected_on must be 'val' or 'default', got {selected_on!r}")
     results: dict[str, Any] = {"dataset": dataset, "run": run_name, "method": run_cfg["method"], "task": task,
                                "hyperparameters": resolved_hyperparameters(run_cfg), "selected_on": selected_on,
+                               "training": {"lr": float(train_cfg.lr), "weight_decay": float(train_cfg.weight_decay)},
                                "seeds": {}}
     skipped = skip_reason(run_cfg["method"], dataset, prepared, attrs)
     if skipped:
