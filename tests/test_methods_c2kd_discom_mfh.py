@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -86,54 +88,111 @@ def test_ofsd_keeps_exactly_rows_above_threshold():
     torch.testing.assert_close(kendall_tau(proxy_s[:4], proxy_t[:4]), torch.tensor([1.0, -1.0, 4 / 6, -1 / 3]))
 
 
-def _np_nontarget_kl(s, t, y, temperature):
+def _np_softmax(z):
+    p = np.exp(z - z.max())
+    return p / p.sum()
+
+
+def _np_nontarget_kl(s, t, y, temperature, form="zero"):
+    """Loop reference. zero (C2KD's `ntkl`): the target logit set to 0, softmax and KL over all C
+    classes; remove: the target column dropped, softmax and KL over the C - 1 others."""
     out = []
     for si, ti, yi in zip(s, t, y):
-        keep = np.arange(len(si)) != yi
-        zs, zt = si[keep] / temperature, ti[keep] / temperature
-        ps = np.exp(zs - zs.max())
-        ps /= ps.sum()
-        pt = np.exp(zt - zt.max())
-        pt /= pt.sum()
+        if form == "zero":
+            zs, zt = si.copy(), ti.copy()
+            zs[yi] = zt[yi] = 0.0
+        else:
+            keep = np.arange(len(si)) != yi
+            zs, zt = si[keep], ti[keep]
+        ps, pt = _np_softmax(zs / temperature), _np_softmax(zt / temperature)
         out.append(np.sum(pt * (np.log(pt) - np.log(ps))))
     return np.array(out)
 
 
-def test_nontarget_kl_matches_numpy_reference():
+@pytest.mark.parametrize("form", ["zero", "remove"])
+def test_nontarget_kl_matches_numpy_reference(form):
     rng = np.random.default_rng(1)
     s, t = rng.standard_normal((12, C)) * 3, rng.standard_normal((12, C)) * 3
     y = rng.integers(0, C, 12)
     for temperature in (1.0, 2.5):
-        got = nontarget_kl_rows(torch.tensor(s), torch.tensor(t), torch.tensor(y), temperature).numpy()
-        np.testing.assert_allclose(got, _np_nontarget_kl(s, t, y, temperature), rtol=1e-10, atol=1e-12)
+        got = nontarget_kl_rows(torch.tensor(s), torch.tensor(t), torch.tensor(y), temperature, form).numpy()
+        np.testing.assert_allclose(got, _np_nontarget_kl(s, t, y, temperature, form), rtol=1e-10, atol=1e-12)
     # ignored rows (target -1) contribute 0
     y2 = torch.tensor(y)
     y2[3] = -1
-    assert nontarget_kl_rows(torch.tensor(s), torch.tensor(t), y2, 1.0)[3] == 0
+    assert nontarget_kl_rows(torch.tensor(s), torch.tensor(t), y2, 1.0, form)[3] == 0
 
 
-def test_c2kd_ofsd_loss_matches_reference_on_the_proxies():
+def test_nontarget_kl_zeroed_and_removed_target_differ_by_hand():
+    # 3 classes, target 0. Student logits [5, 0, 0], teacher [1, ln 9, 0]:
+    # removed: q_s = (1/2, 1/2), q_t = (9/10, 1/10): KL = 9/10 ln(9/5) + 1/10 ln(1/5) = 0.368
+    # zeroed: both target logits become 0, q_s = (1/3, 1/3, 1/3), q_t = (1/11, 9/11, 1/11):
+    #         KL = 2/11 ln(3/11) + 9/11 ln(27/11) = 0.498
+    s = torch.tensor([[5.0, 0.0, 0.0]], dtype=torch.float64)
+    t = torch.tensor([[1.0, math.log(9.0), 0.0]], dtype=torch.float64)
+    y = torch.tensor([0])
+    removed = 0.9 * math.log(1.8) + 0.1 * math.log(0.2)
+    zeroed = 2 / 11 * math.log(3 / 11) + 9 / 11 * math.log(27 / 11)
+    assert nontarget_kl_rows(s, t, y, 1.0, "remove").item() == pytest.approx(removed, abs=1e-12)
+    assert nontarget_kl_rows(s, t, y, 1.0, "zero").item() == pytest.approx(zeroed, abs=1e-12)
+    assert nontarget_kl_rows(s, t, y, 1.0).item() == pytest.approx(zeroed, abs=1e-12)  # C2KD's form by default
+    assert abs(zeroed - removed) > 0.1
+
+
+def _c2kd_proxies(d, batch):
+    with torch.no_grad():
+        ps = d.student_proxy(d.student.forward_stages(batch["student_input"], ["hidden1"])["hidden1"]).double().numpy()
+        pt = d.teacher_proxy(d.teacher.forward_stages(batch["teacher_input"], ["hidden1"])["hidden1"]).double().numpy()
+    return ps, pt
+
+
+@pytest.mark.parametrize("variant", [{}, {"non_target": "remove", "ofsd_normalise": "kept"}])
+def test_c2kd_ofsd_loss_matches_reference_on_the_proxies(variant):
     torch.manual_seed(0)
     # untrained proxies rank classes alike for every sample (bias-dominated), mostly with
     # tau in [-0.6, 0]: a threshold inside that range exercises the selection
-    cfg = {"temperature": 2.0, "threshold": -0.3, "crossmodal_weight": 0.7}
+    cfg = {"temperature": 2.0, "threshold": -0.3, "crossmodal_weight": 0.7, **variant}
     d = build_distiller({"method": "c2kd", **cfg}, _mlp(6), _mlp(7), C)
     batch = _batch()
     d.eval()  # BatchNorm of the proxies uses running statistics: the same values twice
     losses = d(batch)
     assert d.student_stage == "hidden1" and d.teacher_stage == "hidden1"  # the MLPs' intermediate stage
-    with torch.no_grad():
-        ps = d.student_proxy(d.student.forward_stages(batch["student_input"], ["hidden1"])["hidden1"]).double().numpy()
-        pt = d.teacher_proxy(d.teacher.forward_stages(batch["teacher_input"], ["hidden1"])["hidden1"]).double().numpy()
+    ps, pt = _c2kd_proxies(d, batch)
     y = batch["target"].numpy()
     tau = np.array([kendalltau(ps[i], pt[i]).statistic for i in range(len(y))])
     keep = tau > -0.3
     assert 0 < keep.sum() < len(y), "the batch should exercise the selection"
-    kl = _np_nontarget_kl(ps, pt, y, 2.0)[keep].mean() * 4.0 * 0.7
-    kl_back = _np_nontarget_kl(pt, ps, y, 2.0)[keep].mean() * 4.0 * 0.7
-    assert _f(losses["ofsd_student"]) == pytest.approx(kl, rel=1e-4)
-    assert _f(losses["ofsd_teacher"]) == pytest.approx(kl_back, rel=1e-4)
+    form = variant.get("non_target", "zero")
+    kl_rows, kl_back_rows = _np_nontarget_kl(ps, pt, y, 2.0, form), _np_nontarget_kl(pt, ps, y, 2.0, form)
+    if variant:  # the variant: the mean over the kept rows
+        kl, kl_back = kl_rows[keep].mean(), kl_back_rows[keep].mean()
+    else:  # C2KD's code: (mask * kl).mean() over the whole batch
+        kl, kl_back = (kl_rows * keep).sum() / len(y), (kl_back_rows * keep).sum() / len(y)
+    assert _f(losses["ofsd_student"]) == pytest.approx(kl * 4.0 * 0.7, rel=1e-4)
+    assert _f(losses["ofsd_teacher"]) == pytest.approx(kl_back * 4.0 * 0.7, rel=1e-4)
     assert d.last_kept_fraction == pytest.approx(keep.mean())
+
+
+def test_c2kd_ofsd_batch_normalisation_is_the_kept_mean_times_the_fraction_kept():
+    torch.manual_seed(0)
+    cfg = {"temperature": 1.0, "threshold": -0.3, "non_target": "zero"}
+    batch = _batch()
+    default = build_distiller({"method": "c2kd", **cfg}, _mlp(6), _mlp(7), C).eval()
+    kept = build_distiller({"method": "c2kd", **cfg, "ofsd_normalise": "kept"}, _mlp(6), _mlp(7), C).eval()
+    kept.load_state_dict(default.state_dict())
+    a, b = default(batch), kept(batch)
+    frac = default.last_kept_fraction
+    assert 0 < frac < 1
+    assert _f(a["ofsd_student"]) == pytest.approx(_f(b["ofsd_student"]) * frac, rel=1e-5)
+    assert _f(a["ce"]) == _f(b["ce"])
+
+
+@pytest.mark.parametrize("cfg, key", [({"non_target": "drop"}, "runs.r.non_target"),
+                                      ({"ofsd_normalise": "rows"}, "runs.r.ofsd_normalise")])
+def test_c2kd_variant_keys_are_validated(cfg, key):
+    with pytest.raises(ConfigError) as err:
+        get_method("c2kd").validate(cfg, "runs.r")
+    assert key in str(err.value)
 
 
 def test_c2kd_backward_reaches_student_teacher_and_proxies():

@@ -449,6 +449,102 @@ def test_ntdh_feature_mask_is_algorithm1_with_ntdh_distance_and_a_retrained_teac
         task="classification", num_classes=3) is None
 
 
+def test_ntdh_feature_mask_rules_follow_ntdh_code_per_kind_of_data():
+    from cmkd.methods.ntdh import NTDHMask, feature_mask_rules
+
+    cfg = dict(NTDHMask.defaults)
+    # vectors: NTDH's sklearn code keeps --mask_dim (2) features, tagged by permutation, teacher retrained
+    assert feature_mask_rules(cfg, True, 32) == (2, "permute", True)
+    # images: NTDH's MNIST code removes --ratio 0.75 (a quarter kept), tagged by zeroing, not retrained
+    assert feature_mask_rules(cfg, False, 32) == (8, "zero", False)
+    # the variant kdv1_ntdh_feat_retrain: half, permutation, retrained, on both
+    variant = {**cfg, "keep_ratio": 0.5, "saliency": "permute", "retrain": True}
+    assert feature_mask_rules(variant, True, 32) == (16, "permute", True)
+    assert feature_mask_rules(variant, False, 32) == (16, "permute", True)
+    assert feature_mask_rules({**cfg, "mask_dim": 50}, True, 32)[0] == 32  # never more than there are
+
+
+def test_zeroing_saliency_matches_a_channel_by_channel_reference():
+    from cmkd.methods.mfh import pair_distance, zeroing_saliency
+
+    torch.manual_seed(0)
+    head = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 4))
+    feats, reference = torch.randn(10, 6), torch.randn(10, 4)
+    labels = torch.randint(0, 4, (10,))
+    dist = pair_distance("ntdh")
+    got = zeroing_saliency(head, feats, reference, labels, dist, batch_size=25)  # chunks of 2 channels
+    expected = []
+    for c in range(6):
+        x = feats.clone()
+        x[:, c] = 0.0
+        with torch.no_grad():
+            expected.append(float(dist(head(x), reference, labels).mean()))
+    np.testing.assert_allclose(got.numpy(), expected, rtol=1e-5, atol=1e-7)
+
+
+def _image_split(n, g):
+    from cmkd.training.data import SplitData
+
+    y = torch.randint(0, 3, (n,), generator=g)
+    x_t = torch.randn(n, 1, 8, 8, generator=g) + y.view(-1, 1, 1, 1).float()
+    x_s = torch.randn(n, 1, 8, 8, generator=g) + 0.5 * y.view(-1, 1, 1, 1).float()
+    return SplitData.from_arrays(teacher_input=x_t, student_input=x_s, target=y)
+
+
+def test_ntdh_feature_mask_on_images_zeroes_a_quarter_of_the_pair_teachers_channels_without_retraining():
+    from cmkd.training.config import TrainConfig
+
+    g = torch.Generator().manual_seed(0)
+    train, val = _image_split(96, g), _image_split(32, g)
+    torch.manual_seed(0)
+    teacher = build_model({"arch": "small_cnn", "width": 4}, (1, 8, 8), 3)
+    student = build_model({"arch": "small_cnn", "width": 4}, (1, 8, 8), 3)
+    run = {"method": "ntdh_mask", "base": {"method": "kd", "temperature": 1.0}, "mode": "feature",
+           "pair_epochs": 2, "pair_batch_size": 32}
+    d = build_distiller(run, student, teacher, 3)
+    selection = d.prepare(train, val, TrainConfig(epochs=1, batch_size=32, lr=0.01, device="cpu", seed=0),
+                          task="classification", num_classes=3, progress=False)
+    width = teacher.features(torch.zeros(2, 1, 8, 8)).shape[1]
+    assert selection["level"] == "feature" and selection["saliency_rule"] == "zero"
+    assert selection["retrained"] is False and selection["teacher_val"] is None
+    assert len(selection["channels"]) == round(0.25 * width)
+    # the channels kept are the most salient by the zeroing tag (min-max normalised)
+    sal = torch.tensor(selection["saliency"])
+    assert set(selection["channels"]) == set(sal.argsort(descending=True, stable=True)[:len(selection["channels"])]
+                                             .tolist())
+    masked = d.teacher
+    assert isinstance(masked, ChannelMasked) and masked.level == "feature" and masked.model is not teacher
+    assert int(masked.mask.sum()) == len(selection["channels"])
+    assert all(not p.requires_grad for p in masked.parameters())
+    x = next(iter(val.batches(8)))
+    assert torch.isfinite(d(x)["kd"])
+    # retrain: true (the variant's rule) trains the masked teacher further and records its val score
+    d2 = build_distiller({**run, "retrain": True, "saliency": "permute", "keep_ratio": 0.5, "n_repeats": 2},
+                         student, teacher, 3)
+    sel2 = d2.prepare(train, val, TrainConfig(epochs=1, batch_size=32, lr=0.01, device="cpu", seed=0),
+                      task="classification", num_classes=3, progress=False)
+    assert sel2["retrained"] is True and sel2["teacher_val"] is not None
+    assert len(sel2["channels"]) == round(0.5 * width) and sel2["saliency_rule"] == "permute"
+
+
+def test_ntdh_feature_mask_on_vectors_keeps_mask_dim_channels_by_default():
+    from cmkd.training.config import TrainConfig
+
+    g = torch.Generator().manual_seed(0)
+    train, val = _shared_channel_split(400, g), _shared_channel_split(200, g)
+    torch.manual_seed(0)
+    teacher = build_model({"arch": "mlp", "hidden": [16]}, (8,), 3)
+    student = build_model({"arch": "mlp", "hidden": [16]}, (6,), 3)
+    run = {"method": "ntdh_mask", "base": {"method": "kd", "temperature": 1.0}, "mode": "feature",
+           "pair_epochs": 15, "pair_lr": 0.05, "pair_batch_size": 50, "n_repeats": 3}
+    d = build_distiller(run, student, teacher, 3)
+    selection = d.prepare(train, val, TrainConfig(epochs=5, batch_size=50, lr=0.01, device="cpu", seed=0),
+                          task="classification", num_classes=3, progress=False)
+    assert selection["level"] == "input" and selection["saliency_rule"] == "permute"
+    assert len(selection["channels"]) == 2 and set(selection["channels"]) <= {0, 1, 2, 3}
+    assert selection["retrained"] is True and selection["teacher_val"] is not None
+
+
 # ---------------------------------------------------------------- config
 
 
@@ -467,6 +563,10 @@ def test_ntdh_feature_mask_is_algorithm1_with_ntdh_distance_and_a_retrained_teac
     ({"method": "ntdh_mask", "cos_threshold": 2}, "runs.r.cos_threshold"),
     ({"method": "ntdh_mask", "pair_epochs": 0}, "runs.r.pair_epochs"),
     ({"method": "ntdh_mask", "level": "pixel"}, "runs.r.level"),
+    ({"method": "ntdh_mask", "keep_ratio": "half"}, "runs.r.keep_ratio"),
+    ({"method": "ntdh_mask", "mask_dim": 0}, "runs.r.mask_dim"),
+    ({"method": "ntdh_mask", "saliency": "shuffle"}, "runs.r.saliency"),
+    ({"method": "ntdh_mask", "retrain": "yes"}, "runs.r.retrain"),
 ])
 def test_bad_config_names_the_key(cfg, key):
     cfg = dict(cfg)
@@ -482,7 +582,7 @@ def test_params_yaml_runs_build():
 
     params = yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())
     names = ["dkd", "dkd_lskd", "ctkd", "ctkd_lskd", "mlkd", "mlkd_lskd", "kdv1_ntdh", "kdv1_ntdh_feat",
-             "kdv1_ntdh_drop"]
+             "kdv1_ntdh_drop", "kdv1_ntdh_feat_retrain"]
     for name in names:
         cfg = dict(params["runs"][name])
         get_method(cfg["method"]).validate({k: v for k, v in cfg.items() if k != "method"}, f"runs.{name}")
@@ -495,6 +595,16 @@ def test_params_yaml_runs_build():
     # NTDH's definitions are the runs in the table; the old drop rule is a named variant outside it
     assert params["runs"]["kdv1_ntdh"]["mode"] == "sample" and params["runs"]["kdv1_ntdh_feat"]["mode"] == "feature"
     assert params["runs"]["kdv1_ntdh_drop"]["mode"] == "sample_drop" and "kdv1_ntdh_drop" not in params["methods"]
+    # the feature mask follows NTDH's code per kind of data; the earlier rule is a named variant
+    feat, retrain = params["runs"]["kdv1_ntdh_feat"], params["runs"]["kdv1_ntdh_feat_retrain"]
+    assert (feat["keep_ratio"], feat["saliency"], feat["retrain"], feat["mask_dim"]) == ("auto", "auto", "auto", 2)
+    assert (retrain["keep_ratio"], retrain["saliency"], retrain["retrain"]) == (0.5, "permute", True)
+    assert "kdv1_ntdh_feat_retrain" not in params["methods"]
+    # C2KD as its code: the target zeroed, OFSD over the batch; the earlier C2KD is a named variant
+    assert (params["runs"]["c2kd"]["non_target"], params["runs"]["c2kd"]["ofsd_normalise"]) == ("zero", "batch")
+    variant = params["runs"]["c2kd_remove_target"]
+    assert (variant["non_target"], variant["ofsd_normalise"]) == ("remove", "kept")
+    assert "c2kd_remove_target" not in params["methods"]
 
 
 # ---------------------------------------------------------------- through the engine
@@ -531,4 +641,5 @@ def test_methods_train_through_engine_fit():
         if theta0 is not None:
             assert float(d.temperature_module.theta.detach()) != theta0
         else:
-            assert len(d.selection["channels"]) == 4 and int(d.teacher.mask.sum()) == 4  # half of the 7 input channels
+            # vectors: NTDH's sklearn mask_dim (2) of the 7 input channels
+            assert len(d.selection["channels"]) == 2 and int(d.teacher.mask.sum()) == 2

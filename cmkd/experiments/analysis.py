@@ -190,10 +190,11 @@ def ntdh_feature_teachers(run_cfg: Mapping[str, Any], nets: Mapping[str, Any], t
     """NTDH's feature mask for every slice: MFH's Algorithm 1 (`cmkd.methods.mfh.algorithm1`)
     with the run's non-target divergence as the distance - its joint pair trained for all slices
     at once (`train_pair_slices`), each slice's input channels ranked on its own pair - and a
-    teacher per slice trained on its `keep_ratio` most salient channels only (the others removed,
-    as NTDH's code does). Returns (the retrained teachers, the kept channels [S, k])."""
+    teacher per slice trained on its most salient channels only (`keep_ratio`; auto: NTDH's
+    `mask_dim` of them; the others removed, as NTDH's sklearn code does).
+    Returns (the retrained teachers, the kept channels [S, k])."""
     from cmkd.methods.mfh import algorithm1
-    from cmkd.methods.ntdh import FEATURE_DISTANCES, NTDHMask
+    from cmkd.methods.ntdh import FEATURE_DISTANCES, NTDHMask, feature_mask_rules
 
     cfg = {**NTDHMask.defaults, **run_cfg}
     if cfg["level"] not in ("auto", "input"):
@@ -202,12 +203,17 @@ def ntdh_feature_teachers(run_cfg: Mapping[str, Any], nets: Mapping[str, Any], t
     if cfg["channels"] is not None:
         raise ConfigError(f"{key}.channels",
                           "the batched experiments choose the channels with Algorithm 1 (channels: null)")
+    # vector data: NTDH's sklearn rules (permutation tags, a retrained teacher) are the only ones here
+    k, saliency, retrain = feature_mask_rules(cfg, True, int(train.teacher.shape[2]))
+    if saliency != "permute" or not retrain:
+        raise ConfigError(f"{key}.saliency",
+                          "the batched experiments tag input channels by permutation and retrain the teacher "
+                          "(saliency: auto or permute, retrain: auto or true)")
     distance = FEATURE_DISTANCES[cfg["divergence_form"]]
     pair_t, pair_s = train_pair_slices(nets, train, seeds, num_classes, pair_epochs=int(cfg["pair_epochs"]),
                                        pair_lr=float(cfg["pair_lr"]),
                                        distance=distance, batch_size=cfg["pair_batch_size"],
                                        seed=int(seeds[0]), key=key)
-    k = max(1, int(round(float(cfg["keep_ratio"]) * train.teacher.shape[2])))
     chosen = []
     for i, seed in enumerate(seeds):
         x_t, x_s, y = train.slice(i)

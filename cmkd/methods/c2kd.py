@@ -11,19 +11,26 @@ the output of layer3 of a ResNet as in C2KD's code, the first hidden layer of an
                                                     knowledge, and hands back what it learnt
   + OFSD * NT-KL(proxy <- other network's proxy)    cross-modal knowledge, bidirectional
 
-where NT-KL is the KL divergence between the distributions over the *non-target* classes only
-(the target class is removed and the rest renormalised, so the teacher's confidence on the true
-class - where the modalities are most imbalanced - is not transferred), and OFSD (on-the-fly
-selection distillation) keeps a sample (or pixel) only when the Kendall rank correlation of the
-two proxies' logits exceeds `threshold`: samples whose soft labels rank the classes in disagreeing
-orders are misaligned and skipped. Every KL term's target side is detached, as in the reference
-code, so each direction trains only the receiving head and its trunk.
+where NT-KL is the KL divergence between the distributions over the *non-target* classes, so the
+teacher's confidence on the true class - where the modalities are most imbalanced - is not
+transferred, and OFSD (on-the-fly selection distillation) keeps a sample (or pixel) only when the
+Kendall rank correlation of the two proxies' logits exceeds `threshold`: samples whose soft labels
+rank the classes in disagreeing orders are misaligned and skipped. Every KL term's target side is
+detached, as in the reference code, so each direction trains only the receiving head and its trunk.
 
-Deviations from the public reference code, on purpose: the target class is removed from the
-non-target distribution (the reference code multiplies its logit by zero, which leaves a logit 0
-in the softmax); Kendall's tau is computed batched on the device (the reference loops over samples
-with scipy on the CPU); the OFSD loss is averaged over the kept samples (the reference divides by
-the batch size, so its weight silently shrinks as fewer samples are kept).
+The defaults follow C2KD's public code (`ntkl` in its utils/helper.py):
+
+* `non_target: zero` - the target logit is multiplied by zero and the softmax runs over all C
+  classes, so the target class stays in the distribution with logit 0; the KL sums all C columns.
+  `remove` (a variant, run `c2kd_remove_target`) drops the target column and renormalises over
+  the C - 1 others, the distribution DKD and NTDH call non-target.
+* `ofsd_normalise: batch` - the per-row non-target KL times the OFSD mask, averaged over the batch's
+  valid rows (C2KD: `(mask * kl).mean()` over the batch), so the term shrinks as OFSD keeps fewer
+  rows and is 0 when it keeps none. `kept` (the variant) averages over the kept rows only, i.e. the
+  official loss scaled by 1 / fraction kept.
+
+Kendall's tau is computed batched on the device (the reference loops over samples with scipy on
+the CPU; the same tau-b values).
 
 The proxy follows C2KD's (`Tea` / `Stu` in its code: global average pool of the layer3 map,
 1x1 conv without bias, BatchNorm, LeakyReLU(0.1), linear classifier): for classification a
@@ -97,19 +104,34 @@ def proxy_stage_of(model: nn.Module, requested: str, name: str) -> tuple[str, in
     return stage, int(model.stage_channels[stage])
 
 
-def nontarget_kl_rows(student_logits: torch.Tensor, teacher_logits: torch.Tensor, target: torch.Tensor,
-                      temperature: float) -> torch.Tensor:
-    """Per-row KL(q_t || q_s) between the distributions over the non-target classes.
+NON_TARGET_FORMS = ("zero", "remove")
+OFSD_NORMALISATIONS = ("batch", "kept")
 
-    q = softmax(z / T) over the C - 1 classes other than the row's target (the target is removed,
-    not zeroed). Rows are [M, C] logits with a [M] target; rows with a negative target get 0.
+
+def nontarget_kl_rows(student_logits: torch.Tensor, teacher_logits: torch.Tensor, target: torch.Tensor,
+                      temperature: float, form: str = "zero") -> torch.Tensor:
+    """Per-row KL(q_t || q_s) between the two non-target distributions.
+
+    `form="zero"` (C2KD's code): q = softmax(z' / T) over all C classes, z' = z with the row's
+    target logit set to 0, the KL summed over all C columns. `form="remove"`: q = softmax(z / T)
+    over the C - 1 classes other than the target (removed and renormalised). Rows are [M, C] logits
+    with a [M] target; rows with a negative target get 0.
     """
+    if form not in NON_TARGET_FORMS:
+        raise ValueError(f"non-target form must be one of {NON_TARGET_FORMS}, got {form!r}")
     target = target.reshape(-1)
-    keep = torch.ones_like(student_logits, dtype=torch.bool)
-    keep[torch.arange(keep.shape[0], device=keep.device), target.clamp_min(0)] = False
-    neg = torch.finfo(student_logits.dtype).min
-    log_qs = F.log_softmax((student_logits / temperature).masked_fill(~keep, neg), dim=1)
-    log_qt = F.log_softmax((teacher_logits / temperature).masked_fill(~keep, neg), dim=1)
+    is_target = torch.zeros_like(student_logits, dtype=torch.bool)
+    is_target[torch.arange(is_target.shape[0], device=is_target.device), target.clamp_min(0)] = True
+    if form == "zero":
+        zs = student_logits.masked_fill(is_target, 0.0)
+        zt = teacher_logits.masked_fill(is_target, 0.0)
+        keep = torch.ones_like(is_target)
+    else:
+        neg = torch.finfo(student_logits.dtype).min
+        zs, zt = student_logits.masked_fill(is_target, neg), teacher_logits.masked_fill(is_target, neg)
+        keep = ~is_target
+    log_qs = F.log_softmax(zs / temperature, dim=1)
+    log_qt = F.log_softmax(zt / temperature, dim=1)
     terms = exactmath.exp(log_qt) * (log_qt - log_qs)
     per_row = torch.where(keep, terms, torch.zeros_like(terms)).sum(dim=1)
     return torch.where(target >= 0, per_row, torch.zeros_like(per_row))
@@ -144,7 +166,9 @@ class C2KD(Distiller):
     student / teacher), proxy_weight (both directions between a network's main head and its
     proxy), crossmodal_weight (the OFSD non-target KL, each direction), proxy_stage (where both
     proxies sit: auto = each network's `intermediate_stage`, or a stage name both networks have,
-    e.g. `features` for the penultimate features).
+    e.g. `features` for the penultimate features), non_target (zero: C2KD's code; remove: the
+    variant) and ofsd_normalise (batch: C2KD's code, the mean over the batch's valid rows; kept:
+    the variant, the mean over the rows OFSD keeps).
     """
 
     trains_teacher = True
@@ -159,6 +183,8 @@ class C2KD(Distiller):
         # false: distil every valid sample (C2KD without OFSD; the ablation and the benchmark's baseline)
         "ofsd": True,
         "proxy_stage": "auto",
+        "non_target": "zero",
+        "ofsd_normalise": "batch",
     }
 
     @classmethod
@@ -167,7 +193,14 @@ class C2KD(Distiller):
         threshold = {**cls.defaults, **cfg}["threshold"]
         if not -1.0 <= float(threshold) < 1.0:
             raise ConfigError(f"{key}.threshold", f"a Kendall tau threshold must lie in [-1, 1), got {threshold}")
-        stage = {**cls.defaults, **cfg}["proxy_stage"]
+        merged = {**cls.defaults, **cfg}
+        if merged["non_target"] not in NON_TARGET_FORMS:
+            raise ConfigError(f"{key}.non_target",
+                              f"must be one of {list(NON_TARGET_FORMS)}, got {merged['non_target']!r}")
+        if merged["ofsd_normalise"] not in OFSD_NORMALISATIONS:
+            raise ConfigError(f"{key}.ofsd_normalise",
+                              f"must be one of {list(OFSD_NORMALISATIONS)}, got {merged['ofsd_normalise']!r}")
+        stage = merged["proxy_stage"]
         if not isinstance(stage, str) or not stage:
             raise ConfigError(f"{key}.proxy_stage", f"must be auto or a stage name, got {stage!r}")
 
@@ -216,15 +249,21 @@ class C2KD(Distiller):
         kept = selected.float()
         self.ofsd_activity.add(selected, flat_target >= 0)
         self.last_kept_fraction = float(kept.sum() / valid.sum().clamp_min(1))
-        s_from_t = nontarget_kl_rows(rows["s_proxy"], rows["t_proxy"].detach(), flat_target, temperature)
-        t_from_s = nontarget_kl_rows(rows["t_proxy"], rows["s_proxy"].detach(), flat_target, temperature)
+        form = str(cfg["non_target"])
+        s_from_t = nontarget_kl_rows(rows["s_proxy"], rows["t_proxy"].detach(), flat_target, temperature, form)
+        t_from_s = nontarget_kl_rows(rows["t_proxy"], rows["s_proxy"].detach(), flat_target, temperature, form)
+
+        def ofsd_mean(values: torch.Tensor) -> torch.Tensor:
+            if cfg["ofsd_normalise"] == "batch":  # C2KD's code: (mask * kl).mean() over the batch's rows
+                return (values * kept).sum() / valid.sum().clamp_min(1)
+            return masked_mean(values, kept)  # the variant: the mean over the rows OFSD keeps
 
         losses = {
             "ce": cfg["ce_weight"] * cross_entropy(s_main, target),
             "ce_teacher": cfg["teacher_ce_weight"] * cross_entropy(t_main, target),
             "proxy_student": cfg["proxy_weight"] * self_distill(rows["s_main"], rows["s_proxy"]),
             "proxy_teacher": cfg["proxy_weight"] * self_distill(rows["t_main"], rows["t_proxy"]),
-            "ofsd_student": cfg["crossmodal_weight"] * masked_mean(s_from_t * temperature**2, kept),
-            "ofsd_teacher": cfg["crossmodal_weight"] * masked_mean(t_from_s * temperature**2, kept),
+            "ofsd_student": cfg["crossmodal_weight"] * ofsd_mean(s_from_t * temperature**2),
+            "ofsd_teacher": cfg["crossmodal_weight"] * ofsd_mean(t_from_s * temperature**2),
         }
         return losses

@@ -200,6 +200,43 @@ def permutation_saliency(
         model.train(was_training)
 
 
+@torch.no_grad()
+def zeroing_saliency(
+    model: nn.Module,
+    inputs: torch.Tensor,
+    reference: torch.Tensor,
+    labels: torch.Tensor,
+    distance: PairDistance,
+    *,
+    batch_size: int = 8192,
+) -> torch.Tensor:
+    """NTDH's channel tag on images: [C] mean per-sample `distance(model(x with channel c set to 0),
+    reference, labels)` for every channel c (dim 1 of `inputs` [N, C, ...]). Zeroing is
+    deterministic, so there are no repeats; channels are evaluated a chunk at a time (stacked
+    copies, at most `batch_size` rows per forward pass). The model runs in eval mode (restored)."""
+    if inputs.dim() < 2:
+        raise ValueError(f"inputs must be [N, C, ...], got shape {tuple(inputs.shape)}")
+    was_training = model.training
+    model.eval()
+    try:
+        n, c = inputs.shape[:2]
+        batch_size = _rows_per_pass(inputs, batch_size)
+        chunk = max(1, min(c, batch_size // max(1, n)))
+        out = torch.empty(c, dtype=torch.float64, device=inputs.device)
+        for c0 in range(0, c, chunk):
+            chans = torch.arange(c0, min(c, c0 + chunk), device=inputs.device)
+            k = chans.numel()
+            keep = torch.ones(k, c, dtype=inputs.dtype, device=inputs.device)
+            keep[torch.arange(k, device=inputs.device), chans] = 0
+            copies = inputs.unsqueeze(0) * keep.view(k, 1, c, *([1] * (inputs.dim() - 2)))  # [k, N, C, ...]
+            outputs = _forward_rows(model, copies.flatten(0, 1), batch_size)
+            rep = [x.unsqueeze(0).expand(k, *x.shape).flatten(0, 1) for x in (reference, labels)]
+            out[c0:c0 + k] = distance(outputs, *rep).view(k, n).mean(1).double()
+        return out.float()
+    finally:
+        model.train(was_training)
+
+
 def train_modality_pair(
     teacher: nn.Module,
     student: nn.Module,
@@ -251,6 +288,8 @@ def train_modality_pair(
 
 
 LEVELS = ("input", "feature")
+#: how Algorithm 1 tags a channel: permuted across samples (MFH; NTDH on vectors) or set to zero (NTDH on images)
+SALIENCY_RULES = ("permute", "zero")
 
 
 def algorithm1(
@@ -271,6 +310,7 @@ def algorithm1(
     generator: torch.Generator | None = None,
     batch_size: int = 8192,
     progress: bool = False,
+    saliency: str = "permute",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """MFH Algorithm 1 -> (top-k teacher channels [k] int64, saliency [C] in [0, 1]).
 
@@ -282,8 +322,11 @@ def algorithm1(
     decreasing salience. `level="input"` ranks the teacher's input channels (the paper's
     synthetic experiments); `level="feature"` ranks the channels of `teacher.features(x_a)`,
     permuted in front of `teacher.head` (the paper's real-data experiments, where the teacher's
-    penultimate features are permuted), and C is then the feature width.
+    penultimate features are permuted), and C is then the feature width. `saliency="zero"` tags a
+    channel by the distance with that channel set to zero instead (NTDH's MNIST code; no repeats).
     """
+    if saliency not in SALIENCY_RULES:
+        raise ValueError(f"saliency must be one of {SALIENCY_RULES}, got {saliency!r}")
     if level not in LEVELS:
         raise ValueError(f"level must be one of {LEVELS}, got {level!r}")
     if train_pair:
@@ -305,7 +348,9 @@ def algorithm1(
     if not 1 <= k <= num_channels:
         raise ValueError(f"k must be in [1, {num_channels}] (the teacher's {level} channels), got {k}")
     dist_fn = pair_distance(distance)
-    if distance in SALIENCY_LOSSES:  # label-free (MFH's): the exact computation exp_mfh_alg1 always ran
+    if saliency == "zero":
+        increase = zeroing_saliency(model, inputs, reference, targets, dist_fn, batch_size=batch_size)
+    elif distance in SALIENCY_LOSSES:  # label-free (MFH's): the exact computation exp_mfh_alg1 always ran
         increase = permutation_saliency(model, inputs, reference, n_repeats, generator, loss=distance,
                                         batch_size=batch_size)
     else:
@@ -440,6 +485,7 @@ def modality_general_teacher(
     teacher: nn.Module, student: nn.Module, train: Any, val: Any, train_cfg: Any, cfg: Mapping[str, Any], *,
     distance: str, task: str, num_classes: int, ignore_index: int | None = -1, checkpoint_dir: Any = None,
     progress: bool = False, name: str = "algorithm1", fraction_key: str = "k_fraction",
+    k: int | None = None, saliency_rule: str = "permute", retrain: bool = True,
 ) -> tuple[ChannelMasked, dict[str, Any]]:
     """Algorithm 1 followed by a teacher retrained on the kept channels: MG-KD's teacher
     (distance "mse", MFH) and NTDH's feature-masked teacher (distance "ntdh").
@@ -449,11 +495,14 @@ def modality_general_teacher(
     `cfg[fraction_key]` of the teacher's channels (or takes `cfg["channels"]`) and retrains the
     teacher on them with `cmkd.training.loop.fit` (`train_cfg`: engine TrainConfig). `cfg` holds the
     `ALGORITHM1_DEFAULTS` keys. Deterministic given torch's global seed and `train_cfg.seed`.
+    `k` (a channel count) overrides `cfg[fraction_key]`; `saliency_rule`: `algorithm1`'s `saliency`. With
+    `retrain=False` the teacher is Algorithm 1's jointly trained one with the other channels zeroed
+    (NTDH's MNIST code), not retrained (`teacher_val` is then None).
     Returns (the trained ChannelMasked teacher, {"level", "channels", "saliency", "teacher_val"}).
     """
     rows = _leading_rows(train, int(cfg["saliency_samples"]), seed=int(train_cfg.seed))
     device = resolve_device(train_cfg.device)
-    x_t, x_s, y = (rows[k].to(device) for k in ("teacher_input", "student_input", "target"))
+    x_t, x_s, y = (rows[name].to(device) for name in ("teacher_input", "student_input", "target"))
     level = cfg["level"] if cfg["level"] != "auto" else ("input" if x_t.dim() == 2 else "feature")
     pair_teacher = reinitialised_copy(teacher).to(device)
     pair_student = reinitialised_copy(student).to(device)
@@ -468,27 +517,32 @@ def modality_general_teacher(
     else:
         with torch.no_grad():
             width = x_t.shape[1] if level == "input" else pair_teacher.eval().features(x_t[:2]).shape[1]
-        k = max(1, int(round(float(cfg[fraction_key]) * width)))
+        kept = max(1, int(round(float(cfg[fraction_key]) * width))) if k is None else min(int(k), width)
         channels, saliency = algorithm1(
-            pair_teacher, pair_student, x_t, x_s, y, k, level=level, n_repeats=int(cfg["n_repeats"]),
+            pair_teacher, pair_student, x_t, x_s, y, kept, level=level, n_repeats=int(cfg["n_repeats"]),
             pair_epochs=pair["epochs"], pair_lr=pair["lr"], pair_batch_size=pair["batch_size"], distance=distance,
-            generator=torch.Generator().manual_seed(int(train_cfg.seed)), progress=progress,
+            generator=torch.Generator().manual_seed(int(train_cfg.seed)), progress=progress, saliency=saliency_rule,
         )
     with torch.no_grad():
         num_channels = x_t.shape[1] if level == "input" else pair_teacher.eval().features(x_t[:2]).shape[1]
-    masked, result = retrain_teacher_on_channels(
-        pair_teacher, channels, num_channels, train, val, train_cfg, task=task, num_classes=num_classes, level=level,
-        ignore_index=ignore_index, checkpoint_dir=checkpoint_dir, progress=progress,
-    )
+    if retrain:
+        masked, result = retrain_teacher_on_channels(
+            pair_teacher, channels, num_channels, train, val, train_cfg, task=task, num_classes=num_classes,
+            level=level, ignore_index=ignore_index, checkpoint_dir=checkpoint_dir, progress=progress,
+        )
+        teacher_val = result.best_val
+    else:
+        masked, teacher_val = ChannelMasked(pair_teacher, channel_mask(channels, num_channels), level).eval(), None
     selection = {
         "level": level,
         "distance": distance,
         "channels": [int(c) for c in channels],
         "saliency": None if saliency is None else [float(s) for s in saliency],
-        "teacher_val": result.best_val,
+        "teacher_val": teacher_val,
+        "retrained": bool(retrain),
     }
-    log.info("%s: teacher retrained on %s channels %s (distance %s), val %s", name, level, selection["channels"],
-             distance, result.best_val)
+    log.info("%s: teacher (retrained: %s) on %s channels %s (distance %s), val %s", name, retrain, level,
+             selection["channels"], distance, teacher_val)
     return masked, selection
 
 

@@ -13,11 +13,19 @@ code) are the defaults; our earlier rule stays as a named variant:
   weights are computed on the logits the KD terms see (detached; with `lskd` the z-scored ones).
 * `mode: feature` - NTDH's feature mask: MFH's Algorithm 1 (`cmkd.methods.mfh`, the one
   implementation MG-KD uses too) with NTDH's non-target divergence as its distance
-  (`divergence_form: ntdh`; `js` for textbook JS) on a freshly trained teacher/student pair,
-  keeping the `keep_ratio` most salient teacher channels (input channels for vector data, the
-  channels of `teacher.features` for images: `level: auto`), then a teacher retrained on the kept
-  channels only; the wrapped method distils from that teacher. Call `prepare(...)` before
-  training (the pipeline does); the pipeline's pre-trained teacher only gives the architecture.
+  (`divergence_form: ntdh`; `js` for textbook JS) on a freshly trained teacher/student pair; the
+  wrapped method distils from the masked teacher. Call `prepare(...)` before training (the
+  pipeline does); the pipeline's pre-trained teacher only gives the architecture. The defaults
+  (`auto`) follow NTDH's code for each kind of data:
+    - vectors (its sklearn `main.py`, mode `alg1`): the teacher's input features are tagged by
+      permutation (`saliency: permute`), the `mask_dim` (2) most salient are kept, and a fresh
+      teacher is trained on them alone (`retrain: true`);
+    - images (its MNIST `main.py`): the channels of the pair teacher's features are tagged by
+      setting each to zero (`saliency: zero`), 25 % are kept (`--ratio 0.75` removed), and the
+      pair-trained teacher distils with the others zeroed, not retrained (`retrain: false`).
+  A number for `keep_ratio` (a share of the channels) and explicit `saliency` / `retrain` override
+  them; run `kdv1_ntdh_feat_retrain` (a variant) keeps half the channels, tagged by permutation,
+  with a retrained teacher on both kinds of data.
 * `mode: both` - the feature-masked teacher and the PSSM sample mask together.
 * `mode: sample_drop` - a variant, not NTDH's: per batch, the KD terms give weight `down_weight`
   (0 = drop) to the `drop_ratio` fraction of valid samples with the largest non-target
@@ -44,7 +52,12 @@ from cmkd.losses import DIVERGENCE_FORMS, non_target_divergence, pssm_weights
 from cmkd.methods import build_distiller, get_method, register
 from cmkd.methods.base import Batch, Distiller
 from cmkd.methods.logit import LogitDistiller
-from cmkd.methods.mfh import ALGORITHM1_DEFAULTS, modality_general_teacher, validate_algorithm1_cfg
+from cmkd.methods.mfh import (
+    ALGORITHM1_DEFAULTS,
+    SALIENCY_RULES,
+    modality_general_teacher,
+    validate_algorithm1_cfg,
+)
 from cmkd.training.activity import ActivityCounter, MechanismSpec, channel_mask_record
 
 log = logging.getLogger(__name__)
@@ -55,8 +68,23 @@ PSSM_SPEC = MechanismSpec("PSSM sample mask", "reweighted (weight != 1)", "valid
 SAMPLE_DROP_SPEC = MechanismSpec("sample_drop mask", "reweighted (weight != 1)", "valid training rows",
                                  "the wrapped method without the mask")
 FEATURE_MASK_SPEC = MechanismSpec("NTDH feature mask", "removed", "teacher channels",
-                                  "the wrapped method from a teacher retrained on all its channels")
+                                  "the wrapped method from a teacher with all its channels")
 MODES = ("sample", "feature", "both", "sample_drop")
+#: NTDH's MNIST code removes `--ratio 0.75` of the tagged channels: a quarter stays
+IMAGE_KEEP_RATIO = 0.25
+
+
+def feature_mask_rules(cfg: Mapping[str, Any], vectors: bool, width: int) -> tuple[int, str, bool]:
+    """(channels kept, saliency rule, retrain) of the feature mask for `width` channels; `auto`
+    entries follow NTDH's code: sklearn's for vector data, MNIST's for images."""
+    ratio = cfg["keep_ratio"]
+    if ratio == "auto":
+        k = int(cfg["mask_dim"]) if vectors else int(round(IMAGE_KEEP_RATIO * width))
+    else:
+        k = int(round(float(ratio) * width))
+    saliency = cfg["saliency"] if cfg["saliency"] != "auto" else ("permute" if vectors else "zero")
+    retrain = cfg["retrain"] if cfg["retrain"] != "auto" else vectors
+    return max(1, min(k, width)), saliency, bool(retrain)
 #: Algorithm 1's distance for each divergence form (`cmkd.methods.mfh.PAIR_DISTANCES`)
 FEATURE_DISTANCES = {"ntdh": "ntdh", "js": "non_target_js"}
 
@@ -162,8 +190,13 @@ class NTDHMask(Distiller):
         "drop_wrong": True,
         "down_weight": 0.0,
         "divergence_temperature": 1.0,
-        # feature mask (mode feature / both): Algorithm 1 + the retrained teacher
-        "keep_ratio": 0.5,
+        # feature mask (mode feature / both): Algorithm 1, then the masked teacher. auto: NTDH's
+        # code per kind of data (vectors: mask_dim channels, permuted, retrained; images: 25 %,
+        # zeroed, not retrained)
+        "keep_ratio": "auto",
+        "mask_dim": 2,
+        "saliency": "auto",
+        "retrain": "auto",
         **{k: v for k, v in ALGORITHM1_DEFAULTS.items() if k != "k_fraction"},
     }
 
@@ -190,7 +223,17 @@ class NTDHMask(Distiller):
             raise ConfigError(f"{key}.down_weight", f"must lie in [0, 1], got {merged['down_weight']}")
         if not float(merged["divergence_temperature"]) > 0:
             raise ConfigError(f"{key}.divergence_temperature", f"must be > 0, got {merged['divergence_temperature']}")
-        validate_algorithm1_cfg(merged, key, fraction_key="keep_ratio")
+        ratio = merged["keep_ratio"]
+        if ratio != "auto" and (isinstance(ratio, (bool, str)) or not 0.0 < float(ratio) <= 1.0):
+            raise ConfigError(f"{key}.keep_ratio", f"must be auto or in (0, 1], got {ratio!r}")
+        if not isinstance(merged["mask_dim"], int) or isinstance(merged["mask_dim"], bool) or merged["mask_dim"] < 1:
+            raise ConfigError(f"{key}.mask_dim", f"must be a positive integer, got {merged['mask_dim']!r}")
+        if merged["saliency"] not in ("auto",) + SALIENCY_RULES:
+            raise ConfigError(f"{key}.saliency",
+                              f"must be auto or one of {list(SALIENCY_RULES)}, got {merged['saliency']!r}")
+        if merged["retrain"] not in ("auto", True, False):
+            raise ConfigError(f"{key}.retrain", f"must be auto, true or false, got {merged['retrain']!r}")
+        validate_algorithm1_cfg({**merged, "keep_ratio": 0.5}, key, fraction_key="keep_ratio")
 
     @classmethod
     def cfg_uses_teacher_logits_only(cls, cfg: Mapping[str, Any]) -> bool:
@@ -206,7 +249,7 @@ class NTDHMask(Distiller):
         self.needs_teacher = not self.uses_feature_mask
         self.uses_teacher_logits_only = not self.uses_feature_mask
         self.prepared = not self.uses_feature_mask
-        #: set by prepare(): {"level", "distance", "channels", "saliency", "teacher_val"}
+        #: set by prepare(): {"level", "distance", "channels", "saliency", "teacher_val", "retrained", "saliency_rule"}
         self.selection: dict[str, Any] = {}
         inner = build_distiller(self.cfg["base"], student, teacher, num_classes, key="ntdh_mask.base")
         if not isinstance(inner, LogitDistiller):
@@ -248,19 +291,29 @@ class NTDHMask(Distiller):
         checkpoint_dir: Any = None, progress: bool = False,
     ) -> dict[str, Any] | None:
         """Feature mask: Algorithm 1 with NTDH's distance on (up to `saliency_samples` rows of)
-        `train`, then the teacher retrained on the kept channels (`train_cfg`: the teacher's
-        engine TrainConfig); returns the selection. Nothing to do for the sample masks (None)."""
+        `train`, then the masked teacher (`feature_mask_rules`: retrained with `train_cfg`, the
+        teacher's engine TrainConfig, or the pair's teacher as it is); returns the selection.
+        Nothing to do for the sample masks (None)."""
         if not self.uses_feature_mask:
             return None
         if self.teacher is None:
             raise ConfigError("runs", "the NTDH feature mask needs the teacher architecture (a teacher-modality "
                                       "network)")
+        device = next(self.teacher.parameters()).device
+        probe = next(iter(train.batches(2, shuffle=False, seed=0)))["teacher_input"].to(device)
+        vectors = probe.dim() == 2
+        level = self.cfg["level"] if self.cfg["level"] != "auto" else ("input" if vectors else "feature")
+        with torch.no_grad():
+            was = self.teacher.training
+            width = probe.shape[1] if level == "input" else self.teacher.eval().features(probe).shape[1]
+            self.teacher.train(was)
+        k, saliency, retrain = feature_mask_rules(self.cfg, vectors, width)
         masked, self.selection = modality_general_teacher(
             self.teacher, self.student, train, val, train_cfg, self.cfg,
-                                                          distance=FEATURE_DISTANCES[self.cfg["divergence_form"]],
-            task=task, num_classes=num_classes, ignore_index=ignore_index, checkpoint_dir=checkpoint_dir,
-                                                          progress=progress,
-            name="ntdh feature mask", fraction_key="keep_ratio")
+            distance=FEATURE_DISTANCES[self.cfg["divergence_form"]], task=task, num_classes=num_classes,
+            ignore_index=ignore_index, checkpoint_dir=checkpoint_dir, progress=progress,
+            name="ntdh feature mask", k=k, saliency_rule=saliency, retrain=retrain)
+        self.selection["saliency_rule"] = saliency
         self.set_teacher(masked)
         return self.selection
 
