@@ -8,7 +8,9 @@ bedrooms, rows of desks facing a board in classrooms, desks with monitors in com
 a long table ringed by chairs in conference rooms, counters and a fridge in kitchens, a toilet,
 tub and sink in bathrooms...). Furniture types are shared between classes (desks, chairs,
 sofas, round tables, shelves, plants, doors, windows) and sizes, counts, colours and the
-camera pose are random, so the classes are learnable but not trivially. The camera is a
+camera pose are random, so the classes are learnable but not trivially. Each class also has its
+own wall and floor colours and light (`CLASS_STYLE`, in 85 % of its rooms): colour is the RGB
+teacher's trace of the class, room size and furniture shape the depth student's. The camera is a
 Kinect v2 as SUN RGB-D stores it (730 x 530, fx = fy = 529.5) scaled by `image_scale`.
 
 Written per frame, exactly as SUN RGB-D does (every third frame of a class in align_kv2)::
@@ -53,6 +55,25 @@ WALL = [(0.92, 0.90, 0.85), (0.85, 0.88, 0.90), (0.90, 0.85, 0.75), (0.80, 0.85,
         (0.88, 0.80, 0.72)]
 FLOOR = [(0.55, 0.40, 0.25), (0.45, 0.45, 0.48), (0.70, 0.68, 0.62), (0.35, 0.38, 0.45), (0.60, 0.55, 0.45)]
 GREEN = [(0.20, 0.45, 0.20), (0.25, 0.55, 0.25), (0.15, 0.35, 0.18)]
+
+# Per class: wall and floor palettes and the light's colour (multiplies the shading). A room takes its
+# class's style with probability STYLE_P, otherwise the shared WALL / FLOOR palettes under white light.
+# Without it only the geometry (depth) told the classes apart and the RGB teacher sat below chance
+# (issue 26); these give RGB the stronger, though not perfect, trace, so the teacher has something to teach.
+STYLE_P = 0.85
+WARM, COOL, NEUTRAL = (1.08, 0.92, 0.72), (0.88, 0.96, 1.08), (1.0, 1.0, 1.0)
+CLASS_STYLE: dict[str, tuple[list, list, tuple[float, float, float]]] = {
+    "bathroom": ([(0.72, 0.86, 0.95), (0.82, 0.92, 0.97)], [(0.50, 0.62, 0.74), (0.42, 0.52, 0.64)], COOL),
+    "bedroom": ([(0.90, 0.72, 0.74), (0.84, 0.68, 0.80)], [(0.55, 0.38, 0.22), (0.62, 0.45, 0.30)], WARM),
+    "classroom": ([(0.86, 0.90, 0.58), (0.80, 0.88, 0.54)], [(0.60, 0.62, 0.52), (0.55, 0.58, 0.50)], COOL),
+    "computer_room": ([(0.74, 0.74, 0.78), (0.68, 0.70, 0.74)], [(0.15, 0.20, 0.45), (0.20, 0.25, 0.52)], COOL),
+    "conference_room": ([(0.55, 0.40, 0.30), (0.62, 0.46, 0.34)], [(0.24, 0.24, 0.28), (0.30, 0.28, 0.30)], NEUTRAL),
+    "dining_area": ([(0.86, 0.55, 0.36), (0.80, 0.50, 0.30)], [(0.70, 0.52, 0.33), (0.60, 0.42, 0.26)], WARM),
+    "discussion_area": ([(0.34, 0.70, 0.70), (0.40, 0.76, 0.64)], [(0.70, 0.70, 0.70), (0.62, 0.64, 0.66)], NEUTRAL),
+    "kitchen": ([(0.95, 0.86, 0.45), (0.94, 0.80, 0.40)], [(0.80, 0.78, 0.72), (0.34, 0.32, 0.30)], NEUTRAL),
+    "office": ([(0.70, 0.78, 0.92), (0.76, 0.82, 0.94)], [(0.40, 0.42, 0.46), (0.34, 0.36, 0.42)], COOL),
+    "rest_space": ([(0.60, 0.72, 0.44), (0.66, 0.76, 0.50)], [(0.76, 0.66, 0.50), (0.70, 0.60, 0.46)], WARM),
+}
 
 # Surface textures (index stored per triangle).
 PLAIN, WOODGRAIN, TILES, FABRIC_T, SCREEN, GLASS = range(6)
@@ -115,6 +136,7 @@ class RoomBuilder:
         self.texture: list[np.ndarray] = []
         self.n_vertices = 0
         self.keep_out: tuple[float, float, float] | None = None  # (x, z, radius) around the camera
+        self.light_colour = np.ones(3)  # RGB of the room's light
 
     def colour(self, palette: list[tuple[float, float, float]]) -> np.ndarray:
         base = np.array(palette[self.rng.integers(len(palette))])
@@ -537,8 +559,12 @@ def build_room(scene_class: str, rng: np.random.Generator, templates) -> tuple[R
     else:
         floor_tex = WOODGRAIN if rng.random() < 0.4 else FABRIC_T
     wall_tex = TILES if scene_class == "bathroom" and rng.random() < 0.7 else PLAIN
-    wall_c = b.colour(WHITE if scene_class == "bathroom" else WALL)
-    b.part("box", (w / 2, d / 2, 0), (0, -t, 0), (w + 2 * t, t, d + 2 * t), b.colour(FLOOR), floor_tex)
+    wall_pal, floor_pal, light_c = CLASS_STYLE[scene_class]
+    if rng.random() >= STYLE_P:
+        wall_pal, floor_pal, light_c = WALL, FLOOR, NEUTRAL
+    b.light_colour = np.asarray(light_c) * rng.uniform(0.95, 1.05, 3)
+    wall_c = b.colour(wall_pal)
+    b.part("box", (w / 2, d / 2, 0), (0, -t, 0), (w + 2 * t, t, d + 2 * t), b.colour(floor_pal), floor_tex)
     b.part("box", (w / 2, d / 2, 0), (0, h, 0), (w + 2 * t, t, d + 2 * t), b.colour(WHITE), PLAIN)
     b.part("box", (w / 2, -t / 2, 0), (0, 0, 0), (w + 2 * t, h, t), wall_c, wall_tex)
     b.part("box", (w / 2, d + t / 2, 0), (0, 0, 0), (w + 2 * t, h, t), wall_c, wall_tex)
@@ -619,7 +645,7 @@ def render(builder: RoomBuilder, eye: np.ndarray, forward: np.ndarray, light: np
     lit = lambert * np.where(occluded, 0.25, 1.0) / (1.0 + 0.04 * dist[..., 0] ** 2)
 
     shade = 0.35 + 0.85 * lit
-    colour = albedo[prim] * (shade * _texture(texture[prim], points, normals, rng))[..., None]
+    colour = albedo[prim] * (shade * _texture(texture[prim], points, normals, rng))[..., None] * builder.light_colour
     colour += (texture[prim] == SCREEN)[..., None] * np.array([0.05, 0.07, 0.12])  # screens glow a little
     colour = np.where(found[..., None], colour, 0.0)
     colour = np.clip(colour, 0, 1) ** (1 / 1.8) + rng.normal(0, 0.015, colour.shape)
