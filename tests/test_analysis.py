@@ -432,8 +432,14 @@ def test_batched_ntdh_masks_train_each_slice_exactly_as_alone(mode):
         run["cos_threshold"] = 0.2  # low enough that some teacher-wrong rows get a fractional weight
     if mode == "sample_drop":
         run["drop_ratio"] = 0.25
-    batched, feature = fit_mask_slices(run, nets, data.with_teacher(teacher), seeds, c, teacher)
+    batched, feature, mechanism = fit_mask_slices(run, nets, data.with_teacher(teacher), seeds, c, teacher)
     assert (feature is None) == (mode in ("sample", "sample_drop"))
+    # the mask's activity over every slice: 3 of 6 channels removed; rows seen = epochs x rows x slices
+    names = {"sample": ["PSSM sample mask"], "sample_drop": ["sample_drop mask"],
+             "feature": ["NTDH feature mask"], "both": ["NTDH feature mask", "PSSM sample mask"]}[mode]
+    assert mechanism["name"] == " + ".join(names)
+    if mode == "feature":
+        assert mechanism["active_share"] == 0.5 and not mechanism["inert"]
 
     i = 2
     x_t, x_s, y = data.slice(i)
@@ -460,6 +466,33 @@ def test_batched_ntdh_masks_train_each_slice_exactly_as_alone(mode):
                   seed=seeds[0], **net["train"])
     with torch.no_grad():
         assert torch.allclose(batched(data.student)[:, :, i, 0], alone(x_s), atol=1e-4)
+
+
+def test_ntdh_gap_records_whether_each_mask_did_anything():
+    """The large-gap mask claims read `masks.mechanism.<mask>`: PSSM weighs a row other than 1
+    only where the teacher is wrong, so with a teacher right on every row the mask is inert and
+    its record says so; a run without a mask has no record."""
+    from cmkd.config import TEACHER_RUN
+    from cmkd.experiments.analysis import fit_mask_slices, fit_slices
+    from cmkd.training.activity import INERT_BELOW
+
+    n, s, d, c = 64, 2, 5, 3
+    torch.manual_seed(0)
+    y = torch.randint(0, c, (n, s, 1))
+    x_t = torch.nn.functional.one_hot(y[..., 0], c).float().repeat(1, 1, 2)[..., :d] * 5  # the label, plainly
+    data = Slices(x_t, torch.randn(n, s, d), y)
+    net = {"model": {"arch": "mlp", "hidden": [8]}, "train": {"epochs": 30, "lr": 0.05, "optimizer": "adam"}}
+    teacher = fit_slices(TEACHER_RUN, net, data, [1, 2], c)
+    base = {"method": "kd", "ce_weight": 1.0, "kd_weight": 1.0, "temperature": 1.0}
+    run = {"method": "ntdh_mask", "mode": "sample", "base": base, "cos_threshold": 0.996}
+    _, _, mechanism = fit_mask_slices(run, {"teacher": net, "student": net}, data.with_teacher(teacher), [1, 2], c,
+                                      teacher)
+    # a teacher right on every row: PSSM weighs every row 1, so the mask is inert and says so
+    assert mechanism["active_share"] < INERT_BELOW and mechanism["inert"]
+    assert "PSSM sample mask reweighted (weight != 1) 0 of" in mechanism["reason"]
+    _, _, plain = fit_mask_slices(base, {"teacher": net, "student": net}, data.with_teacher(teacher), [1, 2], c,
+                                  teacher)
+    assert plain is None
 
 
 def test_pssm_in_the_batched_layout_weights_each_slice_as_alone():

@@ -9,6 +9,7 @@ import pytest
 import yaml
 
 from cmkd.pipeline import layout
+from tests.conftest import dvc, tool_env
 
 ROOT = Path(__file__).resolve().parents[1]
 DS, RUN = "synthetic", "kdv1"
@@ -69,3 +70,13 @@ def test_dvc_yaml_names_the_layout_paths(file, name, item, deps, outs):
 def test_a_moved_path_is_caught():
     declared = stage("dvc.yaml", "prepare", item=DS)
     assert str(layout.prepared_file("digits")) not in declared["outs"]  # the check compares, not just parses
+
+
+def test_bytecode_caches_are_not_stage_dependencies(tmp_path):
+    """`make test` (or any import) writes __pycache__ into cmkd/ and stages/; DVC must not count
+    them in a code folder's hash, or every stage would look changed after the tests ran."""
+    env = tool_env(tmp_path)
+    for path in ("cmkd/data/__pycache__/h5.cpython-311.pyc", "stages/__pycache__/train.cpython-311.pyc",
+                 "cmkd/methods/kd.cpython-311.pyc"):
+        assert dvc(["check-ignore", path], ROOT, env, check=False).returncode == 0, path
+    assert dvc(["check-ignore", "cmkd/data/h5.py"], ROOT, env, check=False).returncode == 1

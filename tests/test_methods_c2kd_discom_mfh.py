@@ -722,7 +722,8 @@ def test_pipeline_train_run_c2kd_and_discom_deployables(tmp_path):
                                                          "pair_batch_size": 64},
                      out_dir=tmp_path / "feat", teacher_dir=tmp_path / "teacher", **common)
     prepared = feat["seeds"]["0"]["prepare"]
-    assert prepared["level"] == "input" and prepared["distance"] == "ntdh" and len(prepared["channels"]) == 4
+    # keep_ratio auto on vector inputs: NTDH's sklearn code, its mask_dim (2) of the channels kept
+    assert prepared["level"] == "input" and prepared["distance"] == "ntdh" and len(prepared["channels"]) == 2
     out = train_run(dataset="synthetic", prepared=tmp_path / "d.h5", run_name="discom_kd",
                     run_cfg={"method": "discom_kd"},
                     models=models, train_cfg=TrainConfig(epochs=1, batch_size=64), seeds=[0], out_dir=tmp_path / "out",

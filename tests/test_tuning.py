@@ -372,6 +372,20 @@ def test_student_is_tuned_over_its_training_with_the_edge_record(tiny_data):
         assert out["configurations"][2]["config"] == {"lr": 0.0001} and out["trainings"] == 3
 
 
+def test_a_run_not_applicable_here_records_the_extension_select_checks(tiny_data):
+    """AT on vector data is skipped; its evidence still records the extension ceiling, so the
+    selection's staleness check (stages/tune.py) accepts it instead of asking for a re-tune."""
+    tmp, h5, train_cfg = tiny_data
+    tuning = {"extension": {"max_rounds": 4, "max_extra_configs": 4, "bounds": {}}}
+    out = tune_run(dataset="synthetic", prepared=Path(h5), run_name="at", run_cfg=PARAMS["runs"]["at"],
+                   grid={"at_weight": [10, 100]}, budget=2, subsample_seed=0, seeds=[100, 101],
+                   models=PARAMS["models"]["synthetic"], train_cfg=train_cfg, teacher_dir=tmp / "teacher",
+                   teacher_train_cfg=train_cfg, work_dir=tmp / "at", tuning=tuning)
+    assert out["skipped"] and out["trainings"] == 0 and out["selected"] == {}
+    assert {k: out["extension"][k] for k in ("max_rounds", "max_extra_configs")} == \
+        {"max_rounds": 4, "max_extra_configs": 4}
+
+
 def test_train_run_records_hyperparameters_and_selected_on(tiny_data):
     from cmkd.pipeline.train import train_run
 

@@ -40,6 +40,7 @@ from cmkd.experiments.batched import BatchedMLP, slice_accuracy, train_batched
 from cmkd.losses import DIVERGENCE_FORMS, cross_entropy, to_rows
 from cmkd.methods import build_distiller
 from cmkd.models import build_model
+from cmkd.training.activity import part_record, summarise
 from cmkd.utils.jsonable import jsonable
 
 MFH_LAYOUT_KEYS = ("n_decisive", "alpha", "n_latent", "n_extra", "student_features")
@@ -229,27 +230,33 @@ def ntdh_feature_teachers(run_cfg: Mapping[str, Any], nets: Mapping[str, Any], t
 
 
 def fit_mask_slices(run_cfg: Mapping[str, Any], nets: Mapping[str, Any], cached: Slices, seeds: Sequence[int],
-                    num_classes: int,
-                    teacher: BatchedMLP, key: str = "experiments") -> tuple[BatchedMLP,
-                                                                            tuple[BatchedMLP, torch.Tensor] | None]:
+                    num_classes: int, teacher: BatchedMLP,
+                    key: str = "experiments") -> tuple[BatchedMLP, tuple[BatchedMLP, torch.Tensor] | None,
+                                                       dict[str, Any] | None]:
     """`fit_slices` for the NTDH masks (method `ntdh_mask`), each slice as `ntdh_mask` trains it.
 
     nets: {"teacher": ..., "student": ...} (model + train). Feature mask (mode feature / both):
     per slice, Algorithm 1 with NTDH's distance and a teacher retrained on the kept channels
     (`ntdh_feature_teachers`); KD then distils from that teacher (its logits fixed, so cached).
     Sample masks: the method's own hook, applied slice by slice (`PerSliceWeights`). Returns the
-    students and, for feature masks, (the retrained teachers, the kept channels [S, k]).
+    students; for feature masks, (the retrained teachers, the kept channels [S, k]); and the
+    mask's activity record over every slice (`cmkd.training.activity.summarise`; None for a run
+    without a mask), so a claim about the mask can see when it did nothing.
     """
-    from cmkd.methods.ntdh import NTDHMask
+    from cmkd.methods.ntdh import FEATURE_MASK_SPEC, NTDHMask
 
     run = dict(run_cfg)
     if run.get("method") != "ntdh_mask":
-        return fit_slices(run, nets["student"], cached, seeds, num_classes, teacher=teacher, key=key), None
+        return fit_slices(run, nets["student"], cached, seeds, num_classes, teacher=teacher, key=key), None, None
     mode = {**NTDHMask.defaults, **run}["mode"]
     data = cached
     feature = None
+    parts = []
     if mode in ("feature", "both"):
         new_teacher, channels = ntdh_feature_teachers(run, nets, cached, seeds, num_classes, key=key)
+        width, kept = int(cached.teacher.shape[2]), int(channels.shape[1])
+        parts.append(part_record(FEATURE_MASK_SPEC, (width - kept) * channels.shape[0], width * channels.shape[0],
+                                 unit="teacher input channels"))
         data = Slices(cached.teacher, cached.student, cached.target).with_teacher_channels(channels)
         with torch.no_grad():
             data = Slices(data.teacher, data.student, data.target, new_teacher(data.teacher))
@@ -259,10 +266,14 @@ def fit_mask_slices(run_cfg: Mapping[str, Any], nets: Mapping[str, Any], cached:
         run = {**run, "mode": "sample"} if mode == "both" else dict({**NTDHMask.defaults, **run}["base"])
     model = BatchedMLP.build(nets["student"]["model"], int(np.prod(data.student.shape[2:])), num_classes, seeds)
     distiller = build_distiller(run, model, teacher, num_classes, key=key)
+    hook = None
     if run.get("method") == "ntdh_mask":
-        distiller.inner.sample_weight_hook = PerSliceWeights(distiller.inner.sample_weight_hook)
+        hook = distiller.inner.sample_weight_hook
+        distiller.inner.sample_weight_hook = PerSliceWeights(hook)
     train_batched(distiller, data.batch(), data.n_slices, seed=int(seeds[0]), **_train_options(nets["student"], key))
-    return model, feature
+    if hook is not None and hasattr(hook, "activity"):
+        parts.append(part_record(hook.activity.spec, *hook.activity.take()))
+    return model, feature, summarise([parts])
 
 
 def _train_options(net: Mapping[str, Any], key: str) -> dict[str, Any]:
@@ -652,9 +663,12 @@ def ntdh_gap_sweep(cfg: Mapping[str, Any], key: str = "experiments.ntdh_gap") ->
     m_acc, m_out = teacher_student_kd(m_splits, cfg["nets"], cfg["kd"], num_classes, m_seeds, key, with_nokd=False)
     mask_acc = {"kd_acc": m_acc["kd_acc"]}
     m_test = m_splits["test"]
+    mechanisms: dict[str, Any] = {}
     for mask_name, mask_run in masks.items():
-        student, feature = fit_mask_slices(mask_run, cfg["nets"], m_out["cached"], m_seeds, num_classes,
-                                           m_out["teacher"], key=f"{key}.masks.{mask_name}")
+        student, feature, mechanism = fit_mask_slices(mask_run, cfg["nets"], m_out["cached"], m_seeds, num_classes,
+                                                      m_out["teacher"], key=f"{key}.masks.{mask_name}")
+        if mechanism is not None:
+            mechanisms[mask_name] = mechanism
         with torch.no_grad():
             mask_acc[f"{mask_name}_acc"] = slice_accuracy(student(m_test.student), m_test.target).numpy()
             if feature is not None:  # how good the teacher KD distils from is: retrained on the kept channels
@@ -665,7 +679,7 @@ def ntdh_gap_sweep(cfg: Mapping[str, Any], key: str = "experiments.ntdh_gap") ->
         mask_acc[f"{mask_name}_minus_kd"] = mask_acc[f"{mask_name}_acc"] - m_acc["kd_acc"]
     mask_points = _aggregate([dict(s) for s in mask_settings], mask_acc, len(mask_seeds))
     mask_points["seeds"] = mask_seeds
-    result["masks"] = {"names": sorted(masks), **mask_points}
+    result["masks"] = {"names": sorted(masks), **mask_points, "mechanism": mechanisms}
     return result
 
 

@@ -324,6 +324,8 @@ def tune_run(*, dataset: str, prepared: Path, run_name: str, run_cfg: Mapping[st
     if skipped:  # n/a here (AT on vector data): nothing to select, the row is skipped
         return {**head, "configurations": [], "selected_index": None, "selected": {}, "selected_val_mean": None,
                 "on_edge": False, "bound": None, "within_noise": None, "trainings": 0,
+                "extension": {"rounds": [], "stopped": None, "max_rounds": int(ext.get("max_rounds", 0)),
+                              "max_extra_configs": int(ext.get("max_extra_configs", 0))},
                 "skipped": skipped, "seconds": 0.0}
     _preload()
     start = time.perf_counter()
