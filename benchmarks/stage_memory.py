@@ -12,7 +12,8 @@ and all its descendants (the forked seed workers), and its peak is the largest s
 So short peaks between samples can be missed, and shared pages of forked workers count once
 per worker (an upper bound). Also recorded: each dataset's wall time from `dvc repro` start
 to end (download to the claims check), each stage's wall time (first to last sample of its
-process), CMKD_SEED_WORKERS as set, and the load average. The committed dvc.lock is copied in,
+process), CMKD_SEED_WORKERS as set, the load average, and the table's TEACHER, STUDENT and chance
+(`judgeability`: whether the sample can teach at this cost). The committed dvc.lock is copied in,
 as after the default run (`--no-lock`: start without it).
 """
 
@@ -79,6 +80,17 @@ class Sampler(threading.Thread):
             self.stop.wait(self.interval)
 
 
+def judgeability_of(work: Path, ds: str) -> dict | None:
+    """TEACHER, STUDENT and chance on test from the run's table (data/reports/<ds>/metrics.json),
+    so the record says whether the sample could teach at the cost it measured."""
+    path = work / "data" / "reports" / ds / "metrics.json"
+    if not path.exists():
+        return None
+    j = json.loads(path.read_text()).get("judgeability") or {}
+    return {k: (round(j[k], 4) if isinstance(j.get(k), float) else j.get(k))
+            for k in ("metric", "teacher", "student", "chance", "judgeable")}
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--datasets", nargs="+", required=True)
@@ -128,6 +140,7 @@ def main() -> int:
                 "load_average_at_start": [round(x, 2) for x in load],
                 "load_average_at_end": [round(x, 2) for x in os.getloadavg()],
                 "output_tail": output.splitlines()[-15:] if proc.returncode else [],
+                "judgeability": judgeability_of(work, ds),
             }
             top = next(iter(results[ds]["peak_rss_mib"].items()), ("-", 0))
             print(f"{ds}: exit {proc.returncode}, {seconds:.0f} s, "
