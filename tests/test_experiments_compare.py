@@ -39,6 +39,9 @@ def test_exp_run_with_another_run_param_saves_an_experiment(tmp_path):
               "    against: {file: data/reports/synthetic/metrics.json, path: rows.student.f1_weighted}\n"
               "    comparison: '>'\n    expected_verdict: not_run\n    reason: recorded wrongly on purpose\n"
               "    depends_on: [runs.kdv1, seeds]\n    command: dvc repro check_tables@synthetic\n")
+    # the tables judge rows with the claims file's declared table margins (evaluate's params)
+    margins = {"margins": yaml.safe_load((repo / "claims.yaml").read_text())["margins"]}
+    claims += yaml.safe_dump(margins, sort_keys=False)
     (repo / "claims.yaml").write_text(record_configuration(claims, params))
     git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
     subprocess.run(["git", "init", "-q"], cwd=repo, env=env, check=True)
@@ -53,7 +56,12 @@ def test_exp_run_with_another_run_param_saves_an_experiment(tmp_path):
     assert "metrics/synthetic/kdv1.json" in tracked
 
     shown = dvc(["metrics", "show"], repo, env).stdout
-    assert "metrics/synthetic/kdv1.json" in shown and max(len(line) for line in shown.splitlines()) < 120
+    # a few numbers per row: the score, its interval, and the paired comparison the verdict comes from
+    assert "metrics/synthetic/kdv1.json" in shown and max(len(line) for line in shown.splitlines()) < 200
+    kdv1 = json.loads((repo / "metrics/synthetic/kdv1.json").read_text())
+    assert set(kdv1) == {"f1_weighted", "n", "mean_ci95_lo", "mean_ci95_hi", "vs_student", "vs_student_ci95_lo",
+                         "vs_student_ci95_hi", "p_holm", "verdict"}
+    assert kdv1["vs_student_ci95_lo"] <= kdv1["vs_student"] <= kdv1["vs_student_ci95_hi"]
 
     # under the claim's own configuration the changed verdict is reported, not a failed stage ...
     enforced = dvc(["repro", "check_tables@synthetic"], repo, env, check=False)
