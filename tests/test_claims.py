@@ -214,10 +214,15 @@ def test_parse_claims_validates(tmp_path):
         with pytest.raises(ClaimsError) as err:
             parse_claims(doc, tmp_path / "claims.yaml")
         assert "claims.yaml" in str(err.value)
-    with pytest.raises(ClaimsError, match="not valid YAML"):
-        p = tmp_path / "broken.yaml"
-        p.write_text("claims: [\n")
+    p = tmp_path / "broken.yaml"
+    p.write_text("claims: [\n")
+    with pytest.raises(ClaimsError, match="broken.yaml.*not valid YAML"):
         load_claims(p)
+    from cmkd.reporting.claims import table_margins
+    with pytest.raises(ClaimsError, match="broken.yaml.*not valid YAML"):
+        table_margins(p)
+    with pytest.raises(ClaimsError, match="missing.yaml.*file not found \\(params `check.claims` names it\\)"):
+        table_margins(tmp_path / "missing.yaml")
 
 
 def loader(docs):

@@ -350,16 +350,20 @@ def record_configuration(text: str, params: Mapping[str, Any], path: str | Path 
 
 # --------------------------------------------------------------------------- loading
 
+def read_claims_yaml(path: Path, missing: str = "file not found") -> Any:
+    """The claims file's YAML document; a missing or unparsable file is a ClaimsError naming it."""
+    try:
+        return yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ClaimsError(path, missing) from None
+    except yaml.YAMLError as err:
+        raise ClaimsError(path, f"not valid YAML: {err}") from None
+
+
 def load_claims(path: str | Path) -> list[Claim]:
     """Parse and validate a claims file; every problem names the file and the claim."""
     path = Path(path)
-    try:
-        doc = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise ClaimsError(path, "file not found") from None
-    except yaml.YAMLError as err:
-        raise ClaimsError(path, f"not valid YAML: {err}") from None
-    return parse_claims(doc, path)
+    return parse_claims(read_claims_yaml(path), path)
 
 
 def parse_claims(doc: Any, path: str | Path = "claims.yaml", check_configuration: bool = True) -> list[Claim]:
@@ -427,12 +431,7 @@ def table_margins(path: str | Path) -> dict[str, dict[str, Any]]:
     so the tables (cmkd.reporting.tables.collect) judge with the margin the claims declare, not a
     second copy. A metric whose kind the file does not declare is left out (its table: no margin)."""
     path = Path(path)
-    try:
-        doc = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise ClaimsError(path, "file not found (params `check.claims` names it)") from None
-    except yaml.YAMLError as err:
-        raise ClaimsError(path, f"not valid YAML: {err}") from None
+    doc = read_claims_yaml(path, "file not found (params `check.claims` names it)")
     margins = parse_margins(doc.get("margins") if isinstance(doc, Mapping) else None, path)
     return {metric: margins[kind].to_json() for metric, kind in TABLE_MARGIN_KINDS.items() if kind in margins}
 
